@@ -1,0 +1,273 @@
+#include "cpu_backend.hpp"
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <numeric>
+#include <vector>
+
+#include "relora/elementwise_math.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace relora {
+namespace {
+
+template <typename T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using MatrixMap = Eigen::Map<RowMatrix<T>, Eigen::Aligned64>;
+template <typename T>
+using ConstMatrixMap = Eigen::Map<const RowMatrix<T>, Eigen::Aligned64>;
+template <typename T>
+using ArrayMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Aligned64>;
+template <typename T>
+using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Aligned64>;
+
+template <typename T>
+MatrixMap<T> as_matrix(Tensor<T>& t) { return MatrixMap<T>(t.data(), t.rows(), t.cols()); }
+template <typename T>
+ConstMatrixMap<T> as_matrix(const Tensor<T>& t) { return ConstMatrixMap<T>(t.data(), t.rows(), t.cols()); }
+template <typename T>
+ArrayMap<T> as_array(Tensor<T>& t) { return ArrayMap<T>(t.data(), t.size()); }
+template <typename T>
+ConstArrayMap<T> as_array(const Tensor<T>& t) { return ConstArrayMap<T>(t.data(), t.size()); }
+
+constexpr std::size_t kAlignment = 64;
+
+template <typename T>
+void free_host(T* p) {
+  ::operator delete[](p, std::align_val_t(kAlignment));
+}
+
+template <typename T>
+void require_same_shape(const Tensor<T>& a, const Tensor<T>& b, const char* op) {
+  if (!a.same_shape(b.rows(), b.cols())) {
+    throw ShapeError(std::string(op) + ": operands differ in shape, " + a.shape() + " vs " + b.shape());
+  }
+}
+
+}  // namespace
+
+template <typename T>
+std::string CpuBackend<T>::description() const {
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  return std::string("cpu (Eigen ") + std::to_string(EIGEN_WORLD_VERSION) + "." +
+         std::to_string(EIGEN_MAJOR_VERSION) + "." + std::to_string(EIGEN_MINOR_VERSION) + ", " +
+         std::to_string(threads) + " threads)";
+}
+
+template <typename T>
+Tensor<T> CpuBackend<T>::allocate(Index rows, Index cols) {
+  if (rows < 0 || cols < 0) throw ShapeError("allocate: negative shape " + shape_string(rows, cols));
+  const std::size_t count = static_cast<std::size_t>(std::max<Index>(rows * cols, 1));
+  T* data = static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(kAlignment)));
+  return Tensor<T>(data, rows, cols, Device::cpu, &free_host<T>);
+}
+
+template <typename T>
+void CpuBackend<T>::upload(const T* host, Tensor<T>& dst) {
+  if (dst.size() > 0) std::memcpy(dst.data(), host, sizeof(T) * dst.size());
+}
+
+template <typename T>
+void CpuBackend<T>::download(const Tensor<T>& src, T* host) {
+  if (src.size() > 0) std::memcpy(host, src.data(), sizeof(T) * src.size());
+}
+
+template <typename T>
+void CpuBackend<T>::copy(const Tensor<T>& src, Tensor<T>& dst) {
+  require_same_shape(src, dst, "copy");
+  if (src.size() > 0) std::memcpy(dst.data(), src.data(), sizeof(T) * src.size());
+}
+
+template <typename T>
+void CpuBackend<T>::fill(Tensor<T>& x, T value) {
+  std::fill_n(x.data(), x.size(), value);
+}
+
+template <typename T>
+void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
+                         T beta, Tensor<T>& C) {
+  const Index m = trans_a == Trans::no ? A.rows() : A.cols();
+  const Index k = trans_a == Trans::no ? A.cols() : A.rows();
+  const Index kb = trans_b == Trans::no ? B.rows() : B.cols();
+  const Index n = trans_b == Trans::no ? B.cols() : B.rows();
+  if (k != kb || C.rows() != m || C.cols() != n) {
+    throw ShapeError("gemm: op(A) " + shape_string(m, k) + " times op(B) " + shape_string(kb, n) +
+                     " into C " + C.shape());
+  }
+  auto c = as_matrix(C);
+  if (beta == T(0)) {
+    c.setZero();  // beta = 0 ignores C's contents, NaN included, as BLAS does
+  } else if (beta != T(1)) {
+    c *= beta;
+  }
+  if (k == 0) return;
+  const auto a = as_matrix(A);
+  const auto b = as_matrix(B);
+  // Eigen evaluates each product straight into C (noalias) with its blocked, OpenMP-parallel kernel.
+  if (trans_a == Trans::no && trans_b == Trans::no) {
+    c.noalias() += alpha * a * b;
+  } else if (trans_a == Trans::no) {
+    c.noalias() += alpha * a * b.transpose();
+  } else if (trans_b == Trans::no) {
+    c.noalias() += alpha * a.transpose() * b;
+  } else {
+    c.noalias() += alpha * a.transpose() * b.transpose();
+  }
+}
+
+template <typename T>
+void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
+  if (b.size() != Y.cols()) {
+    throw ShapeError("add_row_vector: bias " + b.shape() + " does not match " + Y.shape() + " columns");
+  }
+  as_matrix(Y).rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(b.data(), b.size());
+}
+
+template <typename T>
+void CpuBackend<T>::column_sums(const Tensor<T>& dY, T beta, Tensor<T>& db) {
+  if (db.size() != dY.cols()) {
+    throw ShapeError("column_sums: output " + db.shape() + " does not match " + dY.shape() + " columns");
+  }
+  MatrixMap<T> out(db.data(), 1, db.size());
+  if (beta == T(0)) {
+    out.noalias() = as_matrix(dY).colwise().sum();
+  } else {
+    out = beta * out + as_matrix(dY).colwise().sum();
+  }
+}
+
+template <typename T>
+void CpuBackend<T>::multiply(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& out) {
+  require_same_shape(a, b, "multiply");
+  require_same_shape(a, out, "multiply");
+  as_array(out) = as_array(a) * as_array(b);
+}
+
+template <typename T>
+void CpuBackend<T>::activation_forward(Activation f, const Tensor<T>& Y, Tensor<T>& Z) {
+  require_same_shape(Y, Z, "activation_forward");
+  const T* y = Y.data();
+  T* z = Z.data();
+  const Index size = Y.size();
+#pragma omp parallel for simd if (size > 65536) schedule(static)
+  for (Index i = 0; i < size; ++i) z[i] = activation_value(f, y[i]);
+}
+
+template <typename T>
+void CpuBackend<T>::activation_backward(Activation f, const Tensor<T>& Y, const Tensor<T>& dZ, Tensor<T>& dY) {
+  require_same_shape(Y, dZ, "activation_backward");
+  require_same_shape(Y, dY, "activation_backward");
+  const T* y = Y.data();
+  const T* dz = dZ.data();
+  T* dy = dY.data();
+  const Index size = Y.size();
+#pragma omp parallel for simd if (size > 65536) schedule(static)
+  for (Index i = 0; i < size; ++i) dy[i] = dz[i] * activation_derivative(f, y[i]);
+}
+
+template <typename T>
+void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
+  require_same_shape(Y, target, "mse (prediction vs target)");
+  require_same_shape(Y, dY, "mse (prediction vs gradient)");
+  require_shape(loss, 1, 1, "mse loss");
+  const T* y = Y.data();
+  const T* t = target.data();
+  T* dy = dY.data();
+  const Index size = Y.size();
+  const T grad_scale = T(2) / T(size);
+  // The sum accumulates in double so that the loss of a large float batch keeps its digits.
+  double sum = 0;
+#pragma omp parallel for simd reduction(+ : sum) if (size > 65536) schedule(static)
+  for (Index i = 0; i < size; ++i) {
+    const T diff = y[i] - t[i];
+    sum += double(diff) * double(diff);
+    dy[i] = grad_scale * diff;
+  }
+  loss.data()[0] = T(sum / double(size));
+}
+
+template <typename T>
+void CpuBackend<T>::random_uniform(RngKey key, T low, T high, Tensor<T>& x) {
+  T* data = x.data();
+  for (Index i = 0; i < x.size(); ++i) data[i] = low + (high - low) * T(uniform01(key, i));
+}
+
+template <typename T>
+void CpuBackend<T>::random_normal(RngKey key, T mean, T stddev, Tensor<T>& x) {
+  T* data = x.data();
+  for (Index i = 0; i < x.size(); ++i) data[i] = mean + stddev * T(standard_normal(key, i));
+}
+
+template <typename T>
+void CpuBackend<T>::dropout_mask(RngKey key, T p, Tensor<T>& mask) {
+  T* data = mask.data();
+  const T keep_scale = T(1) / (T(1) - p);
+  for (Index i = 0; i < mask.size(); ++i) data[i] = uniform01(key, i) < double(p) ? T(0) : keep_scale;
+}
+
+template <typename T>
+void CpuBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) {
+  // Refuse the whole step before touching anything if one gradient is not finite.
+  for (std::size_t s = 0; s < count; ++s) {
+    const AdamSlot<T>& slot = slots[s];
+    if (!ConstArrayMap<T>(slot.grad, slot.size).isFinite().all()) {
+      throw NonFiniteError(std::string("adam step refused: gradient of '") + slot.name +
+                           "' holds NaN or Inf; no parameter was updated");
+    }
+  }
+  for (std::size_t s = 0; s < count; ++s) {
+    const AdamSlot<T>& slot = slots[s];
+    const double t = double(*slot.step) + 1;
+    const double c1 = 1 - std::pow(hyper.beta1, t);
+    const double c2 = 1 - std::pow(hyper.beta2, t);
+    const double lr = slot.lr * hyper.lr_factor;
+    T* p = slot.param;
+    const T* g = slot.grad;
+    T* m = slot.m;
+    T* v = slot.v;
+#pragma omp parallel for simd if (slot.size > 65536) schedule(static)
+    for (Index i = 0; i < slot.size; ++i) adam_element(p[i], g[i], m[i], v[i], lr, slot.weight_decay, hyper, c1, c2);
+    *slot.step = T(t);
+  }
+}
+
+template <typename T>
+void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) {
+  if (!(fraction >= 0 && fraction <= 1)) {
+    throw ConfigError("prune: fraction " + std::to_string(fraction) + " is outside [0, 1]");
+  }
+  const Index count = static_cast<Index>(std::llround(fraction * double(x.size())));
+  if (count == 0) return;
+  T* data = x.data();
+  std::vector<Index> order(static_cast<std::size_t>(x.size()));
+  std::iota(order.begin(), order.end(), Index(0));
+  if (mode == PruneMode::magnitude) {
+    // Ties broken by index so that the CPU and CUDA backends zero the same entries.
+    std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), [&](Index a, Index b) {
+      const T ma = std::abs(data[a]), mb = std::abs(data[b]);
+      return ma < mb || (ma == mb && a < b);
+    });
+  } else {
+    std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), [&](Index a, Index b) {
+      const std::uint64_t ra = random_bits(key, a), rb = random_bits(key, b);
+      return ra < rb || (ra == rb && a < b);
+    });
+  }
+  for (Index i = 0; i < count; ++i) data[order[i]] = T(0);
+}
+
+template class CpuBackend<float>;
+template class CpuBackend<double>;
+
+}  // namespace relora
