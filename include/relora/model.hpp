@@ -1,0 +1,71 @@
+#pragma once
+// A stack of LoraLinear layers, each followed by an activation. Forward runs the stack; backward
+// passes dX down from layer to layer, and the first layer computes none.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "relora/lora_linear.hpp"
+
+namespace relora {
+
+template <typename T>
+class Model {
+ public:
+  explicit Model(std::shared_ptr<Backend<T>> backend);
+
+  // Appends a layer; `name` is its module name (PEFT keys, checkpoints), "layers.<i>" if empty.
+  // Its in_features must equal the previous layer's out_features.
+  LoraLinear<T>& add(const LoraConfig& config, Activation activation, const HostInput<T>& W,
+                     const std::string& name = "");
+  LoraLinear<T>& add(const LoraConfig& config, Activation activation, const HostInput<T>& W,
+                     const Eigen::Ref<const HostVector<T>>& b, const std::string& name = "");
+  // Base weight (and bias) drawn as nn.Linear does, from config.seed.
+  LoraLinear<T>& add(const LoraConfig& config, Activation activation, const std::string& name = "");
+
+  // The output of the last activation (n x out_features of the last layer).
+  const Tensor<T>& forward(const Tensor<T>& X);
+  // dY: gradient of the loss with respect to forward's output.
+  void backward(const Tensor<T>& dY);
+
+  // Convenience for host data: upload, forward, download.
+  HostMatrix<T> predict(const HostInput<T>& X);
+
+  // Every parameter that trains now, in layer order.
+  std::vector<Parameter<T>> parameters();
+
+  void set_training(bool training);
+  void set_train_target(TrainTarget target);
+  void merge();
+  void unmerge();
+
+  std::size_t size() const { return layers_.size(); }
+  LoraLinear<T>& layer(std::size_t i) { return *layers_.at(i).linear; }
+  const LoraLinear<T>& layer(std::size_t i) const { return *layers_.at(i).linear; }
+  const std::string& name(std::size_t i) const { return layers_.at(i).name; }
+  Activation activation(std::size_t i) const { return layers_.at(i).activation; }
+  Index in_features() const;
+  Index out_features() const;
+  Backend<T>& backend() { return *backend_; }
+  const std::shared_ptr<Backend<T>>& backend_ptr() const { return backend_; }
+
+ private:
+  struct Layer {
+    std::unique_ptr<LoraLinear<T>> linear;
+    Activation activation;
+    std::string name;
+    Tensor<T> Z;   // activation output; unused for identity (the layer's Y is the output)
+    Tensor<T> dY;  // gradient at the layer's pre-activation output
+  };
+  LoraLinear<T>& append(std::unique_ptr<LoraLinear<T>> linear, Activation activation, const std::string& name);
+  const Tensor<T>& output_of(Layer& layer);
+
+  std::shared_ptr<Backend<T>> backend_;
+  std::vector<Layer> layers_;
+  Tensor<T> host_input_;  // predict()'s upload buffer
+};
+
+extern template class Model<float>;
+extern template class Model<double>;
+
+}  // namespace relora

@@ -1,0 +1,39 @@
+#pragma once
+// Central finite differences in double precision, the reference every analytic gradient is
+// checked against. Works on CPU tensors (host memory).
+#include <algorithm>
+#include <cmath>
+#include <functional>
+
+#include "relora/host_matrix.hpp"
+
+namespace relora::testing {
+
+// dL/dx for every entry of x by (L(x + h) - L(x - h)) / 2h.
+inline HostMatrix<double> numeric_gradient(Tensor<double>& x, const std::function<double()>& loss, double h = 1e-6) {
+  HostMatrix<double> grad(x.rows(), x.cols());
+  double* data = x.data();
+  for (Index i = 0; i < x.size(); ++i) {
+    const double saved = data[i];
+    data[i] = saved + h;
+    const double up = loss();
+    data[i] = saved - h;
+    const double down = loss();
+    data[i] = saved;
+    grad.data()[i] = (up - down) / (2 * h);
+  }
+  return grad;
+}
+
+// ||a - b|| / max(||b||, tiny): the figure every check prints.
+template <typename A, typename B>
+double relative_error(const A& a, const B& b) {
+  const double denom = std::max(double(b.norm()), 1e-300);
+  return double((a - b).norm()) / denom;
+}
+
+inline HostMatrix<double> host_of(const Tensor<double>& t) {
+  return Eigen::Map<const HostMatrix<double>>(t.data(), t.rows(), t.cols());
+}
+
+}  // namespace relora::testing
