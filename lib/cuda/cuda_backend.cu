@@ -1,0 +1,279 @@
+// Lifecycle, memory, GEMM and error reporting of the CUDA backend; the factory functions.
+#include <cstdio>
+#include <limits>
+
+#include "cuda/cuda_backend.hpp"
+#include "cuda/cuda_backend_impl.cuh"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+// Tensor<T>'s deleter. Runs in destructors, so it cannot throw; cudaFree waits for the device,
+// so no queued kernel still uses the memory when it is released.
+template <typename T>
+void free_device(T* p) {
+  (void)cudaFree(p);
+}
+
+template <typename T>
+__global__ void scale_kernel(std::int64_t n, T beta, T* __restrict__ c) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
+    c[i] = beta == T(0) ? T(0) : beta * c[i];
+  }
+}
+
+cublasStatus_t gemm_call(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, std::int64_t m, std::int64_t n,
+                         std::int64_t k, const float* alpha, const float* A, std::int64_t lda, const float* B,
+                         std::int64_t ldb, const float* beta, float* C, std::int64_t ldc) {
+  return cublasSgemm_64(h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+cublasStatus_t gemm_call(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, std::int64_t m, std::int64_t n,
+                         std::int64_t k, const double* alpha, const double* A, std::int64_t lda, const double* B,
+                         std::int64_t ldb, const double* beta, double* C, std::int64_t ldc) {
+  return cublasDgemm_64(h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+std::string gib(std::size_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f GiB", double(bytes) / double(1ull << 30));
+  return text;
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+template <typename T>
+CudaBackend<T>::CudaBackend(const BackendOptions& options) : device_id_(options.device_id) {
+  int count = 0;
+  RELORA_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (device_id_ < 0 || device_id_ >= count) {
+    throw DeviceError("cuda backend: device " + std::to_string(device_id_) + " requested, but " +
+                      std::to_string(count) + " device(s) are visible");
+  }
+  activate();
+  cudaDeviceProp prop{};
+  RELORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_id_));
+  device_name_ = prop.name;
+  sm_count_ = prop.multiProcessorCount;
+  cc_major_ = prop.major;
+  cc_minor_ = prop.minor;
+  total_memory_ = prop.totalGlobalMem;
+
+  // Non-blocking: our stream never waits for, nor holds up, work on the legacy default stream.
+  RELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_.stream, cudaStreamNonBlocking));
+  RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
+  RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, stream_.stream));
+
+  RELORA_CUDA_CHECK(cudaMalloc(&scratch_memory_.ptr, sizeof(Scratch)));
+  RELORA_CUDA_CHECK(cudaMemsetAsync(scratch_memory_.ptr, 0, sizeof(Scratch), stream_.stream));
+  RELORA_CUDA_CHECK(cudaMemsetAsync(&scratch()->nonfinite, 0xff, sizeof(unsigned long long), stream_.stream));
+  RELORA_CUDA_CHECK(cudaMallocHost(&flag_host_.ptr, sizeof(unsigned long long)));
+  *flag_host() = kNoNonFinite;
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  set_math_mode(options.math);
+}
+
+template <typename T>
+CudaBackend<T>::~CudaBackend() {
+  // Let queued work finish before the members release the stream, handle and scratch it uses.
+  if (stream_.stream) (void)cudaStreamSynchronize(stream_.stream);
+}
+
+template <typename T>
+void CudaBackend<T>::activate() const {
+  RELORA_CUDA_CHECK(cudaSetDevice(device_id_));
+}
+
+template <typename T>
+std::string CudaBackend<T>::description() const {
+  activate();
+  std::size_t free_bytes = 0, total_bytes = 0;
+  RELORA_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const char* math = math_ == MathMode::tf32 && sizeof(T) == 4 ? "tf32 tensor-core products"
+                                                                 : (sizeof(T) == 4 ? "strict fp32 products"
+                                                                                   : "fp64 products");
+  return "cuda:" + std::to_string(device_id_) + " " + device_name_ + " (sm_" + std::to_string(cc_major_) +
+         std::to_string(cc_minor_) + ", " + std::to_string(sm_count_) + " SMs, " + gib(total_bytes) + ", " +
+         std::to_string(free_bytes >> 20) + " MiB free), " + math;
+}
+
+template <typename T>
+void CudaBackend<T>::set_math_mode(MathMode mode) {
+  activate();
+  // Strict: CUBLAS_DEFAULT_MATH keeps single precision in IEEE fp32 (TF32 and the BF16x9
+  // emulation each need their own math mode). TF32 only changes single-precision routines; the
+  // double backend always computes in fp64.
+  const cublasMath_t blas_mode =
+      mode == MathMode::tf32 && sizeof(T) == 4 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
+  RELORA_CUBLAS_CHECK(cublasSetMathMode(blas_.handle, blas_mode));
+  math_ = mode;
+}
+
+template <typename T>
+Tensor<T> CudaBackend<T>::allocate(Index rows, Index cols) {
+  if (rows < 0 || cols < 0) throw ShapeError("allocate: negative shape " + shape_string(rows, cols));
+  activate();
+  if (cols > 0 && rows > std::numeric_limits<Index>::max() / Index(sizeof(T)) / cols) {
+    throw DeviceError("allocate: tensor " + shape_string(rows, cols) + " is too large to address");
+  }
+  // One element at least, so that an empty tensor still has a unique, valid pointer.
+  const Index elements = rows * cols > 0 ? rows * cols : 1;
+  const std::size_t bytes = std::size_t(elements) * sizeof(T);
+  T* data = nullptr;
+  const cudaError_t status = cudaMalloc(&data, bytes);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // out of memory is not sticky: clear it so later launches are not blamed
+    std::size_t free_bytes = 0, total_bytes = 0;
+    (void)cudaMemGetInfo(&free_bytes, &total_bytes);
+    (void)cudaGetLastError();
+    throw DeviceError("allocate: cudaMalloc of " + std::to_string(bytes) + " bytes for tensor " +
+                      shape_string(rows, cols) + " on cuda:" + std::to_string(device_id_) + " failed: " +
+                      cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + "); " +
+                      std::to_string(free_bytes) + " of " + std::to_string(total_bytes) + " bytes free (" +
+                      __FILE__ + ":" + std::to_string(__LINE__) + ")");
+  }
+  return Tensor<T>(data, rows, cols, Device::cuda, &free_device<T>);
+}
+
+template <typename T>
+void CudaBackend<T>::upload(const T* host, Tensor<T>& dst) {
+  if (dst.size() == 0) return;
+  activate();
+  RELORA_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, sizeof(T) * dst.size(), cudaMemcpyHostToDevice, stream_.stream));
+  // The caller may reuse `host` at once (it may be pinned, where the copy is truly asynchronous).
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+}
+
+template <typename T>
+void CudaBackend<T>::download(const Tensor<T>& src, T* host) {
+  activate();
+  if (src.size() > 0) {
+    RELORA_CUDA_CHECK(
+        cudaMemcpyAsync(host, src.data(), sizeof(T) * src.size(), cudaMemcpyDeviceToHost, stream_.stream));
+  }
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  raise_device_errors();
+}
+
+template <typename T>
+void CudaBackend<T>::copy(const Tensor<T>& src, Tensor<T>& dst) {
+  if (!src.same_shape(dst.rows(), dst.cols())) {
+    throw ShapeError("copy: operands differ in shape, " + src.shape() + " vs " + dst.shape());
+  }
+  if (src.size() == 0 || src.data() == dst.data()) return;
+  activate();
+  RELORA_CUDA_CHECK(
+      cudaMemcpyAsync(dst.data(), src.data(), sizeof(T) * src.size(), cudaMemcpyDeviceToDevice, stream_.stream));
+}
+
+template <typename T>
+void CudaBackend<T>::synchronize() {
+  activate();
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  raise_device_errors();
+}
+
+template <typename T>
+void CudaBackend<T>::raise_device_errors() {
+  const unsigned long long flag = *flag_host();
+  if (flag == kNoNonFinite) {
+    // Nothing pending: forget the older name lists and restart the call tags.
+    if (slot_names_.size() > 1) slot_names_.erase(slot_names_.begin(), slot_names_.end() - 1);
+    if (!slot_names_.empty()) slot_names_.front().first = 0;
+    adam_calls_ = slot_names_.empty() ? 0 : 1;
+    return;
+  }
+  const std::uint32_t call = std::uint32_t(flag >> 32);
+  const std::uint32_t slot = std::uint32_t(flag & 0xffffffffu);
+  std::string name = "?";
+  for (auto it = slot_names_.rbegin(); it != slot_names_.rend(); ++it) {
+    if (it->first <= call) {
+      if (slot < it->second.size()) name = it->second[slot];
+      break;
+    }
+  }
+  const std::uint32_t later = adam_calls_ - 1 - call;  // updates skipped after the one that failed
+  // Reset the flag on the device and here, so that training may go on after the caller's decision.
+  RELORA_CUDA_CHECK(cudaMemsetAsync(&scratch()->nonfinite, 0xff, sizeof(unsigned long long), stream_.stream));
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  *flag_host() = kNoNonFinite;
+  if (slot_names_.size() > 1) slot_names_.erase(slot_names_.begin(), slot_names_.end() - 1);
+  if (!slot_names_.empty()) slot_names_.front().first = 0;
+  adam_calls_ = slot_names_.empty() ? 0 : 1;
+  throw NonFiniteError("adam step refused: gradient of '" + name +
+                       "' holds NaN or Inf; no parameter was updated" +
+                       (later > 0 ? " (nor by the " + std::to_string(later) + " adam step(s) queued after it)" : ""));
+}
+
+template <typename T>
+void CudaBackend<T>::scale(T beta, Tensor<T>& C) {
+  if (beta == T(1) || C.size() == 0) return;
+  scale_kernel<T><<<grid_for(C.size(), sm_count_), kThreads, 0, stream_.stream>>>(C.size(), beta, C.data());
+  RELORA_CHECK_LAUNCH("scale_kernel");
+}
+
+template <typename T>
+void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
+                          Tensor<T>& C) {
+  const Index m = trans_a == Trans::no ? A.rows() : A.cols();
+  const Index k = trans_a == Trans::no ? A.cols() : A.rows();
+  const Index kb = trans_b == Trans::no ? B.rows() : B.cols();
+  const Index n = trans_b == Trans::no ? B.cols() : B.rows();
+  if (k != kb || C.rows() != m || C.cols() != n) {
+    throw ShapeError("gemm: op(A) " + shape_string(m, k) + " times op(B) " + shape_string(kb, n) + " into C " +
+                     C.shape());
+  }
+  if (m == 0 || n == 0) return;
+  activate();
+  if (k == 0) {
+    scale(beta, C);
+    return;
+  }
+  // cuBLAS is column-major; a row-major X (r x c) is the column-major X^T with leading dimension c.
+  // So the row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which
+  // needs no transposed copy: B and A are passed in swapped order with their own transpose flags.
+  const cublasOperation_t op_b = trans_b == Trans::no ? CUBLAS_OP_N : CUBLAS_OP_T;
+  const cublasOperation_t op_a = trans_a == Trans::no ? CUBLAS_OP_N : CUBLAS_OP_T;
+  RELORA_CUBLAS_CHECK(gemm_call(blas_.handle, op_b, op_a, n, m, k, &alpha, B.data(), B.cols(), A.data(), A.cols(),
+                                &beta, C.data(), C.cols()));
+}
+
+template class CudaBackend<float>;
+template class CudaBackend<double>;
+
+bool cuda_device_available(std::string* why) {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why) {
+      *why = std::string("cudaGetDeviceCount failed: ") + cudaGetErrorName(status) + " (" +
+             cudaGetErrorString(status) + ")";
+    }
+    return false;
+  }
+  if (count == 0) {
+    if (why) *why = "no CUDA device is visible (cudaGetDeviceCount returned 0)";
+    return false;
+  }
+  return true;
+}
+
+template <typename T>
+std::shared_ptr<Backend<T>> make_cuda_backend(const BackendOptions& options) {
+  return std::make_shared<CudaBackend<T>>(options);
+}
+
+template std::shared_ptr<Backend<float>> make_cuda_backend<float>(const BackendOptions&);
+template std::shared_ptr<Backend<double>> make_cuda_backend<double>(const BackendOptions&);
+
+void cuda_memory_info(int device_id, std::size_t* free_bytes, std::size_t* total_bytes) {
+  RELORA_CUDA_CHECK(cudaSetDevice(device_id));
+  RELORA_CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
+}  // namespace relora

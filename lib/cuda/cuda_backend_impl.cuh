@@ -1,0 +1,163 @@
+#pragma once
+// The CUDA backend: tensors live in device memory (cudaMalloc, released by cudaFree), all work is
+// queued on one stream per backend, products go to cuBLAS (row-major through the column-major
+// transpose trick), everything else to the small kernels in the .cu files beside this one:
+//   cuda_backend.cu      lifecycle, memory, GEMM, synchronize and the non-finite flag, factory
+//   cuda_elementwise.cu  bias, column sums, multiply, activations, MSE, fill, random fills
+//   cuda_adam.cu         the fused Adam/AdamW update and its device-side NaN/Inf guard
+//   cuda_prune.cu        magnitude and random pruning (a radix sort on scratch memory)
+// No operation copies between host and device except upload, download and the 8-byte read-back
+// of the non-finite flag; none allocates except allocate and the one-time sizing of scratch.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda/cuda_check.cuh"
+#include "relora/backend.hpp"
+
+namespace relora {
+namespace cuda_detail {
+
+constexpr int kThreads = 256;              // threads per block of the element-wise kernels
+constexpr int kMaxReduceBlocks = 1024;     // blocks of the MSE reduction (partials kept in scratch)
+constexpr unsigned long long kNoNonFinite = ~0ull;  // the non-finite flag's "nothing found"
+
+// Device scratch of fixed size, allocated once with the backend.
+struct Scratch {
+  // Smallest (call tag << 32 | slot index) of a gradient found holding NaN or Inf since the last
+  // synchronize(), or kNoNonFinite. Sticky: while set, every adam_update is a no-op.
+  unsigned long long nonfinite;
+  unsigned int adam_blocks_done;    // blocks of the running Adam launch that finished (last one resets)
+  unsigned int reduce_blocks_done;  // blocks of the running MSE launch that finished (last one resets)
+  double partials[kMaxReduceBlocks];
+};
+
+// Owners of the raw CUDA resources, so that a constructor that throws half-way leaks nothing.
+struct DeviceMemory {
+  void* ptr = nullptr;
+  DeviceMemory() = default;
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory() {
+    if (ptr) (void)cudaFree(ptr);
+  }
+};
+
+struct PinnedMemory {
+  void* ptr = nullptr;
+  PinnedMemory() = default;
+  PinnedMemory(const PinnedMemory&) = delete;
+  PinnedMemory& operator=(const PinnedMemory&) = delete;
+  ~PinnedMemory() {
+    if (ptr) (void)cudaFreeHost(ptr);
+  }
+};
+
+struct Stream {
+  cudaStream_t stream = nullptr;
+  Stream() = default;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream() {
+    if (stream) {
+      (void)cudaStreamSynchronize(stream);
+      (void)cudaStreamDestroy(stream);
+    }
+  }
+};
+
+struct BlasHandle {
+  cublasHandle_t handle = nullptr;
+  BlasHandle() = default;
+  BlasHandle(const BlasHandle&) = delete;
+  BlasHandle& operator=(const BlasHandle&) = delete;
+  ~BlasHandle() {
+    if (handle) (void)cublasDestroy(handle);
+  }
+};
+
+// Blocks for a grid-stride loop over n elements: enough to fill the device, never more than needed.
+inline int grid_for(std::int64_t n, int sm_count, int blocks_per_sm = 8) {
+  const std::int64_t needed = (n + kThreads - 1) / kThreads;
+  const std::int64_t cap = std::int64_t(sm_count) * blocks_per_sm;
+  return int(needed < 1 ? 1 : (needed < cap ? needed : cap));
+}
+
+}  // namespace cuda_detail
+
+template <typename T>
+class CudaBackend final : public Backend<T> {
+ public:
+  explicit CudaBackend(const BackendOptions& options);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  Device device() const override { return Device::cuda; }
+  std::string description() const override;
+  void set_math_mode(MathMode mode) override;
+  MathMode math_mode() const override { return math_; }
+
+  Tensor<T> allocate(Index rows, Index cols) override;
+  void upload(const T* host, Tensor<T>& dst) override;
+  void download(const Tensor<T>& src, T* host) override;
+  void copy(const Tensor<T>& src, Tensor<T>& dst) override;
+  void fill(Tensor<T>& x, T value) override;
+  void synchronize() override;
+
+  void gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
+            Tensor<T>& C) override;
+
+  void add_row_vector(const Tensor<T>& b, Tensor<T>& Y) override;
+  void column_sums(const Tensor<T>& dY, T beta, Tensor<T>& db) override;
+  void multiply(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& out) override;
+  void activation_forward(Activation f, const Tensor<T>& Y, Tensor<T>& Z) override;
+  void activation_backward(Activation f, const Tensor<T>& Y, const Tensor<T>& dZ, Tensor<T>& dY) override;
+  void mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) override;
+
+  void random_uniform(RngKey key, T low, T high, Tensor<T>& x) override;
+  void random_normal(RngKey key, T mean, T stddev, Tensor<T>& x) override;
+  void dropout_mask(RngKey key, T p, Tensor<T>& mask) override;
+
+  void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
+  void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) override;
+
+ private:
+  // Makes this backend's device current (a user may drive several devices from one thread).
+  void activate() const;
+  // After the stream has drained: throws NonFiniteError if an adam_update met NaN or Inf, and
+  // clears the flag so that training can go on once the caller has dealt with it.
+  void raise_device_errors();
+  // Scales C by beta (zero when beta == 0, ignoring NaN in C, as BLAS does): a product with k == 0.
+  void scale(T beta, Tensor<T>& C);
+
+  int device_id_ = 0;
+  int sm_count_ = 0;
+  int cc_major_ = 0;
+  int cc_minor_ = 0;
+  std::size_t total_memory_ = 0;
+  std::string device_name_;
+  MathMode math_ = MathMode::strict;
+
+  cuda_detail::Stream stream_;
+  cuda_detail::BlasHandle blas_;
+  cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
+  cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back after each adam_update
+  cuda_detail::DeviceMemory prune_memory_;    // keys, indices and the sort's temporary storage
+  std::size_t prune_capacity_ = 0;            // bytes in prune_memory_
+
+  cuda_detail::Scratch* scratch() const { return static_cast<cuda_detail::Scratch*>(scratch_memory_.ptr); }
+  unsigned long long* flag_host() const { return static_cast<unsigned long long*>(flag_host_.ptr); }
+
+  // Names of the slots of adam_update calls since the last synchronize(), each list tagged with the
+  // call that first used it (a new list only when the names change), so the flag's call tag finds
+  // the right name even when the slots changed between calls.
+  std::uint32_t adam_calls_ = 0;
+  std::vector<std::pair<std::uint32_t, std::vector<std::string>>> slot_names_;
+};
+
+}  // namespace relora
