@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks on a machine with a GPU, in one go: configure and build for sm_90,
+# the CUDA tests (CPU parity, printing their max errors), the whole test suite, then
+# compute-sanitizer memcheck and racecheck over the CUDA tests. Logs go to $OUT (the device
+# tool's folder) or ./gpu-logs; the last lines printed are a summary.
+#   usage: lib/cuda/run_gpu_checks.sh   (from the repository root)
+set -u
+OUT=${OUT:-$PWD/gpu-logs}
+BUILD=${BUILD:-build-gpu}
+JOBS=${JOBS:-16}
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  nvcc --version | tail -n 2
+  cmake --version | head -n 1
+  command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
+} >"$OUT/device.txt" 2>&1
+note "== device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
+
+start=$(date +%s)
+if ! { cmake -S . -B "$BUILD" -DRELORA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
+       cmake --build "$BUILD" -j"$JOBS" --target relora_tests; } >"$OUT/build.log" 2>&1; then
+  note "== build of relora_tests FAILED ($(($(date +%s) - start)) s); last lines:"
+  tail -n 40 "$OUT/build.log"
+  exit 1
+fi
+note "== build of relora_tests: ok ($(($(date +%s) - start)) s)"
+# The rest (apps, benchmarks) may be work in progress of others: built, but not fatal.
+if cmake --build "$BUILD" -j"$JOBS" >>"$OUT/build.log" 2>&1; then note "== full build: ok"; else note "== full build: FAILED (see build.log)"; fi
+
+TESTS="$BUILD/tests/relora_tests"
+# The CUDA cases straight from doctest: their MESSAGE lines carry the max relative errors.
+timeout 150 "$TESTS" -tc="*cuda*" >"$OUT/cuda_tests.log" 2>&1
+rc=$?
+note "== CUDA tests (doctest, rc=$rc): $(grep -E '^\[doctest\] (test cases|assertions)' "$OUT/cuda_tests.log" | tr '\n' ' ')"
+grep -E "MESSAGE: " "$OUT/cuda_tests.log" | sed 's/^.*MESSAGE: /   /' | sort -u | tee -a "$summary"
+
+# Sanitizers over the CUDA cases, less the absurd allocation (a cudaMalloc failure on purpose,
+# which the sanitizer would report as an API error) and the 1000-cycle allocation loop (slow
+# under instrumentation, and about host-side bookkeeping, not kernels).
+SAN_FILTER=(-tc="*cuda*" -tce="*absurd*,*leak*")
+timeout 200 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 99 \
+  "$TESTS" "${SAN_FILTER[@]}" >"$OUT/sanitizer.log" 2>&1
+rc=$?
+note "== memcheck (rc=$rc): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -n 1) | $(grep -E '^\[doctest\] test cases' "$OUT/sanitizer.log" | tail -n 1)"
+echo "------------------------------------------------ racecheck" >>"$OUT/sanitizer.log"
+timeout 200 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 99 \
+  "$TESTS" "${SAN_FILTER[@]}" >>"$OUT/sanitizer.log" 2>&1
+rc=$?
+note "== racecheck (rc=$rc): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -n 1) | $(grep -E '^\[doctest\] test cases' "$OUT/sanitizer.log" | tail -n 1)"
+# ctest last: the CUDA cases one at a time (the leak check reads the device's free memory), the
+# rest of the suite in parallel.
+timeout 120 ctest --test-dir "$BUILD" -R cuda --output-on-failure >"$OUT/ctest.log" 2>&1
+rc=$?
+note "== ctest -R cuda (rc=$rc): $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
+timeout 150 ctest --test-dir "$BUILD" -E cuda --output-on-failure -j8 >>"$OUT/ctest.log" 2>&1
+rc=$?
+note "== ctest, the rest of the suite, -E cuda (rc=$rc): $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
+grep -E "\*\*\*Failed|Failed  |Timeout" "$OUT/ctest.log" | head -n 20 | tee -a "$summary"
+
+note "== total $(($(date +%s) - start)) s"
