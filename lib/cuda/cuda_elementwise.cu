@@ -18,12 +18,6 @@ __global__ void map_kernel(std::int64_t n, Op op) {
   }
 }
 
-// Multiply and add without contraction into an FMA, so the random fills round as the CPU's do.
-__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
 template <typename T>
 struct AddRowVector {
   const T* b;
@@ -72,7 +66,7 @@ struct RandomUniform {
   T high;
   T* x;
   __device__ void operator()(std::int64_t i) const {
-    x[i] = add_rn(low, mul_rn(high - low, T(uniform01(key, std::uint64_t(i)))));
+    x[i] = low + (high - low) * T(uniform01(key, std::uint64_t(i)));
   }
 };
 
@@ -83,7 +77,7 @@ struct RandomNormal {
   T stddev;
   T* x;
   __device__ void operator()(std::int64_t i) const {
-    x[i] = add_rn(mean, mul_rn(stddev, T(standard_normal(key, std::uint64_t(i)))));
+    x[i] = mean + stddev * T(standard_normal(key, std::uint64_t(i)));
   }
 };
 
