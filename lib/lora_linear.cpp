@@ -85,7 +85,7 @@ void LoraLinear<T>::resize_batch(Index n) {
   Y_ = backend_->allocate(n, d);
   U_ = backend_->allocate(n, r);
   dU_ = backend_->allocate(n, r);
-  dX_ = backend_->allocate(n, k);
+  dX_ = Tensor<T>();  // sized by the first backward that needs it: the first layer of a model never does
   if (config_.dropout > 0) {
     mask_ = backend_->allocate(n, k);
     X_dropped_ = backend_->allocate(n, k);
@@ -145,6 +145,7 @@ void LoraLinear<T>::backward(const Tensor<T>& dY, bool need_dX) {
   if (config_.bias == BiasMode::trainable) be.column_sums(dY, T(0), db_);
 
   if (!need_dX) return;
+  if (!dX_.same_shape(batch_rows_, config_.in_features)) dX_ = be.allocate(batch_rows_, config_.in_features);
   if (dropout_active_) {
     be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);
     be.multiply(dX_lora_, mask_, dX_);                       // D'(dU A): the same mask, scale included

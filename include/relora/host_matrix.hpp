@@ -37,7 +37,9 @@ void require_finite(const Eigen::Ref<const HostMatrix<T>>& m, const std::string&
 template <typename T>
 void upload(Backend<T>& backend, const HostInput<T>& host, Tensor<T>& dst,
             const std::string& what) {
-  require_shape(dst, host.rows(), host.cols(), what);
+  if (!dst.same_shape(host.rows(), host.cols())) {
+    throw ShapeError(what + ": expected shape " + dst.shape() + ", got " + shape_string(host.rows(), host.cols()));
+  }
   require_finite<T>(host, what);
   if (host.outerStride() == host.cols() || host.rows() <= 1) {
     backend.upload(host.data(), dst);

@@ -1,0 +1,132 @@
+// Adam and AdamW steps against values computed by hand; LoRA+ groups; moment reset and pruning.
+#include <doctest/doctest.h>
+
+#include <cmath>
+
+#include "relora/relora.hpp"
+
+using namespace relora;
+
+namespace {
+
+// One parameter tensor with a gradient the test sets by hand.
+struct HandParameter {
+  Tensor<double> value, grad;
+  Parameter<double> param;
+  HandParameter(Backend<double>& backend, const std::string& name, ParamRole role, std::vector<double> p,
+                std::vector<double> g) {
+    value = backend.allocate(1, Index(p.size()));
+    grad = backend.allocate(1, Index(g.size()));
+    backend.upload(p.data(), value);
+    backend.upload(g.data(), grad);
+    param = {name, role, &value, &grad};
+  }
+  double at(Index i) const { return value.data()[i]; }
+  void set_grad(std::vector<double> g) { std::copy(g.begin(), g.end(), grad.data()); }
+};
+
+}  // namespace
+
+TEST_CASE("Adam: two steps equal the formula worked by hand") {
+  auto backend = make_backend<double>(Device::cpu);
+  HandParameter w(*backend, "w", ParamRole::lora_A, {1.0, -2.0}, {0.5, -1.0});
+  Adam<double> adam(backend, std::vector<Parameter<double>>{w.param}, AdamConfig{.lr = 0.1, .eps = 1e-8});
+  adam.step();
+  // t = 1: m = 0.1 g, v = 0.001 g^2, m_hat = g, v_hat = g^2, update = lr g / (|g| + eps)
+  CHECK(w.at(0) == doctest::Approx(1.0 - 0.1 * 0.5 / (0.5 + 1e-8)).epsilon(1e-15));
+  CHECK(w.at(1) == doctest::Approx(-2.0 + 0.1 * 1.0 / (1.0 + 1e-8)).epsilon(1e-15));
+  w.set_grad({0.25, 2.0});
+  adam.step();
+  // t = 2, element 0: m = 0.9 * 0.05 + 0.1 * 0.25 = 0.07, v = 0.999 * 0.00025 + 0.001 * 0.0625
+  const double m0 = 0.07, v0 = 0.999 * 0.00025 + 0.001 * 0.0625;
+  const double m_hat = m0 / (1 - 0.81), v_hat = v0 / (1 - 0.999 * 0.999);
+  const double after_first = 1.0 - 0.1 * 0.5 / (0.5 + 1e-8);
+  CHECK(w.at(0) == doctest::Approx(after_first - 0.1 * m_hat / (std::sqrt(v_hat) + 1e-8)).epsilon(1e-14));
+  CHECK(adam.update_count(0).data()[0] == 2);
+  CHECK(adam.m(0).data()[0] == doctest::Approx(m0).epsilon(1e-15));
+  CHECK(adam.v(0).data()[0] == doctest::Approx(v0).epsilon(1e-15));
+}
+
+TEST_CASE("AdamW decays the weight apart from the gradient; Adam adds it to the gradient") {
+  auto backend = make_backend<double>(Device::cpu);
+  HandParameter decoupled(*backend, "w", ParamRole::lora_A, {2.0}, {0.5});
+  Adam<double> adamw(backend, std::vector<Parameter<double>>{decoupled.param},
+                     AdamConfig{.lr = 0.1, .weight_decay = 0.01, .decoupled_weight_decay = true});
+  adamw.step();
+  CHECK(decoupled.at(0) == doctest::Approx(2.0 - 0.1 * 0.01 * 2.0 - 0.1 * 0.5 / (0.5 + 1e-8)).epsilon(1e-15));
+
+  HandParameter coupled(*backend, "w", ParamRole::lora_A, {2.0}, {0.5});
+  Adam<double> adam(backend, std::vector<Parameter<double>>{coupled.param},
+                    AdamConfig{.lr = 0.1, .weight_decay = 0.5, .decoupled_weight_decay = false});
+  adam.step();
+  const double g = 0.5 + 0.5 * 2.0;  // L2: the decay joins the gradient, then is normalised with it
+  CHECK(coupled.at(0) == doctest::Approx(2.0 - 0.1 * g / (g + 1e-8)).epsilon(1e-15));
+}
+
+TEST_CASE("LoRA+ groups give B lr x ratio and the schedule factor scales every group") {
+  auto backend = make_backend<double>(Device::cpu);
+  HandParameter a(*backend, "l.lora_A", ParamRole::lora_A, {0.0}, {1.0});
+  HandParameter b(*backend, "l.lora_B", ParamRole::lora_B, {0.0}, {1.0});
+  HandParameter bias(*backend, "l.bias", ParamRole::bias, {0.0}, {1.0});
+  auto groups = lora_plus_groups<double>({a.param, b.param, bias.param}, 0.01, 16);
+  REQUIRE(groups.size() == 2);
+  CHECK(groups[1].lr == doctest::Approx(0.16));
+  Adam<double> adam(backend, groups, AdamConfig{.eps = 1e-12});
+  adam.step(0.5);  // the first Adam step moves each entry by lr * factor
+  CHECK(a.at(0) == doctest::Approx(-0.005).epsilon(1e-9));
+  CHECK(bias.at(0) == doctest::Approx(-0.005).epsilon(1e-9));
+  CHECK(b.at(0) == doctest::Approx(-0.08).epsilon(1e-9));
+}
+
+TEST_CASE("reset_moments zeroes m, v and the count of the chosen parameters only") {
+  auto backend = make_backend<double>(Device::cpu);
+  HandParameter a(*backend, "A", ParamRole::lora_A, {1, 2, 3}, {0.1, 0.2, 0.3});
+  HandParameter w(*backend, "W", ParamRole::base_weight, {1, 2}, {0.5, 0.5});
+  Adam<double> adam(backend, std::vector<Parameter<double>>{a.param, w.param}, AdamConfig{.lr = 0.01});
+  adam.step();
+  adam.step();
+  adam.reset_moments([](const Parameter<double>& p) { return p.role == ParamRole::lora_A; });
+  for (Index i = 0; i < 3; ++i) {
+    CHECK(adam.m(0).data()[i] == 0);
+    CHECK(adam.v(0).data()[i] == 0);
+  }
+  CHECK(adam.update_count(0).data()[0] == 0);
+  CHECK(adam.update_count(1).data()[0] == 2);
+  CHECK(adam.m(1).data()[0] != 0);
+  // After a reset the next update is bias-corrected as a first one: a move of exactly lr.
+  const double before = a.at(0);
+  adam.step();
+  CHECK(before - a.at(0) == doctest::Approx(0.01).epsilon(1e-6));
+}
+
+TEST_CASE("prune_moments zeroes the given fraction, the smallest or random entries, keeping counts") {
+  auto backend = make_backend<double>(Device::cpu);
+  std::vector<double> g(100);
+  for (int i = 0; i < 100; ++i) g[std::size_t(i)] = (i % 2 ? 1 : -1) * (1 + i);
+  HandParameter a(*backend, "A", ParamRole::lora_A, std::vector<double>(100, 0.0), g);
+  Adam<double> adam(backend, std::vector<Parameter<double>>{a.param});
+  adam.step();
+  const auto all = [](const Parameter<double>&) { return true; };
+  adam.prune_moments(all, 0.3, PruneMode::magnitude);
+  int zeros = 0;
+  for (int i = 0; i < 100; ++i) {
+    const bool zero = adam.m(0).data()[i] == 0;
+    zeros += zero;
+    CHECK(zero == (i < 30));  // |g| grows with i, so the 30 smallest are the first 30
+    CHECK((adam.v(0).data()[i] == 0) == (i < 30));
+  }
+  CHECK(zeros == 30);
+  CHECK(adam.update_count(0).data()[0] == 1);
+
+  adam.step();
+  adam.prune_moments(all, 0.5, PruneMode::random, 99);
+  zeros = 0;
+  int zeros_among_large = 0;
+  for (int i = 0; i < 100; ++i) {
+    zeros += adam.m(0).data()[i] == 0;
+    zeros_among_large += i >= 50 && adam.m(0).data()[i] == 0;
+  }
+  CHECK(zeros == 50);
+  CHECK(zeros_among_large > 10);  // random, not by magnitude
+  CHECK_THROWS_AS(adam.prune_moments(all, 1.5, PruneMode::random), ConfigError);
+}
