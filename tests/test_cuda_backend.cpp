@@ -376,7 +376,7 @@ TEST_CASE_TEMPLATE("cuda: random fills and dropout masks equal the CPU's", T, fl
     const auto gpu = fetch(*b.gpu, x.gpu), cpu = fetch(*b.cpu, x.cpu);
     std::size_t equal = 0;
     for (std::size_t i = 0; i < gpu.size(); ++i) equal += gpu[i] == cpu[i];
-    MESSAGE("random_uniform " << type_name<T>() << ": " << equal << " of " << gpu.size() << " bit for bit equal");
+    MESSAGE("random_uniform " << std::string(type_name<T>()) << ": " << equal << " of " << gpu.size() << " bit for bit equal");
   }
 
   b.cpu->random_normal(RngKey{seed, 8}, T(0.1), T(2.0), x.cpu);
@@ -552,7 +552,7 @@ TEST_CASE("cuda: a NaN gradient changes nothing and synchronize names the parame
       b.gpu->synchronize();
       FAIL("synchronize() did not report the non-finite gradient");
     } catch (const NonFiniteError& e) {
-      MESSAGE("NonFiniteError: " << e.what());
+      MESSAGE("NonFiniteError: " << std::string(e.what()));
       CHECK(std::string(e.what()).find("'" + twins[bad_slot].name + "'") != std::string::npos);
     }
     CHECK(snapshot() == before);  // params, moments and steps untouched, bit for bit
@@ -573,7 +573,7 @@ TEST_CASE("cuda: a NaN gradient changes nothing and synchronize names the parame
     b.gpu->download(twins[0].step.gpu, host.data());
     FAIL("download() did not report the non-finite gradient");
   } catch (const NonFiniteError& e) {
-    MESSAGE("NonFiniteError: " << e.what());
+    MESSAGE("NonFiniteError: " << std::string(e.what()));
     CHECK(std::string(e.what()).find("'" + twins[7].name + "'") != std::string::npos);
   }
   CHECK(snapshot() == before);
