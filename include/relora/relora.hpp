@@ -9,4 +9,7 @@
 #include "relora/model.hpp"
 #include "relora/mse_loss.hpp"
 #include "relora/parameter.hpp"
+#include "relora/relora_controller.hpp"
+#include "relora/schedule.hpp"
 #include "relora/tensor.hpp"
+#include "relora/trainer.hpp"
