@@ -49,7 +49,6 @@ void encode_le(const Value* values, std::size_t count, std::uint8_t* out) {
 
 SafetensorsWriter::PendingTensor& SafetensorsWriter::start_tensor(
     const std::string& name, Dtype dtype, const std::vector<std::int64_t>& shape) {
-  if (name.empty()) throw ConfigError("safetensors: a tensor name must not be empty");
   if (name == "__metadata__") {
     throw ConfigError("safetensors: '__metadata__' is reserved for the metadata, not a tensor name");
   }

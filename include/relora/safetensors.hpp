@@ -105,8 +105,9 @@ class SafetensorsFile {
 // with the header padded to a multiple of 8 every tensor starts aligned to its element size.
 class SafetensorsWriter {
  public:
-  // `data` holds product(shape) values in row-major order. Throws ConfigError for an empty
-  // name, the reserved name "__metadata__", a name already added or a negative dimension.
+  // `data` holds product(shape) values in row-major order. Throws ConfigError for the reserved
+  // name "__metadata__", a name already added or a negative dimension. Any other name is fine,
+  // the empty one included: whatever the reader accepts, the writer can write back.
   void add(const std::string& name, const std::vector<std::int64_t>& shape, const float* data);      // F32
   void add(const std::string& name, const std::vector<std::int64_t>& shape, const double* data);     // F64
   void add(const std::string& name, const std::vector<std::int64_t>& shape, const std::int64_t* data);   // I64
