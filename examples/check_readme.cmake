@@ -1,0 +1,6 @@
+file(READ ${README} readme)
+file(READ ${EXAMPLE} example)
+string(FIND "${readme}" "${example}" where)
+if(where EQUAL -1)
+  message(FATAL_ERROR "README.md does not contain examples/quickstart.cpp verbatim: update the README")
+endif()
