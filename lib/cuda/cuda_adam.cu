@@ -5,8 +5,8 @@
 // walk the chunks of all slots of the table in a grid-stride loop.
 //
 // Launches per adam_update with S slots: ceil(S / kAdamSlots) check kernels, then as many update
-// kernels, then one 8-byte asynchronous copy of the non-finite flag to pinned host memory. With
-// up to 48 slots (24 LoRA layers) a step is 2 launches and 1 copy.
+// kernels, and no copy: the non-finite flag is read back only when the caller synchronizes. With
+// up to 48 slots (24 LoRA layers) a step is 2 launches.
 //
 // NaN/Inf guard, entirely on the device: the check kernels look at every gradient and leave the
 // smallest (call tag << 32 | slot index) of a bad one in the flag (atomicMin); the update kernels
@@ -177,8 +177,7 @@ void CudaBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, co
     adam_update_kernel<T><<<grid, kThreads, 0, stream_.stream>>>(table, hyper, scratch());
     RELORA_CHECK_LAUNCH("adam_update_kernel");
   }
-  RELORA_CUDA_CHECK(cudaMemcpyAsync(flag_host(), &scratch()->nonfinite, sizeof(unsigned long long),
-                                    cudaMemcpyDeviceToHost, stream_.stream));
+  // The flag stays on the device: synchronize() reads it, so a step copies nothing to the host.
 }
 
 template void CudaBackend<float>::adam_update(const AdamSlot<float>*, std::size_t, const AdamHyper&);

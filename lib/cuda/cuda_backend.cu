@@ -179,6 +179,8 @@ void CudaBackend<T>::synchronize() {
 
 template <typename T>
 void CudaBackend<T>::raise_device_errors() {
+  // Called with the stream idle: the flag's read-back is the only copy the NaN guard costs.
+  RELORA_CUDA_CHECK(cudaMemcpy(flag_host(), &scratch()->nonfinite, sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   const unsigned long long flag = *flag_host();
   if (flag == kNoNonFinite) {
     // Nothing pending: forget the older name lists and restart the call tags.

@@ -146,7 +146,7 @@ class CudaBackend final : public Backend<T> {
   cuda_detail::Stream stream_;
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
-  cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back after each adam_update
+  cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back at synchronize()
   cuda_detail::DeviceMemory prune_memory_;    // keys, indices and the sort's temporary storage
   std::size_t prune_capacity_ = 0;            // bytes in prune_memory_
 
