@@ -6,8 +6,10 @@
 #include <random>
 
 #include "relora/relora.hpp"
+#include "test_data.hpp"
 
 using namespace relora;
+using relora::testing::normal_matrix;
 
 namespace {
 
@@ -16,13 +18,6 @@ bool gpu_or_skip() {
   if (cuda_available(&why)) return true;
   MESSAGE("CUDA parity test skipped: " << why);
   return false;
-}
-
-HostMatrix<float> normal_matrix(Index rows, Index cols, std::mt19937_64& gen, double stddev = 1.0) {
-  std::normal_distribution<double> normal(0.0, stddev);
-  HostMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = float(normal(gen));
-  return m;
 }
 
 double relative_error(const HostMatrix<float>& a, const HostMatrix<float>& b) {
@@ -40,9 +35,9 @@ struct Twin {
     for (int i = 0; i < 3; ++i) {
       LoraConfig config{.in_features = widths[i], .out_features = widths[i + 1], .rank = 8, .alpha = 16,
                         .dropout = dropout, .bias = BiasMode::trainable, .seed = std::uint64_t(100 + i)};
-      auto& layer = model.add(config, acts[i], normal_matrix(widths[i + 1], widths[i], gen, 0.1));
-      layer.set_B(normal_matrix(widths[i + 1], 8, gen, 0.05));
-      layer.set_b(normal_matrix(1, widths[i + 1], gen, 0.1));
+      auto& layer = model.add(config, acts[i], normal_matrix<float>(widths[i + 1], widths[i], gen, 0.1));
+      layer.set_B(normal_matrix<float>(widths[i + 1], 8, gen, 0.05));
+      layer.set_b(normal_matrix<float>(1, widths[i + 1], gen, 0.1));
     }
   }
 };
@@ -60,7 +55,7 @@ TEST_CASE("cuda parity: forward and every gradient of a 3-layer model, with drop
   if (!gpu_or_skip()) return;
   Twin cpu(Device::cpu, 0.1), gpu(Device::cuda, 0.1);
   std::mt19937_64 gen(5);
-  const HostMatrix<float> x = normal_matrix(50, 96, gen), y = normal_matrix(50, 24, gen);
+  const HostMatrix<float> x = normal_matrix<float>(50, 96, gen), y = normal_matrix<float>(50, 24, gen);
   MseLoss<float> cpu_loss(*cpu.backend), gpu_loss(*gpu.backend);
   Tensor<float> cx = to_backend<float>(*cpu.backend, x, "X"), gx = to_backend<float>(*gpu.backend, x, "X");
   Tensor<float> cy = to_backend<float>(*cpu.backend, y, "Y"), gy = to_backend<float>(*gpu.backend, y, "Y");
@@ -103,7 +98,7 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
   if (!gpu_or_skip()) return;
   Twin cpu(Device::cpu, 0.0), gpu(Device::cuda, 0.0);
   std::mt19937_64 gen(6);
-  const HostMatrix<float> x = normal_matrix(64, 96, gen), y = normal_matrix(64, 24, gen);
+  const HostMatrix<float> x = normal_matrix<float>(64, 96, gen), y = normal_matrix<float>(64, 24, gen);
   TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3, .weight_decay = 0.01},
                        .lora_plus_ratio = 4, .relora = {.restart_every = 5, .reset = OptimizerReset::magnitude_prune,
                                                         .prune_fraction = 0.5}};
@@ -138,7 +133,7 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
   }
   copy_state(cpu, cpu_trainer, gpu, gpu_trainer);
   for (std::size_t i = 0; i < cpu.model.size(); ++i) {
-    cpu.model.layer(i).set_B(normal_matrix(cpu.model.layer(i).out_features(), 8, gen, 0.05));
+    cpu.model.layer(i).set_B(normal_matrix<float>(cpu.model.layer(i).out_features(), 8, gen, 0.05));
     gpu.model.layer(i).set_B(to_host(*cpu.backend, cpu.model.layer(i).B()));
   }
   cpu.model.merge();
@@ -153,9 +148,9 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
 TEST_CASE("cuda parity: the 300-step seed regression, every method, final losses within 1e-3") {
   if (!gpu_or_skip()) return;
   std::mt19937_64 gen(0);
-  const HostMatrix<float> x = normal_matrix(200, 10, gen), W_true = normal_matrix(5, 10, gen);
-  const HostMatrix<float> y = x * W_true.transpose() + normal_matrix(200, 5, gen, 0.1);
-  const HostMatrix<float> W0 = normal_matrix(5, 10, gen, 0.1);
+  const HostMatrix<float> x = normal_matrix<float>(200, 10, gen), W_true = normal_matrix<float>(5, 10, gen);
+  const HostMatrix<float> y = x * W_true.transpose() + normal_matrix<float>(200, 5, gen, 0.1);
+  const HostMatrix<float> W0 = normal_matrix<float>(5, 10, gen, 0.1);
   auto final_loss = [&](Device device, TrainingMethod method) {
     auto backend = make_backend<float>(device);
     Model<float> model(backend);

@@ -7,10 +7,12 @@
 #include <vector>
 
 #include "gradient_check.hpp"
+#include "test_data.hpp"
 #include "relora/relora.hpp"
 
 using namespace relora;
 using relora::testing::host_of;
+using relora::testing::normal_matrix;
 using relora::testing::numeric_gradient;
 using relora::testing::relative_error;
 
@@ -38,13 +40,6 @@ std::vector<Shape> gradient_shapes() {
   return shapes;
 }
 
-HostMatrix<double> random_matrix(Index rows, Index cols, std::mt19937& gen) {
-  std::normal_distribution<double> normal(0.0, 1.0);
-  HostMatrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(gen);
-  return m;
-}
-
 // Checks every gradient of one layer for L = sum(Y .* G), whose dL/dY is G.
 void check_layer_gradients(const Shape& s, double dropout, BiasMode bias, bool rslora, TrainTarget target) {
   CAPTURE(s.n);
@@ -59,12 +54,12 @@ void check_layer_gradients(const Shape& s, double dropout, BiasMode bias, bool r
   std::mt19937 gen(unsigned(s.n * 1000 + s.k * 100 + s.d * 10 + s.r));
   LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .rslora = rslora,
                     .dropout = dropout, .bias = bias, .seed = 7};
-  LoraLinear<double> layer(*backend, config, random_matrix(s.d, s.k, gen));
-  layer.set_B(random_matrix(s.d, s.r, gen));  // B = 0 would make dA vanish and hide a wrong formula
-  if (bias != BiasMode::none) layer.set_b(random_matrix(1, s.d, gen));
+  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
+  layer.set_B(normal_matrix(s.d, s.r, gen));  // B = 0 would make dA vanish and hide a wrong formula
+  if (bias != BiasMode::none) layer.set_b(normal_matrix(1, s.d, gen));
   layer.set_train_target(target);
-  Tensor<double> X = to_backend<double>(*backend, random_matrix(s.n, s.k, gen), "X");
-  const HostMatrix<double> G = random_matrix(s.n, s.d, gen);
+  Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
+  const HostMatrix<double> G = normal_matrix(s.n, s.d, gen);
 
   const std::uint64_t stream = layer.rng_stream();
   auto loss = [&]() {
@@ -125,7 +120,7 @@ TEST_CASE("dropout mask is inverted dropout: zeros with probability p, else 1 / 
   LoraConfig config{.in_features = 200, .out_features = 3, .rank = 2, .dropout = 0.25};
   LoraLinear<double> layer(*backend, config);
   std::mt19937 gen(3);
-  Tensor<double> X = to_backend<double>(*backend, random_matrix(100, 200, gen), "X");
+  Tensor<double> X = to_backend<double>(*backend, normal_matrix(100, 200, gen), "X");
   layer.forward(X);
   const HostMatrix<double> mask = host_of(layer.dropout_mask());
   const double zeros = double((mask.array() == 0).count()) / double(mask.size());
@@ -135,7 +130,7 @@ TEST_CASE("dropout mask is inverted dropout: zeros with probability p, else 1 / 
   layer.forward(X);
   CHECK((host_of(layer.dropout_mask()) - mask).norm() > 0);
   layer.set_training(false);
-  layer.set_B(random_matrix(3, 2, gen));
+  layer.set_B(normal_matrix(3, 2, gen));
   const HostMatrix<double> eval_out = host_of(layer.forward(X));
   const HostMatrix<double> expected = host_of(X) * host_of(layer.W()).transpose() +
                                       layer.scale() * host_of(X) * host_of(layer.A()).transpose() *
@@ -149,12 +144,12 @@ TEST_CASE("forward matches the naive formula X W^T + b + s X A^T B^T") {
   for (bool rslora : {false, true}) {
     LoraConfig config{.in_features = 6, .out_features = 4, .rank = 3, .alpha = 5, .rslora = rslora,
                       .bias = BiasMode::frozen};
-    LoraLinear<double> layer(*backend, config, random_matrix(4, 6, gen));
-    layer.set_b(random_matrix(4, 1, gen));
-    layer.set_B(random_matrix(4, 3, gen));
+    LoraLinear<double> layer(*backend, config, normal_matrix(4, 6, gen));
+    layer.set_b(normal_matrix(4, 1, gen));
+    layer.set_B(normal_matrix(4, 3, gen));
     const double s = rslora ? 5 / std::sqrt(3.0) : 5 / 3.0;
     CHECK(layer.scale() == doctest::Approx(s));
-    const HostMatrix<double> x = random_matrix(5, 6, gen);
+    const HostMatrix<double> x = normal_matrix(5, 6, gen);
     Tensor<double> X = to_backend<double>(*backend, x, "X");
     HostMatrix<double> expected = x * host_of(layer.W()).transpose() +
                                   s * x * host_of(layer.A()).transpose() * host_of(layer.B()).transpose();
@@ -166,8 +161,8 @@ TEST_CASE("forward matches the naive formula X W^T + b + s X A^T B^T") {
 TEST_CASE("A fresh adapter leaves the output unchanged; A follows the configured init") {
   auto backend = make_backend<float>(Device::cpu);
   std::mt19937 gen(5);
-  const HostMatrix<float> W = random_matrix(16, 32, gen).cast<float>();
-  const HostMatrix<float> x = random_matrix(8, 32, gen).cast<float>();
+  const HostMatrix<float> W = normal_matrix(16, 32, gen).cast<float>();
+  const HostMatrix<float> x = normal_matrix(8, 32, gen).cast<float>();
   for (LoraInit init : {LoraInit::kaiming_uniform, LoraInit::gaussian}) {
     LoraConfig config{.in_features = 32, .out_features = 16, .rank = 8, .init = init, .init_std = 0.5};
     LoraLinear<float> layer(*backend, config, W);
@@ -193,11 +188,11 @@ TEST_CASE("merge gives the unmerged output, and merge then unmerge gives back th
   for (Shape s : {Shape{64, 48, 40, 8}, Shape{10, 10, 5, 4}, Shape{3, 7, 9, 7}}) {
     CAPTURE(s.k);
     LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 16, .bias = BiasMode::frozen};
-    const HostMatrix<float> W = random_matrix(s.d, s.k, gen).cast<float>();
+    const HostMatrix<float> W = normal_matrix(s.d, s.k, gen).cast<float>();
     LoraLinear<float> layer(*backend, config, W);
-    layer.set_b(random_matrix(1, s.d, gen).cast<float>());
-    layer.set_B(random_matrix(s.d, s.r, gen).cast<float>());
-    Tensor<float> X = to_backend<float>(*backend, random_matrix(s.n, s.k, gen).cast<float>(), "X");
+    layer.set_b(normal_matrix(1, s.d, gen).cast<float>());
+    layer.set_B(normal_matrix(s.d, s.r, gen).cast<float>());
+    Tensor<float> X = to_backend<float>(*backend, normal_matrix(s.n, s.k, gen).cast<float>(), "X");
     const HostMatrix<float> unmerged = to_host(*backend, layer.forward(X));
     layer.merge();
     const HostMatrix<float> merged = to_host(*backend, layer.forward(X));

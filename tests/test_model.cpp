@@ -4,29 +4,20 @@
 #include <random>
 
 #include "gradient_check.hpp"
+#include "test_data.hpp"
 #include "relora/relora.hpp"
 
 using namespace relora;
 using relora::testing::host_of;
+using relora::testing::normal_matrix;
 using relora::testing::numeric_gradient;
 using relora::testing::relative_error;
-
-namespace {
-
-HostMatrix<double> random_matrix(Index rows, Index cols, std::mt19937& gen, double stddev = 1.0) {
-  std::normal_distribution<double> normal(0.0, stddev);
-  HostMatrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = normal(gen);
-  return m;
-}
-
-}  // namespace
 
 TEST_CASE("MSE value and gradient match the definition and finite differences") {
   auto backend = make_backend<double>(Device::cpu);
   std::mt19937 gen(1);
   for (auto [rows, cols] : {std::pair<Index, Index>{1, 1}, {3, 5}, {17, 2}}) {
-    const HostMatrix<double> y = random_matrix(rows, cols, gen), t = random_matrix(rows, cols, gen);
+    const HostMatrix<double> y = normal_matrix(rows, cols, gen), t = normal_matrix(rows, cols, gen);
     Tensor<double> Y = to_backend<double>(*backend, y, "Y"), target = to_backend<double>(*backend, t, "target");
     MseLoss<double> loss(*backend);
     const HostMatrix<double> dY = host_of(loss.forward_backward(Y, target));
@@ -55,12 +46,12 @@ TEST_CASE("a 3-layer stack's gradients match finite differences, every activatio
         LoraConfig config{.in_features = widths[i], .out_features = widths[i + 1], .rank = 2, .alpha = 4,
                           .dropout = dropout, .bias = BiasMode::trainable, .seed = std::uint64_t(i)};
         auto& layer = model.add(config, i < 2 ? hidden : Activation::identity,
-                                random_matrix(widths[i + 1], widths[i], gen, 0.5));
-        layer.set_B(random_matrix(widths[i + 1], 2, gen, 0.5));
-        layer.set_b(random_matrix(1, widths[i + 1], gen, 0.5));
+                                normal_matrix(widths[i + 1], widths[i], gen, 0.5));
+        layer.set_B(normal_matrix(widths[i + 1], 2, gen, 0.5));
+        layer.set_b(normal_matrix(1, widths[i + 1], gen, 0.5));
       }
-      Tensor<double> X = to_backend<double>(*backend, random_matrix(4, 6, gen), "X");
-      Tensor<double> target = to_backend<double>(*backend, random_matrix(4, 3, gen), "target");
+      Tensor<double> X = to_backend<double>(*backend, normal_matrix(4, 6, gen), "X");
+      Tensor<double> target = to_backend<double>(*backend, normal_matrix(4, 3, gen), "target");
       MseLoss<double> mse(*backend);
       std::vector<std::uint64_t> streams;
       for (std::size_t i = 0; i < model.size(); ++i) streams.push_back(model.layer(i).rng_stream());

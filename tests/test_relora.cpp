@@ -5,27 +5,22 @@
 #include <random>
 
 #include "relora/relora.hpp"
+#include "test_data.hpp"
 
 using namespace relora;
+using relora::testing::normal_matrix;
 
 namespace {
-
-HostMatrix<float> normal_matrix(Index rows, Index cols, std::mt19937_64& gen, double stddev = 1.0) {
-  std::normal_distribution<double> normal(0.0, stddev);
-  HostMatrix<float> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = float(normal(gen));
-  return m;
-}
 
 // The seed task in small: the needed change W_true - W0 has full rank 5, the adapter rank 2.
 struct RegressionTask {
   HostMatrix<float> X, Y, W0;
   explicit RegressionTask(std::uint64_t seed, Index n = 100, Index k = 8, Index d = 5) {
     std::mt19937_64 gen(seed);
-    X = normal_matrix(n, k, gen);
-    const HostMatrix<float> W_true = normal_matrix(d, k, gen);
-    Y = X * W_true.transpose() + normal_matrix(n, d, gen, 0.05);
-    W0 = normal_matrix(d, k, gen, 0.1);
+    X = normal_matrix<float>(n, k, gen);
+    const HostMatrix<float> W_true = normal_matrix<float>(d, k, gen);
+    Y = X * W_true.transpose() + normal_matrix<float>(n, d, gen, 0.05);
+    W0 = normal_matrix<float>(d, k, gen, 0.1);
   }
 };
 
@@ -56,9 +51,10 @@ TEST_CASE("restarts happen after exactly every T LoRA steps, after the warm star
 TEST_CASE("the loss just before and just after a restart agree to float rounding") {
   auto backend = make_backend<float>(Device::cpu);
   RegressionTask task(2);
+  std::mt19937_64 gen(3);
   Model<float> model(backend);
   model.add(LoraConfig{.in_features = 8, .out_features = 6, .rank = 3, .dropout = 0.0, .bias = BiasMode::trainable},
-            Activation::tanh, normal_matrix(6, 8, *std::make_unique<std::mt19937_64>(3)));
+            Activation::tanh, normal_matrix<float>(6, 8, gen));
   model.add(LoraConfig{.in_features = 6, .out_features = 5, .rank = 2}, Activation::identity, task.W0.leftCols(6));
   TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-2}, .relora = {.restart_every = 1000}};
   Trainer<float> trainer(model, config);
