@@ -1,0 +1,53 @@
+#pragma once
+// Command-line flags of the regression demo (relora_regression), parsed apart from main so that
+// the tests can drive the parser with argument lists and catch its errors.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "relora/tensor.hpp"
+
+namespace relora::demo {
+
+// The training methods the demo compares, in their default order.
+enum class Method {
+  full_finetune,  // W itself trains: the full-rank reference
+  lora,           // a rank-r adapter, never merged: stuck at its rank ceiling
+  relora,         // merged and restarted every T steps: B = 0, Adam moments cleared
+  seed_relora,    // seed 000's own restart: A and B re-drawn N(0, 0.01), Adam moments kept
+};
+
+// The name --methods takes ("full", "lora", "relora", "seed").
+const char* method_key(Method method);
+// The name in the table, the CSV header and the plot's legend.
+const char* method_label(Method method);
+std::vector<Method> all_methods();
+
+struct Options {
+  std::int64_t steps = 300;          // training steps per method (full batch each)
+  Index rank = 4;                    // r, 1 <= r <= min(in_features, out_features)
+  std::int64_t restart_every = 50;   // T, ReLoRA's restart period
+  double lr = 1e-2;                  // Adam's learning rate
+  Index samples = 200;               // n, rows of X
+  Index in_features = 10;            // k
+  Index out_features = 5;            // d
+  double noise = 0.1;                // standard deviation of the target's noise
+  std::uint64_t seed = 42;           // data, base weight and adapter draws
+  int threads = 0;                   // OpenMP threads; 0 leaves OpenMP's default
+  std::string out_dir = ".";         // where losses.csv and losses.svg go
+  Device backend = Device::cpu;
+  std::int64_t restart_warmup = 0;   // ReLoRA's linear re-warmup after each restart, 0 <= w <= T
+  std::vector<Method> methods = all_methods();
+  bool help = false;                 // --help was given: print usage_text() and stop
+};
+
+// Parses the arguments after the program name. Accepts "--flag value" and "--flag=value".
+// Throws ConfigError naming the flag and the value for an unknown flag, a missing value, a value
+// that is not a number of the right kind, a count that is zero or negative, or a combination out
+// of range (rank above min(in, out), re-warmup longer than the restart period).
+Options parse_options(const std::vector<std::string>& args);
+
+// The --help text: every flag with its default.
+std::string usage_text();
+
+}  // namespace relora::demo
