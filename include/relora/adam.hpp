@@ -64,6 +64,9 @@ class Adam {
   Tensor<T>& update_count(std::size_t i) { return states_.at(i).step; }
   std::int64_t steps_taken() const { return steps_taken_; }
   void set_steps_taken(std::int64_t steps) { steps_taken_ = steps; }
+  // Random-pruning draws so far (each prune_moments call takes the next streams), for checkpoints.
+  std::uint64_t prune_draws() const { return prune_draws_; }
+  void set_prune_draws(std::uint64_t draws) { prune_draws_ = draws; }
 
  private:
   struct State {
