@@ -26,6 +26,7 @@ TrainTarget Trainer<T>::target_at(std::int64_t step) const {
 
 template <typename T>
 void Trainer<T>::build_optimizer() {
+  ++optimizer_generation_;  // a recorded step names the old optimizer's moments: record anew
   const std::vector<Parameter<T>> params = model_->parameters();
   if (config_.lora_plus_ratio != 1) {
     optimizer_ = std::make_unique<Adam<T>>(model_->backend_ptr(),
@@ -51,13 +52,91 @@ void Trainer<T>::step(const Tensor<T>& X, const Tensor<T>& target) {
     model_->set_train_target(target_at(steps_done_));
     build_optimizer();
   }
-  const Tensor<T>& dY = loss_.forward_backward(model_->forward(X), target);
-  model_->backward(dY);
-  optimizer_->step(schedule_ ? schedule_->factor(steps_done_) : 1.0);
+  run_step(X, target, schedule_ ? schedule_->factor(steps_done_) : 1.0);
   ++steps_done_;
   if (controller_ && controller_->restart_due(steps_done_)) {
     controller_->restart(*model_, *optimizer_, schedule_.get(), steps_done_);
   }
+}
+
+template <typename T>
+void Trainer<T>::compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
+  const Tensor<T>& dY = loss_.forward_backward(model_->forward(X), target);
+  model_->backward(dY);
+  optimizer_->step(lr_factor);
+}
+
+template <typename T>
+bool Trainer<T>::describe_step(const Tensor<T>& X, const Tensor<T>& target) {
+  StepShape& s = shape_now_;
+  s.X = X.data();
+  s.x_rows = X.rows();
+  s.x_cols = X.cols();
+  s.target = target.data();
+  s.target_rows = target.rows();
+  s.target_cols = target.cols();
+  s.optimizer = optimizer_generation_;
+  s.layers.resize(model_->size());
+  bool recordable = true;
+  for (std::size_t i = 0; i < model_->size(); ++i) {
+    const LoraLinear<T>& layer = model_->layer(i);
+    const bool dropout = layer.training() && layer.config().dropout > 0;
+    recordable = recordable && !dropout;  // a replay would reuse the recorded mask's key
+    s.layers[i] = std::uint8_t((layer.train_target() == TrainTarget::base ? 1 : 0) | (layer.training() ? 2 : 0) |
+                               (layer.merged() ? 4 : 0) | (dropout ? 8 : 0));
+  }
+  return recordable;
+}
+
+// The step, three ways. A replay launches the recorded step once, after `refresh` has handed the
+// optimizer's step (this step's learning-rate factor, the update counts, the NaN guard's
+// bookkeeping) to the backend. A step is recorded when the last one ran eagerly on the same
+// tensors and state, so the per-batch buffers were sized by it and do not move; recording it
+// then also runs it. Anything else runs eagerly. ReLoRA's restarts run eagerly between replays:
+// they change values (W, A, B, the moments) in place, never buffers, so the recording stays valid.
+template <typename T>
+void Trainer<T>::run_step(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
+  Backend<T>& backend = model_->backend();
+  if (!config_.use_graphs || failed_recordings_ >= 3 || !describe_step(X, target)) {
+    eager_valid_ = false;
+    compute(X, target, lr_factor);
+    return;
+  }
+  if (recording_id_ != 0 && shape_now_ == recorded_shape_) {
+    if (backend.replay(recording_id_, [&] { optimizer_->step(lr_factor); })) {
+      ++replayed_steps_;
+      return;
+    }
+    // Stale (a tensor was allocated since; buffers may have moved) or replaced: run this step
+    // eagerly, so that it sizes the buffers, and record the next.
+    recording_id_ = 0;
+    eager_valid_ = false;
+  } else if (eager_valid_ && shape_now_ == eager_shape_ && backend.begin_recording()) {
+    const std::int64_t steps_taken = optimizer_->steps_taken();
+    std::uint64_t id = 0;
+    try {
+      compute(X, target, lr_factor);
+      id = backend.end_recording();
+    } catch (...) {
+      backend.drop_recording();
+      recording_id_ = 0;
+      throw;
+    }
+    if (id != 0) {
+      recording_id_ = id;
+      recorded_shape_ = shape_now_;
+      failed_recordings_ = 0;
+      ++recorded_steps_;
+      return;
+    }
+    // Discarded, nothing of it ran: run it eagerly (the optimizer's count advanced once already).
+    optimizer_->set_steps_taken(steps_taken);
+    recording_id_ = 0;
+    ++failed_recordings_;
+  }
+  compute(X, target, lr_factor);
+  eager_shape_ = shape_now_;
+  eager_valid_ = true;
 }
 
 template class Trainer<float>;

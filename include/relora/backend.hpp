@@ -5,6 +5,7 @@
 // never per element.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -96,6 +97,34 @@ class Backend {
   virtual void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) = 0;
   // Zeroes round(fraction * size) entries of x: those of smallest magnitude, or chosen at random.
   virtual void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) = 0;
+
+  // ---- recorded steps (optional: CUDA graphs). A launch-bound step (tiny layers) costs mostly
+  // host time per operation; a backend that can record a sequence of operations once and run it
+  // again with one launch saves that. A backend that cannot (the CPU backend) keeps these
+  // defaults, which answer "not supported", and its caller runs every step eagerly.
+  //
+  // Starts recording: the operations queued after this are recorded, not run, until
+  // end_recording(). False (and nothing changes) when the backend cannot record.
+  virtual bool begin_recording() { return false; }
+  // Ends the recording and queues it once, so the recorded operations run as if queued eagerly.
+  // Returns its id (> 0); it replaces the backend's earlier recording, if any (one at a time).
+  // 0: it was discarded and nothing of it ran (a tensor was allocated while recording, or the
+  // device refused an operation); the caller then runs the operations eagerly.
+  virtual std::uint64_t end_recording() { return 0; }
+  // Queues recording `id` once more, on the same buffers. `refresh` runs first and must make the
+  // same adam_update calls as the recording, on the same slots, in the same order: those calls
+  // then set the recorded updates' hyper-parameters (the schedule's factor changes every step)
+  // and keep the NaN/Inf bookkeeping, instead of running. False (refresh not called, nothing
+  // queued) when `id` is not the backend's recording or it is stale: a tensor was allocated
+  // since it was made (a buffer may have moved) or the math mode changed.
+  virtual bool replay(std::uint64_t id, const std::function<void()>& refresh) {
+    (void)id;
+    (void)refresh;
+    return false;
+  }
+  // Ends a recording in progress, discarding it (after an exception, say), and forgets the
+  // ready one.
+  virtual void drop_recording() {}
 };
 
 // A backend for `device`. CUDA throws DeviceError naming why when relora was built without CUDA

@@ -6,7 +6,13 @@
 //
 // Launches per adam_update with S slots: ceil(S / kAdamSlots) check kernels, then as many update
 // kernels, and no copy: the non-finite flag is read back only when the caller synchronizes. With
-// up to 48 slots (24 LoRA layers) a step is 2 launches.
+// up to 48 slots (24 LoRA layers) a step is 2 launches; a step of at most kAdamSmall elements in
+// all (a tiny model, where the launches are the cost) is 1 launch of one block that checks, waits
+// at a block barrier, then updates.
+//
+// In a recorded step (CUDA graph) these launches are graph nodes; replay() calls adam_update
+// again with the backend refreshing: the same tables are built and set on the recorded nodes
+// (cudaGraphExecKernelNodeSetParams) instead of launched.
 //
 // NaN/Inf guard, entirely on the device: the check kernels look at every gradient and leave the
 // smallest (call tag << 32 | slot index) of a bad one in the flag (atomicMin); the update kernels
@@ -25,6 +31,8 @@ namespace {
 constexpr int kAdamSlots = 48;             // slots per launch: the table stays under 4 KB of parameters
 constexpr std::int64_t kAdamChunk = 4096;  // elements one block takes at a time (16 per thread)
 constexpr int kAdamBlocksPerSm = 4;
+constexpr std::int64_t kAdamSmall = 4096;  // elements in all up to which one block does check and update
+constexpr int kAdamSmallThreads = 1024;    // at most 4 elements per thread and pass
 
 template <typename T>
 struct AdamTable {
@@ -112,6 +120,48 @@ __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyp
   if (threadIdx.x == 0) scratch->adam_blocks_done = 0;  // ready for the next launch
 }
 
+// Check and update in one block, for steps of at most kAdamSmall elements in one table: the block
+// barrier between the two passes stands for the launch boundary of the two-kernel path.
+template <typename T>
+__global__ void __launch_bounds__(kAdamSmallThreads) adam_small_kernel(const AdamTable<T> table, const AdamHyper hyper, Scratch* scratch) {
+  if (scratch->nonfinite != kNoNonFinite) return;
+  __shared__ int first_bad;
+  if (threadIdx.x == 0) first_bad = table.count;
+  __syncthreads();
+  for (int s = 0; s < table.count; ++s) {
+    const T* g = table.grad[s];
+    int bad = 0;
+    for (std::int64_t i = threadIdx.x; i < table.size[s]; i += blockDim.x) bad |= !isfinite(g[i]);
+    if (bad) atomicMin(&first_bad, s);
+  }
+  __syncthreads();
+  if (first_bad < table.count) {
+    if (threadIdx.x == 0) {
+      atomicMin(&scratch->nonfinite, (static_cast<unsigned long long>(table.call) << 32) |
+                                         (table.first_slot + unsigned(first_bad)));
+    }
+    return;
+  }
+  for (int s = 0; s < table.count; ++s) {
+    const double t = double(*table.step[s]) + 1;
+    const double c1 = 1 - pow(hyper.beta1, t);
+    const double c2 = 1 - pow(hyper.beta2, t);
+    T* param = table.param[s];
+    const T* grad = table.grad[s];
+    T* m = table.m[s];
+    T* v = table.v[s];
+    for (std::int64_t i = threadIdx.x; i < table.size[s]; i += blockDim.x) {
+      T p = param[i], mi = m[i], vi = v[i];
+      adam_element(p, grad[i], mi, vi, table.lr[s], table.weight_decay[s], hyper, c1, c2);
+      param[i] = p;
+      m[i] = mi;
+      v[i] = vi;
+    }
+  }
+  __syncthreads();  // every thread has read the counts
+  for (int s = threadIdx.x; s < table.count; s += blockDim.x) *table.step[s] = T(double(*table.step[s]) + 1);
+}
+
 // Fills `table` with slots [first, first + kAdamSlots) of the call; returns the number of chunks.
 template <typename T>
 std::int64_t make_table(const AdamSlot<T>* slots, std::size_t count, std::size_t first, double lr_factor,
@@ -143,11 +193,58 @@ std::int64_t make_table(const AdamSlot<T>* slots, std::size_t count, std::size_t
 
 using namespace cuda_detail;
 
+// Queues a kernel, or while recording queues it and notes its graph node, or while refreshing
+// sets the recorded node's parameters: the one place where the three paths part.
+template <typename T>
+template <typename Kernel>
+void CudaBackend<T>::adam_launch(Kernel kernel, unsigned grid, unsigned threads, void** args, const char* name,
+                                 cudaGraphNode_t* node) {
+  if (refreshing_) {
+    if (node == nullptr || *node == nullptr) throw ConfigError(std::string("cuda backend replay: no recorded node for ") + name);
+    cudaKernelNodeParams params{};
+    params.func = reinterpret_cast<void*>(kernel);
+    params.gridDim = dim3(grid);
+    params.blockDim = dim3(threads);
+    params.sharedMemBytes = 0;
+    params.kernelParams = args;
+    params.extra = nullptr;
+    check_cuda(cudaGraphExecKernelNodeSetParams(exec_.exec, *node, &params), name, __FILE__, __LINE__);
+    return;
+  }
+  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(threads), args, 0,
+                              stream_.stream),
+             name, __FILE__, __LINE__);
+  if (node) *node = recording_ ? last_captured_node() : nullptr;
+}
+
 template <typename T>
 void CudaBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) {
   if (count == 0) return;
   if (count > 0xffffffffu) throw ConfigError("adam_update: " + std::to_string(count) + " slots are too many");
-  activate();
+  // While refreshing a replay: the recorded call this one stands for, which must have the same slots.
+  RecordedAdam* recorded = nullptr;
+  if (refreshing_) {
+    if (refresh_next_ >= recorded_adam_.size()) {
+      throw ConfigError("cuda backend replay: more adam_update calls than the recording holds (" +
+                        std::to_string(recorded_adam_.size()) + ")");
+    }
+    recorded = &recorded_adam_[refresh_next_++];
+    bool same = recorded->slots.size() == count;
+    for (std::size_t s = 0; same && s < count; ++s) {
+      const AdamSlot<T>& a = recorded->slots[s];
+      same = a.param == slots[s].param && a.grad == slots[s].grad && a.m == slots[s].m && a.v == slots[s].v &&
+             a.step == slots[s].step && a.size == slots[s].size;
+    }
+    if (!same) throw ConfigError("cuda backend replay: adam_update on other slots than the recorded call's");
+  } else {
+    activate();
+  }
+  RecordedAdam* capturing = nullptr;
+  if (recording_) {
+    capturing_adam_.emplace_back();
+    capturing = &capturing_adam_.back();
+    capturing->slots.assign(slots, slots + count);
+  }
   // Keep the names for the error message; a new list only when they change (never on the steady path).
   const std::uint32_t call = adam_calls_++;
   bool same_names = !slot_names_.empty() && slot_names_.back().second.size() == count;
@@ -160,22 +257,48 @@ void CudaBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, co
     slot_names_.emplace_back(call, std::move(names));
   }
 
-  const unsigned max_grid = unsigned(sm_count_) * kAdamBlocksPerSm;
+  // Graph nodes of this call's launches, per table: to note (recording), to refresh, or none (eager).
+  const std::size_t tables = (count + kAdamSlots - 1) / kAdamSlots;
+  RecordedAdam* nodes = recorded ? recorded : capturing;
+  if (capturing) {
+    capturing->check_nodes.assign(tables, nullptr);
+    capturing->update_nodes.assign(tables, nullptr);
+  }
+  if (recorded && (recorded->check_nodes.size() != tables || recorded->update_nodes.size() != tables)) {
+    throw ConfigError("cuda backend replay: the recorded adam_update had other tables");
+  }
+  const auto check_node = [&](std::size_t t) { return nodes ? &nodes->check_nodes[t] : nullptr; };
+  const auto update_node = [&](std::size_t t) { return nodes ? &nodes->update_nodes[t] : nullptr; };
+
+  unsigned long long* flag = &scratch()->nonfinite;
+  Scratch* scratch_ptr = scratch();
   AdamTable<T> table;
+  AdamHyper hyper_arg = hyper;
+  std::int64_t total = 0;
+  for (std::size_t s = 0; s < count; ++s) total += slots[s].size;
+  if (count <= std::size_t(kAdamSlots) && total <= kAdamSmall) {
+    // One launch, one block: check, barrier, update.
+    make_table(slots, count, 0, hyper.lr_factor, call, table);
+    void* args[] = {&table, &hyper_arg, &scratch_ptr};
+    adam_launch(&adam_small_kernel<T>, 1u, unsigned(kAdamSmallThreads), args, "adam_small_kernel",
+                update_node(0));
+    return;
+  }
+  const unsigned max_grid = unsigned(sm_count_) * kAdamBlocksPerSm;
   // Every gradient is checked before any parameter changes.
-  for (std::size_t first = 0; first < count; first += kAdamSlots) {
+  for (std::size_t first = 0, t = 0; first < count; first += kAdamSlots, ++t) {
     const std::int64_t chunks = make_table(slots, count, first, hyper.lr_factor, call, table);
     if (chunks == 0) continue;
     const unsigned grid = chunks < max_grid ? unsigned(chunks) : max_grid;
-    adam_check_kernel<T><<<grid, kThreads, 0, stream_.stream>>>(table, &scratch()->nonfinite);
-    RELORA_CHECK_LAUNCH("adam_check_kernel");
+    void* args[] = {&table, &flag};
+    adam_launch(&adam_check_kernel<T>, grid, unsigned(kThreads), args, "adam_check_kernel", check_node(t));
   }
-  for (std::size_t first = 0; first < count; first += kAdamSlots) {
+  for (std::size_t first = 0, t = 0; first < count; first += kAdamSlots, ++t) {
     const std::int64_t chunks = make_table(slots, count, first, hyper.lr_factor, call, table);
     // At least one block, even when every slot is empty: the last block advances the step counts.
     const unsigned grid = chunks < 1 ? 1u : (chunks < max_grid ? unsigned(chunks) : max_grid);
-    adam_update_kernel<T><<<grid, kThreads, 0, stream_.stream>>>(table, hyper, scratch());
-    RELORA_CHECK_LAUNCH("adam_update_kernel");
+    void* args[] = {&table, &hyper_arg, &scratch_ptr};
+    adam_launch(&adam_update_kernel<T>, grid, unsigned(kThreads), args, "adam_update_kernel", update_node(t));
   }
   // The flag stays on the device: synchronize() reads it, so a step copies nothing to the host.
 }

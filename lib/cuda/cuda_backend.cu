@@ -1,4 +1,5 @@
 // Lifecycle, memory, GEMM and error reporting of the CUDA backend; the factory functions.
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 
@@ -67,6 +68,12 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options) : device_id_(options.
   RELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_.stream, cudaStreamNonBlocking));
   RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
   RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, stream_.stream));
+  // A workspace of our own (cuBLAS's recommended size: 32 MiB on Hopper and newer, 4 MiB before),
+  // set after the stream (cublasSetStream resets it): cuBLAS then allocates nothing itself, not
+  // even while a step is captured into a graph.
+  const std::size_t workspace_bytes = std::size_t(cc_major_ >= 9 ? 32 : 4) << 20;
+  RELORA_CUDA_CHECK(cudaMalloc(&blas_workspace_.ptr, workspace_bytes));
+  RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, blas_workspace_.ptr, workspace_bytes));
 
   RELORA_CUDA_CHECK(cudaMalloc(&scratch_memory_.ptr, sizeof(Scratch)));
   RELORA_CUDA_CHECK(cudaMemsetAsync(scratch_memory_.ptr, 0, sizeof(Scratch), stream_.stream));
@@ -85,7 +92,11 @@ CudaBackend<T>::~CudaBackend() {
 
 template <typename T>
 void CudaBackend<T>::activate() const {
-  RELORA_CUDA_CHECK(cudaSetDevice(device_id_));
+  // Every operation comes here: cudaGetDevice only reads the thread's runtime state, where
+  // cudaSetDevice on every call cost measurable host time in launch-bound steps.
+  int current = -1;
+  RELORA_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device_id_) RELORA_CUDA_CHECK(cudaSetDevice(device_id_));
 }
 
 template <typename T>
@@ -121,6 +132,7 @@ Tensor<T> CudaBackend<T>::allocate(Index rows, Index cols) {
     throw DeviceError("allocate: tensor " + shape_string(rows, cols) + " is too large to address");
   }
   // One element at least, so that an empty tensor still has a unique, valid pointer.
+  ++allocations_;  // a recorded step may name a buffer this replaces: replay() checks the count
   const Index elements = rows * cols > 0 ? rows * cols : 1;
   const std::size_t bytes = std::size_t(elements) * sizeof(T);
   T* data = nullptr;
@@ -242,6 +254,124 @@ void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>
   const cublasOperation_t op_a = trans_a == Trans::no ? CUBLAS_OP_N : CUBLAS_OP_T;
   RELORA_CUBLAS_CHECK(gemm_call(blas_.handle, op_b, op_a, n, m, k, &alpha, B.data(), B.cols(), A.data(), A.cols(),
                                 &beta, C.data(), C.cols()));
+}
+
+template <typename T>
+cudaGraphNode_t CudaBackend<T>::last_captured_node() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaGraphNode_t* deps = nullptr;
+  std::size_t count = 0;
+#if CUDART_VERSION >= 13000
+  const cudaError_t error = cudaStreamGetCaptureInfo(stream_.stream, &status, nullptr, nullptr, &deps, nullptr, &count);
+#else
+  const cudaError_t error = cudaStreamGetCaptureInfo(stream_.stream, &status, nullptr, nullptr, &deps, &count);
+#endif
+  if (error != cudaSuccess || status != cudaStreamCaptureStatusActive || count != 1 || deps == nullptr) {
+    (void)cudaGetLastError();
+    recording_spoiled_ = true;
+    return nullptr;
+  }
+  return deps[0];
+}
+
+template <typename T>
+bool CudaBackend<T>::begin_recording() {
+  if (recording_) throw ConfigError("cuda backend: begin_recording while a recording is in progress");
+  if (refreshing_) throw ConfigError("cuda backend: begin_recording inside a replay's refresh");
+  activate();
+  // Relaxed: an allocation by this thread while recording is allowed (and spoils the recording,
+  // see end_recording) instead of failing the call that made it.
+  RELORA_CUDA_CHECK(cudaStreamBeginCapture(stream_.stream, cudaStreamCaptureModeRelaxed));
+  recording_ = true;
+  recording_spoiled_ = false;
+  allocations_at_begin_ = allocations_;
+  adam_calls_at_begin_ = adam_calls_;
+  slot_names_at_begin_ = slot_names_.size();
+  capturing_adam_.clear();
+  return true;
+}
+
+template <typename T>
+std::uint64_t CudaBackend<T>::end_recording() {
+  if (!recording_) throw ConfigError("cuda backend: end_recording without begin_recording");
+  recording_ = false;
+  activate();
+  cudaGraph_t captured = nullptr;
+  const cudaError_t end_status = cudaStreamEndCapture(stream_.stream, &captured);
+  Graph graph;
+  graph.reset(captured);
+  bool ok = end_status == cudaSuccess && captured != nullptr && !recording_spoiled_ &&
+            allocations_ == allocations_at_begin_;
+  cudaGraphExec_t instantiated = nullptr;
+  if (ok) ok = cudaGraphInstantiate(&instantiated, captured, 0) == cudaSuccess;
+  GraphExec exec;
+  exec.reset(instantiated);
+  if (ok) ok = cudaGraphLaunch(exec.exec, stream_.stream) == cudaSuccess;
+  if (!ok) {
+    (void)cudaGetLastError();
+    forget_capture();
+    return 0;
+  }
+  // The previous graph may still be queued: CUDA defers destroying it until it is done.
+  exec_.reset(exec.exec);
+  exec.exec = nullptr;
+  graph_.reset(graph.graph);
+  graph.graph = nullptr;
+  recorded_adam_ = std::move(capturing_adam_);
+  capturing_adam_.clear();
+  recorded_allocations_ = allocations_;
+  recorded_math_ = math_;
+  recording_id_ = ++recordings_;
+  return recording_id_;
+}
+
+template <typename T>
+void CudaBackend<T>::forget_capture() {
+  // Nothing of it ran: forget its Adam calls, so that the NaN guard's call tags stay those of
+  // work that runs (the caller runs the operations eagerly, or gives up on them).
+  adam_calls_ = adam_calls_at_begin_;
+  slot_names_.resize(std::min(slot_names_.size(), slot_names_at_begin_));
+  capturing_adam_.clear();
+}
+
+template <typename T>
+bool CudaBackend<T>::replay(std::uint64_t id, const std::function<void()>& refresh) {
+  if (recording_) throw ConfigError("cuda backend: replay while recording");
+  if (id == 0 || id != recording_id_ || allocations_ != recorded_allocations_ || math_ != recorded_math_) {
+    return false;
+  }
+  activate();
+  refreshing_ = true;
+  refresh_next_ = 0;
+  try {
+    if (refresh) refresh();
+  } catch (...) {
+    refreshing_ = false;
+    throw;
+  }
+  refreshing_ = false;
+  if (refresh_next_ != recorded_adam_.size()) {
+    throw ConfigError("cuda backend replay: the refresh made " + std::to_string(refresh_next_) +
+                      " adam_update call(s) but the recording holds " + std::to_string(recorded_adam_.size()));
+  }
+  RELORA_CUDA_CHECK(cudaGraphLaunch(exec_.exec, stream_.stream));
+  return true;
+}
+
+template <typename T>
+void CudaBackend<T>::drop_recording() {
+  if (recording_) {
+    recording_ = false;
+    cudaGraph_t captured = nullptr;
+    (void)cudaStreamEndCapture(stream_.stream, &captured);
+    if (captured) (void)cudaGraphDestroy(captured);
+    (void)cudaGetLastError();
+    forget_capture();
+  }
+  exec_.reset();
+  graph_.reset();
+  recorded_adam_.clear();
+  recording_id_ = 0;
 }
 
 template class CudaBackend<float>;

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -67,6 +68,31 @@ struct Stream {
       (void)cudaStreamSynchronize(stream);
       (void)cudaStreamDestroy(stream);
     }
+  }
+};
+
+struct Graph {
+  cudaGraph_t graph = nullptr;
+  Graph() = default;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  ~Graph() { reset(); }
+  void reset(cudaGraph_t g = nullptr) {
+    if (graph) (void)cudaGraphDestroy(graph);
+    graph = g;
+  }
+};
+
+// An instantiated graph. Destroying one still in flight is allowed: CUDA frees it on completion.
+struct GraphExec {
+  cudaGraphExec_t exec = nullptr;
+  GraphExec() = default;
+  GraphExec(const GraphExec&) = delete;
+  GraphExec& operator=(const GraphExec&) = delete;
+  ~GraphExec() { reset(); }
+  void reset(cudaGraphExec_t e = nullptr) {
+    if (exec) (void)cudaGraphExecDestroy(exec);
+    exec = e;
   }
 };
 
@@ -126,6 +152,12 @@ class CudaBackend final : public Backend<T> {
   void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
   void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) override;
 
+  // CUDA graphs: stream capture of the queued operations, replayed with one cudaGraphLaunch.
+  bool begin_recording() override;
+  std::uint64_t end_recording() override;
+  bool replay(std::uint64_t id, const std::function<void()>& refresh) override;
+  void drop_recording() override;
+
  private:
   // Makes this backend's device current (a user may drive several devices from one thread).
   void activate() const;
@@ -145,6 +177,7 @@ class CudaBackend final : public Backend<T> {
 
   cuda_detail::Stream stream_;
   cuda_detail::BlasHandle blas_;
+  cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
   cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back at synchronize()
   cuda_detail::DeviceMemory prune_memory_;    // keys, indices and the sort's temporary storage
@@ -158,6 +191,49 @@ class CudaBackend final : public Backend<T> {
   // the right name even when the slots changed between calls.
   std::uint32_t adam_calls_ = 0;
   std::vector<std::pair<std::uint32_t, std::vector<std::string>>> slot_names_;
+
+  // ---- recording (CUDA graph). A replay reruns the recorded kernels on the recorded pointers,
+  // so it is refused once any tensor was allocated after the recording began (a buffer of the
+  // step may have been re-sized and moved) or the math mode changed (cuBLAS chose its kernels
+  // at capture). The Adam launches are the only recorded work whose parameters change between
+  // replays (the schedule's factor, the call tag of the NaN guard): their graph nodes are kept
+  // and re-parameterised per replay with cudaGraphExecKernelNodeSetParams, which copies the
+  // new parameters into the executable graph on the host; the next launch sees them and
+  // launches already queued keep theirs. This costs no copy to the device and no device memory,
+  // where reading the factor from device or pinned memory would need a copy per step or a ring
+  // of slots that outlives the queued steps.
+  struct RecordedAdam {
+    std::vector<AdamSlot<T>> slots;                 // the call's slots, to check that refresh repeats them
+    std::vector<cudaGraphNode_t> check_nodes;       // per table of kAdamSlots slots; null: no launch
+    std::vector<cudaGraphNode_t> update_nodes;      // per table
+  };
+  // The node the stream's capture added last (its only dependency now), or null: the recording
+  // is then spoiled and end_recording() discards it.
+  cudaGraphNode_t last_captured_node();
+  // Undoes the Adam bookkeeping of a recording that is discarded.
+  void forget_capture();
+  // One Adam kernel: launched (its node noted in *node while recording), or, while refreshing a
+  // replay, set as the parameters of the recorded node *node.
+  template <typename Kernel>
+  void adam_launch(Kernel kernel, unsigned grid, unsigned threads, void** args, const char* name,
+                   cudaGraphNode_t* node);
+
+  std::uint64_t allocations_ = 0;           // allocate() calls so far
+  bool recording_ = false;                  // between begin_recording() and end_recording()
+  bool recording_spoiled_ = false;          // a node could not be identified while recording
+  std::uint64_t allocations_at_begin_ = 0;  // allocations_ when the recording began
+  std::uint32_t adam_calls_at_begin_ = 0;   // to forget a discarded recording's Adam calls
+  std::size_t slot_names_at_begin_ = 0;
+  std::vector<RecordedAdam> capturing_adam_;  // Adam calls of the recording in progress
+  std::vector<RecordedAdam> recorded_adam_;   // Adam calls of the ready recording
+  std::uint64_t recording_id_ = 0;  // of the ready recording (0: none); ids count up from 1
+  std::uint64_t recordings_ = 0;    // recordings made so far
+  std::uint64_t recorded_allocations_ = 0;
+  MathMode recorded_math_ = MathMode::strict;
+  bool refreshing_ = false;         // inside replay()'s refresh: adam_update re-parameterises
+  std::size_t refresh_next_ = 0;    // the recorded Adam call the next adam_update refreshes
+  cuda_detail::Graph graph_;        // kept alive: its node handles address exec_'s nodes
+  cuda_detail::GraphExec exec_;
 };
 
 }  // namespace relora
