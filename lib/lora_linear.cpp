@@ -86,6 +86,7 @@ void LoraLinear<T>::resize_batch(Index n) {
   U_ = backend_->allocate(n, r);
   dU_ = backend_->allocate(n, r);
   dX_ = Tensor<T>();  // sized by the first backward that needs it: the first layer of a model never does
+  dX_is_view_ = false;
   if (config_.dropout > 0) {
     mask_ = backend_->allocate(n, k);
     X_dropped_ = backend_->allocate(n, k);
@@ -131,11 +132,33 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
 
 template <typename T>
 void LoraLinear<T>::backward(const Tensor<T>& dY, bool need_dX) {
+  if (!need_dX) return backward_into(dY, nullptr);
+  if (dX_is_view_ || !dX_.same_shape(batch_rows_, config_.in_features)) {
+    dX_ = backend_->allocate(batch_rows_, config_.in_features);
+    dX_is_view_ = false;
+  }
+  backward_into(dY, &dX_);
+}
+
+template <typename T>
+void LoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>& dX) {
+  require_shape(dX, batch_rows_, config_.in_features, "LoraLinear backward dX");
+  backward_into(dY, &dX);
+  if (&dX != &dX_) {
+    // A non-owning view, so that dX() shows what was computed.
+    dX_ = Tensor<T>(dX.data(), dX.rows(), dX.cols(), dX.device(), [](T*) {});
+    dX_is_view_ = true;
+  }
+}
+
+template <typename T>
+void LoraLinear<T>::backward_into(const Tensor<T>& dY, Tensor<T>* dX) {
   if (X_ == nullptr) throw ConfigError("LoraLinear backward: forward was not called");
   require_not_merged("train");
   require_shape(dY, batch_rows_, config_.out_features, "LoraLinear backward dY");
   Backend<T>& be = *backend_;
   const Tensor<T>& lora_input = dropout_active_ ? X_dropped_ : *X_;
+  const bool need_dX = dX != nullptr;
 
   const bool adapter_trains = target_ == TrainTarget::adapter;
   if (adapter_trains) be.gemm(Trans::yes, Trans::no, scale_, dY, U_, T(0), dB_);  // dB = s dY^T U
@@ -145,14 +168,13 @@ void LoraLinear<T>::backward(const Tensor<T>& dY, bool need_dX) {
   if (config_.bias == BiasMode::trainable) be.column_sums(dY, T(0), db_);
 
   if (!need_dX) return;
-  if (!dX_.same_shape(batch_rows_, config_.in_features)) dX_ = be.allocate(batch_rows_, config_.in_features);
   if (dropout_active_) {
     be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);
-    be.multiply(dX_lora_, mask_, dX_);                       // D'(dU A): the same mask, scale included
-    be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(1), dX_);  // dX += dY W
+    be.multiply(dX_lora_, mask_, *dX);                       // D'(dU A): the same mask, scale included
+    be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(1), *dX);  // dX += dY W
   } else {
-    be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), dX_);  // dX = dY W
-    be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), dX_);  // dX += dU A
+    be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);  // dX = dY W
+    be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);  // dX += dU A
   }
 }
 

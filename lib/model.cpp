@@ -55,9 +55,21 @@ Index Model<T>::out_features() const {
   return layers_.back().linear->out_features();
 }
 
+namespace {
+
+bool in_place(Activation f) { return f == Activation::identity || f == Activation::relu; }
+
+// A non-owning rows x cols view of the start of `buffer` (no allocation).
+template <typename T>
+Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
+  return Tensor<T>(buffer.data(), rows, cols, buffer.device(), [](T*) {});
+}
+
+}  // namespace
+
 template <typename T>
 const Tensor<T>& Model<T>::output_of(Layer& layer) {
-  return layer.activation == Activation::identity ? layer.linear->output() : layer.Z;
+  return in_place(layer.activation) ? layer.linear->output() : layer.Z;
 }
 
 template <typename T>
@@ -65,34 +77,82 @@ const Tensor<T>& Model<T>::forward(const Tensor<T>& X) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
   const Tensor<T>* input = &X;
   for (Layer& layer : layers_) {
-    const Tensor<T>& Y = layer.linear->forward(*input);
-    if (layer.activation != Activation::identity) {
+    layer.linear->forward(*input);
+    Tensor<T>& Y = layer.linear->mutable_output();
+    if (layer.activation == Activation::relu) {
+      backend_->activation_forward(layer.activation, Y, Y);  // element-wise, same index read and written
+    } else if (layer.activation != Activation::identity) {
       if (!layer.Z.same_shape(Y.rows(), Y.cols())) layer.Z = backend_->allocate(Y.rows(), Y.cols());
       backend_->activation_forward(layer.activation, Y, layer.Z);
     }
     input = &output_of(layer);
   }
+  activations_valid_ = true;
   return *input;
 }
 
 template <typename T>
 void Model<T>::backward(const Tensor<T>& dY) {
   if (layers_.empty()) throw ConfigError("Model backward: no layers");
+  if (!activations_valid_) {
+    throw ConfigError("Model backward: no forward since the last backward (backward reuses the activations' buffers)");
+  }
   const Tensor<T>& output = output_of(layers_.back());
   if (!dY.same_shape(output.rows(), output.cols())) {
     throw ShapeError("Model backward: dY is " + dY.shape() + " but the output is " + output.shape());
   }
+  activations_valid_ = false;
   const Tensor<T>* grad = &dY;
+  Tensor<T> grad_view;            // the model's own buffer that grad points into, when it does
+  const T* grad_storage = nullptr;  // its start, so that dX never lands on it
   for (std::size_t i = layers_.size(); i-- > 0;) {
     Layer& layer = layers_[i];
+    LoraLinear<T>& linear = *layer.linear;
+    const Tensor<T>& Y = linear.output();  // after in-place ReLU it holds relu(Y): the same derivative
     if (layer.activation != Activation::identity) {
-      const Tensor<T>& Y = layer.linear->output();
-      if (!layer.dY.same_shape(Y.rows(), Y.cols())) layer.dY = backend_->allocate(Y.rows(), Y.cols());
-      backend_->activation_backward(layer.activation, Y, *grad, layer.dY);
-      grad = &layer.dY;
+      if (grad_storage != nullptr) {
+        backend_->activation_backward(layer.activation, Y, grad_view, grad_view);  // in place
+      } else {
+        if (!layer.dY.same_shape(Y.rows(), Y.cols())) layer.dY = backend_->allocate(Y.rows(), Y.cols());
+        backend_->activation_backward(layer.activation, Y, *grad, layer.dY);
+        grad_view = view_of(layer.dY, Y.rows(), Y.cols());
+        grad_storage = layer.dY.data();
+        grad = &grad_view;
+      }
     }
-    layer.linear->backward(*grad, /*need_dX=*/i > 0);
-    grad = &layer.linear->dX();
+    if (i == 0) {
+      linear.backward(*grad, /*need_dX=*/false);
+      break;
+    }
+    // dX goes into a buffer nothing reads any more: this layer's Y (its activation's backward is
+    // done; the top layer's is the model's output and stays), or else a scratch buffer.
+    const Index rows = Y.rows(), cols = linear.in_features();
+    auto free_and_fits = [&](const Tensor<T>& buffer) {
+      return buffer.size() >= rows * cols && buffer.data() != grad_storage;
+    };
+    const bool top = i + 1 == layers_.size();
+    Tensor<T>* target = nullptr;
+    if (!top && free_and_fits(linear.output())) {
+      target = &linear.mutable_output();
+    } else if (!top && free_and_fits(layer.Z)) {
+      target = &layer.Z;
+    } else {
+      for (Tensor<T>& buffer : scratch_) {
+        if (free_and_fits(buffer)) {
+          target = &buffer;
+          break;
+        }
+      }
+      if (target == nullptr) {  // the first step only, or a larger batch
+        scratch_.push_back(backend_->allocate(rows, cols));
+        target = &scratch_.back();
+      }
+    }
+    Tensor<T> dX = view_of(*target, rows, cols);
+    linear.backward(*grad, dX);
+    grad_view = std::move(dX);
+    grad_storage = grad_view.data();
+    grad = &grad_view;
   }
 }
 

@@ -43,8 +43,12 @@ class LoraLinear {
 
   // Y (n x d). X must stay alive and unchanged until backward.
   const Tensor<T>& forward(const Tensor<T>& X);
-  // Gradients of the parameters that train (see TrainTarget), and dX when need_dX.
+  // Gradients of the parameters that train (see TrainTarget), and dX when need_dX (into the
+  // layer's own dX buffer).
   void backward(const Tensor<T>& dY, bool need_dX);
+  // The same, with dX (n x k) written into the caller's tensor, which may be a view of a buffer
+  // the caller reuses (Model does); dX() then views it until the next backward.
+  void backward(const Tensor<T>& dY, Tensor<T>& dX);
 
   // W += s B A; forward then leaves the LoRA branch out. Training a merged layer is refused.
   void merge();
@@ -75,6 +79,11 @@ class LoraLinear {
   const Tensor<T>& A() const { return A_; }
   const Tensor<T>& B() const { return B_; }
   const Tensor<T>& output() const { return Y_; }
+  // Y's buffer, for a Model that applies ReLU in place and reuses the buffer in backward once
+  // nothing needs Y any more (the next forward rewrites it).
+  Tensor<T>& mutable_output() { return Y_; }
+  // dX of the last backward that computed one (in a Model: a buffer the model reuses, valid
+  // until the model's next backward or forward).
   const Tensor<T>& dX() const { return dX_; }
   const Tensor<T>& dW() const { return dW_; }
   const Tensor<T>& db() const { return db_; }
@@ -100,6 +109,7 @@ class LoraLinear {
   void draw_A();
   void resize_batch(Index n);
   void require_not_merged(const char* operation) const;
+  void backward_into(const Tensor<T>& dY, Tensor<T>* dX);
   RngKey next_key() { return RngKey{config_.seed, rng_stream_++}; }
 
   Backend<T>* backend_;
@@ -117,6 +127,7 @@ class LoraLinear {
   const Tensor<T>* X_ = nullptr;
   bool dropout_active_ = false;  // whether the last forward applied a mask
   Tensor<T> mask_, X_dropped_, U_, Y_, dU_, dX_, dX_lora_;
+  bool dX_is_view_ = false;  // dX_ views the caller's buffer (backward into a given dX)
 };
 
 extern template class LoraLinear<float>;

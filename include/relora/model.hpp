@@ -1,6 +1,13 @@
 #pragma once
 // A stack of LoraLinear layers, each followed by an activation. Forward runs the stack; backward
 // passes dX down from layer to layer, and the first layer computes none.
+//
+// Memory, as PyTorch frees what backward no longer needs: ReLU runs in place (a hidden layer's
+// output() holds relu(Y); ReLU's derivative is the same taken from y or relu(y)); activation
+// backward runs in place in the model's own gradient buffers; and each layer's dX is written into
+// a buffer that backward no longer needs (the layer's own Y, once its activation's backward has
+// read it) or a scratch buffer of the model. So after backward the hidden layers' output() and
+// dX() are scratch, and a second backward needs a new forward first.
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,14 +61,16 @@ class Model {
     std::unique_ptr<LoraLinear<T>> linear;
     Activation activation;
     std::string name;
-    Tensor<T> Z;   // activation output; unused for identity (the layer's Y is the output)
-    Tensor<T> dY;  // gradient at the layer's pre-activation output
+    Tensor<T> Z;   // activation output for tanh and GELU; identity and ReLU leave it in Y
+    Tensor<T> dY;  // gradient at the pre-activation output, when the incoming one is not ours
   };
   LoraLinear<T>& append(std::unique_ptr<LoraLinear<T>> linear, Activation activation, const std::string& name);
   const Tensor<T>& output_of(Layer& layer);
 
   std::shared_ptr<Backend<T>> backend_;
   std::vector<Layer> layers_;
+  std::vector<Tensor<T>> scratch_;  // dX buffers where no dead output fits, sized on the first backward
+  bool activations_valid_ = false;  // forward ran since the last backward
   Tensor<T> host_input_;  // predict()'s upload buffer
 };
 
