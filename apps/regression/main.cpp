@@ -75,24 +75,27 @@ Data make_data(const Options& o) {
 
 class Progress {
  public:
-  explicit Progress(std::int64_t steps) : steps_(steps), tty_(isatty(fileno(stderr)) != 0) {}
+  Progress(std::size_t methods, std::int64_t steps)
+      : methods_(methods), steps_(steps), tty_(isatty(fileno(stderr)) != 0) {}
 
-  void update(const char* method, std::int64_t step) {
+  // `method`: the running method's label; `index`: its place among the methods, from 0.
+  void update(const char* method, std::size_t index, std::int64_t step) {
     if (!tty_) return;
     const Clock::time_point now = Clock::now();
     if (step + 1 < steps_ && now - last_ < std::chrono::milliseconds(100)) return;
     last_ = now;
-    std::fprintf(stderr, "\r%-42s step %lld/%lld ", method, static_cast<long long>(step + 1),
-                 static_cast<long long>(steps_));
+    std::fprintf(stderr, "\r[%zu/%zu] %-42s step %lld/%lld ", index + 1, methods_, method,
+                 static_cast<long long>(step + 1), static_cast<long long>(steps_));
     std::fflush(stderr);
   }
   void done() {
     if (!tty_) return;
-    std::fprintf(stderr, "\r%*s\r", 80, "");
+    std::fprintf(stderr, "\r%*s\r", 90, "");
     std::fflush(stderr);
   }
 
  private:
+  std::size_t methods_;
   std::int64_t steps_;
   bool tty_;
   Clock::time_point last_{};
@@ -115,7 +118,7 @@ HostMatrix<float> seed_draw(std::mt19937_64& rng, Index rows, Index cols) {
 
 std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<float>>& backend, const Data& data,
                           const relora::Tensor<float>& X, const relora::Tensor<float>& y, const Options& o,
-                          Progress& progress) {
+                          std::size_t index, Progress& progress) {
   relora::Model<float> model(backend);
   // alpha = r: scale s = 1, the reference's W + B A. One layer, no activation, no bias: the
   // model is exactly X (W + s B A)^T.
@@ -171,7 +174,7 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
       layer.set_A(seed_draw(seed_rng, o.rank, o.in_features));
       layer.set_B(seed_draw(seed_rng, o.out_features, o.rank));
     }
-    progress.update(relora::demo::method_label(method), step);
+    progress.update(relora::demo::method_label(method), index, step);
   }
   return losses;
 }
@@ -222,9 +225,7 @@ void print_table(const relora::demo::LossCurves& curves, std::int64_t steps) {
 int run(const Options& o) {
 #ifdef _OPENMP
   if (o.threads > 0) omp_set_num_threads(o.threads);
-  const int threads = omp_get_max_threads();
 #else
-  const int threads = 1;
   if (o.threads > 1) std::fprintf(stderr, "relora_regression: built without OpenMP, --threads %d ignored\n", o.threads);
 #endif
 
@@ -251,9 +252,8 @@ int run(const Options& o) {
               static_cast<long long>(o.out_features), static_cast<long long>(o.rank),
               static_cast<long long>(o.steps), o.lr, static_cast<long long>(o.restart_every));
   if (o.restart_warmup > 0) std::printf(" (re-warmup %lld)", static_cast<long long>(o.restart_warmup));
-  std::printf(", noise %g, seed %llu\nbackend: %s, %d thread%s\n\n", o.noise,
-              static_cast<unsigned long long>(o.seed), backend->description().c_str(), threads,
-              threads == 1 ? "" : "s");
+  std::printf(", noise %g, seed %llu\nbackend: %s\n\n", o.noise, static_cast<unsigned long long>(o.seed),
+              backend->description().c_str());
 
   const Data data = make_data(o);
   const relora::Tensor<float> X = relora::to_backend<float>(*backend, data.X, "X");
@@ -261,10 +261,11 @@ int run(const Options& o) {
 
   relora::demo::LossCurves curves;
   std::vector<double> seconds;
-  Progress progress(o.steps);
-  for (const Method method : o.methods) {
+  Progress progress(o.methods.size(), o.steps);
+  for (std::size_t m = 0; m < o.methods.size(); ++m) {
+    const Method method = o.methods[m];
     const Clock::time_point start = Clock::now();
-    curves.losses.push_back(train(method, backend, data, X, y, o, progress));
+    curves.losses.push_back(train(method, backend, data, X, y, o, m, progress));
     seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
     curves.names.push_back(relora::demo::method_label(method));
   }

@@ -76,6 +76,7 @@ std::vector<Method> parse_methods(const std::string& flag, const std::string& va
   std::stringstream in(value);
   std::string key;
   while (std::getline(in, key, ',')) {
+    if (key.empty()) continue;  // "lora," or "lora,,relora": a stray comma is no method
     const std::vector<Method> all = all_methods();
     const auto it = std::find_if(all.begin(), all.end(), [&](Method m) { return key == method_key(m); });
     if (it == all.end()) {
