@@ -2,6 +2,7 @@
 // Everything relora offers, in one include.
 #include "relora/adam.hpp"
 #include "relora/backend.hpp"
+#include "relora/checkpoint.hpp"
 #include "relora/errors.hpp"
 #include "relora/host_matrix.hpp"
 #include "relora/lora_config.hpp"
@@ -9,6 +10,7 @@
 #include "relora/model.hpp"
 #include "relora/mse_loss.hpp"
 #include "relora/parameter.hpp"
+#include "relora/peft_adapter.hpp"
 #include "relora/relora_controller.hpp"
 #include "relora/schedule.hpp"
 #include "relora/tensor.hpp"
