@@ -94,6 +94,51 @@ void CpuBackend<T>::fill(Tensor<T>& x, T value) {
   std::fill_n(x.data(), x.size(), value);
 }
 
+namespace {
+
+// Element-wise passes over more elements than this run on every OpenMP thread; below it the
+// threads' start costs more than the pass (a 256 KiB float pass takes about 10 us on one core).
+// An OpenMP `if` clause is not enough below it: GCC still opens a one-thread team (GOMP_parallel),
+// about a microsecond, which is most of a tiny step (seed_demo). So the loops branch instead.
+constexpr Index kParallelElements = 65536;
+
+// f(i) for i in [0, size): on every thread above kParallelElements, else on this one.
+template <typename F>
+void for_each_element(Index size, F&& f) {
+  if (size > kParallelElements) {
+#pragma omp parallel for simd schedule(static)
+    for (Index i = 0; i < size; ++i) f(i);
+  } else {
+#pragma omp simd
+    for (Index i = 0; i < size; ++i) f(i);
+  }
+}
+
+// C = beta C over every element (beta = 0 ignores C's contents, NaN included, as BLAS does), in
+// parallel: Eigen's setZero and scaling run on one thread, which cost mlp4x2k several ms a step.
+template <typename T>
+void scale_in_place(T beta, Tensor<T>& C) {
+  T* c = C.data();
+  const Index size = C.size();
+  if (beta == T(1)) return;
+  if (beta == T(0)) {
+    for_each_element(size, [&](Index i) { c[i] = T(0); });
+  } else {
+    for_each_element(size, [&](Index i) { c[i] *= beta; });
+  }
+}
+
+// Products with a LoRA rank's side (m, n or the depth at most kNarrow) and at least kSplitWork
+// multiply-adds: Eigen parallelises a product along one dimension with a shared
+// packing step, which for these shapes keeps most of the 16 threads waiting. Here each thread
+// takes a contiguous slab of the longer side of C and runs Eigen's single-threaded kernel
+// on it (Eigen does not nest inside a parallel region). The depth is never split, so every
+// element is the same sum as in one product.
+constexpr Index kNarrow = 256;
+constexpr double kSplitWork = 1 << 20;
+
+}  // namespace
+
 template <typename T>
 void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
                          T beta, Tensor<T>& C) {
@@ -105,24 +150,45 @@ void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>&
     throw ShapeError("gemm: op(A) " + shape_string(m, k) + " times op(B) " + shape_string(kb, n) +
                      " into C " + C.shape());
   }
+  scale_in_place(beta, C);
+  if (k == 0 || m == 0 || n == 0) return;
   auto c = as_matrix(C);
-  if (beta == T(0)) {
-    c.setZero();  // beta = 0 ignores C's contents, NaN included, as BLAS does
-  } else if (beta != T(1)) {
-    c *= beta;
-  }
-  if (k == 0) return;
   const auto a = as_matrix(A);
   const auto b = as_matrix(B);
-  // Eigen evaluates each product straight into C (noalias) with its blocked, OpenMP-parallel kernel.
+
+  int slabs = 1;
+#if defined(_OPENMP)
+  if (std::min({m, n, k}) <= kNarrow && double(m) * double(n) * double(k) >= kSplitWork && !omp_in_parallel()) {
+    slabs = int(std::min<Index>(omp_get_max_threads(), std::max(m, n) / 16));
+  }
+#endif
+  const bool split_rows = m >= n;
+  const Index long_side = split_rows ? m : n;
+  // Eigen evaluates each product straight into C (noalias) with its blocked kernel, parallel with
+  // OpenMP when it runs alone (slabs == 1).
+  auto run = [&](const auto& op_a, const auto& op_b) {
+    if (slabs <= 1) {
+      c.noalias() += alpha * op_a * op_b;
+      return;
+    }
+#pragma omp parallel for num_threads(slabs) schedule(static)
+    for (int t = 0; t < slabs; ++t) {
+      const Index begin = long_side * t / slabs, count = long_side * (t + 1) / slabs - begin;
+      if (split_rows) {
+        c.middleRows(begin, count).noalias() += alpha * op_a.middleRows(begin, count) * op_b;
+      } else {
+        c.middleCols(begin, count).noalias() += alpha * op_a * op_b.middleCols(begin, count);
+      }
+    }
+  };
   if (trans_a == Trans::no && trans_b == Trans::no) {
-    c.noalias() += alpha * a * b;
+    run(a, b);
   } else if (trans_a == Trans::no) {
-    c.noalias() += alpha * a * b.transpose();
+    run(a, b.transpose());
   } else if (trans_b == Trans::no) {
-    c.noalias() += alpha * a.transpose() * b;
+    run(a.transpose(), b);
   } else {
-    c.noalias() += alpha * a.transpose() * b.transpose();
+    run(a.transpose(), b.transpose());
   }
 }
 
@@ -131,7 +197,21 @@ void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
   if (b.size() != Y.cols()) {
     throw ShapeError("add_row_vector: bias " + b.shape() + " does not match " + Y.shape() + " columns");
   }
-  as_matrix(Y).rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(b.data(), b.size());
+  const T* bias = b.data();
+  T* y = Y.data();
+  const Index rows = Y.rows(), cols = Y.cols();
+  // Row by row on every thread (Eigen's rowwise() += runs on one).
+  auto add_row = [&](Index i) {
+    T* row = y + i * cols;
+#pragma omp simd
+    for (Index j = 0; j < cols; ++j) row[j] += bias[j];
+  };
+  if (Y.size() > kParallelElements) {
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < rows; ++i) add_row(i);
+  } else {
+    for (Index i = 0; i < rows; ++i) add_row(i);
+  }
 }
 
 template <typename T>
@@ -151,7 +231,11 @@ template <typename T>
 void CpuBackend<T>::multiply(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& out) {
   require_same_shape(a, b, "multiply");
   require_same_shape(a, out, "multiply");
-  as_array(out) = as_array(a) * as_array(b);
+  const T* x = a.data();
+  const T* y = b.data();
+  T* z = out.data();
+  const Index size = out.size();
+  for_each_element(size, [&](Index i) { z[i] = x[i] * y[i]; });
 }
 
 template <typename T>
@@ -160,8 +244,7 @@ void CpuBackend<T>::activation_forward(Activation f, const Tensor<T>& Y, Tensor<
   const T* y = Y.data();
   T* z = Z.data();
   const Index size = Y.size();
-#pragma omp parallel for simd if (size > 65536) schedule(static)
-  for (Index i = 0; i < size; ++i) z[i] = activation_value(f, y[i]);
+  for_each_element(size, [&](Index i) { z[i] = activation_value(f, y[i]); });
 }
 
 template <typename T>
@@ -172,8 +255,7 @@ void CpuBackend<T>::activation_backward(Activation f, const Tensor<T>& Y, const 
   const T* dz = dZ.data();
   T* dy = dY.data();
   const Index size = Y.size();
-#pragma omp parallel for simd if (size > 65536) schedule(static)
-  for (Index i = 0; i < size; ++i) dy[i] = dz[i] * activation_derivative(f, y[i]);
+  for_each_element(size, [&](Index i) { dy[i] = dz[i] * activation_derivative(f, y[i]); });
 }
 
 template <typename T>
@@ -188,11 +270,17 @@ void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& 
   const T grad_scale = T(2) / T(size);
   // The sum accumulates in double so that the loss of a large float batch keeps its digits.
   double sum = 0;
-#pragma omp parallel for simd reduction(+ : sum) if (size > 65536) schedule(static)
-  for (Index i = 0; i < size; ++i) {
+  auto element = [&](Index i) {
     const T diff = y[i] - t[i];
-    sum += double(diff) * double(diff);
     dy[i] = grad_scale * diff;
+    return double(diff) * double(diff);
+  };
+  if (size > kParallelElements) {
+#pragma omp parallel for simd reduction(+ : sum) schedule(static)
+    for (Index i = 0; i < size; ++i) sum += element(i);
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (Index i = 0; i < size; ++i) sum += element(i);
   }
   loss.data()[0] = T(sum / double(size));
 }
@@ -236,8 +324,8 @@ void CpuBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, con
     const T* g = slot.grad;
     T* m = slot.m;
     T* v = slot.v;
-#pragma omp parallel for simd if (slot.size > 65536) schedule(static)
-    for (Index i = 0; i < slot.size; ++i) adam_element(p[i], g[i], m[i], v[i], lr, slot.weight_decay, hyper, c1, c2);
+    for_each_element(slot.size,
+                     [&](Index i) { adam_element(p[i], g[i], m[i], v[i], lr, slot.weight_decay, hyper, c1, c2); });
     *slot.step = T(t);
   }
 }
