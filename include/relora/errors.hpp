@@ -43,7 +43,13 @@ class DeviceError : public Error {
 };
 
 inline std::string shape_string(std::int64_t rows, std::int64_t cols) {
-  return "[" + std::to_string(rows) + " x " + std::to_string(cols) + "]";
+  // Appended piece by piece: GCC 12 warns (-Wrestrict, a false positive) on a chain of operator+.
+  std::string text = "[";
+  text += std::to_string(rows);
+  text += " x ";
+  text += std::to_string(cols);
+  text += "]";
+  return text;
 }
 
 }  // namespace relora
