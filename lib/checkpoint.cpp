@@ -61,6 +61,9 @@ constexpr Dtype scalar_dtype() {
   return std::is_same<T, float>::value ? Dtype::F32 : Dtype::F64;
 }
 
+// No run takes 2^53 steps; a larger count is corruption (and would overflow a step counter).
+constexpr std::int64_t kMaxSteps = std::int64_t(1) << 53;
+
 std::string layer_key(const std::string& layer, const char* what) { return "model." + layer + "." + what; }
 std::string optim_key(const std::string& param, const char* what) { return "optim." + param + "." + what; }
 
@@ -358,11 +361,16 @@ Plan<T> make_plan(const Reader& r, const SafetensorsFile& file, Trainer<T>& trai
            method_text(trainer.config().method) + "'");
   }
   plan.steps_done = r.integer(saved_trainer, "steps_done", "state.trainer");
+  if (plan.steps_done > kMaxSteps) r.fail("state.trainer.steps_done " + std::to_string(plan.steps_done) + " is beyond any run");
 
   const json& saved_controller = r.field(state, "controller", "state");
   if (ReloraController<T>* controller = trainer.controller()) {
     if (saved_controller.is_null()) r.fail("the trainer restarts (ReLoRA) but the checkpoint has no controller state");
     plan.restarts_done = r.integer(saved_controller, "restarts_done", "state.controller");
+    if (plan.restarts_done > plan.steps_done) {
+      r.fail("state.controller.restarts_done " + std::to_string(plan.restarts_done) + " exceeds steps_done " +
+             std::to_string(plan.steps_done));
+    }
     const auto same = [&](const char* field, std::int64_t value) {
       const std::int64_t saved_value = r.integer(saved_controller, field, "state.controller");
       if (saved_value != value) {
@@ -386,6 +394,10 @@ Plan<T> make_plan(const Reader& r, const SafetensorsFile& file, Trainer<T>& trai
         r.fail("state.schedule.restart_steps holds " + s.dump() + ", not a step");
       }
       ss.restart_steps.push_back(s.get<std::int64_t>());
+      if (ss.restart_steps.back() < 0 || ss.restart_steps.back() > plan.steps_done) {
+        r.fail("state.schedule.restart_steps holds step " + s.dump() + ", outside [0, steps_done = " +
+               std::to_string(plan.steps_done) + "]");
+      }
     }
     if (trainer.schedule() == nullptr && !ss.restart_steps.empty()) {
       r.fail("the checkpoint holds schedule restarts but the trainer has no schedule");
@@ -411,6 +423,10 @@ Plan<T> make_plan(const Reader& r, const SafetensorsFile& file, Trainer<T>& trai
   }
   if (plan.load_optimizer) {
     plan.steps_taken = r.integer(saved_optimizer, "steps_taken", "state.optimizer");
+    if (plan.steps_taken > plan.steps_done) {
+      r.fail("state.optimizer.steps_taken " + std::to_string(plan.steps_taken) + " exceeds steps_done " +
+             std::to_string(plan.steps_done));
+    }
     plan.prune_draws = r.unsigned_integer(saved_optimizer, "prune_draws", "state.optimizer");
     for (const std::string& name : parameter_names(model, resumed)) {
       // The parameter's shape: found from its layer's tensors of the same name.
