@@ -112,8 +112,9 @@ void Adam<T>::prune_moments(const std::function<bool(const Parameter<T>&)>& whic
   }
   for (State& s : states_) {
     if (!which(*s.param)) continue;
-    backend_->prune(mode, fraction, RngKey{seed, prune_draws_++}, s.m);
-    backend_->prune(mode, fraction, RngKey{seed, prune_draws_++}, s.v);
+    // One mask for both moments, chosen by m: separate masks leave entries with m != 0 over v = 0,
+    // whose next update divides an old momentum by a fresh, tiny v (that diverged in our tests).
+    backend_->prune(mode, fraction, RngKey{seed, prune_draws_++}, s.m, &s.v);
   }
 }
 

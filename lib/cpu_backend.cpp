@@ -331,10 +331,11 @@ void CpuBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, con
 }
 
 template <typename T>
-void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) {
+void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) {
   if (!(fraction >= 0 && fraction <= 1)) {
     throw ConfigError("prune: fraction " + std::to_string(fraction) + " is outside [0, 1]");
   }
+  if (same_entries != nullptr) require_same_shape(x, *same_entries, "prune");
   const Index count = static_cast<Index>(std::llround(fraction * double(x.size())));
   if (count == 0) return;
   T* data = x.data();
@@ -353,6 +354,10 @@ void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>
     });
   }
   for (Index i = 0; i < count; ++i) data[order[i]] = T(0);
+  if (same_entries != nullptr) {
+    T* other = same_entries->data();
+    for (Index i = 0; i < count; ++i) other[order[i]] = T(0);
+  }
 }
 
 template class CpuBackend<float>;

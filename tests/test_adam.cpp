@@ -130,3 +130,30 @@ TEST_CASE("prune_moments zeroes the given fraction, the smallest or random entri
   CHECK(zeros_among_large > 10);  // random, not by magnitude
   CHECK_THROWS_AS(adam.prune_moments(all, 1.5, PruneMode::random), ConfigError);
 }
+
+TEST_CASE("magnitude pruning zeroes the same entries of m and v, chosen by |m|") {
+  auto backend = make_backend<double>(Device::cpu);
+  std::vector<double> g1(40), g2(40);
+  for (int i = 0; i < 40; ++i) {
+    g1[std::size_t(i)] = 1.0 + i;         // v is led by the first gradient...
+    g2[std::size_t(i)] = -(1.0 + i) * 1.5 + (i % 3) * 4.0;  // ...while m's order is shuffled by the second
+  }
+  HandParameter a(*backend, "A", ParamRole::lora_A, std::vector<double>(40, 0.0), g1);
+  Adam<double> adam(backend, std::vector<Parameter<double>>{a.param});
+  adam.step();
+  a.set_grad(g2);
+  adam.step();
+  const HostMatrix<double> m_before = Eigen::Map<const HostMatrix<double>>(adam.m(0).data(), 1, 40);
+  adam.prune_moments([](const Parameter<double>&) { return true; }, 0.5, PruneMode::magnitude);
+  int zeros = 0;
+  double largest_pruned = 0, smallest_kept = 1e300;
+  for (int i = 0; i < 40; ++i) {
+    const bool zero = adam.m(0).data()[i] == 0;
+    zeros += zero;
+    CHECK(zero == (adam.v(0).data()[i] == 0));
+    (zero ? largest_pruned : smallest_kept) =
+        zero ? std::max(largest_pruned, std::abs(m_before(0, i))) : std::min(smallest_kept, std::abs(m_before(0, i)));
+  }
+  CHECK(zeros == 20);
+  CHECK(largest_pruned <= smallest_kept);
+}

@@ -408,8 +408,8 @@ TEST_CASE_TEMPLATE("cuda: prune zeroes the same entries as the CPU", T, float, d
         INFO("size " << size << " fraction " << fraction << " mode " << int(mode));
         auto x = twin(b, 1, size, values);
         const RngKey key{seed, 3};
-        b.cpu->prune(mode, fraction, key, x.cpu);
-        b.gpu->prune(mode, fraction, key, x.gpu);
+        b.cpu->prune(mode, fraction, key, x.cpu, nullptr);
+        b.gpu->prune(mode, fraction, key, x.gpu, nullptr);
         const auto gpu = fetch(*b.gpu, x.gpu);
         const auto cpu = fetch(*b.cpu, x.cpu);
         CHECK(gpu == cpu);
@@ -426,8 +426,8 @@ TEST_CASE_TEMPLATE("cuda: prune zeroes the same entries as the CPU", T, float, d
     }
   }
   auto x = twin(b, 2, 2, random_values<T>(4, rng));
-  CHECK(what_of([&] { b.gpu->prune(PruneMode::magnitude, 1.5, RngKey{}, x.gpu); }) ==
-        what_of([&] { b.cpu->prune(PruneMode::magnitude, 1.5, RngKey{}, x.cpu); }));
+  CHECK(what_of([&] { b.gpu->prune(PruneMode::magnitude, 1.5, RngKey{}, x.gpu, nullptr); }) ==
+        what_of([&] { b.cpu->prune(PruneMode::magnitude, 1.5, RngKey{}, x.cpu, nullptr); }));
 }
 
 namespace {

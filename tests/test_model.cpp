@@ -91,3 +91,30 @@ TEST_CASE("Model checks that layer widths chain and lists parameters by name and
   model.set_train_target(TrainTarget::base);
   CHECK(model.parameters()[0].name == "fc1.weight");
 }
+
+TEST_CASE("a model trains, predicts on another batch size, and trains on: buffers follow the batch") {
+  auto backend = make_backend<float>(Device::cpu);
+  std::mt19937 gen(8);
+  Model<float> model(backend);
+  model.add(LoraConfig{.in_features = 12, .out_features = 10, .rank = 3}, Activation::relu);
+  model.add(LoraConfig{.in_features = 10, .out_features = 4, .rank = 2}, Activation::identity);
+  Trainer<float> trainer(model, TrainerConfig{.adam = {.lr = 1e-2}});
+  Tensor<float> X = to_backend<float>(*backend, normal_matrix<float>(64, 12, gen), "X");
+  Tensor<float> Y = to_backend<float>(*backend, normal_matrix<float>(64, 4, gen), "Y");
+  const HostMatrix<float> probe = normal_matrix<float>(7, 12, gen);
+  for (int step = 0; step < 6; ++step) {
+    trainer.step(X, Y);
+    const HostMatrix<float> out = model.predict(probe);
+    REQUIRE(out.rows() == 7);
+    // the same prediction by hand from the layers' weights
+    HostMatrix<float> hidden = probe * to_host(*backend, model.layer(0).W()).transpose() +
+                               model.layer(0).scale() * probe * to_host(*backend, model.layer(0).A()).transpose() *
+                                   to_host(*backend, model.layer(0).B()).transpose();
+    hidden = hidden.cwiseMax(0.0f);
+    const HostMatrix<float> expected = hidden * to_host(*backend, model.layer(1).W()).transpose() +
+                                       model.layer(1).scale() * hidden *
+                                           to_host(*backend, model.layer(1).A()).transpose() *
+                                           to_host(*backend, model.layer(1).B()).transpose();
+    CHECK((out - expected).norm() <= 1e-5f * expected.norm());
+  }
+}

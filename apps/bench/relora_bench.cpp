@@ -306,8 +306,9 @@ class CountingBackend final : public relora::Backend<T> {
   void adam_update(const relora::AdamSlot<T>* slots, std::size_t count, const relora::AdamHyper& hyper) override {
     in_->adam_update(slots, count, hyper);
   }
-  void prune(relora::PruneMode mode, double fraction, relora::RngKey key, relora::Tensor<T>& x) override {
-    in_->prune(mode, fraction, key, x);
+  void prune(relora::PruneMode mode, double fraction, relora::RngKey key, relora::Tensor<T>& x,
+             relora::Tensor<T>* same_entries) override {
+    in_->prune(mode, fraction, key, x, same_entries);
   }
 
  private:

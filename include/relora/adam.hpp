@@ -49,8 +49,8 @@ class Adam {
   // Zeroes m, v and the update count of the parameters `which` selects: the next update is then
   // bias-corrected as a first one.
   void reset_moments(const std::function<bool(const Parameter<T>&)>& which);
-  // Zeroes the given fraction of the entries of m and of v (each by its own magnitudes, or at
-  // random), keeping the update counts, as ReLoRA's optimizer pruning does.
+  // Zeroes the given fraction of the entries of m and the same entries of v (those of smallest |m|,
+  // or at random), keeping the update counts, as ReLoRA's optimizer pruning does.
   void prune_moments(const std::function<bool(const Parameter<T>&)>& which, double fraction, PruneMode mode,
                      std::uint64_t seed = 0);
 

@@ -95,8 +95,9 @@ class Backend {
   // or Inf nothing changes (steps included) and NonFiniteError names the parameter: at once on
   // the CPU, at the next synchronize() on CUDA, so that no step waits for the device.
   virtual void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) = 0;
-  // Zeroes round(fraction * size) entries of x: those of smallest magnitude, or chosen at random.
-  virtual void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) = 0;
+  // Zeroes round(fraction * size) entries of x: those of smallest magnitude, or chosen at random;
+  // and the same entries of `same_entries` (same shape) unless it is null.
+  virtual void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) = 0;
 
   // ---- recorded steps (optional: CUDA graphs). A launch-bound step (tiny layers) costs mostly
   // host time per operation; a backend that can record a sequence of operations once and run it

@@ -150,7 +150,7 @@ class CudaBackend final : public Backend<T> {
   void dropout_mask(RngKey key, T p, Tensor<T>& mask) override;
 
   void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
-  void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) override;
+  void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
 
   // CUDA graphs: stream capture of the queued operations, replayed with one cudaGraphLaunch.
   bool begin_recording() override;

@@ -33,10 +33,12 @@ __global__ void prune_keys_kernel(std::int64_t n, const T* __restrict__ x, bool 
 }
 
 template <typename T>
-__global__ void prune_zero_kernel(std::int64_t count, const std::int64_t* __restrict__ order, T* __restrict__ x) {
+__global__ void prune_zero_kernel(std::int64_t count, const std::int64_t* __restrict__ order, T* __restrict__ x,
+                                  T* __restrict__ same_entries) {
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
        i += std::int64_t(gridDim.x) * blockDim.x) {
     x[order[i]] = T(0);
+    if (same_entries != nullptr) same_entries[order[i]] = T(0);
   }
 }
 
@@ -48,9 +50,12 @@ std::size_t round_up(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 using namespace cuda_detail;
 
 template <typename T>
-void CudaBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x) {
+void CudaBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) {
   if (!(fraction >= 0 && fraction <= 1)) {
     throw ConfigError("prune: fraction " + std::to_string(fraction) + " is outside [0, 1]");
+  }
+  if (same_entries != nullptr && !same_entries->same_shape(x.rows(), x.cols())) {
+    throw ShapeError("prune: operands differ in shape, " + x.shape() + " vs " + same_entries->shape());
   }
   const Index count = static_cast<Index>(std::llround(fraction * double(x.size())));
   if (count == 0) return;
@@ -91,11 +96,12 @@ void CudaBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T
   // Radix sort is stable and the indices start in order, so equal keys keep the lower index first.
   RELORA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, indices_in, indices_out, n,
                                                     0, end_bit, stream_.stream));
-  prune_zero_kernel<T><<<grid_for(count, sm_count_), kThreads, 0, stream_.stream>>>(count, indices_out, x.data());
+  prune_zero_kernel<T><<<grid_for(count, sm_count_), kThreads, 0, stream_.stream>>>(count, indices_out, x.data(),
+      same_entries != nullptr ? same_entries->data() : nullptr);
   RELORA_CHECK_LAUNCH("prune_zero_kernel");
 }
 
-template void CudaBackend<float>::prune(PruneMode, double, RngKey, Tensor<float>&);
-template void CudaBackend<double>::prune(PruneMode, double, RngKey, Tensor<double>&);
+template void CudaBackend<float>::prune(PruneMode, double, RngKey, Tensor<float>&, Tensor<float>*);
+template void CudaBackend<double>::prune(PruneMode, double, RngKey, Tensor<double>&, Tensor<double>*);
 
 }  // namespace relora
