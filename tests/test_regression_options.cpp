@@ -60,7 +60,8 @@ TEST_CASE("regression options: every flag, as '--flag value' and '--flag=value'"
   const Options o = parse_options({"--steps", "1000", "--rank=2", "--restart-every", "25", "--lr", "3e-3",
                                    "--samples=64", "--in-features", "8", "--out-features", "6", "--noise=0",
                                    "--seed", "18446744073709551615", "--threads", "3", "--out", "runs/a",
-                                   "--backend=cuda", "--restart-warmup", "5", "--methods", "relora,lora"});
+                                   "--backend=cuda", "--restart-warmup", "5", "--methods", "relora,lora",
+                                   "--save-adapter", "adapters/lora"});
   CHECK(o.steps == 1000);
   CHECK(o.rank == 2);
   CHECK(o.restart_every == 25);
@@ -75,6 +76,8 @@ TEST_CASE("regression options: every flag, as '--flag value' and '--flag=value'"
   CHECK(o.backend == Device::cuda);
   CHECK(o.restart_warmup == 5);
   CHECK(o.methods == std::vector<Method>{Method::relora, Method::lora});
+  CHECK(o.save_adapter == "adapters/lora");
+  CHECK(parse_options({}).save_adapter.empty());
 }
 
 TEST_CASE("regression options: --methods keeps the order given, drops repeats, takes 'all'") {

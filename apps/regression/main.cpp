@@ -128,7 +128,7 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
                          .rank = o.rank,
                          .alpha = static_cast<double>(o.rank),
                          .seed = o.seed},
-      relora::Activation::identity, data.W0);
+      relora::Activation::identity, data.W0, "proj");
 
   relora::TrainerConfig config;
   config.adam.lr = o.lr;  // PyTorch's Adam defaults otherwise: betas (0.9, 0.999), eps 1e-8, no decay
@@ -175,6 +175,12 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
       layer.set_B(seed_draw(seed_rng, o.out_features, o.rank));
     }
     progress.update(relora::demo::method_label(method), index, step);
+  }
+  if (method == Method::lora && !o.save_adapter.empty()) {
+    // PEFT loads it onto nn.Sequential(OrderedDict(proj=nn.Linear(in, out, bias=False))).
+    std::filesystem::create_directories(o.save_adapter);
+    relora::export_peft_adapter(model, o.save_adapter, {.base_model_name_or_path = "relora_regression"});
+    relora::save_base_weights(model, o.save_adapter + "/base_model.safetensors");
   }
   return losses;
 }

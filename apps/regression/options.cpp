@@ -134,6 +134,10 @@ Options parse_options(const std::vector<std::string>& args) {
       else bad_value(flag, v, "cpu or cuda");
     } else if (flag == "--restart-warmup") o.restart_warmup = parse_integer(flag, value(), 0);
     else if (flag == "--methods") o.methods = parse_methods(flag, value());
+    else if (flag == "--save-adapter") {
+      o.save_adapter = value();
+      if (o.save_adapter.empty()) throw ConfigError(flag + ": '' is not a folder name");
+    }
     else throw ConfigError("unknown flag '" + args[i] + "'");
   }
   if (o.help) return o;
@@ -177,6 +181,8 @@ std::string usage_text() {
     << d.out_dir << "\")\n"
     << "  --backend cpu|cuda   where the training runs (default cpu)\n"
     << "  --methods LIST       comma list of full, lora, relora, seed; or all (default all)\n"
+    << "  --save-adapter DIR   write LoRA's trained adapter there as a PEFT adapter (adapter_model.safetensors,\n"
+    << "                       adapter_config.json) with the base weight (base_model.safetensors, module 'proj')\n"
     << "  --help               this text\n"
     << "\n"
        "Flags take their value as \"--flag value\" or \"--flag=value\". A bad flag exits with code 2.\n";

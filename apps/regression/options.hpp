@@ -38,6 +38,7 @@ struct Options {
   Device backend = Device::cpu;
   std::int64_t restart_warmup = 0;   // ReLoRA's linear re-warmup after each restart, 0 <= w <= T
   std::vector<Method> methods = all_methods();
+  std::string save_adapter;          // when set: LoRA's trained adapter as a PEFT adapter folder
   bool help = false;                 // --help was given: print usage_text() and stop
 };
 
