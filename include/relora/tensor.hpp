@@ -49,10 +49,11 @@ class Tensor {
 };
 
 // Throws ShapeError naming `what` and both shapes unless `t` is rows x cols.
+// `what` is a C string so that the check, which runs on every step, builds no std::string.
 template <typename T>
-void require_shape(const Tensor<T>& t, Index rows, Index cols, const std::string& what) {
+void require_shape(const Tensor<T>& t, Index rows, Index cols, const char* what) {
   if (!t.same_shape(rows, cols)) {
-    throw ShapeError(what + ": expected shape " + shape_string(rows, cols) + ", got " + t.shape());
+    throw ShapeError(std::string(what) + ": expected shape " + shape_string(rows, cols) + ", got " + t.shape());
   }
 }
 
