@@ -12,37 +12,16 @@
 #include <string>
 #include <vector>
 
+#include "test_support.hpp"
 #include "relora/atomic_file.hpp"
 #include "relora/errors.hpp"
 #include "relora/safetensors.hpp"
 
 using namespace relora;
 namespace fs = std::filesystem;
+using relora::testing::TempDir;
 
 namespace {
-
-// A fresh directory under the system temp directory, removed with everything in it at the end.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "relora_atomic_XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  const fs::path& path() const { return path_; }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path_)) names.push_back(entry.path().filename().string());
-    return names;
-  }
-
- private:
-  fs::path path_;
-};
 
 std::vector<std::uint8_t> bytes_of(const std::string& text) { return {text.begin(), text.end()}; }
 

@@ -17,31 +17,16 @@
 #include "relora/checkpoint.hpp"
 #include "relora/checksum.hpp"
 #include "relora/relora.hpp"
+#include "test_support.hpp"
 #include "relora/safetensors.hpp"
 #include "test_data.hpp"
 
 using namespace relora;
 using relora::testing::normal_matrix;
 namespace fs = std::filesystem;
+using relora::testing::TempDir;
 
 namespace {
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "relora_ckpt_XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 // The model's shape and its per-layer LoRA settings; `weights_seed` draws W and b, so a "fresh"
 // model has other weights than the one that was saved.

@@ -12,18 +12,13 @@
 
 #include "relora/relora.hpp"
 #include "test_data.hpp"
+#include "test_support.hpp"
 
 using namespace relora;
+using relora::testing::cuda_or_skip;
 using relora::testing::normal_matrix;
 
 namespace {
-
-bool gpu_or_skip() {
-  std::string why;
-  if (cuda_available(&why)) return true;
-  MESSAGE("CUDA graph test skipped: " << why);
-  return false;
-}
 
 struct Run {
   std::vector<double> losses;
@@ -75,7 +70,7 @@ double max_relative_difference(const std::vector<double>& a, const std::vector<d
 }  // namespace
 
 TEST_CASE("cuda graph: replayed steps give the eager losses over 120 ReLoRA steps with a jagged schedule") {
-  if (!gpu_or_skip()) return;
+  if (!cuda_or_skip("CUDA graph test")) return;
   const Run eager = train(Device::cuda, false);
   const Run graph = train(Device::cuda, true);
   const double diff = max_relative_difference(graph.losses, eager.losses);
@@ -95,7 +90,7 @@ TEST_CASE("cuda graph: replayed steps give the eager losses over 120 ReLoRA step
 }
 
 TEST_CASE("cuda graph: a NaN/Inf gradient in a replay is reported at synchronize() and updates nothing") {
-  if (!gpu_or_skip()) return;
+  if (!cuda_or_skip("CUDA graph test")) return;
   std::mt19937_64 gen(12);
   HostMatrix<float> x = normal_matrix<float>(40, 10, gen);
   const HostMatrix<float> y = normal_matrix<float>(40, 5, gen);

@@ -7,18 +7,13 @@
 
 #include "relora/relora.hpp"
 #include "test_data.hpp"
+#include "test_support.hpp"
 
 using namespace relora;
+using relora::testing::cuda_or_skip;
 using relora::testing::normal_matrix;
 
 namespace {
-
-bool gpu_or_skip() {
-  std::string why;
-  if (cuda_available(&why)) return true;
-  MESSAGE("CUDA parity test skipped: " << why);
-  return false;
-}
 
 double relative_error(const HostMatrix<float>& a, const HostMatrix<float>& b) {
   return double((a - b).norm()) / std::max(double(b.norm()), 1e-30);
@@ -52,7 +47,7 @@ void expect_close(const HostMatrix<float>& cuda, const HostMatrix<float>& cpu, c
 }  // namespace
 
 TEST_CASE("cuda parity: forward and every gradient of a 3-layer model, with dropout") {
-  if (!gpu_or_skip()) return;
+  if (!cuda_or_skip("CUDA parity test")) return;
   Twin cpu(Device::cpu, 0.1), gpu(Device::cuda, 0.1);
   std::mt19937_64 gen(5);
   const HostMatrix<float> x = normal_matrix<float>(50, 96, gen), y = normal_matrix<float>(50, 24, gen);
@@ -95,7 +90,7 @@ void copy_state(Twin& from, Trainer<float>& from_trainer, Twin& to, Trainer<floa
 }
 
 TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and unmerge") {
-  if (!gpu_or_skip()) return;
+  if (!cuda_or_skip("CUDA parity test")) return;
   Twin cpu(Device::cpu, 0.0), gpu(Device::cuda, 0.0);
   std::mt19937_64 gen(6);
   const HostMatrix<float> x = normal_matrix<float>(64, 96, gen), y = normal_matrix<float>(64, 24, gen);
@@ -146,7 +141,7 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
 }
 
 TEST_CASE("cuda parity: the 300-step seed regression, every method, final losses within 1e-3") {
-  if (!gpu_or_skip()) return;
+  if (!cuda_or_skip("CUDA parity test")) return;
   std::mt19937_64 gen(0);
   const HostMatrix<float> x = normal_matrix<float>(200, 10, gen), W_true = normal_matrix<float>(5, 10, gen);
   const HostMatrix<float> y = x * W_true.transpose() + normal_matrix<float>(200, 5, gen, 0.1);

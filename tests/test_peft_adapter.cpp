@@ -12,31 +12,16 @@
 
 #include "relora/atomic_file.hpp"
 #include "relora/relora.hpp"
+#include "test_support.hpp"
 #include "relora/safetensors.hpp"
 #include "test_data.hpp"
 
 using namespace relora;
 using relora::testing::normal_matrix;
 namespace fs = std::filesystem;
+using relora::testing::TempDir;
 
 namespace {
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "relora_peft_XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  std::string path(const std::string& name = "") const { return name.empty() ? path_.string() : (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 struct MlpSpec {
   Index rank = 4;
@@ -129,14 +114,14 @@ TEST_CASE("PEFT adapter: export then import is bit exact, with and without rsLoR
     spec.rslora = rslora;
     auto source = mlp(spec);
     randomize_adapters(*source, 3);
-    export_peft_adapter(*source, dir.path("adapter"), {.base_model_name_or_path = "mlp-16-32-32-8"});
-    save_base_weights(*source, dir.path("base.safetensors"));
+    export_peft_adapter(*source, dir.file("adapter"), {.base_model_name_or_path = "mlp-16-32-32-8"});
+    save_base_weights(*source, dir.file("base.safetensors"));
 
     MlpSpec other = spec;
     other.seed = 50;  // other base weights and other adapters to start from
     auto target = mlp(other);
-    load_base_weights(*target, dir.path("base.safetensors"));
-    const PeftImportResult result = import_peft_adapter(*target, dir.path("adapter"));
+    load_base_weights(*target, dir.file("base.safetensors"));
+    const PeftImportResult result = import_peft_adapter(*target, dir.file("adapter"));
     CHECK(result.loaded == std::vector<std::string>{"0", "2", "4"});
     CHECK(result.zeroed.empty());
     for (std::size_t i = 0; i < source->size(); ++i) {
@@ -162,9 +147,9 @@ TEST_CASE("PEFT adapter: the files carry PEFT's keys, shapes, dtype and config f
   spec.last_alpha = 3;
   auto model = mlp(spec);
   randomize_adapters(*model, 4);
-  export_peft_adapter(*model, dir.path(), {.base_model_name_or_path = "my/base"});
+  export_peft_adapter(*model, dir.file(), {.base_model_name_or_path = "my/base"});
 
-  const SafetensorsFile weights = SafetensorsFile::read(dir.path("adapter_model.safetensors"));
+  const SafetensorsFile weights = SafetensorsFile::read(dir.file("adapter_model.safetensors"));
   CHECK(weights.metadata() == std::map<std::string, std::string>{{"format", "pt"}});
   CHECK(weights.names() == std::vector<std::string>{"base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight",
                                                     "base_model.model.2.lora_A.weight", "base_model.model.2.lora_B.weight",
@@ -175,7 +160,7 @@ TEST_CASE("PEFT adapter: the files carry PEFT's keys, shapes, dtype and config f
   CHECK(weights.shape("base_model.model.4.lora_B.weight") == std::vector<std::int64_t>{8, 2});
   CHECK(weights.dtype("base_model.model.2.lora_B.weight") == Dtype::F32);
 
-  const nlohmann::json config = read_json(dir.path("adapter_config.json"));
+  const nlohmann::json config = read_json(dir.file("adapter_config.json"));
   CHECK(config["peft_type"] == "LORA");
   CHECK(config["r"] == 4);
   CHECK(config["lora_alpha"] == 8);
@@ -197,8 +182,8 @@ TEST_CASE("PEFT adapter: the files carry PEFT's keys, shapes, dtype and config f
 
   // No base model name: null, as PEFT writes it.
   TempDir other;
-  export_peft_adapter(*model, other.path("a/b"));  // nested directories are created
-  CHECK(read_json(other.path("a/b/adapter_config.json"))["base_model_name_or_path"].is_null());
+  export_peft_adapter(*model, other.file("a/b"));  // nested directories are created
+  CHECK(read_json(other.file("a/b/adapter_config.json"))["base_model_name_or_path"].is_null());
 }
 
 TEST_CASE("PEFT adapter: rsLoRA and plain LoRA scale as PEFT does (alpha / sqrt(r) vs alpha / r)") {
@@ -210,46 +195,46 @@ TEST_CASE("PEFT adapter: an adapter that targets some layers leaves the others w
   TempDir dir;
   auto source = mlp();
   randomize_adapters(*source, 5);
-  export_peft_adapter(*source, dir.path());
+  export_peft_adapter(*source, dir.file());
   // Drop module "2" from the adapter, as a PEFT adapter with target_modules ["0", "4"] would be.
-  nlohmann::json config = read_json(dir.path("adapter_config.json"));
+  nlohmann::json config = read_json(dir.file("adapter_config.json"));
   config["target_modules"] = {"0", "4"};
-  write_json(dir.path("adapter_config.json"), config);
-  const SafetensorsFile weights = SafetensorsFile::read(dir.path("adapter_model.safetensors"));
+  write_json(dir.file("adapter_config.json"), config);
+  const SafetensorsFile weights = SafetensorsFile::read(dir.file("adapter_model.safetensors"));
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   for (const std::string& n : weights.names()) {
     if (n.find(".2.") == std::string::npos) writer.add_raw(n, weights.dtype(n), weights.shape(n), weights.raw_data(n));
   }
-  writer.write_atomically(dir.path("adapter_model.safetensors"));
+  writer.write_atomically(dir.file("adapter_model.safetensors"));
 
   auto target = mlp();
   randomize_adapters(*target, 6);
-  const PeftImportResult result = import_peft_adapter(*target, dir.path());
+  const PeftImportResult result = import_peft_adapter(*target, dir.file());
   CHECK(result.loaded == std::vector<std::string>{"0", "4"});
   CHECK(result.zeroed == std::vector<std::string>{"2"});
   CHECK(to_host(target->backend(), target->layer(1).B()).isZero(0));
 
   // A regular expression as target_modules, as PEFT allows.
   config["target_modules"] = "(0|4)";
-  write_json(dir.path("adapter_config.json"), config);
-  CHECK(import_peft_adapter(*target, dir.path()).loaded == std::vector<std::string>{"0", "4"});
+  write_json(dir.file("adapter_config.json"), config);
+  CHECK(import_peft_adapter(*target, dir.file()).loaded == std::vector<std::string>{"0", "4"});
 }
 
 TEST_CASE("PEFT adapter: mismatched configs, missing keys and wrong shapes are refused, naming them") {
   TempDir dir;
   auto source = mlp();
   randomize_adapters(*source, 7);
-  export_peft_adapter(*source, dir.path());
-  const nlohmann::json good = read_json(dir.path("adapter_config.json"));
-  const std::vector<std::uint8_t> good_weights = read_file_bytes(dir.path("adapter_model.safetensors"));
+  export_peft_adapter(*source, dir.file());
+  const nlohmann::json good = read_json(dir.file("adapter_config.json"));
+  const std::vector<std::uint8_t> good_weights = read_file_bytes(dir.file("adapter_model.safetensors"));
   auto target = mlp();
 
   {
     MlpSpec s;
     s.rank = 8;
     auto wide = mlp(s);
-    require_import_refused(*wide, dir.path(),
+    require_import_refused(*wide, dir.file(),
                            "module '0': the adapter has r = 4, alpha = 8.0, rslora = false, scale = 2.0 but the layer "
                            "was built with r = 8, alpha = 8.0, rslora = false, scale = 1.0 (r differs)");
   }
@@ -257,20 +242,20 @@ TEST_CASE("PEFT adapter: mismatched configs, missing keys and wrong shapes are r
     MlpSpec s;
     s.alpha = 16;
     auto other = mlp(s);
-    require_import_refused(*other, dir.path(), "(lora_alpha differs). A layer's rank, alpha and rsLoRA flag are fixed");
+    require_import_refused(*other, dir.file(), "(lora_alpha differs). A layer's rank, alpha and rsLoRA flag are fixed");
   }
   {
     MlpSpec s;
     s.rslora = true;
     auto other = mlp(s);
-    require_import_refused(*other, dir.path(), "(use_rslora differs)");
+    require_import_refused(*other, dir.file(), "(use_rslora differs)");
   }
   const auto with_config = [&](const std::function<void(nlohmann::json&)>& edit, const std::string& expected) {
     nlohmann::json c = good;
     edit(c);
-    write_json(dir.path("adapter_config.json"), c);
-    require_import_refused(*target, dir.path(), expected);
-    write_json(dir.path("adapter_config.json"), good);
+    write_json(dir.file("adapter_config.json"), c);
+    require_import_refused(*target, dir.file(), expected);
+    write_json(dir.file("adapter_config.json"), good);
   };
   with_config([](auto& c) { c["peft_type"] = "IA3"; }, "peft_type is \"IA3\", relora reads \"LORA\" adapters");
   with_config([](auto& c) { c.erase("r"); }, "r is missing");
@@ -288,9 +273,9 @@ TEST_CASE("PEFT adapter: mismatched configs, missing keys and wrong shapes are r
     const SafetensorsFile file = SafetensorsFile::parse(good_weights);
     SafetensorsWriter writer;
     edit(writer, file);
-    writer.write_atomically(dir.path("adapter_model.safetensors"));
-    require_import_refused(*target, dir.path(), expected);
-    write_file_atomically(dir.path("adapter_model.safetensors"), good_weights);
+    writer.write_atomically(dir.file("adapter_model.safetensors"));
+    require_import_refused(*target, dir.file(), expected);
+    write_file_atomically(dir.file("adapter_model.safetensors"), good_weights);
   };
   with_weights(
       [](SafetensorsWriter& w, const SafetensorsFile& f) {
@@ -314,14 +299,14 @@ TEST_CASE("PEFT adapter: mismatched configs, missing keys and wrong shapes are r
         w.add("base_model.model.9.lora_A.weight", {1, 1}, &x);
       },
       "tensor 'base_model.model.9.lora_A.weight' belongs to no target module of this model (its layers: '0', '2', '4')");
-  fs::remove(dir.path("adapter_model.safetensors"));
-  require_import_refused(*target, dir.path(), "adapter_model.safetensors");
-  fs::remove(dir.path("adapter_config.json"));
-  require_import_refused(*target, dir.path(), "adapter_config.json");
+  fs::remove(dir.file("adapter_model.safetensors"));
+  require_import_refused(*target, dir.file(), "adapter_model.safetensors");
+  fs::remove(dir.file("adapter_config.json"));
+  require_import_refused(*target, dir.file(), "adapter_config.json");
 
   // A merged model: its adapter is already in W.
   source->merge();
-  CHECK_THROWS_WITH_AS(export_peft_adapter(*source, dir.path()), doctest::Contains("layer '0' is merged"), ConfigError);
+  CHECK_THROWS_WITH_AS(export_peft_adapter(*source, dir.file()), doctest::Contains("layer '0' is merged"), ConfigError);
 }
 
 TEST_CASE("load_base_weights: a PyTorch state_dict by module name; missing or mismatched tensors refused") {
@@ -344,28 +329,28 @@ TEST_CASE("load_base_weights: a PyTorch state_dict by module name; missing or mi
     w.add(prefix + "unrelated.running_mean", {3}, b4.data());  // ignored
     w.write_atomically(path);
   };
-  write(dir.path("sd.safetensors"), "", true, 32);
-  write(dir.path("prefixed.safetensors"), "model.", true, 32);
-  write(dir.path("no_bias.safetensors"), "", false, 32);
-  write(dir.path("narrow.safetensors"), "", true, 30);
+  write(dir.file("sd.safetensors"), "", true, 32);
+  write(dir.file("prefixed.safetensors"), "model.", true, 32);
+  write(dir.file("no_bias.safetensors"), "", false, 32);
+  write(dir.file("narrow.safetensors"), "", true, 30);
 
   auto model = mlp();
-  load_base_weights(*model, dir.path("sd.safetensors"));
+  load_base_weights(*model, dir.file("sd.safetensors"));
   CHECK(same_bits(to_host(model->backend(), model->layer(0).W()), W0));
   CHECK(same_bits(to_host(model->backend(), model->layer(2).W()), W4));
   CHECK(same_bits(to_host(model->backend(), model->layer(1).b()), HostMatrix<float>(b2.transpose())));
   auto prefixed = mlp();
-  load_base_weights(*prefixed, dir.path("prefixed.safetensors"), "model.");
+  load_base_weights(*prefixed, dir.file("prefixed.safetensors"), "model.");
   CHECK(same_snapshot(snapshot(*model), snapshot(*prefixed)));
 
   auto fresh = mlp();
   const auto before = snapshot(*fresh);
-  CHECK_THROWS_WITH_AS(load_base_weights(*fresh, dir.path("no_bias.safetensors")),
+  CHECK_THROWS_WITH_AS(load_base_weights(*fresh, dir.file("no_bias.safetensors")),
                        doctest::Contains("tensor '4.bias' is missing, but layer '4' has a bias"), IoError);
-  CHECK_THROWS_WITH_AS(load_base_weights(*fresh, dir.path("narrow.safetensors")),
+  CHECK_THROWS_WITH_AS(load_base_weights(*fresh, dir.file("narrow.safetensors")),
                        doctest::Contains("tensor '4.weight' has shape [8 x 30], layer '4' (32 -> 8) needs [8 x 32]"),
                        IoError);
-  CHECK_THROWS_WITH_AS(load_base_weights(*fresh, dir.path("sd.safetensors"), "model."),
+  CHECK_THROWS_WITH_AS(load_base_weights(*fresh, dir.file("sd.safetensors"), "model."),
                        doctest::Contains("tensor 'model.0.weight' (the weight of layer '0') is missing"), IoError);
   CHECK(same_snapshot(before, snapshot(*fresh)));
 
@@ -374,7 +359,7 @@ TEST_CASE("load_base_weights: a PyTorch state_dict by module name; missing or mi
   no_bias->add(LoraConfig{.in_features = 16, .out_features = 32, .rank = 2}, Activation::relu, "0");
   no_bias->add(LoraConfig{.in_features = 32, .out_features = 32, .rank = 2}, Activation::relu, "2");
   no_bias->add(LoraConfig{.in_features = 32, .out_features = 8, .rank = 2}, Activation::identity, "4");
-  CHECK_THROWS_WITH_AS(load_base_weights(*no_bias, dir.path("sd.safetensors")),
+  CHECK_THROWS_WITH_AS(load_base_weights(*no_bias, dir.file("sd.safetensors")),
                        doctest::Contains("the file has a bias '0.bias' but layer '0' was built with BiasMode::none"),
                        IoError);
 }

@@ -1,0 +1,53 @@
+#pragma once
+// What several test files need: a scratch directory, and the CUDA skip with its reason.
+#include <doctest/doctest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "relora/backend.hpp"
+
+namespace relora::testing {
+
+// A fresh directory under the system temp directory, removed with everything in it at the end.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "relora_test_XXXXXX").string();
+    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::filesystem::path& path() const { return path_; }
+  // The path of `name` inside the directory (the directory itself for "").
+  std::string file(const std::string& name = "") const { return name.empty() ? path_.string() : (path_ / name).string(); }
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path_)) {
+      names.push_back(entry.path().filename().string());
+    }
+    return names;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// True where a GPU is usable; otherwise prints why `suite` is skipped, so a skip is never silent.
+inline bool cuda_or_skip(const char* suite) {
+  std::string why;
+  if (cuda_available(&why)) return true;
+  MESSAGE(suite << " skipped: " << why);
+  return false;
+}
+
+}  // namespace relora::testing
