@@ -21,9 +21,7 @@ bool cuda_available(std::string* why) {
 template <typename T>
 std::shared_ptr<Backend<T>> make_backend(Device device, const BackendOptions& options) {
   if (device == Device::cpu) {
-    auto backend = std::make_shared<CpuBackend<T>>();
-    backend->set_math_mode(options.math);
-    return backend;
+    return std::make_shared<CpuBackend<T>>(options);
   }
   std::string why;
   if (!cuda_available(&why)) throw DeviceError("cannot make a CUDA backend: " + why);

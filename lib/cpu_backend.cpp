@@ -54,6 +54,10 @@ void require_same_shape(const Tensor<T>& a, const Tensor<T>& b, const char* op) 
 }  // namespace
 
 template <typename T>
+CpuBackend<T>::CpuBackend(const BackendOptions& options)
+    : math_(options.math), fused_small_layers_(options.fused_small_layers) {}
+
+template <typename T>
 std::string CpuBackend<T>::description() const {
 #if defined(_OPENMP)
   const int threads = omp_get_max_threads();

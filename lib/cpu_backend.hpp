@@ -8,6 +8,8 @@ namespace relora {
 template <typename T>
 class CpuBackend final : public Backend<T> {
  public:
+  explicit CpuBackend(const BackendOptions& options = {});
+
   Device device() const override { return Device::cpu; }
   std::string description() const override;
   void set_math_mode(MathMode mode) override { math_ = mode; }  // the CPU always computes in full precision
@@ -37,8 +39,14 @@ class CpuBackend final : public Backend<T> {
   void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
   void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
 
+  // Tiny layers computed feature-major in one pass each way (cpu_fused_lora.cpp).
+  bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
+  bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
+                           const LoraLayerGradients<T>& grads) override;
+
  private:
   MathMode math_ = MathMode::strict;
+  bool fused_small_layers_ = true;
 };
 
 }  // namespace relora

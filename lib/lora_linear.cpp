@@ -113,12 +113,13 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
   resize_batch(X.rows());
   X_ = &X;
   Backend<T>& be = *backend_;
+  dropout_active_ = training_ && config_.dropout > 0;
+  if (!merged_ && !dropout_active_ && be.fused_lora_forward(tensors(X), U_, Y_)) return Y_;
   // Most of the time goes here and into dY W in backward: the two d x k products.
   be.gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y_);
   if (has_bias()) be.add_row_vector(b_, Y_);
   if (merged_) return Y_;
 
-  dropout_active_ = training_ && config_.dropout > 0;
   const Tensor<T>* lora_input = &X;
   if (dropout_active_) {
     be.dropout_mask(next_key(), T(config_.dropout), mask_);
@@ -161,6 +162,10 @@ void LoraLinear<T>::backward_into(const Tensor<T>& dY, Tensor<T>* dX) {
   const bool need_dX = dX != nullptr;
 
   const bool adapter_trains = target_ == TrainTarget::adapter;
+  if (adapter_trains && !dropout_active_) {
+    Tensor<T>* db = config_.bias == BiasMode::trainable ? &db_ : nullptr;
+    if (be.fused_lora_backward(tensors(*X_), U_, dY, {&dU_, &dA_, &dB_, db, dX})) return;
+  }
   if (adapter_trains) be.gemm(Trans::yes, Trans::no, scale_, dY, U_, T(0), dB_);  // dB = s dY^T U
   if (adapter_trains || need_dX) be.gemm(Trans::no, Trans::no, scale_, dY, B_, T(0), dU_);  // dU = s dY B
   if (adapter_trains) be.gemm(Trans::yes, Trans::no, T(1), dU_, lora_input, T(0), dA_);  // dA = dU^T D(X)
@@ -176,6 +181,11 @@ void LoraLinear<T>::backward_into(const Tensor<T>& dY, Tensor<T>* dX) {
     be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);  // dX = dY W
     be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);  // dX += dU A
   }
+}
+
+template <typename T>
+LoraLayerTensors<T> LoraLinear<T>::tensors(const Tensor<T>& X) const {
+  return {&X, &W_, &A_, &B_, has_bias() ? &b_ : nullptr, scale_};
 }
 
 template <typename T>

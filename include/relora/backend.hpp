@@ -48,6 +48,32 @@ struct AdamHyper {
 struct BackendOptions {
   MathMode math = MathMode::strict;
   int device_id = 0;  // CUDA device ordinal
+  // Run tiny LoRA layers through fused_lora_forward/backward where the backend has such a path.
+  // Off: every layer uses the separate products (tests compare the two).
+  bool fused_small_layers = true;
+};
+
+// One LoRA layer as the fused small-layer operations see it (every pointer but b non-null):
+// X n x k, W d x k, A r x k, B d x r, b 1 x d or null, and the adapter's scale s.
+template <typename T>
+struct LoraLayerTensors {
+  const Tensor<T>* X = nullptr;
+  const Tensor<T>* W = nullptr;
+  const Tensor<T>* A = nullptr;
+  const Tensor<T>* B = nullptr;
+  const Tensor<T>* b = nullptr;
+  T scale = T(1);
+};
+
+// What the fused backward writes: dU n x r, dA r x k, dB d x r, and where non-null
+// db 1 x d (= sum_i dY[i, :]) and dX n x k (= dY W + dU A). All overwritten, never accumulated.
+template <typename T>
+struct LoraLayerGradients {
+  Tensor<T>* dU = nullptr;
+  Tensor<T>* dA = nullptr;
+  Tensor<T>* dB = nullptr;
+  Tensor<T>* db = nullptr;
+  Tensor<T>* dX = nullptr;
 };
 
 template <typename T>
@@ -98,6 +124,31 @@ class Backend {
   // Zeroes round(fraction * size) entries of x: those of smallest magnitude, or chosen at random;
   // and the same entries of `same_entries` (same shape) unless it is null.
   virtual void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) = 0;
+
+  // ---- fused small LoRA layer (optional). A layer of tiny widths (the seed demo's 10 -> 5,
+  // rank 4) spends its step in the fixed cost of six separate products, not in their flops; a
+  // backend may run a layer's forward or backward as one pass instead. Each returns false, having
+  // done nothing, when it has no fused path for these shapes (or BackendOptions said not to): the
+  // layer then calls the separate operations, which compute the same values up to rounding.
+  // Shapes are the caller's to check (LoraLinear does).
+  //
+  // U = X A^T; Y = X W^T + b + s U B^T.
+  virtual bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+    (void)layer;
+    (void)U;
+    (void)Y;
+    return false;
+  }
+  // From dY (n x d) and the forward's U: dU = s dY B, dB = s dY^T U, dA = dU^T X, and db, dX
+  // where requested.
+  virtual bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
+                                   const LoraLayerGradients<T>& grads) {
+    (void)layer;
+    (void)U;
+    (void)dY;
+    (void)grads;
+    return false;
+  }
 
   // ---- recorded steps (optional: CUDA graphs). A launch-bound step (tiny layers) costs mostly
   // host time per operation; a backend that can record a sequence of operations once and run it

@@ -110,6 +110,7 @@ class LoraLinear {
   void resize_batch(Index n);
   void require_not_merged(const char* operation) const;
   void backward_into(const Tensor<T>& dY, Tensor<T>* dX);
+  LoraLayerTensors<T> tensors(const Tensor<T>& X) const;  // for the backend's fused small-layer path
   RngKey next_key() { return RngKey{config_.seed, rng_stream_++}; }
 
   Backend<T>* backend_;

@@ -48,7 +48,8 @@ std::string gib(std::size_t bytes) {
 using namespace cuda_detail;
 
 template <typename T>
-CudaBackend<T>::CudaBackend(const BackendOptions& options) : device_id_(options.device_id) {
+CudaBackend<T>::CudaBackend(const BackendOptions& options)
+    : device_id_(options.device_id), fused_small_layers_(options.fused_small_layers) {
   int count = 0;
   RELORA_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (device_id_ < 0 || device_id_ >= count) {

@@ -6,6 +6,7 @@
 //   cuda_elementwise.cu  bias, column sums, multiply, activations, MSE, fill, random fills
 //   cuda_adam.cu         the fused Adam/AdamW update and its device-side NaN/Inf guard
 //   cuda_prune.cu        magnitude and random pruning (a radix sort on scratch memory)
+//   cuda_fused_lora.cu   a tiny LoRA layer's forward, and its backward, as one kernel each
 // No operation copies between host and device except upload, download and the 8-byte read-back
 // of the non-finite flag; none allocates except allocate and the one-time sizing of scratch.
 #include <cublas_v2.h>
@@ -152,6 +153,11 @@ class CudaBackend final : public Backend<T> {
   void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
   void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
 
+  // Tiny layers in one kernel each way (cuda_fused_lora.cu).
+  bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
+  bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
+                           const LoraLayerGradients<T>& grads) override;
+
   // CUDA graphs: stream capture of the queued operations, replayed with one cudaGraphLaunch.
   bool begin_recording() override;
   std::uint64_t end_recording() override;
@@ -168,6 +174,7 @@ class CudaBackend final : public Backend<T> {
   void scale(T beta, Tensor<T>& C);
 
   int device_id_ = 0;
+  bool fused_small_layers_ = true;  // BackendOptions::fused_small_layers
   int sm_count_ = 0;
   int cc_major_ = 0;
   int cc_minor_ = 0;
