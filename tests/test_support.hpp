@@ -46,7 +46,7 @@ class TempDir {
 inline bool cuda_or_skip(const char* suite) {
   std::string why;
   if (cuda_available(&why)) return true;
-  MESSAGE(suite << " skipped: " << why);
+  MESSAGE(std::string(suite) << " skipped: " << why);
   return false;
 }
 

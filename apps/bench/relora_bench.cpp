@@ -93,6 +93,8 @@ struct Options {
   bool scaling = false;
   bool memory = true;
   bool floor = true;
+  bool fused = true;               // BackendOptions::fused_small_layers
+  std::vector<CaseSpec> custom;    // --custom n:k,d1,...:r
   std::string json;
   double cpu_skip_seconds = 1;  // CPU default list: skip cases whose step is estimated above this
 };
@@ -103,6 +105,7 @@ struct Options {
                "usage: relora_bench [--backend cpu|cuda] [--math strict|tf32] [--cases a,b,...|all]\n"
                "                    [--repeats R] [--warmup W] [--batch K] [--batch-ms MS] [--max-seconds S]\n"
                "                    [--threads N] [--scaling] [--no-memory] [--no-floor] [--json FILE]\n"
+               "                    [--unfused] [--custom n:k,d1,d2,...:r ...]\n"
                "cases: seed_demo layer1k layer4k mlp4x2k mlp4x4k (default: all on cuda; on the cpu those\n"
                "       whose step is estimated under --cpu-skip-seconds, 1 by default)\n");
   std::exit(why ? 2 : 0);
@@ -116,6 +119,26 @@ std::vector<std::string> split(const std::string& s, char sep) {
     if (!part.empty()) parts.push_back(part);
   }
   return parts;
+}
+
+// "n:k,d1,d2,...:r", a model of the given widths (ReLU between layers), e.g. 1024:32,32:8.
+CaseSpec parse_custom(const std::string& text) {
+  const std::vector<std::string> parts = split(text, ':');
+  CaseSpec c;
+  try {
+    if (parts.size() != 3) throw std::invalid_argument("three fields");
+    c.n = std::stoll(parts[0]);
+    for (const std::string& w : split(parts[1], ',')) c.dims.push_back(std::stoll(w));
+    c.r = std::stoll(parts[2]);
+  } catch (const std::exception&) {
+    usage(("--custom: '" + text + "' is not n:k,d1,...:r (e.g. 1024:32,32:8)").c_str());
+  }
+  if (c.n < 1 || c.dims.size() < 2 || c.r < 1 ||
+      std::any_of(c.dims.begin(), c.dims.end(), [&](Index w) { return w < c.r; })) {
+    usage(("--custom: '" + text + "' needs n >= 1, two widths or more, and 1 <= r <= every width").c_str());
+  }
+  c.name = "custom_" + parts[0] + "_" + parts[1] + "_" + parts[2];
+  return c;
 }
 
 Options parse(int argc, char** argv) {
@@ -167,6 +190,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--scaling") o.scaling = true;
     else if (a == "--no-memory") o.memory = false;
     else if (a == "--no-floor") o.floor = false;
+    else if (a == "--unfused") o.fused = false;
+    else if (a == "--custom") o.custom.push_back(parse_custom(value()));
     else if (a == "--json") o.json = value();
     else usage(("unknown argument '" + a + "'").c_str());
   }
@@ -654,6 +679,7 @@ int main(int argc, char** argv) {
 
     relora::BackendOptions bo;
     bo.math = o.math;
+    bo.fused_small_layers = o.fused;
     std::shared_ptr<relora::Backend<T>> backend = relora::make_backend<T>(o.device, bo);
     const std::string backend_name = relora::device_name(o.device);
     const std::string math_name = o.math == relora::MathMode::tf32 ? "tf32" : "strict";
@@ -662,8 +688,8 @@ int main(int argc, char** argv) {
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     const double fma_peak = cpu ? measure_fma_peak_gflops() : -1;
-    std::printf("relora_bench  %s  backend %s, math %s  (%s)\n", now_utc().c_str(), backend_name.c_str(),
-                math_name.c_str(), backend->description().c_str());
+    std::printf("relora_bench  %s  backend %s, math %s, fused small layers %s  (%s)\n", now_utc().c_str(),
+                backend_name.c_str(), math_name.c_str(), o.fused ? "on" : "off", backend->description().c_str());
     if (cpu) {
       std::printf("cpu: %d OpenMP threads, Eigen %d threads, measured FMA peak %.1f GFLOP/s\n", threads,
                   Eigen::nbThreads(), fma_peak);
@@ -672,6 +698,8 @@ int main(int argc, char** argv) {
     std::vector<CaseSpec> cases;
     if (o.scaling) {
       cases = scaling_cases(o.device);
+    } else if (!o.custom.empty() && !o.cases_given) {
+      cases = o.custom;
     } else {
       std::vector<std::string> names = o.cases;
       if (names.empty()) {
@@ -682,6 +710,7 @@ int main(int argc, char** argv) {
           if (c.name == name) cases.push_back(c);
         }
       }
+      cases.insert(cases.end(), o.custom.begin(), o.custom.end());
     }
 
     print_header();
@@ -713,6 +742,7 @@ int main(int argc, char** argv) {
                       ", \"math\": " + json_string(math_name) + ", \"device\": " + json_string(backend->description()) +
                       ",\n \"threads\": " + std::to_string(threads) + ", \"fma_peak_gflops\": " + json_number(fma_peak) +
                       ", \"scaling\": " + (o.scaling ? "true" : "false") +
+                      ", \"fused_small_layers\": " + (o.fused ? "true" : "false") +
                       ",\n \"alpha_over_r\": 2, \"dropout\": 0, \"bias\": \"frozen\", \"adam_lr\": 0.001,\n \"results\": [\n";
       for (std::size_t i = 0; i < results.size(); ++i) {
         j += "  " + json_case(results[i], backend_name, math_name) + (i + 1 < results.size() ? ",\n" : "\n");

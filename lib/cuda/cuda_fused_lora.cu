@@ -1,0 +1,334 @@
+// A tiny LoRA layer's forward, and its backward, as one kernel each on the CUDA backend.
+// n rows, k = in, d = out, r = rank, s = scale; X n x k, W d x k, A r x k, B d x r, b 1 x d.
+//
+// Why: at the seed demo's widths (n = 200, k = 10, d = 5, r = 4) every product is a few thousand
+// multiply-adds and a step is launch-bound: as a CUDA graph each of its nodes costs about 5 us
+// however little it computes. Two kernels replace the eight products, the bias add and the
+// column sums; the step becomes forward, MSE, backward, Adam. Their multiply-adds run on CUDA
+// cores in T with fma (strict precision in either math mode), on operands in shared memory.
+//
+// Forward: a grid over tiles of kForwardRows rows. Each block stages W, A, B, b and its rows of
+// X, computes its rows of U (kept in shared memory for the next phase), then its rows of Y.
+//
+// Backward: one block. dA, dB and db are sums over all n rows and must come out the same on
+// every run (a graph replay is compared with eager steps, a resumed checkpoint with the
+// uninterrupted run, bit for bit), so no floating-point atomics; blocks could still split the
+// rows and let the last one add their partials (as mse_kernel does), but at the sizes admitted
+// here one block costs less than that scratch and fence. It walks the rows a tile at a time:
+// per tile it stages dY, X and U, computes the tile's dU (and dX) row by row, and every
+// reduction output has `slices` threads, each adding a fixed subset of the rows in row order; at
+// the end each output adds its slices' partial sums in slice order. Every order depends on the
+// shapes only.
+#include <algorithm>
+#include <limits>
+
+#include "cuda/cuda_backend_impl.cuh"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+constexpr int kMaxWidth = 32;               // k, d and r: W, A and B then fit in shared memory
+constexpr int kForwardRows = 32;            // rows per forward block: at most 1024 elements of Y
+constexpr int kBackwardThreads = 1024;      // the one backward block
+constexpr int kSharedBytes = 48 * 1024;     // dynamic shared memory available without an opt-in
+// Multiply-adds of one backward pass, n (2 d r + 2 r k + d k + d), up to which the single block
+// is still faster than the separate products. Operands come from shared memory, so an SM does
+// about 16 float (8 double) multiply-adds per clock here: 2^18 is 9 to 17 us at 1.9 GHz, while
+// the five launches the pass replaces cost about 25 us as graph nodes and more when queued
+// eagerly. Beyond it the other SMs are worth their launches.
+constexpr double kMaxBackwardWork = double(1 << 18);
+// Reduction outputs: dB (d r), dA (r k), db (d); each thread owns at most this many (slices of) them.
+constexpr int kMaxOutputs = 2 * kMaxWidth * kMaxWidth + kMaxWidth;
+constexpr int kMaxUnits = (kMaxOutputs + kBackwardThreads - 1) / kBackwardThreads;
+
+// Row strides of the shared-memory copies: odd, so that threads reading down a column (the same
+// element of consecutive rows) hit distinct banks.
+__host__ __device__ inline int padded(int width) { return width | 1; }
+
+template <typename T>
+__device__ T* shared_memory() {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  return reinterpret_cast<T*>(shared_raw);
+}
+
+// Copies rows x cols row-major elements from global memory into shared memory of row stride `stride`.
+template <typename T>
+__device__ void stage(const T* __restrict__ from, int rows, int cols, int stride, T* to) {
+  for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) to[e / cols * stride + e % cols] = from[e];
+}
+
+template <typename T>
+struct ForwardArgs {
+  const T* X;
+  const T* W;
+  const T* A;
+  const T* B;
+  const T* b;  // null: no bias
+  T* U;
+  T* Y;
+  T scale;
+  std::int64_t n;
+  int k, d, r;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fused_lora_forward_kernel(const ForwardArgs<T> a) {
+  const int k = a.k, d = a.d, r = a.r;
+  const int kp = padded(k), rp = padded(r);
+  T* const W = shared_memory<T>();
+  T* const A = W + d * kp;
+  T* const B = A + r * kp;
+  T* const b = B + d * rp;
+  T* const X = b + d;                 // kForwardRows x k
+  T* const U = X + kForwardRows * kp;  // kForwardRows x r
+
+  const std::int64_t first = std::int64_t(blockIdx.x) * kForwardRows;
+  const int rows = int(a.n - first < kForwardRows ? a.n - first : kForwardRows);
+  stage(a.W, d, k, kp, W);
+  stage(a.A, r, k, kp, A);
+  stage(a.B, d, r, rp, B);
+  for (int c = threadIdx.x; c < d; c += blockDim.x) b[c] = a.b ? a.b[c] : T(0);
+  stage(a.X + first * k, rows, k, kp, X);
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < rows * r; e += blockDim.x) {
+    const int i = e / r, j = e % r;
+    T u = T(0);
+    for (int p = 0; p < k; ++p) u = fma(X[i * kp + p], A[j * kp + p], u);
+    U[i * rp + j] = u;
+    a.U[first * r + e] = u;
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < rows * d; e += blockDim.x) {
+    const int i = e / d, c = e % d;
+    T y = b[c];
+    for (int p = 0; p < k; ++p) y = fma(X[i * kp + p], W[c * kp + p], y);
+    T lora = T(0);
+    for (int j = 0; j < r; ++j) lora = fma(U[i * rp + j], B[c * rp + j], lora);
+    a.Y[first * d + e] = fma(a.scale, lora, y);
+  }
+}
+
+template <typename T>
+struct BackwardArgs {
+  const T* X;
+  const T* W;
+  const T* A;
+  const T* B;
+  const T* U;
+  const T* dY;
+  T* dU;
+  T* dA;
+  T* dB;
+  T* db;  // null: not requested
+  T* dX;  // null: not requested
+  T scale;
+  int n, k, d, r;
+  int tile_rows;  // rows staged at a time
+  int slices;     // threads per reduction output
+};
+
+// One reduction output as a sum over rows i of shared[a + i a_stride] * shared[b + i b_stride],
+// offsets into the block's shared memory. db multiplies by a shared 1 of stride 0 (exact), so
+// that all outputs run the same loop.
+struct Reduction {
+  int a, a_stride, b, b_stride;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBackwardThreads) fused_lora_backward_kernel(const BackwardArgs<T> a) {
+  const int n = a.n, k = a.k, d = a.d, r = a.r;
+  const int kp = padded(k), dp = padded(d), rp = padded(r);
+  T* const shared = shared_memory<T>();
+  T* const W = shared;
+  T* const A = W + d * kp;
+  T* const B = A + r * kp;
+  T* const one = B + d * rp;
+  T* const dY = one + 1;              // tile_rows x d
+  T* const X = dY + a.tile_rows * dp;  // tile_rows x k
+  T* const U = X + a.tile_rows * kp;   // tile_rows x r
+  T* const dU = U + a.tile_rows * rp;  // tile_rows x r
+  T* const partial = dY;              // slices x outputs, once the last tile is done
+
+  stage(a.W, d, k, kp, W);
+  stage(a.A, r, k, kp, A);
+  stage(a.B, d, r, rp, B);
+  if (threadIdx.x == 0) *one = T(1);
+
+  // This thread's reductions: unit u is output u % outputs (dB, then dA, then db, each
+  // row-major), over the rows of slice u / outputs.
+  const int outputs = d * r + r * k + (a.db ? d : 0);
+  const int units = outputs * a.slices;
+  Reduction sum[kMaxUnits];
+  int slice[kMaxUnits];
+  T acc[kMaxUnits];
+#pragma unroll
+  for (int m = 0; m < kMaxUnits; ++m) {
+    const int u = threadIdx.x + m * kBackwardThreads;
+    const int o = u % outputs;
+    slice[m] = u < units ? u / outputs : n;  // no rows: an idle unit
+    acc[m] = T(0);
+    if (o < d * r) {
+      sum[m] = {int(dY - shared) + o / r, dp, int(U - shared) + o % r, rp};  // dB[c, j]: dY[:, c] . U[:, j]
+    } else if (o < d * r + r * k) {
+      const int e = o - d * r;
+      sum[m] = {int(dU - shared) + e / k, rp, int(X - shared) + e % k, kp};  // dA[j, p]: dU[:, j] . X[:, p]
+    } else {
+      sum[m] = {int(dY - shared) + o - d * r - r * k, dp, int(one - shared), 0};  // db[c]: dY[:, c] . 1
+    }
+  }
+
+  for (int first = 0; first < n; first += a.tile_rows) {
+    const int rows = min(a.tile_rows, n - first);
+    stage(a.dY + first * d, rows, d, dp, dY);
+    stage(a.X + first * k, rows, k, kp, X);
+    stage(a.U + first * r, rows, r, rp, U);
+    __syncthreads();
+
+    for (int e = threadIdx.x; e < rows * r; e += blockDim.x) {
+      const int i = e / r, j = e % r;
+      T v = T(0);
+      for (int c = 0; c < d; ++c) v = fma(dY[i * dp + c], B[c * rp + j], v);
+      v *= a.scale;
+      dU[i * rp + j] = v;
+      a.dU[first * r + e] = v;
+    }
+    __syncthreads();
+
+    if (a.dX) {
+      for (int e = threadIdx.x; e < rows * k; e += blockDim.x) {
+        const int i = e / k, p = e % k;
+        T v = T(0);
+        for (int c = 0; c < d; ++c) v = fma(dY[i * dp + c], W[c * kp + p], v);
+        for (int j = 0; j < r; ++j) v = fma(dU[i * rp + j], A[j * kp + p], v);
+        a.dX[first * k + e] = v;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMaxUnits; ++m) {
+      const Reduction& red = sum[m];
+      for (int i = slice[m]; i < rows; i += a.slices) {
+        acc[m] = fma(shared[red.a + i * red.a_stride], shared[red.b + i * red.b_stride], acc[m]);
+      }
+    }
+    __syncthreads();  // the next tile overwrites this one
+  }
+
+#pragma unroll
+  for (int m = 0; m < kMaxUnits; ++m) {
+    const int u = threadIdx.x + m * kBackwardThreads;
+    if (u < units) partial[u] = acc[m];
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < outputs; o += blockDim.x) {
+    T total = T(0);
+    for (int q = 0; q < a.slices; ++q) total += partial[q * outputs + o];
+    if (o < d * r) {
+      a.dB[o] = a.scale * total;
+    } else if (o < d * r + r * k) {
+      a.dA[o - d * r] = total;
+    } else {
+      a.db[o - d * r - r * k] = total;
+    }
+  }
+}
+
+bool small_widths(Index k, Index d, Index r) {
+  const auto fits = [](Index w) { return w >= 1 && w <= kMaxWidth; };
+  return fits(k) && fits(d) && fits(r);
+}
+
+template <typename T>
+void require_layer(const LoraLayerTensors<T>& layer, Index d, Index r, const char* op) {
+  if (!layer.X || !layer.W || !layer.A || !layer.B) {
+    throw ConfigError(std::string(op) + ": X, W, A and B must all be given");
+  }
+  const Index k = layer.X->cols();
+  require_shape(*layer.W, d, k, "fused LoRA layer W");
+  require_shape(*layer.A, r, k, "fused LoRA layer A");
+  require_shape(*layer.B, d, r, "fused LoRA layer B");
+  if (layer.b) require_shape(*layer.b, 1, d, "fused LoRA layer b");
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+template <typename T>
+bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+  if (!fused_small_layers_) return false;
+  const Index d = Y.cols(), r = U.cols();
+  require_layer(layer, d, r, "fused_lora_forward");
+  const Index n = layer.X->rows(), k = layer.X->cols();
+  require_shape(U, n, r, "fused_lora_forward U");
+  require_shape(Y, n, d, "fused_lora_forward Y");
+  const Index blocks = (n + kForwardRows - 1) / kForwardRows;
+  if (n == 0 || !small_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) return false;
+
+  const int kp = padded(int(k)), rp = padded(int(r));
+  const std::size_t shared = std::size_t((d + r) * kp + d * rp + d + kForwardRows * (kp + rp)) * sizeof(T);
+  if (shared > std::size_t(kSharedBytes)) return false;  // not at widths <= 32 (42 KB for double)
+
+  ForwardArgs<T> args{layer.X->data(), layer.W->data(), layer.A->data(), layer.B->data(),
+                      layer.b ? layer.b->data() : nullptr, U.data(), Y.data(), layer.scale, n,
+                      int(k), int(d), int(r)};
+  activate();
+  fused_lora_forward_kernel<T><<<unsigned(blocks), kThreads, shared, stream_.stream>>>(args);
+  RELORA_CHECK_LAUNCH("fused_lora_forward_kernel");
+  return true;
+}
+
+template <typename T>
+bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
+                                         const LoraLayerGradients<T>& grads) {
+  if (!fused_small_layers_) return false;
+  const Index d = dY.cols(), r = U.cols();
+  require_layer(layer, d, r, "fused_lora_backward");
+  if (!grads.dU || !grads.dA || !grads.dB) throw ConfigError("fused_lora_backward: dU, dA and dB must all be given");
+  const Index n = layer.X->rows(), k = layer.X->cols();
+  require_shape(U, n, r, "fused_lora_backward U");
+  require_shape(dY, n, d, "fused_lora_backward dY");
+  require_shape(*grads.dU, n, r, "fused_lora_backward dU");
+  require_shape(*grads.dA, r, k, "fused_lora_backward dA");
+  require_shape(*grads.dB, d, r, "fused_lora_backward dB");
+  if (grads.db) require_shape(*grads.db, 1, d, "fused_lora_backward db");
+  if (grads.dX) require_shape(*grads.dX, n, k, "fused_lora_backward dX");
+  if (n == 0 || !small_widths(k, d, r)) return false;
+  if (double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) return false;
+
+  // As many rows per tile as shared memory holds beside W, A, B (all of them for the seed demo);
+  // as many threads per reduction output as the block has to spare.
+  const int kp = padded(int(k)), dp = padded(int(d)), rp = padded(int(r));
+  const int weights = int((d + r) * kp + d * rp) + 1;  // and the shared 1
+  const int row = dp + kp + 2 * rp;                     // dY, X, U, dU
+  const int budget = kSharedBytes / int(sizeof(T));
+  const int tile_rows = int(std::min<Index>(n, (budget - weights) / row));
+  const int outputs = int(d * r + r * k + (grads.db ? d : 0));
+  const int slices = std::clamp(kBackwardThreads / outputs, 1, std::max(tile_rows, 1));
+  const int tile = std::max(tile_rows * row, outputs * slices);  // the partial sums reuse the tile
+  if (tile_rows < 1 || weights + tile > budget) return false;  // not at widths <= 32
+
+  BackwardArgs<T> args{layer.X->data(), layer.W->data(), layer.A->data(), layer.B->data(), U.data(),
+                       dY.data(), grads.dU->data(), grads.dA->data(), grads.dB->data(),
+                       grads.db ? grads.db->data() : nullptr, grads.dX ? grads.dX->data() : nullptr,
+                       layer.scale, int(n), int(k), int(d), int(r), tile_rows, slices};
+  activate();
+  const std::size_t shared = std::size_t(weights + tile) * sizeof(T);
+  fused_lora_backward_kernel<T><<<1, kBackwardThreads, shared, stream_.stream>>>(args);
+  RELORA_CHECK_LAUNCH("fused_lora_backward_kernel");
+  return true;
+}
+
+// The class itself is instantiated in cuda_backend.cu; these are the members defined here.
+#define RELORA_INSTANTIATE(T)                                                                              \
+  template bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);   \
+  template bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>&, const Tensor<T>&,         \
+                                                    const Tensor<T>&, const LoraLayerGradients<T>&);
+RELORA_INSTANTIATE(float)
+RELORA_INSTANTIATE(double)
+#undef RELORA_INSTANTIATE
+
+}  // namespace relora

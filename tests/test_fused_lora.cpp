@@ -1,0 +1,206 @@
+// The fused small-layer path (Backend::fused_lora_forward/backward) against the separate
+// products, on the CPU and on CUDA: every output of a layer's forward and backward, shapes at
+// and around the fused path's edges (a partial chunk of rows, widths that are not whole SIMD
+// packets, the width limits), with and without bias and dX; and whole training runs.
+#include <doctest/doctest.h>
+
+#include <random>
+#include <vector>
+
+#include "gradient_check.hpp"
+#include "test_data.hpp"
+#include "test_support.hpp"
+#include "relora/relora.hpp"
+
+using namespace relora;
+using relora::testing::normal_matrix;
+using relora::testing::relative_error;
+
+namespace {
+
+struct Shape {
+  Index n, k, d, r;
+};
+
+// The seed layer, a single row, partial chunks (33, 37), widths of 1 and of odd sizes, the CPU
+// path's width limits (16, 16, 8) and the CUDA path's (32, 32, 32).
+const std::vector<Shape>& fused_shapes() {
+  static const std::vector<Shape> shapes = {
+      {200, 10, 5, 4}, {1, 3, 2, 1}, {33, 7, 9, 3}, {37, 16, 16, 8}, {5, 1, 1, 1}, {64, 13, 6, 5}, {40, 32, 32, 32},
+  };
+  return shapes;
+}
+
+template <typename T>
+struct LayerRun {
+  HostMatrix<T> Y, dA, dB, db, dX;
+};
+
+// One forward and backward of a layer with random W, A, B, b on `backend`; everything the layer
+// produced, copied to the host.
+template <typename T>
+LayerRun<T> run_layer(Backend<T>& backend, const Shape& s, BiasMode bias, bool need_dX) {
+  std::mt19937 gen(unsigned(s.n * 7919 + s.k * 131 + s.d * 17 + s.r));
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 3};
+  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen));
+  layer.set_A(normal_matrix<T>(s.r, s.k, gen));
+  layer.set_B(normal_matrix<T>(s.d, s.r, gen));
+  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
+  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
+  Tensor<T> dY = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "dY");
+  LayerRun<T> out;
+  out.Y = to_host(backend, layer.forward(X));
+  layer.backward(dY, need_dX);
+  out.dA = to_host(backend, layer.dA());
+  out.dB = to_host(backend, layer.dB());
+  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
+  if (need_dX) out.dX = to_host(backend, layer.dX());
+  return out;
+}
+
+template <typename T>
+void expect_same_layer(const LayerRun<T>& got, const LayerRun<T>& want, double tolerance) {
+  auto close = [&](const HostMatrix<T>& a, const HostMatrix<T>& b, const char* name) {
+    REQUIRE(a.rows() == b.rows());
+    REQUIRE(a.cols() == b.cols());
+    if (a.size() == 0) return;
+    const double err = relative_error(a.template cast<double>(), b.template cast<double>());
+    INFO(name << " relative error " << err);
+    CHECK(err < tolerance);
+  };
+  close(got.Y, want.Y, "Y");
+  close(got.dA, want.dA, "dA");
+  close(got.dB, want.dB, "dB");
+  close(got.db, want.db, "db");
+  close(got.dX, want.dX, "dX");
+}
+
+template <typename T>
+void compare_backends(Device fused_device, double tolerance) {
+  BackendOptions separate_options;
+  separate_options.fused_small_layers = false;
+  auto separate = make_backend<T>(Device::cpu, separate_options);
+  auto fused = make_backend<T>(fused_device);
+  for (const Shape& s : fused_shapes()) {
+    for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
+      for (bool need_dX : {false, true}) {
+        CAPTURE(s.n);
+        CAPTURE(s.k);
+        CAPTURE(s.d);
+        CAPTURE(s.r);
+        CAPTURE(int(bias));
+        CAPTURE(need_dX);
+        expect_same_layer(run_layer<T>(*fused, s, bias, need_dX), run_layer<T>(*separate, s, bias, need_dX),
+                          tolerance);
+      }
+    }
+  }
+}
+
+// Whether `backend` takes the fused path for a layer of shape s (a forward on scratch tensors).
+template <typename T>
+bool takes_fused_forward(Backend<T>& backend, const Shape& s) {
+  Tensor<T> X = backend.allocate(s.n, s.k), W = backend.allocate(s.d, s.k), A = backend.allocate(s.r, s.k),
+            B = backend.allocate(s.d, s.r), U = backend.allocate(s.n, s.r), Y = backend.allocate(s.n, s.d);
+  for (Tensor<T>* t : {&X, &W, &A, &B}) backend.fill(*t, T(0.5));
+  const bool fused = backend.fused_lora_forward({&X, &W, &A, &B, nullptr, T(1)}, U, Y);
+  backend.synchronize();
+  return fused;
+}
+
+// Final losses of a seed-demo-like ReLoRA run (restarts, Adam resets, re-warmup).
+std::vector<double> train_losses(Device device, bool fused) {
+  BackendOptions options;
+  options.fused_small_layers = fused;
+  auto backend = make_backend<float>(device, options);
+  std::mt19937 gen(11);
+  const HostMatrix<float> X = normal_matrix<float>(200, 10, gen);
+  const HostMatrix<float> W_true = normal_matrix<float>(5, 10, gen);
+  const HostMatrix<float> target = X * W_true.transpose();
+  Model<float> model(backend);
+  model.add(LoraConfig{.in_features = 10, .out_features = 5, .rank = 4, .alpha = 8, .seed = 5}, Activation::identity,
+            normal_matrix<float>(5, 10, gen, 0.1));
+  TrainerConfig config;
+  config.method = TrainingMethod::relora;
+  config.relora.restart_every = 20;
+  config.relora.restart_warmup_steps = 3;
+  config.adam.lr = 1e-2;
+  Trainer<float> trainer(model, config);
+  Tensor<float> x = to_backend<float>(*backend, X, "X"), t = to_backend<float>(*backend, target, "target");
+  std::vector<double> losses;
+  for (int step = 0; step < 100; ++step) {
+    trainer.step(x, t);
+    if (step % 10 == 9) losses.push_back(trainer.loss());
+  }
+  return losses;
+}
+
+}  // namespace
+
+TEST_CASE("fused small layer on the CPU: same outputs and gradients as the separate products") {
+  compare_backends<float>(Device::cpu, 2e-6);
+  compare_backends<double>(Device::cpu, 1e-13);
+}
+
+TEST_CASE("fused small layer: the CPU takes it for tiny layers only, and never when switched off") {
+  auto cpu = make_backend<float>(Device::cpu);
+  CHECK(takes_fused_forward(*cpu, {200, 10, 5, 4}));
+  CHECK(takes_fused_forward(*cpu, {37, 16, 16, 8}));
+  CHECK_FALSE(takes_fused_forward(*cpu, {37, 17, 16, 8}));  // k over the limit
+  CHECK_FALSE(takes_fused_forward(*cpu, {37, 16, 16, 9}));  // rank over the limit
+  CHECK_FALSE(takes_fused_forward(*cpu, {1 << 16, 16, 16, 8}));  // too much work for one core
+  BackendOptions off;
+  off.fused_small_layers = false;
+  auto cpu_off = make_backend<float>(Device::cpu, off);
+  CHECK_FALSE(takes_fused_forward(*cpu_off, {200, 10, 5, 4}));
+}
+
+TEST_CASE("fused small layer: gradients match finite differences through the fused path") {
+  // test_lora_linear checks many small shapes this way; this one asserts that the fused path is
+  // the one being checked.
+  auto backend = make_backend<double>(Device::cpu);
+  const Shape s{37, 10, 5, 4};
+  REQUIRE(takes_fused_forward(*backend, s));
+  std::mt19937 gen(99);
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
+  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
+  layer.set_B(normal_matrix(s.d, s.r, gen));
+  layer.set_b(normal_matrix(1, s.d, gen));
+  Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
+  const HostMatrix<double> G = normal_matrix(s.n, s.d, gen);
+  auto loss = [&]() { return relora::testing::host_of(layer.forward(X)).cwiseProduct(G).sum(); };
+  loss();
+  Tensor<double> dY = to_backend<double>(*backend, G, "dY");
+  layer.backward(dY, /*need_dX=*/true);
+  using relora::testing::host_of;
+  using relora::testing::numeric_gradient;
+  CHECK(relative_error(host_of(layer.dA()), numeric_gradient(const_cast<Tensor<double>&>(layer.A()), loss)) < 1e-7);
+  CHECK(relative_error(host_of(layer.dB()), numeric_gradient(const_cast<Tensor<double>&>(layer.B()), loss)) < 1e-7);
+  CHECK(relative_error(host_of(layer.db()), numeric_gradient(const_cast<Tensor<double>&>(layer.b()), loss)) < 1e-7);
+  CHECK(relative_error(host_of(layer.dX()), numeric_gradient(X, loss)) < 1e-7);
+}
+
+TEST_CASE("fused small layer: a ReLoRA run trains to the same losses fused and unfused") {
+  const std::vector<double> fused = train_losses(Device::cpu, true);
+  const std::vector<double> separate = train_losses(Device::cpu, false);
+  REQUIRE(fused.size() == separate.size());
+  for (std::size_t i = 0; i < fused.size(); ++i) {
+    CAPTURE(i);
+    CHECK(fused[i] == doctest::Approx(separate[i]).epsilon(1e-4));
+  }
+  CHECK(fused.back() < 0.5 * fused.front());  // it trains
+}
+
+TEST_CASE("cuda: fused small layer matches the CPU's separate products") {
+  if (!relora::testing::cuda_or_skip("cuda fused small layer")) return;
+  compare_backends<float>(Device::cuda, 2e-6);
+  compare_backends<double>(Device::cuda, 1e-13);
+  auto gpu = make_backend<float>(Device::cuda);
+  CHECK(takes_fused_forward(*gpu, {200, 10, 5, 4}));
+  const std::vector<double> fused = train_losses(Device::cuda, true);
+  const std::vector<double> cpu = train_losses(Device::cpu, false);
+  for (std::size_t i = 0; i < fused.size(); ++i) {
+    CAPTURE(i);
+    CHECK(fused[i] == doctest::Approx(cpu[i]).epsilon(1e-4));
+  }
+}
