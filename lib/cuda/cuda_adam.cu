@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_launch.cuh"
 #include "relora/elementwise_math.hpp"
 
 namespace relora {
@@ -62,6 +63,7 @@ __device__ int slot_of_chunk(const AdamTable<T>& table, std::int64_t chunk) {
 
 template <typename T>
 __global__ void adam_check_kernel(const AdamTable<T> table, unsigned long long* flag) {
+  wait_for_previous_grid();  // every Adam kernel is launched overlapped (adam_launch)
   const std::int64_t chunks = table.chunk_begin[table.count];
   for (std::int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {  // uniform over the block
     const int s = slot_of_chunk(table, chunk);
@@ -78,6 +80,7 @@ __global__ void adam_check_kernel(const AdamTable<T> table, unsigned long long* 
 
 template <typename T>
 __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyper, Scratch* scratch) {
+  wait_for_previous_grid();
   // Only the check kernels (queued before) and synchronize() write the flag: every thread sees the same value.
   if (scratch->nonfinite != kNoNonFinite) return;
   const std::int64_t chunks = table.chunk_begin[table.count];
@@ -124,6 +127,7 @@ __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyp
 // barrier between the two passes stands for the launch boundary of the two-kernel path.
 template <typename T>
 __global__ void __launch_bounds__(kAdamSmallThreads) adam_small_kernel(const AdamTable<T> table, const AdamHyper hyper, Scratch* scratch) {
+  wait_for_previous_grid();
   if (scratch->nonfinite != kNoNonFinite) return;
   __shared__ int first_bad;
   if (threadIdx.x == 0) first_bad = table.count;
@@ -211,9 +215,7 @@ void CudaBackend<T>::adam_launch(Kernel kernel, unsigned grid, unsigned threads,
     check_cuda(cudaGraphExecKernelNodeSetParams(exec_.exec, *node, &params), name, __FILE__, __LINE__);
     return;
   }
-  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(threads), args, 0,
-                              stream_.stream),
-             name, __FILE__, __LINE__);
+  launch_overlapped(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(threads), 0, stream_.stream, args, name);
   if (node) *node = recording_ ? last_captured_node() : nullptr;
 }
 

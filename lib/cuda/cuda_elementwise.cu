@@ -2,6 +2,7 @@
 // is one launch; the formulas come from relora/elementwise_math.hpp and relora/counter_rng.hpp,
 // shared with the CPU backend.
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_launch.cuh"
 #include "relora/counter_rng.hpp"
 #include "relora/elementwise_math.hpp"
 
@@ -128,6 +129,8 @@ __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const T
 template <typename T>
 __global__ void mse_kernel(std::int64_t n, const T* __restrict__ y, const T* __restrict__ target, T* __restrict__ dy,
                            T* __restrict__ loss, Scratch* scratch) {
+  wait_for_previous_grid();
+  allow_next_grid();
   __shared__ double shared[kThreads];
   __shared__ bool last_block;
   const T grad_scale = T(2) / T(n);
@@ -237,9 +240,8 @@ void CudaBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>&
   require_shape(loss, 1, 1, "mse loss");
   activate();
   const int grid = std::min(grid_for(Y.size(), sm_count_), kMaxReduceBlocks);
-  mse_kernel<T><<<grid, kThreads, 0, stream_.stream>>>(Y.size(), Y.data(), target.data(), dY.data(), loss.data(),
-                                                       scratch());
-  RELORA_CHECK_LAUNCH("mse_kernel");
+  launch_overlapped(&mse_kernel<T>, dim3(grid), dim3(kThreads), 0, stream_.stream, "launch of mse_kernel",
+                    std::int64_t(Y.size()), Y.data(), target.data(), dY.data(), loss.data(), scratch());
 }
 
 template <typename T>

@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_launch.cuh"
 
 namespace relora {
 namespace cuda_detail {
@@ -74,6 +75,8 @@ struct ForwardArgs {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fused_lora_forward_kernel(const ForwardArgs<T> a) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const int k = a.k, d = a.d, r = a.r;
   const int kp = padded(k), rp = padded(r);
   T* const W = shared_memory<T>();
@@ -139,6 +142,8 @@ struct Reduction {
 
 template <typename T>
 __global__ void __launch_bounds__(kBackwardThreads) fused_lora_backward_kernel(const BackwardArgs<T> a) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const int n = a.n, k = a.k, d = a.d, r = a.r;
   const int kp = padded(k), dp = padded(d), rp = padded(r);
   T* const shared = shared_memory<T>();
@@ -276,8 +281,8 @@ bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor
                       layer.b ? layer.b->data() : nullptr, U.data(), Y.data(), layer.scale, n,
                       int(k), int(d), int(r)};
   activate();
-  fused_lora_forward_kernel<T><<<unsigned(blocks), kThreads, shared, stream_.stream>>>(args);
-  RELORA_CHECK_LAUNCH("fused_lora_forward_kernel");
+  launch_overlapped(&fused_lora_forward_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), shared, stream_.stream,
+                    "launch of fused_lora_forward_kernel", args);
   return true;
 }
 
@@ -317,8 +322,8 @@ bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const
                        layer.scale, int(n), int(k), int(d), int(r), tile_rows, slices};
   activate();
   const std::size_t shared = std::size_t(weights + tile) * sizeof(T);
-  fused_lora_backward_kernel<T><<<1, kBackwardThreads, shared, stream_.stream>>>(args);
-  RELORA_CHECK_LAUNCH("fused_lora_backward_kernel");
+  launch_overlapped(&fused_lora_backward_kernel<T>, dim3(1), dim3(kBackwardThreads), shared, stream_.stream,
+                    "launch of fused_lora_backward_kernel", args);
   return true;
 }
 
