@@ -106,10 +106,21 @@ namespace {
 // about a microsecond, which is most of a tiny step (seed_demo). So the loops branch instead.
 constexpr Index kParallelElements = 65536;
 
+// Whether a pass over size elements opens a parallel region: not on one thread either, where
+// libgomp would still allocate a one-thread team for every region.
+bool run_parallel(Index size) {
+#if defined(_OPENMP)
+  return size > kParallelElements && omp_get_max_threads() > 1;
+#else
+  (void)size;
+  return false;
+#endif
+}
+
 // f(i) for i in [0, size): on every thread above kParallelElements, else on this one.
 template <typename F>
 void for_each_element(Index size, F&& f) {
-  if (size > kParallelElements) {
+  if (run_parallel(size)) {
 #pragma omp parallel for simd schedule(static)
     for (Index i = 0; i < size; ++i) f(i);
   } else {
@@ -132,15 +143,6 @@ void scale_in_place(T beta, Tensor<T>& C) {
   }
 }
 
-// Products with a LoRA rank's side (m, n or the depth at most kNarrow) and at least kSplitWork
-// multiply-adds: Eigen parallelises a product along one dimension with a shared
-// packing step, which for these shapes keeps most of the 16 threads waiting. Here each thread
-// takes a contiguous slab of the longer side of C and runs Eigen's single-threaded kernel
-// on it (Eigen does not nest inside a parallel region). The depth is never split, so every
-// element is the same sum as in one product.
-constexpr Index kNarrow = 256;
-constexpr double kSplitWork = 1 << 20;
-
 }  // namespace
 
 template <typename T>
@@ -155,45 +157,7 @@ void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>&
                      " into C " + C.shape());
   }
   scale_in_place(beta, C);
-  if (k == 0 || m == 0 || n == 0) return;
-  auto c = as_matrix(C);
-  const auto a = as_matrix(A);
-  const auto b = as_matrix(B);
-
-  int slabs = 1;
-#if defined(_OPENMP)
-  if (std::min({m, n, k}) <= kNarrow && double(m) * double(n) * double(k) >= kSplitWork && !omp_in_parallel()) {
-    slabs = int(std::min<Index>(omp_get_max_threads(), std::max(m, n) / 16));
-  }
-#endif
-  const bool split_rows = m >= n;
-  const Index long_side = split_rows ? m : n;
-  // Eigen evaluates each product straight into C (noalias) with its blocked kernel, parallel with
-  // OpenMP when it runs alone (slabs == 1).
-  auto run = [&](const auto& op_a, const auto& op_b) {
-    if (slabs <= 1) {
-      c.noalias() += alpha * op_a * op_b;
-      return;
-    }
-#pragma omp parallel for num_threads(slabs) schedule(static)
-    for (int t = 0; t < slabs; ++t) {
-      const Index begin = long_side * t / slabs, count = long_side * (t + 1) / slabs - begin;
-      if (split_rows) {
-        c.middleRows(begin, count).noalias() += alpha * op_a.middleRows(begin, count) * op_b;
-      } else {
-        c.middleCols(begin, count).noalias() += alpha * op_a * op_b.middleCols(begin, count);
-      }
-    }
-  };
-  if (trans_a == Trans::no && trans_b == Trans::no) {
-    run(a, b);
-  } else if (trans_a == Trans::no) {
-    run(a, b.transpose());
-  } else if (trans_b == Trans::no) {
-    run(a.transpose(), b);
-  } else {
-    run(a.transpose(), b.transpose());
-  }
+  gemm_.multiply_add(trans_a, trans_b, alpha, A, B, C);
 }
 
 template <typename T>
@@ -210,7 +174,7 @@ void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
 #pragma omp simd
     for (Index j = 0; j < cols; ++j) row[j] += bias[j];
   };
-  if (Y.size() > kParallelElements) {
+  if (run_parallel(Y.size())) {
 #pragma omp parallel for schedule(static)
     for (Index i = 0; i < rows; ++i) add_row(i);
   } else {
@@ -279,7 +243,7 @@ void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& 
     dy[i] = grad_scale * diff;
     return double(diff) * double(diff);
   };
-  if (size > kParallelElements) {
+  if (run_parallel(size)) {
 #pragma omp parallel for simd reduction(+ : sum) schedule(static)
     for (Index i = 0; i < size; ++i) sum += element(i);
   } else {

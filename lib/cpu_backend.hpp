@@ -1,6 +1,7 @@
 #pragma once
 // The CPU backend: host buffers mapped as Eigen row-major matrices. Eigen runs the large
 // products in parallel with OpenMP; element-wise work is simple loops the compiler vectorises.
+#include "cpu_gemm.hpp"
 #include "relora/backend.hpp"
 
 namespace relora {
@@ -47,6 +48,7 @@ class CpuBackend final : public Backend<T> {
  private:
   MathMode math_ = MathMode::strict;
   bool fused_small_layers_ = true;
+  CpuGemm<T> gemm_;  // Eigen's GEMM with its packing buffers kept here, so steady steps allocate nothing
 };
 
 }  // namespace relora

@@ -1,29 +1,45 @@
-// A steady training step allocates nothing on the heap through operator new: the layers, model,
-// loss, optimizer, schedule and controller size their buffers once. (Eigen's packing buffers for
-// large products come from malloc and are not seen here; this test keeps the products small.)
+// A steady training step allocates nothing on the heap: the layers, model, loss, optimizer,
+// schedule and controller size their buffers once, and the CPU backend keeps Eigen's GEMM packing
+// buffers (which Eigen itself mallocs on every product above 128 KB) in a workspace of its own.
+// Counted twice: operator new, and (on glibc) malloc itself, which Eigen and libgomp call directly.
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "relora/relora.hpp"
 
-// AddressSanitizer replaces operator new itself and flags a malloc'd block freed by its delete:
-// under it the count is not taken (the release build, which CI runs too, takes it).
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+// AddressSanitizer replaces operator new and malloc itself and flags a malloc'd block freed by its
+// delete: under it (or another sanitizer that owns malloc) the count is not taken (the release
+// build, which CI runs too, takes it).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define RELORA_COUNT_ALLOCATIONS 0
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
 #define RELORA_COUNT_ALLOCATIONS 0
 #endif
 #endif
 #ifndef RELORA_COUNT_ALLOCATIONS
 #define RELORA_COUNT_ALLOCATIONS 1
 #endif
+// malloc is counted by defining it in this executable, which takes precedence over libc's for every
+// caller (libgomp and libstdc++ included), and passing on to glibc's own entry points.
+#if RELORA_COUNT_ALLOCATIONS && defined(__GLIBC__)
+#define RELORA_COUNT_MALLOC 1
+#else
+#define RELORA_COUNT_MALLOC 0
+#endif
 
 namespace {
-std::atomic<long> g_allocations{0};
+std::atomic<long> g_allocations{0};  // operator new
+std::atomic<long> g_mallocs{0};      // malloc, calloc, realloc and the aligned ones
 }  // namespace
 
 #if RELORA_COUNT_ALLOCATIONS
@@ -36,11 +52,72 @@ void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 #endif
 
+#if RELORA_COUNT_MALLOC
+extern "C" {
+void* __libc_malloc(std::size_t size);
+void* __libc_calloc(std::size_t count, std::size_t size);
+void* __libc_realloc(void* p, std::size_t size);
+void* __libc_memalign(std::size_t alignment, std::size_t size);
+void __libc_free(void* p);
+
+void* malloc(std::size_t size) noexcept {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  return __libc_malloc(size);
+}
+void* calloc(std::size_t count, std::size_t size) noexcept {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  return __libc_calloc(count, size);
+}
+void* realloc(void* p, std::size_t size) noexcept {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  return __libc_realloc(p, size);
+}
+void free(void* p) noexcept { __libc_free(p); }
+void* memalign(std::size_t alignment, std::size_t size) noexcept {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  return __libc_memalign(alignment, size);
+}
+void* aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  return __libc_memalign(alignment, size);
+}
+int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  if (alignment % sizeof(void*) != 0 || (alignment & (alignment - 1)) != 0) return EINVAL;
+  void* p = __libc_memalign(alignment, size);
+  if (p == nullptr) return ENOMEM;
+  *out = p;
+  return 0;
+}
+}
+#endif
+
 using namespace relora;
+
+namespace {
+
+// Runs the loop on `threads` OpenMP threads (and as many for Eigen, as relora_bench does), then
+// restores the thread counts it found.
+template <typename F>
+void with_threads(int threads, F&& f) {
+#if defined(_OPENMP)
+  const int omp_before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  Eigen::setNbThreads(threads);
+  f();
+  omp_set_num_threads(omp_before);
+  Eigen::setNbThreads(0);  // back to following OpenMP
+#else
+  (void)threads;
+  f();
+#endif
+}
+
+}  // namespace
 
 TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing") {
   if (!RELORA_COUNT_ALLOCATIONS) {
-    MESSAGE("allocation count skipped under AddressSanitizer (it owns operator new)");
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
     return;
   }
   auto backend = make_backend<float>(Device::cpu);
@@ -56,9 +133,85 @@ TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing")
   Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
   Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
   for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
-  const long before = g_allocations.load();
+  const long before = g_allocations.load(), mallocs = g_mallocs.load();
   for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
-  const long during = g_allocations.load() - before;
-  MESSAGE("operator new calls in 12 steady steps: " << during);
+  const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
+  MESSAGE("operator new calls in 12 steady steps: " << during << ", malloc calls: " << malloc_calls);
   CHECK(during == 0);
+  CHECK(malloc_calls == 0);
+}
+
+TEST_CASE("a steady step with products above Eigen's stack limit allocates nothing, on 1 and 2 threads") {
+  if (!RELORA_COUNT_ALLOCATIONS) {
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
+    return;
+  }
+  if (!RELORA_COUNT_MALLOC) MESSAGE("malloc not counted here (not glibc): operator new only");
+  // 512 wide at n = 256: every base product's packing blocks pass Eigen's 128 KB stack limit.
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    with_threads(threads, [&] {
+      auto backend = make_backend<float>(Device::cpu);
+      Model<float> model(backend);
+      model.add(LoraConfig{.in_features = 512, .out_features = 512, .rank = 8, .bias = BiasMode::trainable},
+                Activation::relu);
+      model.add(LoraConfig{.in_features = 512, .out_features = 512, .rank = 8}, Activation::identity);
+      TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
+                           .relora = {.restart_every = 4, .restart_warmup_steps = 1}};
+      Trainer<float> trainer(model, config);
+      Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "X");
+      Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "Y");
+      for (int i = 0; i < 5; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
+      const long news = g_allocations.load(), mallocs = g_mallocs.load();
+      for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // two more restarts in here
+      const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
+      MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: " << new_calls
+                      << ", malloc calls: " << malloc_calls);
+      CHECK(new_calls == 0);
+      CHECK(malloc_calls == 0);
+    });
+  }
+}
+
+TEST_CASE("gemm on the backend's packing workspace is Eigen's product to the bit") {
+  // The same blocking, thread split and kernels as C.noalias() += alpha * op(A) * op(B). Shapes
+  // outside the backend's slab split (a LoRA-rank side with much work), where that holds for any
+  // thread count; on 1 thread the slab split is off and every shape compares.
+  auto backend = make_backend<float>(Device::cpu);
+  struct Shape {
+    Index m, n, k;
+  };
+  for (int threads : {1, 2}) {
+    with_threads(threads, [&] {
+      for (const Shape s : {Shape{300, 520, 264}, Shape{512, 300, 700}, Shape{5, 7, 3}, Shape{1, 300, 400}}) {
+        for (const Trans ta : {Trans::no, Trans::yes}) {
+          for (const Trans tb : {Trans::no, Trans::yes}) {
+            CAPTURE(threads);
+            CAPTURE(s.m);
+            CAPTURE(s.n);
+            CAPTURE(s.k);
+            CAPTURE(int(ta));
+            CAPTURE(int(tb));
+            const HostMatrix<float> A = ta == Trans::no ? HostMatrix<float>::Random(s.m, s.k)
+                                                        : HostMatrix<float>::Random(s.k, s.m);
+            const HostMatrix<float> B = tb == Trans::no ? HostMatrix<float>::Random(s.k, s.n)
+                                                        : HostMatrix<float>::Random(s.n, s.k);
+            HostMatrix<float> expected = HostMatrix<float>::Random(s.m, s.n);
+            Tensor<float> tA = to_backend<float>(*backend, A, "A"), tB = to_backend<float>(*backend, B, "B");
+            Tensor<float> tC = to_backend<float>(*backend, expected, "C");
+            const float alpha = 0.37f;
+            if (ta == Trans::no && tb == Trans::no) expected.noalias() += alpha * A * B;
+            if (ta == Trans::no && tb == Trans::yes) expected.noalias() += alpha * A * B.transpose();
+            if (ta == Trans::yes && tb == Trans::no) expected.noalias() += alpha * A.transpose() * B;
+            if (ta == Trans::yes && tb == Trans::yes) expected.noalias() += alpha * A.transpose() * B.transpose();
+            backend->gemm(ta, tb, alpha, tA, tB, 1.0f, tC);
+            const HostMatrix<float> got = to_host(*backend, tC);
+            const float max_diff = (got - expected).cwiseAbs().maxCoeff();
+            CHECK_MESSAGE(std::memcmp(got.data(), expected.data(), sizeof(float) * got.size()) == 0,
+                          "max |difference| " << max_diff);
+          }
+        }
+      }
+    });
+  }
 }
