@@ -33,7 +33,8 @@ constexpr int kAdamSlots = 48;             // slots per launch: the table stays 
 constexpr std::int64_t kAdamChunk = 4096;  // elements one block takes at a time (16 per thread)
 constexpr int kAdamBlocksPerSm = 4;
 constexpr std::int64_t kAdamSmall = 4096;  // elements in all up to which one block does check and update
-constexpr int kAdamSmallThreads = 1024;    // at most 4 elements per thread and pass
+constexpr int kAdamSmallThreads = 1024;
+constexpr int kAdamSmallPerThread = int(kAdamSmall / kAdamSmallThreads);
 
 template <typename T>
 struct AdamTable {
@@ -124,21 +125,41 @@ __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyp
 }
 
 // Check and update in one block, for steps of at most kAdamSmall elements in one table: the block
-// barrier between the two passes stands for the launch boundary of the two-kernel path.
+// barrier between the two passes stands for the launch boundary of the two-kernel path. A tiny
+// step's kernel is a chain of memory round trips, so each thread loads everything its (at most
+// kAdamSmallPerThread) elements need at once, the flag and the step counts included, keeps it
+// in registers across the check, and writes once.
 template <typename T>
 __global__ void __launch_bounds__(kAdamSmallThreads) adam_small_kernel(const AdamTable<T> table, const AdamHyper hyper, Scratch* scratch) {
   wait_for_previous_grid();
-  if (scratch->nonfinite != kNoNonFinite) return;
   __shared__ int first_bad;
   if (threadIdx.x == 0) first_bad = table.count;
-  __syncthreads();
-  for (int s = 0; s < table.count; ++s) {
-    const T* g = table.grad[s];
-    int bad = 0;
-    for (std::int64_t i = threadIdx.x; i < table.size[s]; i += blockDim.x) bad |= !isfinite(g[i]);
-    if (bad) atomicMin(&first_bad, s);
+  const unsigned long long nonfinite = scratch->nonfinite;
+  int slot[kAdamSmallPerThread];
+  std::int64_t index[kAdamSmallPerThread];
+  T p[kAdamSmallPerThread], g[kAdamSmallPerThread], m[kAdamSmallPerThread], v[kAdamSmallPerThread];
+  T steps[kAdamSmallPerThread];
+  int bad_slot = table.count;
+  for (int j = 0; j < kAdamSmallPerThread; ++j) {
+    // Element e of the step, in slot order: find its slot (a handful of slots) and its index.
+    std::int64_t e = threadIdx.x + std::int64_t(j) * blockDim.x;
+    int s = 0;
+    while (s < table.count && e >= table.size[s]) e -= table.size[s++];
+    slot[j] = s;
+    index[j] = e;
+    if (s == table.count) continue;
+    g[j] = table.grad[s][e];
+    p[j] = table.param[s][e];
+    m[j] = table.m[s][e];
+    v[j] = table.v[s][e];
+    steps[j] = *table.step[s];
+    if (!isfinite(g[j]) && s < bad_slot) bad_slot = s;
   }
+  __syncthreads();  // first_bad initialised
+  if (bad_slot < table.count) atomicMin(&first_bad, bad_slot);
   __syncthreads();
+  // The flag is sticky: once set, no update until synchronize() has reported it.
+  if (nonfinite != kNoNonFinite) return;
   if (first_bad < table.count) {
     if (threadIdx.x == 0) {
       atomicMin(&scratch->nonfinite, (static_cast<unsigned long long>(table.call) << 32) |
@@ -146,21 +167,17 @@ __global__ void __launch_bounds__(kAdamSmallThreads) adam_small_kernel(const Ada
     }
     return;
   }
-  for (int s = 0; s < table.count; ++s) {
-    const double t = double(*table.step[s]) + 1;
+  for (int j = 0; j < kAdamSmallPerThread; ++j) {
+    const int s = slot[j];
+    if (s == table.count) continue;
+    // Bias corrections from the slot's own count, in double, as the CPU computes them.
+    const double t = double(steps[j]) + 1;
     const double c1 = 1 - pow(hyper.beta1, t);
     const double c2 = 1 - pow(hyper.beta2, t);
-    T* param = table.param[s];
-    const T* grad = table.grad[s];
-    T* m = table.m[s];
-    T* v = table.v[s];
-    for (std::int64_t i = threadIdx.x; i < table.size[s]; i += blockDim.x) {
-      T p = param[i], mi = m[i], vi = v[i];
-      adam_element(p, grad[i], mi, vi, table.lr[s], table.weight_decay[s], hyper, c1, c2);
-      param[i] = p;
-      m[i] = mi;
-      v[i] = vi;
-    }
+    adam_element(p[j], g[j], m[j], v[j], table.lr[s], table.weight_decay[s], hyper, c1, c2);
+    table.param[s][index[j]] = p[j];
+    table.m[s][index[j]] = m[j];
+    table.v[s][index[j]] = v[j];
   }
   __syncthreads();  // every thread has read the counts
   for (int s = threadIdx.x; s < table.count; s += blockDim.x) *table.step[s] = T(double(*table.step[s]) + 1);

@@ -142,6 +142,10 @@ __global__ void mse_kernel(std::int64_t n, const T* __restrict__ y, const T* __r
     dy[i] = grad_scale * diff;
   }
   const double block_total = block_sum(sum, shared);
+  if (gridDim.x == 1) {  // a small batch: no partials, no second round trip through memory
+    if (threadIdx.x == 0) *loss = T(block_total / double(n));
+    return;
+  }
   if (threadIdx.x == 0) {
     scratch->partials[blockIdx.x] = block_total;
     __threadfence();  // the partial is visible before this block counts itself done
@@ -239,7 +243,10 @@ void CudaBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>&
   require_same_shape(Y, dY, "mse (prediction vs gradient)");
   require_shape(loss, 1, 1, "mse loss");
   activate();
-  const int grid = std::min(grid_for(Y.size(), sm_count_), kMaxReduceBlocks);
+  // One block up to kOneBlockLoss elements (a few loads per thread, and the loss without the
+  // last-block hand-over); more blocks beyond.
+  constexpr std::int64_t kOneBlockLoss = 8 * kThreads;
+  const int grid = Y.size() <= kOneBlockLoss ? 1 : std::min(grid_for(Y.size(), sm_count_), kMaxReduceBlocks);
   launch_overlapped(&mse_kernel<T>, dim3(grid), dim3(kThreads), 0, stream_.stream, "launch of mse_kernel",
                     std::int64_t(Y.size()), Y.data(), target.data(), dY.data(), loss.data(), scratch());
 }
