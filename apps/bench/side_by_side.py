@@ -22,6 +22,21 @@ def load(paths, key):
     return rows
 
 
+def median_rows(rows, key):
+    """One row per key (several rounds of the same case): the round whose step time is the median
+    (the lower middle for an even count), with every round's step time in "rounds_ms"."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    out = []
+    for group in groups.values():
+        group.sort(key=lambda r: r["step_ms"])
+        chosen = dict(group[(len(group) - 1) // 2])
+        chosen["rounds_ms"] = [r["step_ms"] for r in group]
+        out.append(chosen)
+    return out
+
+
 def fmt(x, digits=4):
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -36,15 +51,18 @@ def main():
     ap.add_argument("--peft", nargs="*", default=[])
     ap.add_argument("--md", default="")
     a = ap.parse_args()
-    rel = [r for r in load(a.relora, "results") if "skipped" not in r]
-    pef = [r for r in load(a.peft, "steps") if r.get("mode", "peft") == "peft"]
+    rel = median_rows([r for r in load(a.relora, "results") if "skipped" not in r],
+                      lambda r: (r["case"], r["backend"], r["math"]))
+    pef = median_rows([r for r in load(a.peft, "steps") if r.get("mode", "peft") == "peft"],
+                      lambda r: (r["case"], r["device"], r["math"]))
     peft_of = {(r["case"], r["device"], r["math"]): r for r in pef}
 
     # "floor": every product the step needs (large and LoRA) timed alone, the issue's GEMM floor;
     # "large floor": the large products only (X W^T, dY W), shown beside it.
     lines = ["| case | backend | math | thr | relora ms | floor ms | step/floor | large floor ms | step/large "
-             "| TFLOP/s | PEFT ms | PEFT/relora | PEFT fp32 / relora | relora MiB | PEFT MiB | target | met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TFLOP/s | PEFT ms | PEFT/relora | PEFT fp32 / relora | relora MiB | PEFT MiB | target | met "
+             "| relora rounds ms | PEFT rounds ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rel:
         key = (r["case"], r["backend"], r["math"])
         p = peft_of.get(key)
@@ -78,7 +96,8 @@ def main():
             c, dev, m, str(r.get("threads", "")) if dev == "cpu" else "", fmt(ms), fmt(r.get("floor_all_ms")),
             fmt(over, 3), fmt(r.get("floor_ms")), fmt(over_large, 3), fmt(r.get("achieved_tflops"), 3), fmt(p["step_ms"]) if p else "-",
             fmt(ratio, 3), fmt(ratio32, 3) if m != "strict" else "", fmt(mib / 2**20 if mib else None),
-            fmt(pmib / 2**20 if pmib else None), target, met]) + " |")
+            fmt(pmib / 2**20 if pmib else None), target, met,
+            " ".join(fmt(x) for x in r["rounds_ms"]), " ".join(fmt(x) for x in p["rounds_ms"]) if p else "-"]) + " |")
     text = "\n".join(lines)
     print(text)
     if a.md:
