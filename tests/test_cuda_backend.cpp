@@ -202,8 +202,7 @@ TEST_CASE_TEMPLATE("cuda: gemm matches the CPU for all transposes, alpha and bet
   struct Size {
     Index m, k, n;
   };
-  // The last four take the split-depth path for products with a rank-sized side: partial tiles
-  // on both sides, a rank of 1, slices that do not divide the depth.
+  // The last four are products with a rank-sized side and a long depth, as LoRA's are.
   for (const Size s : {Size{37, 53, 29}, Size{129, 257, 65}, Size{1, 7, 3}, Size{1024, 1024, 16}, Size{16, 1024, 1024},
                        Size{300, 999, 7}, Size{70, 513, 1}}) {
     for (const Trans ta : {Trans::no, Trans::yes}) {
@@ -246,23 +245,6 @@ TEST_CASE_TEMPLATE("cuda: gemm matches the CPU for all transposes, alpha and bet
   CHECK(gpu_msg == cpu_msg);
   CHECK(gpu_msg.find("gemm: op(A) [3 x 4] times op(B) [5 x 6]") != std::string::npos);
   CHECK_THROWS_AS(b.gpu->gemm(Trans::no, Trans::yes, T(1), A.gpu, B.gpu, T(0), C.gpu), ShapeError);
-}
-
-TEST_CASE("cuda: a split-depth product gives the same bits on every run") {
-  SKIP_WITHOUT_CUDA();
-  std::mt19937_64 rng(fresh_seed());
-  auto b = make_backends<float>();
-  auto dU = twin(b, 1024, 16, random_values<float>(1024 * 16, rng));
-  auto X = twin(b, 1024, 1024, random_values<float>(1024 * 1024, rng));
-  auto dA = poisoned(b, 16, 1024);
-  b.gpu->gemm(Trans::yes, Trans::no, 1.0f, dU.gpu, X.gpu, 0.0f, dA.gpu);  // dA = dU^T X
-  const std::vector<float> first = fetch(*b.gpu, dA.gpu);
-  for (int run = 0; run < 3; ++run) {
-    b.gpu->gemm(Trans::yes, Trans::no, 1.0f, dU.gpu, X.gpu, 0.0f, dA.gpu);
-    CHECK(fetch(*b.gpu, dA.gpu) == first);
-  }
-  b.cpu->gemm(Trans::yes, Trans::no, 1.0f, dU.cpu, X.cpu, 0.0f, dA.cpu);
-  CHECK(compare(b, dA) < 1e-5);
 }
 
 TEST_CASE("cuda: tf32 gemm stays near 1e-3 relative error, and strict comes back") {

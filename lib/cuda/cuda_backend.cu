@@ -74,7 +74,6 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
   // even while a step is captured into a graph.
   const std::size_t workspace_bytes = std::size_t(cc_major_ >= 9 ? 32 : 4) << 20;
   RELORA_CUDA_CHECK(cudaMalloc(&blas_workspace_.ptr, workspace_bytes));
-  blas_workspace_bytes_ = workspace_bytes;
   RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, blas_workspace_.ptr, workspace_bytes));
 
   RELORA_CUDA_CHECK(cudaMalloc(&scratch_memory_.ptr, sizeof(Scratch)));
@@ -249,7 +248,6 @@ void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>
     scale(beta, C);
     return;
   }
-  if (skinny_gemm(trans_a, trans_b, alpha, A, B, beta, C)) return;
   // cuBLAS is column-major; a row-major X (r x c) is the column-major X^T with leading dimension c.
   // So the row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which
   // needs no transposed copy: B and A are passed in swapped order with their own transpose flags.

@@ -7,7 +7,6 @@
 //   cuda_adam.cu         the fused Adam/AdamW update and its device-side NaN/Inf guard
 //   cuda_prune.cu        magnitude and random pruning (a radix sort on scratch memory)
 //   cuda_fused_lora.cu   a tiny LoRA layer's forward, and its backward, as one kernel each
-//   cuda_skinny_gemm.cu  products with a rank-sized side and a long depth, split along the depth
 // No operation copies between host and device except upload, download and the 8-byte read-back
 // of the non-finite flag; none allocates except allocate and the one-time sizing of scratch.
 #include <cublas_v2.h>
@@ -173,10 +172,6 @@ class CudaBackend final : public Backend<T> {
   void raise_device_errors();
   // Scales C by beta (zero when beta == 0, ignoring NaN in C, as BLAS does): a product with k == 0.
   void scale(T beta, Tensor<T>& C);
-  // A product with a rank-sized side and a long depth, split along the depth (cuda_skinny_gemm.cu);
-  // false, having queued nothing, for other shapes.
-  bool skinny_gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
-                   Tensor<T>& C);
 
   int device_id_ = 0;
   bool fused_small_layers_ = true;  // BackendOptions::fused_small_layers
@@ -190,7 +185,6 @@ class CudaBackend final : public Backend<T> {
   cuda_detail::Stream stream_;
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
-  std::size_t blas_workspace_bytes_ = 0;      // (also the split products' partials)
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
   cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back at synchronize()
   cuda_detail::DeviceMemory prune_memory_;    // keys, indices and the sort's temporary storage
