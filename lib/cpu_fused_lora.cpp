@@ -159,9 +159,18 @@ void finish_partials(const Partials<T>& G, Index entries, T factor, T* out) {
   }
 }
 
-bool small_enough(Index n, Index k, Index d, Index r) {
-  if (k > kMaxWidth || d > kMaxWidth || r > kMaxRank) return false;
-  const double work = double(n) * double(2 * k * r + 2 * k * d + 3 * d * r);
+struct LayerShape {
+  Index n, k, d, r;  // rows, in, out, rank
+};
+
+template <typename T>
+LayerShape shape_of(const LoraLayerTensors<T>& layer) {
+  return {layer.X->rows(), layer.X->cols(), layer.W->rows(), layer.A->rows()};
+}
+
+bool small_enough(const LayerShape& s) {
+  if (s.k > kMaxWidth || s.d > kMaxWidth || s.r > kMaxRank) return false;
+  const double work = double(s.n) * double(2 * s.k * s.r + 2 * s.k * s.d + 3 * s.d * s.r);
   return work <= kMaxWork;
 }
 
@@ -169,9 +178,10 @@ bool small_enough(Index n, Index k, Index d, Index r) {
 
 template <typename T>
 bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+  const LayerShape shape = shape_of(layer);
+  if (!fused_small_layers_ || !small_enough(shape)) return false;
+  const auto [n, k, d, r] = shape;
   const Tensor<T>& X = *layer.X;
-  const Index n = X.rows(), k = X.cols(), d = layer.W->rows(), r = layer.A->rows();
-  if (!fused_small_layers_ || !small_enough(n, k, d, r)) return false;
   const T* W = layer.W->data();
   const T* A = layer.A->data();
   const T* B = layer.B->data();
@@ -199,9 +209,10 @@ bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<
 template <typename T>
 bool CpuBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                                         const LoraLayerGradients<T>& grads) {
+  const LayerShape shape = shape_of(layer);
+  if (!fused_small_layers_ || !small_enough(shape)) return false;
+  const auto [n, k, d, r] = shape;
   const Tensor<T>& X = *layer.X;
-  const Index n = X.rows(), k = X.cols(), d = layer.W->rows(), r = layer.A->rows();
-  if (!fused_small_layers_ || !small_enough(n, k, d, r)) return false;
   const T* W = layer.W->data();
   const T* A = layer.A->data();
   const T* B = layer.B->data();

@@ -12,6 +12,7 @@
 // If the vendored Eigen is upgraded, compare them with its Parallelizer.h and
 // GeneralMatrixMatrix.h again.
 #include "cpu_gemm.hpp"
+#include "eigen_maps.hpp"
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -30,12 +31,6 @@ namespace {
 namespace ei = Eigen::internal;
 using EIndex = Eigen::Index;
 
-template <typename T>
-using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <typename T>
-using MatrixMap = Eigen::Map<RowMatrix<T>, Eigen::Aligned64>;
-template <typename T>
-using ConstMatrixMap = Eigen::Map<const RowMatrix<T>, Eigen::Aligned64>;
 
 constexpr std::size_t kAlignment = 64;
 
