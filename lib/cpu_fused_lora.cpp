@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "cpu_backend.hpp"
+#include "fused_lora_checks.hpp"
 
 namespace relora {
 namespace {
@@ -178,8 +179,10 @@ bool small_enough(const LayerShape& s) {
 
 template <typename T>
 bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+  if (!fused_small_layers_) return false;
+  check_fused_forward(layer, U, Y);
   const LayerShape shape = shape_of(layer);
-  if (!fused_small_layers_ || !small_enough(shape)) return false;
+  if (!small_enough(shape)) return false;
   const auto [n, k, d, r] = shape;
   const Tensor<T>& X = *layer.X;
   const T* W = layer.W->data();
@@ -209,8 +212,10 @@ bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<
 template <typename T>
 bool CpuBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                                         const LoraLayerGradients<T>& grads) {
+  if (!fused_small_layers_) return false;
+  check_fused_backward(layer, U, dY, grads);
   const LayerShape shape = shape_of(layer);
-  if (!fused_small_layers_ || !small_enough(shape)) return false;
+  if (!small_enough(shape)) return false;
   const auto [n, k, d, r] = shape;
   const Tensor<T>& X = *layer.X;
   const T* W = layer.W->data();

@@ -4,7 +4,9 @@
 // packets, the width limits), with and without bias and dX; and whole training runs.
 #include <doctest/doctest.h>
 
+#include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gradient_check.hpp"
@@ -153,6 +155,39 @@ TEST_CASE("fused small layer: the CPU takes it for tiny layers only, and never w
   off.fused_small_layers = false;
   auto cpu_off = make_backend<float>(Device::cpu, off);
   CHECK_FALSE(takes_fused_forward(*cpu_off, {200, 10, 5, 4}));
+}
+
+// A forward and a backward with one tensor of the wrong shape: ShapeError naming it and the shapes.
+template <typename T>
+void check_bad_shapes(Backend<T>& backend) {
+  Tensor<T> X = backend.allocate(20, 10), W = backend.allocate(5, 10), A = backend.allocate(4, 10),
+            B = backend.allocate(5, 4), U = backend.allocate(20, 4), Y = backend.allocate(20, 5);
+  Tensor<T> W_bad = backend.allocate(5, 9), Y_bad = backend.allocate(19, 5);
+  Tensor<T> dU = backend.allocate(20, 4), dA = backend.allocate(4, 10), dB = backend.allocate(5, 4),
+            dA_bad = backend.allocate(4, 11);
+  auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const ShapeError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no ShapeError)");
+  };
+  const std::string w = message([&] { backend.fused_lora_forward({&X, &W_bad, &A, &B, nullptr, T(1)}, U, Y); });
+  CHECK(w.find("fused LoRA layer W") != std::string::npos);
+  CHECK(w.find("[5 x 9]") != std::string::npos);
+  const std::string y = message([&] { backend.fused_lora_forward({&X, &W, &A, &B, nullptr, T(1)}, U, Y_bad); });
+  CHECK(y.find("fused_lora_forward") != std::string::npos);
+  const std::string da = message([&] {
+    backend.fused_lora_backward({&X, &W, &A, &B, nullptr, T(1)}, U, Y, {&dU, &dA_bad, &dB, nullptr, nullptr});
+  });
+  CHECK(da.find("fused_lora_backward dA") != std::string::npos);
+  CHECK(da.find("[4 x 11]") != std::string::npos);
+}
+
+TEST_CASE("fused small layer: inconsistent shapes throw ShapeError naming the tensor and the shapes") {
+  check_bad_shapes(*make_backend<float>(Device::cpu));
+  if (relora::testing::cuda_or_skip("cuda fused small layer shapes")) check_bad_shapes(*make_backend<float>(Device::cuda));
 }
 
 TEST_CASE("fused small layer: gradients match finite differences through the fused path") {

@@ -130,7 +130,7 @@ class Backend {
   // backend may run a layer's forward or backward as one pass instead. Each returns false, having
   // done nothing, when it has no fused path for these shapes (or BackendOptions said not to): the
   // layer then calls the separate operations, which compute the same values up to rounding.
-  // Shapes are the caller's to check (LoraLinear does).
+  // Inconsistent shapes throw ShapeError naming the tensor (unless the path is switched off).
   //
   // U = X A^T; Y = X W^T + b + s U B^T.
   virtual bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {

@@ -24,6 +24,7 @@
 
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_launch.cuh"
+#include "fused_lora_checks.hpp"
 
 namespace relora {
 namespace cuda_detail {
@@ -245,18 +246,6 @@ bool small_widths(Index k, Index d, Index r) {
   return fits(k) && fits(d) && fits(r);
 }
 
-template <typename T>
-void require_layer(const LoraLayerTensors<T>& layer, Index d, Index r, const char* op) {
-  if (!layer.X || !layer.W || !layer.A || !layer.B) {
-    throw ConfigError(std::string(op) + ": X, W, A and B must all be given");
-  }
-  const Index k = layer.X->cols();
-  require_shape(*layer.W, d, k, "fused LoRA layer W");
-  require_shape(*layer.A, r, k, "fused LoRA layer A");
-  require_shape(*layer.B, d, r, "fused LoRA layer B");
-  if (layer.b) require_shape(*layer.b, 1, d, "fused LoRA layer b");
-}
-
 }  // namespace
 }  // namespace cuda_detail
 
@@ -265,11 +254,9 @@ using namespace cuda_detail;
 template <typename T>
 bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
   if (!fused_small_layers_) return false;
+  check_fused_forward(layer, U, Y);
   const Index d = Y.cols(), r = U.cols();
-  require_layer(layer, d, r, "fused_lora_forward");
   const Index n = layer.X->rows(), k = layer.X->cols();
-  require_shape(U, n, r, "fused_lora_forward U");
-  require_shape(Y, n, d, "fused_lora_forward Y");
   const Index blocks = (n + kForwardRows - 1) / kForwardRows;
   if (n == 0 || !small_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) return false;
 
@@ -290,17 +277,9 @@ template <typename T>
 bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                                          const LoraLayerGradients<T>& grads) {
   if (!fused_small_layers_) return false;
+  check_fused_backward(layer, U, dY, grads);
   const Index d = dY.cols(), r = U.cols();
-  require_layer(layer, d, r, "fused_lora_backward");
-  if (!grads.dU || !grads.dA || !grads.dB) throw ConfigError("fused_lora_backward: dU, dA and dB must all be given");
   const Index n = layer.X->rows(), k = layer.X->cols();
-  require_shape(U, n, r, "fused_lora_backward U");
-  require_shape(dY, n, d, "fused_lora_backward dY");
-  require_shape(*grads.dU, n, r, "fused_lora_backward dU");
-  require_shape(*grads.dA, r, k, "fused_lora_backward dA");
-  require_shape(*grads.dB, d, r, "fused_lora_backward dB");
-  if (grads.db) require_shape(*grads.db, 1, d, "fused_lora_backward db");
-  if (grads.dX) require_shape(*grads.dX, n, k, "fused_lora_backward dX");
   if (n == 0 || !small_widths(k, d, r)) return false;
   if (double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) return false;
 
