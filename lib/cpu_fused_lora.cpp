@@ -160,16 +160,24 @@ void finish_partials(const Partials<T>& G, Index entries, T factor, T* out) {
   }
 }
 
-struct LayerShape {
+// A layer's shape and its operands, as both passes read them.
+template <typename T>
+struct LayerView {
   Index n, k, d, r;  // rows, in, out, rank
+  const T* X;
+  const T* W;
+  const T* A;
+  const T* B;
 };
 
 template <typename T>
-LayerShape shape_of(const LoraLayerTensors<T>& layer) {
-  return {layer.X->rows(), layer.X->cols(), layer.W->rows(), layer.A->rows()};
+LayerView<T> view_of(const LoraLayerTensors<T>& layer) {
+  return {layer.X->rows(), layer.X->cols(), layer.W->rows(), layer.A->rows(),
+          layer.X->data(), layer.W->data(),  layer.A->data(), layer.B->data()};
 }
 
-bool small_enough(const LayerShape& s) {
+template <typename T>
+bool small_enough(const LayerView<T>& s) {
   if (s.k > kMaxWidth || s.d > kMaxWidth || s.r > kMaxRank) return false;
   const double work = double(s.n) * double(2 * s.k * s.r + 2 * s.k * s.d + 3 * s.d * s.r);
   return work <= kMaxWork;
@@ -181,20 +189,16 @@ template <typename T>
 bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
   if (!fused_small_layers_) return false;
   check_fused_forward(layer, U, Y);
-  const LayerShape shape = shape_of(layer);
-  if (!small_enough(shape)) return false;
-  const auto [n, k, d, r] = shape;
-  const Tensor<T>& X = *layer.X;
-  const T* W = layer.W->data();
-  const T* A = layer.A->data();
-  const T* B = layer.B->data();
+  const LayerView<T> v = view_of(layer);
+  if (!small_enough(v)) return false;
+  const Index n = v.n, k = v.k, d = v.d, r = v.r;
   const T* b = layer.b ? layer.b->data() : nullptr;
   Tile<T> x, u, y;
   for (Index first = 0; first < n; first += kChunk) {
     const Index rows = std::min(kChunk, n - first);
-    load_tile(X.data(), k, first, rows, x);
-    combine(A, k, Index(1), r, k, T(1), x, u);  // U = X A^T
-    combine(W, k, Index(1), d, k, T(1), x, y);  // Y = X W^T
+    load_tile(v.X, k, first, rows, x);
+    combine(v.A, k, Index(1), r, k, T(1), x, u);  // U = X A^T
+    combine(v.W, k, Index(1), d, k, T(1), x, y);  // Y = X W^T
     if (b) {
       for (Index o = 0; o < d; ++o) {
         T* yo = y.row(o);
@@ -202,7 +206,7 @@ bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<
         for (Index c = 0; c < kChunk; ++c) yo[c] += b[o];
       }
     }
-    combine(B, r, Index(1), d, r, layer.scale, u, y, /*accumulate=*/true);  // Y += s U B^T
+    combine(v.B, r, Index(1), d, r, layer.scale, u, y, /*accumulate=*/true);  // Y += s U B^T
     store_tile(u, r, first, rows, U.data());
     store_tile(y, d, first, rows, Y.data());
   }
@@ -214,13 +218,9 @@ bool CpuBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const 
                                         const LoraLayerGradients<T>& grads) {
   if (!fused_small_layers_) return false;
   check_fused_backward(layer, U, dY, grads);
-  const LayerShape shape = shape_of(layer);
-  if (!small_enough(shape)) return false;
-  const auto [n, k, d, r] = shape;
-  const Tensor<T>& X = *layer.X;
-  const T* W = layer.W->data();
-  const T* A = layer.A->data();
-  const T* B = layer.B->data();
+  const LayerView<T> v = view_of(layer);
+  if (!small_enough(v)) return false;
+  const Index n = v.n, k = v.k, d = v.d, r = v.r;
   const T s = layer.scale;
   T* db = grads.db ? grads.db->data() : nullptr;
   if (db) std::fill(db, db + d, T(0));
@@ -233,8 +233,8 @@ bool CpuBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const 
     const Index rows = std::min(kChunk, n - first);
     load_tile(dY.data(), d, first, rows, dy);
     load_tile(U.data(), r, first, rows, u);
-    load_tile(X.data(), k, first, rows, x);
-    combine(B, Index(1), r, r, d, s, dy, du);  // dU = s dY B: coef(q, o) = B[o, q]
+    load_tile(v.X, k, first, rows, x);
+    combine(v.B, Index(1), r, r, d, s, dy, du);  // dU = s dY B: coef(q, o) = B[o, q]
     accumulate_outer(dy, d, u, r, dB_sums);
     accumulate_outer(du, r, x, k, dA_sums);
     if (db) {
@@ -248,8 +248,8 @@ bool CpuBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const 
     }
     store_tile(du, r, first, rows, grads.dU->data());
     if (grads.dX) {
-      combine(W, Index(1), k, k, d, T(1), dy, dx);                       // dX = dY W
-      combine(A, Index(1), k, k, r, T(1), du, dx, /*accumulate=*/true);  // dX += dU A
+      combine(v.W, Index(1), k, k, d, T(1), dy, dx);                       // dX = dY W
+      combine(v.A, Index(1), k, k, r, T(1), du, dx, /*accumulate=*/true);  // dX += dU A
       store_tile(dx, k, first, rows, grads.dX->data());
     }
   }
