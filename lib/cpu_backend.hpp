@@ -1,10 +1,41 @@
 #pragma once
 // The CPU backend: host buffers mapped as Eigen row-major matrices. Eigen runs the large
 // products in parallel with OpenMP; element-wise work is simple loops the compiler vectorises.
+#include <cstdint>
+#include <vector>
+
 #include "cpu_gemm.hpp"
 #include "relora/backend.hpp"
 
 namespace relora {
+
+// Feature-major copies of a fused small layer's operands (cpu_fused_lora.cpp): feature f of row i
+// at [f * ld + i], ld = n rounded up to whole SIMD groups, the lanes past n zero. Grown to the
+// largest layer seen and never shrunk, so that steady steps allocate nothing.
+template <typename T>
+struct FusedLoraScratch {
+  // Which tensor (data, rows, cols) a copy was taken of; data null when it holds none.
+  struct Source {
+    const T* data = nullptr;
+    Index rows = 0, cols = 0;
+    bool is(const Tensor<T>& t) const { return data != nullptr && data == t.data() && t.same_shape(rows, cols); }
+  };
+  std::vector<T> Xt, Ut;  // the last fused forward's X and U: its backward reads them, not X and U again
+  Source X, U;
+  std::vector<T> dYt, dUt;  // the backward's own, for the reductions into dB and dA after its pass
+  std::vector<T> strip;     // one strip of rows of the forward's Y or the backward's dX
+
+  // A backend operation wrote `size` elements at `p`: the copies of whatever it overlaps are stale.
+  // (Addresses compared as integers: `<` between pointers into different buffers is unspecified.)
+  void forget_overlapping(const T* p, Index size) {
+    const auto begin = reinterpret_cast<std::uintptr_t>(p), end = begin + std::uintptr_t(size) * sizeof(T);
+    for (Source* s : {&X, &U}) {
+      const auto s_begin = reinterpret_cast<std::uintptr_t>(s->data);
+      const auto s_end = s_begin + std::uintptr_t(s->rows * s->cols) * sizeof(T);
+      if (s->data != nullptr && begin < s_end && s_begin < end) *s = Source{};
+    }
+  }
+};
 
 template <typename T>
 class CpuBackend final : public Backend<T> {
@@ -49,6 +80,11 @@ class CpuBackend final : public Backend<T> {
   MathMode math_ = MathMode::strict;
   bool fused_small_layers_ = true;
   CpuGemm<T> gemm_;  // Eigen's GEMM with its packing buffers kept here, so steady steps allocate nothing
+  FusedLoraScratch<T> fused_;
+
+  // Every operation that writes a tensor calls this, so that the fused backward never reads a
+  // feature-major copy of an X or U that this backend has overwritten since the copy was taken.
+  void wrote(const Tensor<T>& t) { fused_.forget_overlapping(t.data(), t.size()); }
 };
 
 }  // namespace relora

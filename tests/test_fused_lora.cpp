@@ -144,6 +144,45 @@ TEST_CASE("fused small layer on the CPU: same outputs and gradients as the separ
   compare_backends<double>(Device::cpu, 1e-13);
 }
 
+// The CPU backward reads the forward's feature-major copies of X and U instead of transposing them
+// again, but only while X and U still hold what was copied: after another layer's forward, or
+// after X and U were rewritten through the backend, it must read them again.
+TEST_CASE("fused small layer on the CPU: the backward never reads a stale copy of X or U") {
+  auto backend = make_backend<double>(Device::cpu);
+  std::mt19937 gen(5);
+  const Index n = 37, k = 10, d = 5, r = 4;
+  const double s = 0.5;
+  const HostMatrix<double> W = normal_matrix<double>(d, k, gen), A = normal_matrix<double>(r, k, gen),
+                           B = normal_matrix<double>(d, r, gen), G = normal_matrix<double>(n, d, gen);
+  const HostMatrix<double> X0 = normal_matrix<double>(n, k, gen), X1 = normal_matrix<double>(n, k, gen);
+  Tensor<double> tW = to_backend<double>(*backend, W, "W"), tA = to_backend<double>(*backend, A, "A"),
+                 tB = to_backend<double>(*backend, B, "B"), dY = to_backend<double>(*backend, G, "dY");
+  Tensor<double> X = to_backend<double>(*backend, X0, "X"), X_other = to_backend<double>(*backend, X1, "X other");
+  Tensor<double> U = backend->allocate(n, r), Y = backend->allocate(n, d), U_other = backend->allocate(n, r),
+                 Y_other = backend->allocate(n, d);
+  Tensor<double> dU = backend->allocate(n, r), dA = backend->allocate(r, k), dB = backend->allocate(d, r);
+  const LoraLayerTensors<double> layer{&X, &tW, &tA, &tB, nullptr, s};
+  const LoraLayerTensors<double> other{&X_other, &tW, &tA, &tB, nullptr, s};
+  const LoraLayerGradients<double> grads{&dU, &dA, &dB, nullptr, nullptr};
+  auto check_gradients = [&](const HostMatrix<double>& X_now) {
+    using relora::testing::host_of;
+    const HostMatrix<double> dU_want = s * G * B;
+    CHECK(relative_error(host_of(dA), HostMatrix<double>(dU_want.transpose() * X_now)) < 1e-13);
+    CHECK(relative_error(host_of(dB), HostMatrix<double>(s * G.transpose() * X_now * A.transpose())) < 1e-13);
+  };
+
+  REQUIRE(backend->fused_lora_forward(layer, U, Y));
+  REQUIRE(backend->fused_lora_forward(other, U_other, Y_other));
+  REQUIRE(backend->fused_lora_backward(layer, U, dY, grads));
+  check_gradients(X0);
+
+  REQUIRE(backend->fused_lora_forward(layer, U, Y));
+  backend->upload(X1.data(), X);  // X and U now hold what the other forward saw
+  backend->copy(U_other, U);
+  REQUIRE(backend->fused_lora_backward(layer, U, dY, grads));
+  check_gradients(X1);
+}
+
 TEST_CASE("fused small layer: the CPU takes it for tiny layers only, and never when switched off") {
   auto cpu = make_backend<float>(Device::cpu);
   CHECK(takes_fused_forward(*cpu, {200, 10, 5, 4}));
