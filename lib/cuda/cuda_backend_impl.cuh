@@ -7,6 +7,7 @@
 //   cuda_adam.cu         the fused Adam/AdamW update and its device-side NaN/Inf guard
 //   cuda_prune.cu        magnitude and random pruning (a radix sort on scratch memory)
 //   cuda_fused_lora.cu   a tiny LoRA layer's forward, and its backward, as one kernel each
+//   cuda_adapter_passes.cu  a wider layer's rank-sized work (small r) as row, column and reduce passes
 // No operation copies between host and device except upload, download and the 8-byte read-back
 // of the non-finite flag; none allocates except allocate and the one-time sizing of scratch.
 #include <cublas_v2.h>
@@ -153,7 +154,8 @@ class CudaBackend final : public Backend<T> {
   void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
   void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
 
-  // Tiny layers in one kernel each way (cuda_fused_lora.cu).
+  // Tiny layers in one kernel each way (cuda_fused_lora.cu); wider layers of small rank through
+  // the adapter passes (cuda_adapter_passes.cu).
   bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
   bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                            const LoraLayerGradients<T>& grads) override;
@@ -172,6 +174,14 @@ class CudaBackend final : public Backend<T> {
   void raise_device_errors();
   // Scales C by beta (zero when beta == 0, ignoring NaN in C, as BLAS does): a product with k == 0.
   void scale(T beta, Tensor<T>& C);
+  // A layer too wide for the one-kernel path but of small rank (cuda_adapter_passes.cu): cuBLAS
+  // for X W^T and dY W, our passes for the rank-sized rest. False, having queued nothing, when
+  // the shapes are outside the passes' range.
+  bool adapter_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y);
+  bool adapter_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
+                        const LoraLayerGradients<T>& grads);
+  // Makes adapter_workspace_ hold at least `bytes`; false when it cannot grow now (recording).
+  bool reserve_adapter_workspace(std::size_t bytes);
 
   int device_id_ = 0;
   bool fused_small_layers_ = true;  // BackendOptions::fused_small_layers
@@ -189,6 +199,8 @@ class CudaBackend final : public Backend<T> {
   cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back at synchronize()
   cuda_detail::DeviceMemory prune_memory_;    // keys, indices and the sort's temporary storage
   std::size_t prune_capacity_ = 0;            // bytes in prune_memory_
+  cuda_detail::DeviceMemory adapter_workspace_;  // the column pass's partial sums
+  std::size_t adapter_workspace_bytes_ = 0;
 
   cuda_detail::Scratch* scratch() const { return static_cast<cuda_detail::Scratch*>(scratch_memory_.ptr); }
   unsigned long long* flag_host() const { return static_cast<unsigned long long*>(flag_host_.ptr); }

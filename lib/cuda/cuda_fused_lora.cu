@@ -258,7 +258,9 @@ bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor
   const Index d = Y.cols(), r = U.cols();
   const Index n = layer.X->rows(), k = layer.X->cols();
   const Index blocks = (n + kForwardRows - 1) / kForwardRows;
-  if (n == 0 || !small_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) return false;
+  if (n == 0 || !small_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) {
+    return adapter_forward(layer, U, Y);
+  }
 
   const int kp = padded(int(k)), rp = padded(int(r));
   const std::size_t shared = std::size_t((d + r) * kp + d * rp + d + kForwardRows * (kp + rp)) * sizeof(T);
@@ -280,8 +282,9 @@ bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const
   check_fused_backward(layer, U, dY, grads);
   const Index d = dY.cols(), r = U.cols();
   const Index n = layer.X->rows(), k = layer.X->cols();
-  if (n == 0 || !small_widths(k, d, r)) return false;
-  if (double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) return false;
+  if (n == 0 || !small_widths(k, d, r) || double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) {
+    return adapter_backward(layer, U, dY, grads);
+  }
 
   // As many rows per tile as shared memory holds beside W, A, B (all of them for the seed demo);
   // as many threads per reduction output as the block has to spare.

@@ -1,0 +1,540 @@
+// The LoRA branch of a layer too wide for the one-kernel path (cuda_fused_lora.cu) but of small
+// rank: cuBLAS keeps the large products (X W^T, dY W), and the rank-sized work runs as three
+// kernels of ours instead of five cuBLAS products, a bias kernel and cuBLAS's split-depth
+// reductions.
+//
+// Why: at layer1k (n = k = d = 1024, r = 16) each rank-sized product is 34 MFLOP, far too little
+// to fill the GPU through a GEMM's tiles; cuBLAS runs each as a split-depth product plus a
+// reduction kernel, 11 to 14 us each under ncu, and the step spent more in them (and in the bias
+// and Adam kernels) than in its one large product. Here:
+//
+// - Row pass (forward, and backward's dU): a warp takes kRowsPerWarp rows; its lanes stride along
+//   the row, each keeping r partial dot products, then a butterfly of shuffles leaves the r sums
+//   in every lane, which then stride along the output row to add the rank-r update:
+//     forward   U = X A^T;        Y += b + s U B^T    (Y holds X W^T from cuBLAS)
+//     backward  dU = s dY B;      dX += dU A          (dX holds dY W from cuBLAS, when wanted)
+// - Column pass (backward's dB, dA, db): sums over the n rows. Blocks own 256 output columns and
+//   a chunk of rows; each thread keeps r sums for its column and writes them as one partial per
+//   chunk. No floating-point atomics: the result is the same bits on every run (graph replays are
+//   compared with eager steps, resumed checkpoints with uninterrupted runs).
+// - Reduce pass: adds each output's partials in chunk order.
+// All multiply-adds are fma in T (strict precision in either math mode).
+#include <algorithm>
+#include <limits>
+
+#include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_launch.cuh"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+constexpr int kMaxAdapterRank = 32;  // the row pass keeps kRowsPerWarp x r sums in registers
+// One row per warp, 8 warps a block: layer1k's 1024 rows make 128 blocks of 8 warps. With 2 rows
+// per warp and 4 warps a block the SMs held one warp per scheduler, each issuing every 6 cycles
+// (ncu): the pass was latency-bound on its own instructions.
+constexpr int kRowsPerWarp = 1;
+constexpr int kRowWarps = 8;
+constexpr int kColumnThreads = 256;
+constexpr int kColumnTileRows = 32;  // rows of U or dU staged in shared memory at a time
+constexpr int kColumnBatch = 16;     // rows whose loads a thread issues together
+constexpr int kStageBatch = 8;       // 16-byte loads a thread issues together when staging
+constexpr int kReduceUnroll = 8;
+// Up to this many multiply-adds in the rank-sized products, n (k + d) r, the passes beat cuBLAS
+// (PERFORMANCE.md): layer1k (2^25) took 0.1175 ms a step against 0.127 through cuBLAS, while
+// mlp4x2k's layers (2^27 each) took 3.08 ms against 2.91: there cuBLAS's tiles are full.
+constexpr double kMaxAdapterWork = double(1ll << 26);
+
+// The sum over the warp's lanes, left in every lane, always added in the same order.
+template <typename T>
+__device__ __forceinline__ T warp_all_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// V[i, :] = in_scale * M[i, :] G^T, G(j, p) = G[j g_row + p g_col] for j < r, p < K;
+// then, unless O is null, O[i, q] += bias[q] + out_scale sum_j V[i, j] H(q, j),
+// H(q, j) = H[q h_row + j h_col] for q < Q. Strides let one kernel read A, B or their transposes.
+template <typename T>
+struct RowPass {
+  const T* M;
+  const T* G;
+  const T* H;
+  const T* bias;  // null: none
+  T* V;
+  T* O;  // null: no output phase
+  T in_scale, out_scale;
+  std::int64_t n;
+  int K, Q, r;
+  int g_row, g_col, h_row, h_col;
+};
+
+// A pack of Width consecutive elements, loaded and stored as one vector access where Width
+// elements make 16 bytes (float4, double2) and the address allows it.
+template <typename T, int Width>
+struct alignas(Width * sizeof(T) == 16 ? 16 : alignof(T)) Pack {
+  T v[Width];
+};
+
+template <typename T, int Width>
+__device__ __forceinline__ Pack<T, Width> load_pack(const T* p) {
+  Pack<T, Width> out;
+  if constexpr (Width * sizeof(T) == 16) {
+    *reinterpret_cast<float4*>(out.v) = __ldg(reinterpret_cast<const float4*>(p));
+  } else {
+#pragma unroll
+    for (int e = 0; e < Width; ++e) out.v[e] = p[e];
+  }
+  return out;
+}
+
+template <typename T, int Width>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, Width>& in) {
+  if constexpr (Width * sizeof(T) == 16) {
+    *reinterpret_cast<float4*>(p) = *reinterpret_cast<const float4*>(in.v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < Width; ++e) p[e] = in.v[e];
+  }
+}
+
+// Columns staged per round of the row pass: the staged slice of G or H (MaxRank x chunk) stays
+// within 33 KB of static shared memory.
+template <typename T, int MaxRank>
+constexpr int row_chunk() {
+  constexpr int fit = int(8192 * 4 / sizeof(T)) / MaxRank;
+  return fit < 512 ? fit : 512;
+}
+
+// staged[j * stride + c] = F(j, first + c) for j < r, c < width, F(j, c) = F[j f_row + c f_col]:
+// either r rows of `width` contiguous elements (A, f_col = 1) or `width` contiguous rows of r (B,
+// f_row = 1, f_col = r). Read in memory order, Width elements per access, kStageBatch accesses
+// issued before any is stored: a load-store loop waits out the memory latency once per element
+// (it made the pass 3x slower than the cuBLAS products it replaces).
+template <typename T, int Width>
+__device__ void stage_slice(const T* __restrict__ F, int f_row, int f_col, int r, int first, int width, int stride,
+                            T* staged) {
+  const bool rows_of_width = f_col == 1;
+  const int count = r * width;
+  // The flat index e walks F's memory: e = outer * inner_len + inner. Divisions by a run-time
+  // length cost tens of instructions each, so a thread divides once and then advances its
+  // (outer, inner) position by the fixed step (they were most of the pass's instructions).
+  const int inner_len = rows_of_width ? width : r;
+  const int step = int(blockDim.x) * Width;
+  const int step_outer = step / inner_len, step_inner = step % inner_len;
+  const int start = int(threadIdx.x) * Width;
+  int outer = start / inner_len, inner = start % inner_len;
+  for (int base = start; base < count; base += step * kStageBatch) {
+    Pack<T, Width> batch[kStageBatch];
+    int batch_outer[kStageBatch], batch_inner[kStageBatch];
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      batch_outer[b] = outer;
+      batch_inner[b] = inner;
+      if (base + b * step < count) {
+        const T* from = rows_of_width ? F + outer * f_row + first + inner : F + std::int64_t(first) * r + base + b * step;
+        batch[b] = load_pack<T, Width>(from);
+      }
+      inner += step_inner;
+      outer += step_outer;
+      if (inner >= inner_len) {
+        inner -= inner_len;
+        ++outer;
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      if (base + b * step >= count) continue;
+      int o = batch_outer[b], i = batch_inner[b];
+#pragma unroll
+      for (int x = 0; x < Width; ++x) {  // a pack may run past the end of a row of B: wrap
+        if (rows_of_width) {
+          staged[o * stride + i] = batch[b].v[x];  // A: a pack never straddles a row (width % Width == 0)
+        } else {
+          staged[i * stride + o] = batch[b].v[x];
+        }
+        if (++i == inner_len) {
+          i = 0;
+          ++o;
+        }
+      }
+    }
+  }
+}
+
+// Width elements per lane access (Width 1 when a row length is not a multiple of a 16-byte
+// vector). Rounds of Chunk columns: every lane first issues all its loads of the round (the
+// warp's rows of M), the block stages the round's slice of G, then the multiply-adds run; a
+// round keeps 32 floats per lane in flight, which is what hides the memory latency at these sizes.
+template <typename T, int MaxRank, int Width>
+__global__ void __launch_bounds__(kRowWarps * 32) adapter_row_kernel(const RowPass<T> a) {
+  constexpr int kChunk = row_chunk<T, MaxRank>();
+  constexpr int kStride = kChunk + 4;  // staged row stride: 16-byte aligned rows, fewer bank conflicts
+  constexpr int kSteps = kChunk / (32 * Width);
+  static_assert(kSteps >= 1, "a round covers at least one access per lane");
+  __shared__ __align__(16) T staged[MaxRank * kStride];
+  wait_for_previous_grid();
+  const int lane = threadIdx.x % 32;
+  const std::int64_t first = (std::int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32) * kRowsPerWarp;
+  // A warp past the last row still takes part in staging (the block's barriers need it).
+  const int rows = first >= a.n ? 0 : int(a.n - first < kRowsPerWarp ? a.n - first : kRowsPerWarp);
+  const T* M = a.M + (rows > 0 ? first * a.K : 0);
+
+  T v[kRowsPerWarp][MaxRank];
+#pragma unroll
+  for (int w = 0; w < kRowsPerWarp; ++w) {
+#pragma unroll
+    for (int j = 0; j < MaxRank; ++j) v[w][j] = T(0);
+  }
+  for (int p0 = 0; p0 < a.K; p0 += kChunk) {
+    const int width = a.K - p0 < kChunk ? a.K - p0 : kChunk;
+    Pack<T, Width> m[kSteps][kRowsPerWarp];
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int c = (lane + 32 * step) * Width;
+#pragma unroll
+      for (int w = 0; w < kRowsPerWarp; ++w) {
+        if (c < width && w < rows) {
+          m[step][w] = load_pack<T, Width>(M + std::int64_t(w) * a.K + p0 + c);
+        } else {
+#pragma unroll
+          for (int e = 0; e < Width; ++e) m[step][w].v[e] = T(0);
+        }
+      }
+    }
+    __syncthreads();  // the previous round's slice has been read
+    stage_slice<T, Width>(a.G, a.g_row, a.g_col, a.r, p0, width, kStride, staged);
+    __syncthreads();
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int c = (lane + 32 * step) * Width;
+      if (c >= width) continue;
+#pragma unroll
+      for (int j = 0; j < MaxRank; ++j) {
+        if (j >= a.r) continue;
+        const Pack<T, Width> g = *reinterpret_cast<const Pack<T, Width>*>(staged + j * kStride + c);
+#pragma unroll
+        for (int e = 0; e < Width; ++e) {
+#pragma unroll
+          for (int w = 0; w < kRowsPerWarp; ++w) v[w][j] = fma(m[step][w].v[e], g.v[e], v[w][j]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < kRowsPerWarp; ++w) {
+#pragma unroll
+    for (int j = 0; j < MaxRank; ++j) {
+      if (j < a.r) v[w][j] = a.in_scale * warp_all_sum(v[w][j]);
+      // Lane j stores entry j: a register array indexed by the lane would be spilled to memory.
+      if (j < a.r && lane == j && w < rows) a.V[(first + w) * a.r + j] = v[w][j];
+    }
+  }
+  if (a.O == nullptr) return;  // the same for the whole block
+
+  T* O = a.O + (rows > 0 ? first * a.Q : 0);
+  for (int q0 = 0; q0 < a.Q; q0 += kChunk) {
+    const int width = a.Q - q0 < kChunk ? a.Q - q0 : kChunk;
+    __syncthreads();
+    stage_slice<T, Width>(a.H, a.h_col, a.h_row, a.r, q0, width, kStride, staged);  // staged[j][c] = H(q0 + c, j)
+    __syncthreads();
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int c = (lane + 32 * step) * Width;
+      if (c >= width) continue;
+      Pack<T, Width> t[kRowsPerWarp];
+#pragma unroll
+      for (int w = 0; w < kRowsPerWarp; ++w) {
+#pragma unroll
+        for (int e = 0; e < Width; ++e) t[w].v[e] = T(0);
+      }
+#pragma unroll
+      for (int j = 0; j < MaxRank; ++j) {
+        if (j >= a.r) continue;
+        const Pack<T, Width> h = *reinterpret_cast<const Pack<T, Width>*>(staged + j * kStride + c);
+#pragma unroll
+        for (int e = 0; e < Width; ++e) {
+#pragma unroll
+          for (int w = 0; w < kRowsPerWarp; ++w) t[w].v[e] = fma(v[w][j], h.v[e], t[w].v[e]);
+        }
+      }
+      Pack<T, Width> bias;
+      if (a.bias) {
+        bias = load_pack<T, Width>(a.bias + q0 + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < Width; ++e) bias.v[e] = T(0);
+      }
+#pragma unroll
+      for (int w = 0; w < kRowsPerWarp; ++w) {
+        if (w >= rows) continue;
+        T* o = O + std::int64_t(w) * a.Q + q0 + c;
+        Pack<T, Width> out = load_pack<T, Width>(o);
+#pragma unroll
+        for (int e = 0; e < Width; ++e) out.v[e] = fma(a.out_scale, t[w].v[e], out.v[e] + bias.v[e]);
+        store_pack(o, out);
+      }
+    }
+  }
+}
+
+// Columns q < Q1 sum M1[:, q] against V1 (and, if sums1, against 1); columns Q1 <= q < Q1 + Q2
+// sum M2[:, q - Q1] against V2. Block (x, c) covers kColumnThreads columns and rows
+// [c chunk_rows, (c + 1) chunk_rows); it writes partial[(c (r + 1) + j) (Q1 + Q2) + q], the plane
+// j = r holding the plain column sums.
+template <typename T>
+struct ColumnPass {
+  const T* M1;
+  const T* V1;
+  const T* M2;
+  const T* V2;
+  T* partial;
+  std::int64_t n, chunk_rows;
+  int Q1, Q2, r;
+  bool sums1;
+};
+
+template <typename T, int MaxRank>
+__global__ void __launch_bounds__(kColumnThreads) adapter_column_kernel(const ColumnPass<T> a) {
+  __shared__ T tiles[2][kColumnTileRows * MaxRank];  // rows of V1 and of V2
+  wait_for_previous_grid();
+  const int q = blockIdx.x * kColumnThreads + threadIdx.x;
+  const int columns = a.Q1 + a.Q2;
+  const bool first_part = q < a.Q1;
+  const T* M = first_part ? a.M1 + q : a.M2 + (q - a.Q1);
+  const int stride = first_part ? a.Q1 : a.Q2;
+  const int part = first_part ? 0 : 1;
+  const std::int64_t begin = std::int64_t(blockIdx.y) * a.chunk_rows;
+  const std::int64_t end = begin + a.chunk_rows < a.n ? begin + a.chunk_rows : a.n;
+  // Which of the two row operands this block's columns read: staging only those halves the
+  // shared-memory traffic of a block that lies within one part.
+  const int block_first = blockIdx.x * kColumnThreads;
+  const bool need1 = block_first < a.Q1;
+  const bool need2 = block_first + kColumnThreads > a.Q1;
+
+  T acc[MaxRank];
+#pragma unroll
+  for (int j = 0; j < MaxRank; ++j) acc[j] = T(0);
+  T sum = T(0);
+  for (std::int64_t i0 = begin; i0 < end; i0 += kColumnTileRows) {
+    const int rows = int(end - i0 < kColumnTileRows ? end - i0 : kColumnTileRows);
+    __syncthreads();  // the previous tile has been read
+    // At most kColumnTileRows x MaxRank elements: every thread loads its few at once.
+    constexpr int kPerThread = (kColumnTileRows * MaxRank + kColumnThreads - 1) / kColumnThreads;
+    T staged1[kPerThread], staged2[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int e = int(threadIdx.x) + u * kColumnThreads;
+      const bool valid = e < rows * a.r;
+      staged1[u] = valid && need1 ? a.V1[i0 * a.r + e] : T(0);
+      staged2[u] = valid && need2 ? a.V2[i0 * a.r + e] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int e = int(threadIdx.x) + u * kColumnThreads;
+      if (e < rows * a.r) {
+        const int at = e / a.r * MaxRank + e % a.r;
+        tiles[0][at] = staged1[u];
+        tiles[1][at] = staged2[u];
+      }
+    }
+    __syncthreads();
+    if (q >= columns) continue;
+    // kColumnBatch loads in flight per thread, then their multiply-adds. The loads are
+    // unconditional (a row past the tile repeats the last one, and is not added) so that the
+    // compiler issues them all before the first multiply-add; one load at a time left the pass
+    // waiting on memory latency.
+    for (int i = 0; i < rows; i += kColumnBatch) {
+      T m[kColumnBatch];
+#pragma unroll
+      for (int u = 0; u < kColumnBatch; ++u) m[u] = M[(i0 + min(i + u, rows - 1)) * stride];
+#pragma unroll
+      for (int u = 0; u < kColumnBatch; ++u) {
+        if (i + u >= rows) break;
+        sum += m[u];
+        const T* v = &tiles[part][(i + u) * MaxRank];
+#pragma unroll
+        for (int j = 0; j < MaxRank; ++j) {
+          if (j < a.r) acc[j] = fma(m[u], v[j], acc[j]);
+        }
+      }
+    }
+  }
+  if (q >= columns) return;
+  T* out = a.partial + std::int64_t(blockIdx.y) * (a.r + 1) * columns + q;
+#pragma unroll
+  for (int j = 0; j < MaxRank; ++j) {
+    if (j < a.r) out[std::int64_t(j) * columns] = acc[j];
+  }
+  if (first_part && a.sums1) out[std::int64_t(a.r) * columns] = sum;
+}
+
+// dB[q, j] = s sum_c partial(c, j, q) and db[q] = sum_c partial(c, r, q) for q < Q1 (db when
+// requested); dA[j, p] = sum_c partial(c, j, Q1 + p) for p < Q2.
+template <typename T>
+struct ReducePass {
+  const T* partial;
+  T* dB;
+  T* db;  // null: not requested
+  T* dA;
+  T scale;
+  int chunks, Q1, Q2, r;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) adapter_reduce_kernel(const ReducePass<T> a) {
+  wait_for_previous_grid();
+  const int columns = a.Q1 + a.Q2;
+  const std::int64_t plane = std::int64_t(a.r + 1) * columns;  // one chunk's partials; e indexes within it
+  for (std::int64_t e = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < plane;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    const int j = int(e / columns), q = int(e % columns);
+    if (j == a.r && (q >= a.Q1 || a.db == nullptr)) continue;
+    T total = T(0);
+#pragma unroll kReduceUnroll
+    for (int c = 0; c < a.chunks; ++c) total += a.partial[c * plane + e];
+    if (q < a.Q1) {
+      if (j < a.r) {
+        a.dB[q * a.r + j] = a.scale * total;
+      } else {
+        a.db[q] = total;
+      }
+    } else {
+      a.dA[std::int64_t(j) * a.Q2 + (q - a.Q1)] = total;
+    }
+  }
+}
+
+template <typename T, int MaxRank>
+void launch_row_pass(const RowPass<T>& pass, cudaStream_t stream) {
+  const std::int64_t rows_per_block = std::int64_t(kRowWarps) * kRowsPerWarp;
+  const unsigned blocks = unsigned((pass.n + rows_per_block - 1) / rows_per_block);
+  // 16-byte accesses need every row of M, O, A and B's slices (and the bias) to start 16-byte
+  // aligned: cudaMalloc'd tensors do when the row lengths are multiples of the vector.
+  constexpr int kVector = int(16 / sizeof(T));
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  const bool vector = pass.K % kVector == 0 && pass.Q % kVector == 0 && aligned(pass.M) && aligned(pass.G) &&
+                      aligned(pass.H) && (pass.O == nullptr || aligned(pass.O)) &&
+                      (pass.bias == nullptr || aligned(pass.bias));
+  if (vector) {
+    launch_overlapped(&adapter_row_kernel<T, MaxRank, kVector>, dim3(blocks), dim3(kRowWarps * 32), 0, stream,
+                      "launch of adapter_row_kernel", pass);
+  } else {
+    launch_overlapped(&adapter_row_kernel<T, MaxRank, 1>, dim3(blocks), dim3(kRowWarps * 32), 0, stream,
+                      "launch of adapter_row_kernel", pass);
+  }
+}
+
+template <typename T>
+void row_pass(const RowPass<T>& pass, cudaStream_t stream) {
+  if (pass.r <= 8) return launch_row_pass<T, 8>(pass, stream);
+  if (pass.r <= 16) return launch_row_pass<T, 16>(pass, stream);
+  launch_row_pass<T, kMaxAdapterRank>(pass, stream);
+}
+
+template <typename T>
+void column_pass(const ColumnPass<T>& pass, int chunks, cudaStream_t stream) {
+  const dim3 grid(unsigned((pass.Q1 + pass.Q2 + kColumnThreads - 1) / kColumnThreads), unsigned(chunks));
+  if (pass.r <= 8) {
+    launch_overlapped(&adapter_column_kernel<T, 8>, grid, dim3(kColumnThreads), 0, stream,
+                      "launch of adapter_column_kernel", pass);
+  } else if (pass.r <= 16) {
+    launch_overlapped(&adapter_column_kernel<T, 16>, grid, dim3(kColumnThreads), 0, stream,
+                      "launch of adapter_column_kernel", pass);
+  } else {
+    launch_overlapped(&adapter_column_kernel<T, kMaxAdapterRank>, grid, dim3(kColumnThreads), 0, stream,
+                      "launch of adapter_column_kernel", pass);
+  }
+}
+
+bool adapter_passes_apply(Index n, Index k, Index d, Index r) {
+  if (n < 1 || k < 1 || d < 1 || r < 1 || r > kMaxAdapterRank) return false;
+  if (k + d > std::numeric_limits<int>::max() / (kMaxAdapterRank + 1)) return false;
+  return double(n) * double(k + d) * double(r) <= kMaxAdapterWork;
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+template <typename T>
+bool CudaBackend<T>::adapter_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+  const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
+  if (!adapter_passes_apply(n, k, d, r)) return false;
+  gemm(Trans::no, Trans::yes, T(1), *layer.X, *layer.W, T(0), Y);  // Y = X W^T
+  RowPass<T> pass{layer.X->data(), layer.A->data(), layer.B->data(), layer.b ? layer.b->data() : nullptr,
+                  U.data(), Y.data(), T(1), layer.scale, n, int(k), int(d), int(r),
+                  int(k), 1, int(r), 1};  // G(j, p) = A[j, p]; H(q, j) = B[q, j]
+  row_pass(pass, stream_.stream);
+  return true;
+}
+
+template <typename T>
+bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
+                                      const LoraLayerGradients<T>& grads) {
+  const Index n = layer.X->rows(), k = layer.X->cols(), d = dY.cols(), r = U.cols();
+  if (!adapter_passes_apply(n, k, d, r)) return false;
+
+  // Chunks of rows for the column pass: about two blocks per SM in all (one left each SM's
+  // warps stalled on their own multiply-add chains), each chunk at least a tile of rows; the
+  // partials then take chunks (r + 1) (k + d) elements of workspace.
+  const Index column_blocks = (k + d + kColumnThreads - 1) / kColumnThreads;
+  const Index wanted = std::max<Index>(1, (2 * sm_count_ + column_blocks - 1) / column_blocks);
+  const Index chunk_rows = std::max<Index>(kColumnTileRows, (n + wanted - 1) / wanted);
+  const Index chunks = (n + chunk_rows - 1) / chunk_rows;
+  const std::size_t partial_bytes = std::size_t(chunks) * std::size_t(r + 1) * std::size_t(k + d) * sizeof(T);
+  if (!reserve_adapter_workspace(partial_bytes)) return false;
+
+  if (grads.dX) gemm(Trans::no, Trans::no, T(1), dY, *layer.W, T(0), *grads.dX);  // dX = dY W
+  RowPass<T> rows{dY.data(), layer.B->data(), layer.A->data(), nullptr,
+                  grads.dU->data(), grads.dX ? grads.dX->data() : nullptr, layer.scale, T(1), n,
+                  int(d), int(k), int(r), 1, int(r), 1, int(k)};  // G(j, c) = B[c, j]; H(p, j) = A[j, p]
+  row_pass(rows, stream_.stream);
+
+  T* partial = static_cast<T*>(adapter_workspace_.ptr);
+  ColumnPass<T> columns{dY.data(), U.data(), layer.X->data(), grads.dU->data(), partial, n, chunk_rows,
+                        int(d), int(k), int(r), grads.db != nullptr};
+  column_pass(columns, int(chunks), stream_.stream);
+
+  ReducePass<T> reduce{partial, grads.dB->data(), grads.db ? grads.db->data() : nullptr, grads.dA->data(),
+                       layer.scale, int(chunks), int(d), int(k), int(r)};
+  const int blocks = grid_for(std::int64_t(r + 1) * (k + d), sm_count_, 4);
+  launch_overlapped(&adapter_reduce_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), 0, stream_.stream,
+                    "launch of adapter_reduce_kernel", reduce);
+  return true;
+}
+
+template <typename T>
+bool CudaBackend<T>::reserve_adapter_workspace(std::size_t bytes) {
+  if (bytes <= adapter_workspace_bytes_) return true;
+  // Growing frees the old buffer, which a queued step or a recorded graph may still name: not
+  // while recording (the separate products run instead), and a ready recording goes stale.
+  if (recording_) return false;
+  activate();
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  if (adapter_workspace_.ptr) RELORA_CUDA_CHECK(cudaFree(adapter_workspace_.ptr));
+  adapter_workspace_.ptr = nullptr;
+  adapter_workspace_bytes_ = 0;
+  ++allocations_;
+  const cudaError_t status = cudaMalloc(&adapter_workspace_.ptr, bytes);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    adapter_workspace_.ptr = nullptr;
+    return false;  // the separate products need no workspace
+  }
+  adapter_workspace_bytes_ = bytes;
+  return true;
+}
+
+#define RELORA_INSTANTIATE(T)                                                                                  \
+  template bool CudaBackend<T>::adapter_forward(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);          \
+  template bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>&, const Tensor<T>&, const Tensor<T>&, \
+                                                 const LoraLayerGradients<T>&);                               \
+  template bool CudaBackend<T>::reserve_adapter_workspace(std::size_t);
+RELORA_INSTANTIATE(float)
+RELORA_INSTANTIATE(double)
+#undef RELORA_INSTANTIATE
+
+}  // namespace relora

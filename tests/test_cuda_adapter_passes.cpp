@@ -1,0 +1,218 @@
+// The CUDA backend's adapter passes (cuda_adapter_passes.cu): layers too wide for the one-kernel
+// path but of rank at most 32 run their rank-sized work as row, column and reduce kernels. Checked
+// against the CPU's separate products on every output (odd widths, a partial warp of rows, chunks
+// of rows that do not divide n, every rank bucket), against central finite differences in double,
+// for the range of shapes that takes them, and over training: graph replays give the eager
+// losses bit for bit (the column sums are added in a fixed order), and the CPU's within rounding.
+#include <doctest/doctest.h>
+
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "gradient_check.hpp"
+#include "relora/relora.hpp"
+#include "test_data.hpp"
+#include "test_support.hpp"
+
+using namespace relora;
+using relora::testing::cuda_or_skip;
+using relora::testing::normal_matrix;
+
+namespace {
+
+struct Shape {
+  Index n, k, d, r;
+};
+
+template <typename T>
+struct Outputs {
+  HostMatrix<T> Y, dA, dB, db, dX;
+};
+
+template <typename T>
+Outputs<T> forward_backward(Backend<T>& backend, const Shape& s, BiasMode bias, bool need_dX) {
+  std::mt19937 gen(unsigned(s.n * 31 + s.k * 7 + s.d * 3 + s.r));
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = bias, .seed = 8};
+  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen));
+  layer.set_A(normal_matrix<T>(s.r, s.k, gen));
+  layer.set_B(normal_matrix<T>(s.d, s.r, gen));
+  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
+  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
+  Tensor<T> dY = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "dY");
+  Outputs<T> out;
+  out.Y = to_host(backend, layer.forward(X));
+  layer.backward(dY, need_dX);
+  out.dA = to_host(backend, layer.dA());
+  out.dB = to_host(backend, layer.dB());
+  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
+  if (need_dX) out.dX = to_host(backend, layer.dX());
+  return out;
+}
+
+template <typename T>
+void expect_close(const Outputs<T>& got, const Outputs<T>& want, double tolerance) {
+  auto close = [&](const HostMatrix<T>& a, const HostMatrix<T>& b, const char* name) {
+    REQUIRE(a.rows() == b.rows());
+    REQUIRE(a.cols() == b.cols());
+    if (a.size() == 0) return;
+    const double err = relora::testing::relative_error(a.template cast<double>(), b.template cast<double>());
+    INFO(name << " relative error " << err);
+    CHECK(err < tolerance);
+  };
+  close(got.Y, want.Y, "Y");
+  close(got.dA, want.dA, "dA");
+  close(got.dB, want.dB, "dB");
+  close(got.db, want.db, "db");
+  close(got.dX, want.dX, "dX");
+}
+
+// Shapes that take the adapter passes: ranks in each of the 8, 16 and 32 buckets; n odd, below a
+// block's 8 rows, and past one chunk of the column pass; widths not multiples of a warp; d = 1;
+// tiny widths with too many rows for the one-block backward (forward fused, backward passes).
+const std::vector<Shape>& adapter_shapes() {
+  static const std::vector<Shape> shapes = {
+      {300, 200, 130, 16}, {77, 40, 300, 3}, {130, 64, 33, 32}, {1030, 48, 40, 9}, {5, 33, 1, 1}, {5000, 8, 8, 4},
+  };
+  return shapes;
+}
+
+template <typename T>
+void compare_with_cpu(double tolerance) {
+  BackendOptions separate;
+  separate.fused_small_layers = false;
+  auto cpu = make_backend<T>(Device::cpu, separate);
+  auto gpu = make_backend<T>(Device::cuda);
+  for (const Shape& s : adapter_shapes()) {
+    for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
+      for (bool need_dX : {false, true}) {
+        CAPTURE(s.n);
+        CAPTURE(s.k);
+        CAPTURE(s.d);
+        CAPTURE(s.r);
+        CAPTURE(int(bias));
+        CAPTURE(need_dX);
+        expect_close(forward_backward<T>(*gpu, s, bias, need_dX), forward_backward<T>(*cpu, s, bias, need_dX),
+                     tolerance);
+      }
+    }
+  }
+}
+
+// Whether the backend's fused forward takes a layer of shape s.
+bool takes_fused_path(Backend<float>& backend, const Shape& s) {
+  Tensor<float> X = backend.allocate(s.n, s.k), W = backend.allocate(s.d, s.k), A = backend.allocate(s.r, s.k),
+                B = backend.allocate(s.d, s.r), U = backend.allocate(s.n, s.r), Y = backend.allocate(s.n, s.d);
+  for (Tensor<float>* t : {&X, &W, &A, &B}) backend.fill(*t, 0.5f);
+  const bool fused = backend.fused_lora_forward({&X, &W, &A, &B, nullptr, 1.0f}, U, Y);
+  backend.synchronize();
+  return fused;
+}
+
+// dL/dx by central differences, x a CUDA tensor: each entry perturbed on the host and uploaded.
+HostMatrix<double> numeric_gradient_on(Backend<double>& backend, Tensor<double>& x,
+                                       const std::function<double()>& loss, double h = 1e-6) {
+  HostMatrix<double> values = to_host(backend, x), grad(x.rows(), x.cols());
+  for (Index i = 0; i < values.size(); ++i) {
+    const double saved = values.data()[i];
+    values.data()[i] = saved + h;
+    backend.upload(values.data(), x);
+    const double up = loss();
+    values.data()[i] = saved - h;
+    backend.upload(values.data(), x);
+    const double down = loss();
+    values.data()[i] = saved;
+    grad.data()[i] = (up - down) / (2 * h);
+  }
+  backend.upload(values.data(), x);
+  return grad;
+}
+
+// Losses of 40 ReLoRA steps of a two-layer model whose layers both take the adapter passes.
+std::vector<double> train_wide(Device device, bool use_graphs, bool fused) {
+  BackendOptions options;
+  options.fused_small_layers = fused;
+  auto backend = make_backend<float>(device, options);
+  std::mt19937 gen(21);
+  const HostMatrix<float> X = normal_matrix<float>(300, 64, gen), target = normal_matrix<float>(300, 40, gen);
+  Model<float> model(backend);
+  model.add(LoraConfig{.in_features = 64, .out_features = 96, .rank = 8, .alpha = 16, .bias = BiasMode::trainable,
+                       .seed = 2},
+            Activation::relu, normal_matrix<float>(96, 64, gen, 0.2));
+  model.add(LoraConfig{.in_features = 96, .out_features = 40, .rank = 8, .alpha = 16, .seed = 3},
+            Activation::identity, normal_matrix<float>(40, 96, gen, 0.2));
+  TrainerConfig config;
+  config.method = TrainingMethod::relora;
+  config.relora.restart_every = 15;
+  config.adam.lr = 3e-3;
+  config.use_graphs = use_graphs;
+  Trainer<float> trainer(model, config);
+  Tensor<float> x = to_backend<float>(*backend, X, "X"), t = to_backend<float>(*backend, target, "target");
+  std::vector<double> losses;
+  for (int step = 0; step < 40; ++step) {
+    trainer.step(x, t);
+    losses.push_back(trainer.loss());
+  }
+  return losses;
+}
+
+}  // namespace
+
+TEST_CASE("cuda adapter passes: same outputs and gradients as the CPU's separate products") {
+  if (!cuda_or_skip("cuda adapter passes")) return;
+  compare_with_cpu<float>(1e-5);
+  compare_with_cpu<double>(1e-12);
+}
+
+TEST_CASE("cuda adapter passes: taken for wide layers of rank up to 32, within the work limit, unless switched off") {
+  if (!cuda_or_skip("cuda adapter passes")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  CHECK(takes_fused_path(*gpu, {1024, 1024, 1024, 16}));  // layer1k
+  CHECK(takes_fused_path(*gpu, {300, 200, 130, 32}));
+  CHECK_FALSE(takes_fused_path(*gpu, {300, 200, 130, 33}));       // rank over the limit
+  CHECK_FALSE(takes_fused_path(*gpu, {4096, 4096, 4096, 16}));    // large enough for cuBLAS's tiles
+  BackendOptions off;
+  off.fused_small_layers = false;
+  auto gpu_off = make_backend<float>(Device::cuda, off);
+  CHECK_FALSE(takes_fused_path(*gpu_off, {1024, 1024, 1024, 16}));
+}
+
+TEST_CASE("cuda adapter passes: gradients match finite differences in double") {
+  if (!cuda_or_skip("cuda adapter passes")) return;
+  auto backend = make_backend<double>(Device::cuda);
+  const Shape s{37, 40, 33, 5};
+  std::mt19937 gen(5);
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
+  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
+  layer.set_B(normal_matrix(s.d, s.r, gen));
+  layer.set_b(normal_matrix(1, s.d, gen));
+  Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
+  const HostMatrix<double> G = normal_matrix(s.n, s.d, gen);
+  auto loss = [&]() { return to_host(*backend, layer.forward(X)).cwiseProduct(G).sum(); };
+  loss();
+  Tensor<double> dY = to_backend<double>(*backend, G, "dY");
+  layer.backward(dY, /*need_dX=*/true);
+  const HostMatrix<double> dA = to_host(*backend, layer.dA()), dB = to_host(*backend, layer.dB()),
+                           db = to_host(*backend, layer.db()), dX = to_host(*backend, layer.dX());
+  using relora::testing::relative_error;
+  CHECK(relative_error(dA, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.A()), loss)) < 1e-7);
+  CHECK(relative_error(dB, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.B()), loss)) < 1e-7);
+  CHECK(relative_error(db, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.b()), loss)) < 1e-7);
+  CHECK(relative_error(dX, numeric_gradient_on(*backend, X, loss)) < 1e-7);
+}
+
+TEST_CASE("cuda adapter passes: graph replays give the eager losses bit for bit, and the CPU's within rounding") {
+  if (!cuda_or_skip("cuda adapter passes")) return;
+  const std::vector<double> graph = train_wide(Device::cuda, true, true);
+  const std::vector<double> eager = train_wide(Device::cuda, false, true);
+  const std::vector<double> separate = train_wide(Device::cuda, true, false);
+  const std::vector<double> cpu = train_wide(Device::cpu, false, false);
+  REQUIRE(graph.size() == cpu.size());
+  for (std::size_t i = 0; i < graph.size(); ++i) {
+    CAPTURE(i);
+    CHECK(graph[i] == eager[i]);
+    CHECK(graph[i] == doctest::Approx(separate[i]).epsilon(1e-4));
+    CHECK(graph[i] == doctest::Approx(cpu[i]).epsilon(1e-4));
+  }
+  CHECK(graph.back() < 0.9 * graph.front());  // it trains
+}
