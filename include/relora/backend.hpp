@@ -48,7 +48,8 @@ struct AdamHyper {
 struct BackendOptions {
   MathMode math = MathMode::strict;
   int device_id = 0;  // CUDA device ordinal
-  // Run tiny LoRA layers through fused_lora_forward/backward where the backend has such a path.
+  // Run LoRA layers through fused_lora_forward/backward where the backend has such a path: tiny
+  // layers on both backends, and on CUDA wider layers of small rank (the adapter passes).
   // Off: every layer uses the separate products (tests compare the two).
   bool fused_small_layers = true;
 };
@@ -127,7 +128,8 @@ class Backend {
 
   // ---- fused small LoRA layer (optional). A layer of tiny widths (the seed demo's 10 -> 5,
   // rank 4) spends its step in the fixed cost of six separate products, not in their flops; a
-  // backend may run a layer's forward or backward as one pass instead. Each returns false, having
+  // backend may run a layer's forward or backward as one pass instead (or, for a wider layer of
+  // small rank, run its rank-sized products as work shaped for them). Each returns false, having
   // done nothing, when it has no fused path for these shapes (or BackendOptions said not to): the
   // layer then calls the separate operations, which compute the same values up to rounding.
   // Inconsistent shapes throw ShapeError naming the tensor (unless the path is switched off).
