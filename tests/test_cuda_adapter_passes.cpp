@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "gradient_check.hpp"
+#include "lora_layer_run.hpp"
 #include "relora/relora.hpp"
 #include "test_data.hpp"
 #include "test_support.hpp"
@@ -18,54 +19,11 @@
 using namespace relora;
 using relora::testing::cuda_or_skip;
 using relora::testing::normal_matrix;
+using relora::testing::takes_fused_forward;
 
 namespace {
 
-struct Shape {
-  Index n, k, d, r;
-};
-
-template <typename T>
-struct Outputs {
-  HostMatrix<T> Y, dA, dB, db, dX;
-};
-
-template <typename T>
-Outputs<T> forward_backward(Backend<T>& backend, const Shape& s, BiasMode bias, bool need_dX) {
-  std::mt19937 gen(unsigned(s.n * 31 + s.k * 7 + s.d * 3 + s.r));
-  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = bias, .seed = 8};
-  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen));
-  layer.set_A(normal_matrix<T>(s.r, s.k, gen));
-  layer.set_B(normal_matrix<T>(s.d, s.r, gen));
-  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
-  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
-  Tensor<T> dY = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "dY");
-  Outputs<T> out;
-  out.Y = to_host(backend, layer.forward(X));
-  layer.backward(dY, need_dX);
-  out.dA = to_host(backend, layer.dA());
-  out.dB = to_host(backend, layer.dB());
-  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
-  if (need_dX) out.dX = to_host(backend, layer.dX());
-  return out;
-}
-
-template <typename T>
-void expect_close(const Outputs<T>& got, const Outputs<T>& want, double tolerance) {
-  auto close = [&](const HostMatrix<T>& a, const HostMatrix<T>& b, const char* name) {
-    REQUIRE(a.rows() == b.rows());
-    REQUIRE(a.cols() == b.cols());
-    if (a.size() == 0) return;
-    const double err = relora::testing::relative_error(a.template cast<double>(), b.template cast<double>());
-    INFO(name << " relative error " << err);
-    CHECK(err < tolerance);
-  };
-  close(got.Y, want.Y, "Y");
-  close(got.dA, want.dA, "dA");
-  close(got.dB, want.dB, "dB");
-  close(got.db, want.db, "db");
-  close(got.dX, want.dX, "dX");
-}
+using Shape = relora::testing::LayerShape;
 
 // Shapes that take the adapter passes: ranks in each of the 8, 16 and 32 buckets; n odd, below a
 // block's 8 rows, and past one chunk of the column pass; widths not multiples of a warp; d = 1;
@@ -75,38 +33,6 @@ const std::vector<Shape>& adapter_shapes() {
       {300, 200, 130, 16}, {77, 40, 300, 3}, {130, 64, 33, 32}, {1030, 48, 40, 9}, {5, 33, 1, 1}, {5000, 8, 8, 4},
   };
   return shapes;
-}
-
-template <typename T>
-void compare_with_cpu(double tolerance) {
-  BackendOptions separate;
-  separate.fused_small_layers = false;
-  auto cpu = make_backend<T>(Device::cpu, separate);
-  auto gpu = make_backend<T>(Device::cuda);
-  for (const Shape& s : adapter_shapes()) {
-    for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
-      for (bool need_dX : {false, true}) {
-        CAPTURE(s.n);
-        CAPTURE(s.k);
-        CAPTURE(s.d);
-        CAPTURE(s.r);
-        CAPTURE(int(bias));
-        CAPTURE(need_dX);
-        expect_close(forward_backward<T>(*gpu, s, bias, need_dX), forward_backward<T>(*cpu, s, bias, need_dX),
-                     tolerance);
-      }
-    }
-  }
-}
-
-// Whether the backend's fused forward takes a layer of shape s.
-bool takes_fused_path(Backend<float>& backend, const Shape& s) {
-  Tensor<float> X = backend.allocate(s.n, s.k), W = backend.allocate(s.d, s.k), A = backend.allocate(s.r, s.k),
-                B = backend.allocate(s.d, s.r), U = backend.allocate(s.n, s.r), Y = backend.allocate(s.n, s.d);
-  for (Tensor<float>* t : {&X, &W, &A, &B}) backend.fill(*t, 0.5f);
-  const bool fused = backend.fused_lora_forward({&X, &W, &A, &B, nullptr, 1.0f}, U, Y);
-  backend.synchronize();
-  return fused;
 }
 
 // dL/dx by central differences, x a CUDA tensor: each entry perturbed on the host and uploaded.
@@ -160,21 +86,21 @@ std::vector<double> train_wide(Device device, bool use_graphs, bool fused) {
 
 TEST_CASE("cuda adapter passes: same outputs and gradients as the CPU's separate products") {
   if (!cuda_or_skip("cuda adapter passes")) return;
-  compare_with_cpu<float>(1e-5);
-  compare_with_cpu<double>(1e-12);
+  relora::testing::compare_with_separate_products<float>(Device::cuda, adapter_shapes(), 1e-5);
+  relora::testing::compare_with_separate_products<double>(Device::cuda, adapter_shapes(), 1e-12);
 }
 
 TEST_CASE("cuda adapter passes: taken for wide layers of rank up to 32, within the work limit, unless switched off") {
   if (!cuda_or_skip("cuda adapter passes")) return;
   auto gpu = make_backend<float>(Device::cuda);
-  CHECK(takes_fused_path(*gpu, {1024, 1024, 1024, 16}));  // layer1k
-  CHECK(takes_fused_path(*gpu, {300, 200, 130, 32}));
-  CHECK_FALSE(takes_fused_path(*gpu, {300, 200, 130, 33}));       // rank over the limit
-  CHECK_FALSE(takes_fused_path(*gpu, {4096, 4096, 4096, 16}));    // large enough for cuBLAS's tiles
+  CHECK(takes_fused_forward(*gpu, {1024, 1024, 1024, 16}));  // layer1k
+  CHECK(takes_fused_forward(*gpu, {300, 200, 130, 32}));
+  CHECK_FALSE(takes_fused_forward(*gpu, {300, 200, 130, 33}));       // rank over the limit
+  CHECK_FALSE(takes_fused_forward(*gpu, {4096, 4096, 4096, 16}));    // large enough for cuBLAS's tiles
   BackendOptions off;
   off.fused_small_layers = false;
   auto gpu_off = make_backend<float>(Device::cuda, off);
-  CHECK_FALSE(takes_fused_path(*gpu_off, {1024, 1024, 1024, 16}));
+  CHECK_FALSE(takes_fused_forward(*gpu_off, {1024, 1024, 1024, 16}));
 }
 
 TEST_CASE("cuda adapter passes: gradients match finite differences in double") {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gradient_check.hpp"
+#include "lora_layer_run.hpp"
 #include "test_data.hpp"
 #include "test_support.hpp"
 #include "relora/relora.hpp"
@@ -17,12 +18,11 @@
 using namespace relora;
 using relora::testing::normal_matrix;
 using relora::testing::relative_error;
+using relora::testing::takes_fused_forward;
 
 namespace {
 
-struct Shape {
-  Index n, k, d, r;
-};
+using Shape = relora::testing::LayerShape;
 
 // The seed layer, a single row, partial chunks (33, 37), widths of 1 and of odd sizes, the CPU
 // path's width limits (16, 16, 8) and the CUDA path's (32, 32, 32).
@@ -34,80 +34,8 @@ const std::vector<Shape>& fused_shapes() {
 }
 
 template <typename T>
-struct LayerRun {
-  HostMatrix<T> Y, dA, dB, db, dX;
-};
-
-// One forward and backward of a layer with random W, A, B, b on `backend`; everything the layer
-// produced, copied to the host.
-template <typename T>
-LayerRun<T> run_layer(Backend<T>& backend, const Shape& s, BiasMode bias, bool need_dX) {
-  std::mt19937 gen(unsigned(s.n * 7919 + s.k * 131 + s.d * 17 + s.r));
-  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 3};
-  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen));
-  layer.set_A(normal_matrix<T>(s.r, s.k, gen));
-  layer.set_B(normal_matrix<T>(s.d, s.r, gen));
-  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
-  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
-  Tensor<T> dY = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "dY");
-  LayerRun<T> out;
-  out.Y = to_host(backend, layer.forward(X));
-  layer.backward(dY, need_dX);
-  out.dA = to_host(backend, layer.dA());
-  out.dB = to_host(backend, layer.dB());
-  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
-  if (need_dX) out.dX = to_host(backend, layer.dX());
-  return out;
-}
-
-template <typename T>
-void expect_same_layer(const LayerRun<T>& got, const LayerRun<T>& want, double tolerance) {
-  auto close = [&](const HostMatrix<T>& a, const HostMatrix<T>& b, const char* name) {
-    REQUIRE(a.rows() == b.rows());
-    REQUIRE(a.cols() == b.cols());
-    if (a.size() == 0) return;
-    const double err = relative_error(a.template cast<double>(), b.template cast<double>());
-    INFO(name << " relative error " << err);
-    CHECK(err < tolerance);
-  };
-  close(got.Y, want.Y, "Y");
-  close(got.dA, want.dA, "dA");
-  close(got.dB, want.dB, "dB");
-  close(got.db, want.db, "db");
-  close(got.dX, want.dX, "dX");
-}
-
-template <typename T>
 void compare_backends(Device fused_device, double tolerance) {
-  BackendOptions separate_options;
-  separate_options.fused_small_layers = false;
-  auto separate = make_backend<T>(Device::cpu, separate_options);
-  auto fused = make_backend<T>(fused_device);
-  for (const Shape& s : fused_shapes()) {
-    for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
-      for (bool need_dX : {false, true}) {
-        CAPTURE(s.n);
-        CAPTURE(s.k);
-        CAPTURE(s.d);
-        CAPTURE(s.r);
-        CAPTURE(int(bias));
-        CAPTURE(need_dX);
-        expect_same_layer(run_layer<T>(*fused, s, bias, need_dX), run_layer<T>(*separate, s, bias, need_dX),
-                          tolerance);
-      }
-    }
-  }
-}
-
-// Whether `backend` takes the fused path for a layer of shape s (a forward on scratch tensors).
-template <typename T>
-bool takes_fused_forward(Backend<T>& backend, const Shape& s) {
-  Tensor<T> X = backend.allocate(s.n, s.k), W = backend.allocate(s.d, s.k), A = backend.allocate(s.r, s.k),
-            B = backend.allocate(s.d, s.r), U = backend.allocate(s.n, s.r), Y = backend.allocate(s.n, s.d);
-  for (Tensor<T>* t : {&X, &W, &A, &B}) backend.fill(*t, T(0.5));
-  const bool fused = backend.fused_lora_forward({&X, &W, &A, &B, nullptr, T(1)}, U, Y);
-  backend.synchronize();
-  return fused;
+  relora::testing::compare_with_separate_products<T>(fused_device, fused_shapes(), tolerance);
 }
 
 // Final losses of a seed-demo-like ReLoRA run (restarts, Adam resets, re-warmup).
