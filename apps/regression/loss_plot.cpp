@@ -313,7 +313,7 @@ class Chart {
 void write_loss_csv(const LossCurves& curves, const std::string& path) {
   require_matching_names(curves);
   std::string csv = "step";
-  for (const auto& name : curves.names) csv += "," + csv_field(name);
+  for (const auto& name : curves.names) csv.append(1, ',').append(csv_field(name));
   csv += "\n";
   const std::size_t steps = longest_curve(curves);
   for (std::size_t step = 0; step < steps; ++step) {

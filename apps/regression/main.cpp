@@ -217,7 +217,7 @@ void print_table(const relora::demo::LossCurves& curves, std::int64_t steps) {
   const auto print_row = [&](const std::vector<std::string>& row) {
     std::string line = "|";
     for (std::size_t c = 0; c < row.size(); ++c) {
-      line += " " + std::string(width[c] - row[c].size(), ' ') + row[c] + " |";
+      line.append(1, ' ').append(width[c] - row[c].size(), ' ').append(row[c]).append(" |");
     }
     std::printf("%s\n", line.c_str());
   };
