@@ -8,9 +8,11 @@
 // reduction kernel, 11 to 14 us each under ncu, and the step spent more in them (and in the bias
 // and Adam kernels) than in its one large product. Here:
 //
-// - Row pass (forward, and backward's dU): a warp takes kRowsPerWarp rows; its lanes stride along
-//   the row, each keeping r partial dot products, then a butterfly of shuffles leaves the r sums
-//   in every lane, which then stride along the output row to add the rank-r update:
+// - Row pass (forward, and backward's dU): a warp takes a row. The block stages a slice of A or B
+//   at a time in shared memory, laid out along the row; the lanes stride along the row 16 bytes
+//   at a time, each keeping r partial dot products; a butterfly of shuffles leaves the r sums in
+//   every lane (bit for bit the same in each: every step adds the same two values), and the lanes
+//   then stride along the output row to add the rank-r update:
 //     forward   U = X A^T;        Y += b + s U B^T    (Y holds X W^T from cuBLAS)
 //     backward  dU = s dY B;      dX += dU A          (dX holds dY W from cuBLAS, when wanted)
 // - Column pass (backward's dB, dA, db): sums over the n rows. Blocks own 256 output columns and
