@@ -105,15 +105,36 @@ void LoraLinear<T>::require_not_merged(const char* operation) const {
 }
 
 template <typename T>
-const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
+void LoraLinear<T>::begin_forward(const Tensor<T>& X) {
   if (X.cols() != config_.in_features || X.rows() <= 0) {
     throw ShapeError("LoraLinear forward: X is " + X.shape() + " but the layer takes [n x " +
                      std::to_string(config_.in_features) + "] with n >= 1");
   }
   resize_batch(X.rows());
   X_ = &X;
-  Backend<T>& be = *backend_;
   dropout_active_ = training_ && config_.dropout > 0;
+  dU_ready_for_ = nullptr;
+}
+
+template <typename T>
+bool LoraLinear<T>::forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
+  begin_forward(X);
+  if (!target.same_shape(X.rows(), config_.out_features)) {
+    throw ShapeError("MseLoss: prediction is " + shape_string(X.rows(), config_.out_features) + " but target is " +
+                     target.shape());
+  }
+  if (!merged_ && !dropout_active_ && backend_->fused_lora_forward_mse(tensors(X), target, U_, Y_, dY, loss, dU_)) {
+    dU_ready_for_ = dY.data();
+    return true;
+  }
+  forward(X);
+  return false;
+}
+
+template <typename T>
+const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
+  begin_forward(X);
+  Backend<T>& be = *backend_;
   if (!merged_ && !dropout_active_ && be.fused_lora_forward(tensors(X), U_, Y_)) return Y_;
   // Most of the time goes here and into dY W in backward: the two d x k products.
   be.gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y_);
@@ -164,7 +185,8 @@ void LoraLinear<T>::backward_into(const Tensor<T>& dY, Tensor<T>* dX) {
   const bool adapter_trains = target_ == TrainTarget::adapter;
   if (adapter_trains && !dropout_active_) {
     Tensor<T>* db = config_.bias == BiasMode::trainable ? &db_ : nullptr;
-    if (be.fused_lora_backward(tensors(*X_), U_, dY, {&dU_, &dA_, &dB_, db, dX})) return;
+    const bool dU_ready = dU_ready_for_ != nullptr && dU_ready_for_ == dY.data();
+    if (be.fused_lora_backward(tensors(*X_), U_, dY, {&dU_, &dA_, &dB_, db, dX, dU_ready})) return;
   }
   if (adapter_trains) be.gemm(Trans::yes, Trans::no, scale_, dY, U_, T(0), dB_);  // dB = s dY^T U
   if (adapter_trains || need_dX) be.gemm(Trans::no, Trans::no, scale_, dY, B_, T(0), dU_);  // dU = s dY B

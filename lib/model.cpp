@@ -75,8 +75,36 @@ const Tensor<T>& Model<T>::output_of(Layer& layer) {
 template <typename T>
 const Tensor<T>& Model<T>::forward(const Tensor<T>& X) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
+  const Tensor<T>& output = forward_layers(X, layers_.size());
+  activations_valid_ = true;
+  return output;
+}
+
+template <typename T>
+bool Model<T>::forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
+  if (layers_.empty()) throw ConfigError("Model forward: no layers");
+  Layer& last = layers_.back();
+  if (last.activation != Activation::identity) {
+    forward(X);
+    return false;
+  }
+  const Tensor<T>& input = forward_layers(X, layers_.size() - 1);
+  const bool fused = last.linear->forward_with_mse(input, target, dY, loss);
+  activations_valid_ = true;
+  return fused;
+}
+
+template <typename T>
+const Tensor<T>& Model<T>::output() {
+  if (layers_.empty()) throw ConfigError("Model output: no layers");
+  return output_of(layers_.back());
+}
+
+template <typename T>
+const Tensor<T>& Model<T>::forward_layers(const Tensor<T>& X, std::size_t count) {
   const Tensor<T>* input = &X;
-  for (Layer& layer : layers_) {
+  for (std::size_t i = 0; i < count; ++i) {
+    Layer& layer = layers_[i];
     layer.linear->forward(*input);
     Tensor<T>& Y = layer.linear->mutable_output();
     if (layer.activation == Activation::relu) {
@@ -87,7 +115,6 @@ const Tensor<T>& Model<T>::forward(const Tensor<T>& X) {
     }
     input = &output_of(layer);
   }
-  activations_valid_ = true;
   return *input;
 }
 

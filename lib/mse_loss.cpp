@@ -19,6 +19,13 @@ const Tensor<T>& MseLoss<T>::forward_backward(const Tensor<T>& Y, const Tensor<T
 }
 
 template <typename T>
+Tensor<T>& MseLoss<T>::gradient_buffer(const Tensor<T>& target) {
+  if (target.empty()) throw ShapeError("MseLoss: empty target " + target.shape());
+  if (!dY_.same_shape(target.rows(), target.cols())) dY_ = backend_->allocate(target.rows(), target.cols());
+  return dY_;
+}
+
+template <typename T>
 T MseLoss<T>::value() {
   T value = T(0);
   backend_->download(loss_, &value);

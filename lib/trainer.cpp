@@ -61,8 +61,11 @@ void Trainer<T>::step(const Tensor<T>& X, const Tensor<T>& target) {
 
 template <typename T>
 void Trainer<T>::compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
-  const Tensor<T>& dY = loss_.forward_backward(model_->forward(X), target);
-  model_->backward(dY);
+  // The last layer computes the loss as it finishes Y where its backend fuses the two.
+  if (!model_->forward_with_mse(X, target, loss_.gradient_buffer(target), loss_.loss_buffer())) {
+    loss_.forward_backward(model_->output(), target);
+  }
+  model_->backward(loss_.gradient());
   optimizer_->step(lr_factor);
 }
 

@@ -1,10 +1,11 @@
 #pragma once
 // Central finite differences in double precision, the reference every analytic gradient is
-// checked against. Works on CPU tensors (host memory).
+// checked against: on CPU tensors (host memory), or on any backend's through upload and download.
 #include <algorithm>
 #include <cmath>
 #include <functional>
 
+#include "relora/backend.hpp"
 #include "relora/host_matrix.hpp"
 
 namespace relora::testing {
@@ -22,6 +23,25 @@ inline HostMatrix<double> numeric_gradient(Tensor<double>& x, const std::functio
     data[i] = saved;
     grad.data()[i] = (up - down) / (2 * h);
   }
+  return grad;
+}
+
+// The same for a tensor of any backend (a GPU tensor): each entry perturbed on the host and uploaded.
+inline HostMatrix<double> numeric_gradient_on(Backend<double>& backend, Tensor<double>& x,
+                                              const std::function<double()>& loss, double h = 1e-6) {
+  HostMatrix<double> values = to_host(backend, x), grad(x.rows(), x.cols());
+  for (Index i = 0; i < values.size(); ++i) {
+    const double saved = values.data()[i];
+    values.data()[i] = saved + h;
+    backend.upload(values.data(), x);
+    const double up = loss();
+    values.data()[i] = saved - h;
+    backend.upload(values.data(), x);
+    const double down = loss();
+    values.data()[i] = saved;
+    grad.data()[i] = (up - down) / (2 * h);
+  }
+  backend.upload(values.data(), x);
   return grad;
 }
 

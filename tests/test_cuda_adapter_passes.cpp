@@ -20,6 +20,7 @@
 using namespace relora;
 using relora::testing::cuda_or_skip;
 using relora::testing::normal_matrix;
+using relora::testing::numeric_gradient_on;
 using relora::testing::takes_fused_forward;
 
 namespace {
@@ -34,25 +35,6 @@ const std::vector<Shape>& adapter_shapes() {
       {300, 200, 130, 16}, {77, 40, 300, 3}, {130, 64, 33, 32}, {1030, 48, 40, 9}, {5, 33, 1, 1}, {5000, 8, 8, 4},
   };
   return shapes;
-}
-
-// dL/dx by central differences, x a CUDA tensor: each entry perturbed on the host and uploaded.
-HostMatrix<double> numeric_gradient_on(Backend<double>& backend, Tensor<double>& x,
-                                       const std::function<double()>& loss, double h = 1e-6) {
-  HostMatrix<double> values = to_host(backend, x), grad(x.rows(), x.cols());
-  for (Index i = 0; i < values.size(); ++i) {
-    const double saved = values.data()[i];
-    values.data()[i] = saved + h;
-    backend.upload(values.data(), x);
-    const double up = loss();
-    values.data()[i] = saved - h;
-    backend.upload(values.data(), x);
-    const double down = loss();
-    values.data()[i] = saved;
-    grad.data()[i] = (up - down) / (2 * h);
-  }
-  backend.upload(values.data(), x);
-  return grad;
 }
 
 // Losses of 40 ReLoRA steps of a two-layer model whose layers both take the adapter passes.

@@ -600,6 +600,49 @@ TEST_CASE("cuda: a NaN gradient changes nothing and synchronize names the parame
   compare_slots(b, twins, err);
 }
 
+TEST_CASE("cuda: a NaN in any of several blocks' chunks of one table stops every block's update") {
+  SKIP_WITHOUT_CUDA();
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  auto b = make_backends<float>();
+  // One table of 34K elements, 34 chunks: above the one-block path.
+  auto twins = make_slots(b, std::vector<Index>{16384, 1024, 16384}, rng);
+  auto gpu_slots = adam_slots(twins, true);
+  auto cpu_slots = adam_slots(twins, false);
+  const AdamHyper hyper;
+  const auto before_param = fetch(*b.gpu, twins[0].param.gpu);
+  const auto before_step = fetch(*b.gpu, twins[0].step.gpu);
+  // Bad entries in slots 2 and 1, far apart in memory and in different blocks' chunks: every
+  // block must see them, and the flag must name the first bad slot.
+  auto g2 = fetch(*b.gpu, twins[2].grad.gpu), g1 = fetch(*b.gpu, twins[1].grad.gpu);
+  const auto good2 = g2, good1 = g1;
+  g2[16000] = std::numeric_limits<float>::quiet_NaN();
+  g1[3] = std::numeric_limits<float>::infinity();
+  b.gpu->upload(g2.data(), twins[2].grad.gpu);
+  b.gpu->upload(g1.data(), twins[1].grad.gpu);
+  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
+  try {
+    b.gpu->synchronize();
+    FAIL("synchronize() did not report the non-finite gradient");
+  } catch (const NonFiniteError& e) {
+    CHECK(std::string(e.what()).find("'" + twins[1].name + "'") != std::string::npos);
+  }
+  CHECK(fetch(*b.gpu, twins[0].param.gpu) == before_param);  // no block updated its chunk
+  CHECK(fetch(*b.gpu, twins[0].step.gpu) == before_step);
+  b.gpu->upload(good2.data(), twins[2].grad.gpu);
+  b.gpu->upload(good1.data(), twins[1].grad.gpu);
+  for (auto& t : twins) {  // the CPU's gradients, then one step each: the same values
+    const auto cpu_grad = fetch(*b.cpu, t.grad.cpu);
+    b.gpu->upload(cpu_grad.data(), t.grad.gpu);
+  }
+  b.cpu->adam_update(cpu_slots.data(), cpu_slots.size(), hyper);
+  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
+  b.gpu->synchronize();
+  MaxError err{"adam, mid-sized step, float", 0, 1e-5};
+  compare_slots(b, twins, err);
+}
+
 TEST_CASE("cuda: an absurd allocation throws DeviceError naming the size") {
   SKIP_WITHOUT_CUDA();
   auto gpu = make_backend<float>(Device::cuda);

@@ -75,6 +75,9 @@ struct LoraLayerGradients {
   Tensor<T>* dB = nullptr;
   Tensor<T>* db = nullptr;
   Tensor<T>* dX = nullptr;
+  // dU already holds s dY B for this dY (fused_lora_forward_mse computed it): the backend may
+  // skip that product.
+  bool dU_ready = false;
 };
 
 template <typename T>
@@ -139,6 +142,22 @@ class Backend {
     (void)layer;
     (void)U;
     (void)Y;
+    return false;
+  }
+  // The forward of a model's last layer fused with the MSE loss and the first product of the
+  // backward, where the layer's output is the model's: U and Y as fused_lora_forward computes
+  // them, then dY = 2 (Y - target) / size, loss (1 x 1) = mean((Y - target)^2) and dU = s dY B,
+  // the same values (up to the order of the loss's sum) that MSE and the backward would give. It
+  // saves the passes over Y and dY between them, most of a wide layer's step beside its product.
+  virtual bool fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, Tensor<T>& U,
+                                      Tensor<T>& Y, Tensor<T>& dY, Tensor<T>& loss, Tensor<T>& dU) {
+    (void)layer;
+    (void)target;
+    (void)U;
+    (void)Y;
+    (void)dY;
+    (void)loss;
+    (void)dU;
     return false;
   }
   // From dY (n x d) and the forward's U: dU = s dY B, dB = s dY^T U, dA = dU^T X, and db, dX

@@ -43,6 +43,12 @@ class LoraLinear {
 
   // Y (n x d). X must stay alive and unchanged until backward.
   const Tensor<T>& forward(const Tensor<T>& X);
+  // forward(X) for a model's last layer trained on the MSE against target (n x d): where the
+  // backend can fuse them (Backend::fused_lora_forward_mse), the same pass also writes the loss
+  // (1 x 1) and its gradient dY (n x d) and takes the first product of the backward, and the
+  // call returns true; a backward on that dY, unchanged, then skips that product. False: only
+  // forward ran, and dY and loss are untouched.
+  bool forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss);
   // Gradients of the parameters that train (see TrainTarget), and dX when need_dX (into the
   // layer's own dX buffer).
   void backward(const Tensor<T>& dY, bool need_dX);
@@ -109,6 +115,7 @@ class LoraLinear {
   void draw_A();
   void resize_batch(Index n);
   void require_not_merged(const char* operation) const;
+  void begin_forward(const Tensor<T>& X);
   void backward_into(const Tensor<T>& dY, Tensor<T>* dX);
   LoraLayerTensors<T> tensors(const Tensor<T>& X) const;  // for the backend's fused small-layer path
   RngKey next_key() { return RngKey{config_.seed, rng_stream_++}; }
@@ -127,6 +134,7 @@ class LoraLinear {
   Index batch_rows_ = -1;
   const Tensor<T>* X_ = nullptr;
   bool dropout_active_ = false;  // whether the last forward applied a mask
+  const T* dU_ready_for_ = nullptr;  // the dY whose s dY B the last forward left in dU_, if any
   Tensor<T> mask_, X_dropped_, U_, Y_, dU_, dX_, dX_lora_;
   bool dX_is_view_ = false;  // dX_ views the caller's buffer (backward into a given dX)
 };

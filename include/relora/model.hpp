@@ -32,6 +32,12 @@ class Model {
 
   // The output of the last activation (n x out_features of the last layer).
   const Tensor<T>& forward(const Tensor<T>& X);
+  // forward(X), and the MSE against target (see MseLoss) in the same pass where the last layer
+  // can fuse it (LoraLinear::forward_with_mse; its activation must be the identity): true, with
+  // the loss and its gradient dY written. False: forward alone ran, dY and loss untouched.
+  bool forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss);
+  // The output of the last forward.
+  const Tensor<T>& output();
   // dY: gradient of the loss with respect to forward's output.
   void backward(const Tensor<T>& dY);
 
@@ -66,6 +72,8 @@ class Model {
   };
   LoraLinear<T>& append(std::unique_ptr<LoraLinear<T>> linear, Activation activation, const std::string& name);
   const Tensor<T>& output_of(Layer& layer);
+  // Runs the first `count` layers and their activations; returns the last one's output (X if none).
+  const Tensor<T>& forward_layers(const Tensor<T>& X, std::size_t count);
 
   std::shared_ptr<Backend<T>> backend_;
   std::vector<Layer> layers_;

@@ -13,6 +13,12 @@ class MseLoss {
 
   // Computes the loss and returns dL/dY (owned by this object, valid until the next call).
   const Tensor<T>& forward_backward(const Tensor<T>& Y, const Tensor<T>& target);
+  // For a model that computes the loss within its forward (Model::forward_with_mse): the buffers
+  // it writes, dY (sized here like target) and the 1 x 1 loss.
+  Tensor<T>& gradient_buffer(const Tensor<T>& target);
+  Tensor<T>& loss_buffer() { return loss_; }
+  // dL/dY of the last computation.
+  const Tensor<T>& gradient() const { return dY_; }
   // The last loss; waits for the backend. NaN or Inf is returned as it is.
   T value();
   const Tensor<T>& loss_tensor() const { return loss_; }

@@ -67,6 +67,7 @@ __device__ int slot_of_chunk(const AdamTable<T>& table, std::int64_t chunk) {
 template <typename T>
 __global__ void adam_check_kernel(const AdamTable<T> table, unsigned long long* flag) {
   wait_for_previous_grid();  // every Adam kernel is launched overlapped (adam_launch)
+  allow_next_grid();
   const std::int64_t chunks = table.chunk_begin[table.count];
   for (std::int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {  // uniform over the block
     const int s = slot_of_chunk(table, chunk);
@@ -84,6 +85,7 @@ __global__ void adam_check_kernel(const AdamTable<T> table, unsigned long long* 
 template <typename T>
 __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyper, Scratch* scratch) {
   wait_for_previous_grid();
+  allow_next_grid();
   // Only the check kernels (queued before) and synchronize() write the flag: every thread sees the same value.
   if (scratch->nonfinite != kNoNonFinite) return;
   const std::int64_t chunks = table.chunk_begin[table.count];
@@ -142,6 +144,7 @@ __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyp
 template <typename T>
 __global__ void __launch_bounds__(kAdamSmallThreads) adam_small_kernel(const AdamTable<T> table, const AdamHyper hyper, Scratch* scratch) {
   wait_for_previous_grid();
+  allow_next_grid();
   __shared__ int first_bad;
   if (threadIdx.x == 0) first_bad = table.count;
   const unsigned long long nonfinite = scratch->nonfinite;

@@ -8,13 +8,16 @@
 // reduction kernel, 11 to 14 us each under ncu, and the step spent more in them (and in the bias
 // and Adam kernels) than in its one large product. Here:
 //
-// - Row pass (forward, and backward's dU): a warp takes a row. The block stages a slice of A or B
-//   at a time in shared memory, laid out along the row; the lanes stride along the row 16 bytes
-//   at a time, each keeping r partial dot products; a butterfly of shuffles leaves the r sums in
-//   every lane (bit for bit the same in each: every step adds the same two values), and the lanes
-//   then stride along the output row to add the rank-r update:
-//     forward   U = X A^T;        Y += b + s U B^T    (Y holds X W^T from cuBLAS)
-//     backward  dU = s dY B;      dX += dU A          (dX holds dY W from cuBLAS, when wanted)
+// - Row pass (U = X A^T in the forward; dU = s dY B and dX += dU A in the backward, dX holding dY W
+//   from cuBLAS): a warp takes a row. The block stages a slice of A or B at a time in shared
+//   memory, laid out along the row; the lanes stride along the row 16 bytes at a time, each
+//   keeping r partial dot products; a butterfly of shuffles leaves the r sums in every lane (bit
+//   for bit the same in each: every step adds the same two values), and the lanes then stride
+//   along the output row to add the rank-r update where there is one.
+//   The forward's U runs on the backend's side stream beside cuBLAS's X W^T, which leaves SMs
+//   and issue slots to spare: off the step's critical path (0.1140 -> 0.1117 ms at layer1k).
+// - Expand pass (forward, once X W^T and U are in): Y += b + s U B^T, a block per tile of Y.
+//   Before, the row pass did this after U in the same kernel, which kept it on the critical path.
 // - Column pass (backward's dB, dA, db): sums over the n rows. Blocks own 256 output columns and
 //   a chunk of rows; each thread keeps r sums for its column and writes them as one partial per
 //   chunk. No floating-point atomics: the result is the same bits on every run (graph replays are
@@ -24,14 +27,15 @@
 #include <algorithm>
 #include <limits>
 
+#include "cuda/cuda_adapter_common.cuh"
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_launch.cuh"
+#include "cuda/cuda_pack.cuh"
 
 namespace relora {
 namespace cuda_detail {
 namespace {
 
-constexpr int kMaxAdapterRank = 32;  // the row pass keeps kRowsPerWarp x r sums in registers
 // One row per warp, 8 warps a block: layer1k's 1024 rows make 128 blocks of 8 warps. With 2 rows
 // per warp and 4 warps a block the SMs held one warp per scheduler, each issuing every 6 cycles
 // (ncu): the pass was latency-bound on its own instructions.
@@ -40,20 +44,7 @@ constexpr int kRowWarps = 8;
 constexpr int kColumnThreads = 256;
 constexpr int kColumnTileRows = 32;  // rows of U or dU staged in shared memory at a time
 constexpr int kColumnBatch = 16;     // rows whose loads a thread issues together
-constexpr int kStageBatch = 8;       // 16-byte loads a thread issues together when staging
 constexpr int kReduceUnroll = 8;
-// Up to this many multiply-adds in the rank-sized products, n (k + d) r, the passes beat cuBLAS
-// (PERFORMANCE.md): layer1k (2^25) took 0.1175 ms a step against 0.127 through cuBLAS, while
-// mlp4x2k's layers (2^27 each) took 3.08 ms against 2.91: there cuBLAS's tiles are full.
-constexpr double kMaxAdapterWork = double(1ll << 26);
-
-// The sum over the warp's lanes, left in every lane, always added in the same order.
-template <typename T>
-__device__ __forceinline__ T warp_all_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // V[i, :] = in_scale * M[i, :] G^T, G(j, p) = G[j g_row + p g_col] for j < r, p < K;
 // then, unless O is null, O[i, q] += bias[q] + out_scale sum_j V[i, j] H(q, j),
@@ -72,97 +63,12 @@ struct RowPass {
   int g_row, g_col, h_row, h_col;
 };
 
-// A pack of Width consecutive elements, loaded and stored as one vector access where Width
-// elements make 16 bytes (float4, double2) and the address allows it.
-template <typename T, int Width>
-struct alignas(Width * sizeof(T) == 16 ? 16 : alignof(T)) Pack {
-  T v[Width];
-};
-
-template <typename T, int Width>
-__device__ __forceinline__ Pack<T, Width> load_pack(const T* p) {
-  Pack<T, Width> out;
-  if constexpr (Width * sizeof(T) == 16) {
-    *reinterpret_cast<float4*>(out.v) = __ldg(reinterpret_cast<const float4*>(p));
-  } else {
-#pragma unroll
-    for (int e = 0; e < Width; ++e) out.v[e] = p[e];
-  }
-  return out;
-}
-
-template <typename T, int Width>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, Width>& in) {
-  if constexpr (Width * sizeof(T) == 16) {
-    *reinterpret_cast<float4*>(p) = *reinterpret_cast<const float4*>(in.v);
-  } else {
-#pragma unroll
-    for (int e = 0; e < Width; ++e) p[e] = in.v[e];
-  }
-}
-
 // Columns staged per round of the row pass: the staged slice of G or H (MaxRank x chunk) stays
 // within 33 KB of static shared memory.
 template <typename T, int MaxRank>
 constexpr int row_chunk() {
   constexpr int fit = int(8192 * 4 / sizeof(T)) / MaxRank;
   return fit < 512 ? fit : 512;
-}
-
-// staged[j * stride + c] = F(j, first + c) for j < r, c < width, F(j, c) = F[j f_row + c f_col]:
-// either r rows of `width` contiguous elements (A, f_col = 1) or `width` contiguous rows of r (B,
-// f_row = 1, f_col = r). Read in memory order, Width elements per access, kStageBatch accesses
-// issued before any is stored: a load-store loop waits out the memory latency once per element
-// (it made the pass 3x slower than the cuBLAS products it replaces).
-template <typename T, int Width>
-__device__ void stage_slice(const T* __restrict__ F, int f_row, int f_col, int r, int first, int width, int stride,
-                            T* staged) {
-  const bool rows_of_width = f_col == 1;
-  const int count = r * width;
-  // The flat index e walks F's memory: e = outer * inner_len + inner. Divisions by a run-time
-  // length cost tens of instructions each, so a thread divides once and then advances its
-  // (outer, inner) position by the fixed step (they were most of the pass's instructions).
-  const int inner_len = rows_of_width ? width : r;
-  const int step = int(blockDim.x) * Width;
-  const int step_outer = step / inner_len, step_inner = step % inner_len;
-  const int start = int(threadIdx.x) * Width;
-  int outer = start / inner_len, inner = start % inner_len;
-  for (int base = start; base < count; base += step * kStageBatch) {
-    Pack<T, Width> batch[kStageBatch];
-    int batch_outer[kStageBatch], batch_inner[kStageBatch];
-#pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      batch_outer[b] = outer;
-      batch_inner[b] = inner;
-      if (base + b * step < count) {
-        const T* from = rows_of_width ? F + outer * f_row + first + inner : F + std::int64_t(first) * r + base + b * step;
-        batch[b] = load_pack<T, Width>(from);
-      }
-      inner += step_inner;
-      outer += step_outer;
-      if (inner >= inner_len) {
-        inner -= inner_len;
-        ++outer;
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      if (base + b * step >= count) continue;
-      int o = batch_outer[b], i = batch_inner[b];
-#pragma unroll
-      for (int x = 0; x < Width; ++x) {  // a pack may run past the end of a row of B: wrap
-        if (rows_of_width) {
-          staged[o * stride + i] = batch[b].v[x];  // A: a pack never straddles a row (width % Width == 0)
-        } else {
-          staged[i * stride + o] = batch[b].v[x];
-        }
-        if (++i == inner_len) {
-          i = 0;
-          ++o;
-        }
-      }
-    }
-  }
 }
 
 // Width elements per lane access (Width 1 when a row length is not a multiple of a 16-byte
@@ -177,6 +83,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) adapter_row_kernel(const RowPa
   static_assert(kSteps >= 1, "a round covers at least one access per lane");
   __shared__ __align__(16) T staged[MaxRank * kStride];
   wait_for_previous_grid();
+  allow_next_grid();
   const int lane = threadIdx.x % 32;
   const std::int64_t first = (std::int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32) * kRowsPerWarp;
   // A warp past the last row still takes part in staging (the block's barriers need it).
@@ -281,6 +188,87 @@ __global__ void __launch_bounds__(kRowWarps * 32) adapter_row_kernel(const RowPa
   }
 }
 
+// Y[i, q] += b[q] + s sum_j U[i, j] B[q, j], the forward's rank-r update once U and X W^T are
+// both in hand. Unlike the row pass it needs no whole row: a block owns a tile of
+// kExpandRows x (kExpandThreadsX Width) of Y, stages its rows of U and its columns of B, and
+// each thread updates kExpandRowsPerThread rows of Width columns. The sums run over j in order
+// with fma, as the row pass's output phase does, so either path gives the same bits.
+constexpr int kExpandThreadsX = 32;
+constexpr int kExpandThreadsY = 8;
+constexpr int kExpandRowsPerThread = 4;
+constexpr int kExpandRows = kExpandThreadsY * kExpandRowsPerThread;
+
+template <typename T>
+struct ExpandPass {
+  const T* U;
+  const T* B;
+  const T* bias;  // null: none
+  T* Y;
+  T scale;
+  std::int64_t n;
+  int d, r;
+};
+
+template <typename T, int MaxRank, int Width>
+__global__ void __launch_bounds__(kExpandThreadsX * kExpandThreadsY) adapter_expand_kernel(const ExpandPass<T> a) {
+  constexpr int kColumns = kExpandThreadsX * Width;
+  __shared__ __align__(16) T b_tile[MaxRank][kColumns];  // b_tile[j][c] = B[q0 + c, j]
+  __shared__ T u_tile[kExpandRows][MaxRank];
+  wait_for_previous_grid();
+  allow_next_grid();
+  const int q0 = blockIdx.x * kColumns;
+  const std::int64_t i0 = std::int64_t(blockIdx.y) * kExpandRows;
+  const int threads = kExpandThreadsX * kExpandThreadsY;
+  const int t = threadIdx.y * kExpandThreadsX + threadIdx.x;
+  for (int e = t; e < kColumns * a.r; e += threads) {  // B's rows q0.. are contiguous: read in order
+    const int c = e / a.r, j = e % a.r;
+    b_tile[j][c] = q0 + c < a.d ? a.B[std::int64_t(q0 + c) * a.r + j] : T(0);
+  }
+  for (int e = t; e < kExpandRows * a.r; e += threads) {
+    const int row = e / a.r, j = e % a.r;
+    u_tile[row][j] = i0 + row < a.n ? a.U[(i0 + row) * a.r + j] : T(0);
+  }
+  __syncthreads();
+  const int c = threadIdx.x * Width;
+  const int q = q0 + c;
+  if (q >= a.d) return;
+  Pack<T, Width> bias;
+#pragma unroll
+  for (int e = 0; e < Width; ++e) bias.v[e] = T(0);
+  if (a.bias) bias = load_pack<T, Width>(a.bias + q);
+  Pack<T, Width> y[kExpandRowsPerThread];
+#pragma unroll
+  for (int w = 0; w < kExpandRowsPerThread; ++w) {  // every load of Y issued before the sums
+    const std::int64_t i = i0 + threadIdx.y + w * kExpandThreadsY;
+    if (i < a.n) y[w] = load_pack<T, Width>(a.Y + i * a.d + q);
+  }
+  T sums[kExpandRowsPerThread][Width];
+#pragma unroll
+  for (int w = 0; w < kExpandRowsPerThread; ++w) {
+#pragma unroll
+    for (int e = 0; e < Width; ++e) sums[w][e] = T(0);
+  }
+#pragma unroll
+  for (int j = 0; j < MaxRank; ++j) {
+    if (j >= a.r) continue;
+    const Pack<T, Width> h = *reinterpret_cast<const Pack<T, Width>*>(&b_tile[j][c]);
+#pragma unroll
+    for (int w = 0; w < kExpandRowsPerThread; ++w) {
+      const T u = u_tile[threadIdx.y + w * kExpandThreadsY][j];
+#pragma unroll
+      for (int e = 0; e < Width; ++e) sums[w][e] = fma(u, h.v[e], sums[w][e]);
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < kExpandRowsPerThread; ++w) {
+    const std::int64_t i = i0 + threadIdx.y + w * kExpandThreadsY;
+    if (i >= a.n) continue;
+#pragma unroll
+    for (int e = 0; e < Width; ++e) y[w].v[e] = fma(a.scale, sums[w][e], y[w].v[e] + bias.v[e]);
+    store_pack(a.Y + i * a.d + q, y[w]);
+  }
+}
+
 // Columns q < Q1 sum M1[:, q] against V1 (and, if sums1, against 1); columns Q1 <= q < Q1 + Q2
 // sum M2[:, q - Q1] against V2. Block (x, c) covers kColumnThreads columns and rows
 // [c chunk_rows, (c + 1) chunk_rows); it writes partial[(c (r + 1) + j) (Q1 + Q2) + q], the plane
@@ -301,6 +289,7 @@ template <typename T, int MaxRank>
 __global__ void __launch_bounds__(kColumnThreads) adapter_column_kernel(const ColumnPass<T> a) {
   __shared__ T tiles[2][kColumnTileRows * MaxRank];  // rows of V1 and of V2
   wait_for_previous_grid();
+  allow_next_grid();
   const int q = blockIdx.x * kColumnThreads + threadIdx.x;
   const int columns = a.Q1 + a.Q2;
   const bool first_part = q < a.Q1;
@@ -387,6 +376,7 @@ struct ReducePass {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) adapter_reduce_kernel(const ReducePass<T> a) {
   wait_for_previous_grid();
+  allow_next_grid();
   const int columns = a.Q1 + a.Q2;
   const std::int64_t plane = std::int64_t(a.r + 1) * columns;  // one chunk's partials; e indexes within it
   for (std::int64_t e = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < plane;
@@ -409,7 +399,7 @@ __global__ void __launch_bounds__(kThreads) adapter_reduce_kernel(const ReducePa
 }
 
 template <typename T, int MaxRank>
-void launch_row_pass(const RowPass<T>& pass, cudaStream_t stream) {
+void launch_row_pass(const RowPass<T>& pass, cudaStream_t stream, bool overlapped) {
   const std::int64_t rows_per_block = std::int64_t(kRowWarps) * kRowsPerWarp;
   const unsigned blocks = unsigned((pass.n + rows_per_block - 1) / rows_per_block);
   // 16-byte accesses need every row of M, O, A and B's slices (and the bias) to start 16-byte
@@ -419,20 +409,45 @@ void launch_row_pass(const RowPass<T>& pass, cudaStream_t stream) {
   const bool vector = pass.K % kVector == 0 && pass.Q % kVector == 0 && aligned(pass.M) && aligned(pass.G) &&
                       aligned(pass.H) && (pass.O == nullptr || aligned(pass.O)) &&
                       (pass.bias == nullptr || aligned(pass.bias));
-  if (vector) {
-    launch_overlapped(&adapter_row_kernel<T, MaxRank, kVector>, dim3(blocks), dim3(kRowWarps * 32), 0, stream,
-                      "launch of adapter_row_kernel", pass);
+  const auto kernel = vector ? &adapter_row_kernel<T, MaxRank, kVector> : &adapter_row_kernel<T, MaxRank, 1>;
+  if (overlapped) {
+    launch_overlapped(kernel, dim3(blocks), dim3(kRowWarps * 32), 0, stream, "launch of adapter_row_kernel", pass);
   } else {
-    launch_overlapped(&adapter_row_kernel<T, MaxRank, 1>, dim3(blocks), dim3(kRowWarps * 32), 0, stream,
-                      "launch of adapter_row_kernel", pass);
+    launch_plain(kernel, dim3(blocks), dim3(kRowWarps * 32), 0, stream, "launch of adapter_row_kernel", pass);
+  }
+}
+
+// overlapped: launched with a programmatic edge to the kernel before it in `stream`.
+template <typename T>
+void row_pass(const RowPass<T>& pass, cudaStream_t stream, bool overlapped = true) {
+  if (pass.r <= 8) return launch_row_pass<T, 8>(pass, stream, overlapped);
+  if (pass.r <= 16) return launch_row_pass<T, 16>(pass, stream, overlapped);
+  launch_row_pass<T, kMaxAdapterRank>(pass, stream, overlapped);
+}
+
+template <typename T, int MaxRank>
+void launch_expand_pass(const ExpandPass<T>& pass, cudaStream_t stream) {
+  constexpr int kVector = int(16 / sizeof(T));
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  const bool vector = pass.d % kVector == 0 && aligned(pass.Y) && (pass.bias == nullptr || aligned(pass.bias));
+  const int width = vector ? kVector : 1;
+  const dim3 grid(unsigned((pass.d + kExpandThreadsX * width - 1) / (kExpandThreadsX * width)),
+                  unsigned((pass.n + kExpandRows - 1) / kExpandRows));
+  const dim3 block(kExpandThreadsX, kExpandThreadsY);
+  if (vector) {
+    launch_plain(&adapter_expand_kernel<T, MaxRank, kVector>, grid, block, 0, stream, "launch of adapter_expand_kernel",
+                 pass);
+  } else {
+    launch_plain(&adapter_expand_kernel<T, MaxRank, 1>, grid, block, 0, stream, "launch of adapter_expand_kernel",
+                 pass);
   }
 }
 
 template <typename T>
-void row_pass(const RowPass<T>& pass, cudaStream_t stream) {
-  if (pass.r <= 8) return launch_row_pass<T, 8>(pass, stream);
-  if (pass.r <= 16) return launch_row_pass<T, 16>(pass, stream);
-  launch_row_pass<T, kMaxAdapterRank>(pass, stream);
+void expand_pass(const ExpandPass<T>& pass, cudaStream_t stream) {
+  if (pass.r <= 8) return launch_expand_pass<T, 8>(pass, stream);
+  if (pass.r <= 16) return launch_expand_pass<T, 16>(pass, stream);
+  launch_expand_pass<T, kMaxAdapterRank>(pass, stream);
 }
 
 template <typename T>
@@ -450,26 +465,34 @@ void column_pass(const ColumnPass<T>& pass, int chunks, cudaStream_t stream) {
   }
 }
 
-bool adapter_passes_apply(Index n, Index k, Index d, Index r) {
-  if (n < 1 || k < 1 || d < 1 || r < 1 || r > kMaxAdapterRank) return false;
-  if (k + d > std::numeric_limits<int>::max() / (kMaxAdapterRank + 1)) return false;
-  return double(n) * double(k + d) * double(r) <= kMaxAdapterWork;
-}
-
 }  // namespace
 }  // namespace cuda_detail
 
 using namespace cuda_detail;
 
 template <typename T>
+void CudaBackend<T>::adapter_project_beside_product(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+  const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
+  // U = X A^T on the side stream while cuBLAS runs X W^T here: neither reads what the other
+  // writes, and X W^T leaves SMs and issue slots to spare (PERFORMANCE.md).
+  RELORA_CUDA_CHECK(cudaEventRecord(fork_event_.event, stream_.stream));
+  RELORA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_.stream, fork_event_.event, 0));
+  RowPass<T> project{layer.X->data(), layer.A->data(), nullptr, nullptr, U.data(), nullptr, T(1), T(0),
+                     n, int(k), int(d), int(r), int(k), 1, 0, 0};  // G(j, p) = A[j, p]
+  row_pass(project, side_stream_.stream, /*overlapped=*/false);
+  RELORA_CUDA_CHECK(cudaEventRecord(join_event_.event, side_stream_.stream));
+  gemm(Trans::no, Trans::yes, T(1), *layer.X, *layer.W, T(0), Y);  // Y = X W^T
+  RELORA_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream, join_event_.event, 0));
+}
+
+template <typename T>
 bool CudaBackend<T>::adapter_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
   const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
   if (!adapter_passes_apply(n, k, d, r)) return false;
-  gemm(Trans::no, Trans::yes, T(1), *layer.X, *layer.W, T(0), Y);  // Y = X W^T
-  RowPass<T> pass{layer.X->data(), layer.A->data(), layer.B->data(), layer.b ? layer.b->data() : nullptr,
-                  U.data(), Y.data(), T(1), layer.scale, n, int(k), int(d), int(r),
-                  int(k), 1, int(r), 1};  // G(j, p) = A[j, p]; H(q, j) = B[q, j]
-  row_pass(pass, stream_.stream);
+  adapter_project_beside_product(layer, U, Y);
+  expand_pass(ExpandPass<T>{U.data(), layer.B->data(), layer.b ? layer.b->data() : nullptr, Y.data(), layer.scale,
+                            n, int(d), int(r)},
+              stream_.stream);
   return true;
 }
 
@@ -490,10 +513,12 @@ bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>& layer, const Te
   if (!reserve_adapter_workspace(partial_bytes)) return false;
 
   if (grads.dX) gemm(Trans::no, Trans::no, T(1), dY, *layer.W, T(0), *grads.dX);  // dX = dY W
-  RowPass<T> rows{dY.data(), layer.B->data(), layer.A->data(), nullptr,
-                  grads.dU->data(), grads.dX ? grads.dX->data() : nullptr, layer.scale, T(1), n,
-                  int(d), int(k), int(r), 1, int(r), 1, int(k)};  // G(j, c) = B[c, j]; H(p, j) = A[j, p]
-  row_pass(rows, stream_.stream);
+  if (grads.dX || !grads.dU_ready) {  // dX += dU A needs the row pass anyway (it recomputes dU, the same bits)
+    RowPass<T> rows{dY.data(), layer.B->data(), layer.A->data(), nullptr,
+                    grads.dU->data(), grads.dX ? grads.dX->data() : nullptr, layer.scale, T(1), n,
+                    int(d), int(k), int(r), 1, int(r), 1, int(k)};  // G(j, c) = B[c, j]; H(p, j) = A[j, p]
+    row_pass(rows, stream_.stream);
+  }
 
   T* partial = static_cast<T*>(adapter_workspace_.ptr);
   ColumnPass<T> columns{dY.data(), U.data(), layer.X->data(), grads.dU->data(), partial, n, chunk_rows,
@@ -534,7 +559,8 @@ bool CudaBackend<T>::reserve_adapter_workspace(std::size_t bytes) {
   template bool CudaBackend<T>::adapter_forward(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);          \
   template bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>&, const Tensor<T>&, const Tensor<T>&, \
                                                  const LoraLayerGradients<T>&);                               \
-  template bool CudaBackend<T>::reserve_adapter_workspace(std::size_t);
+  template bool CudaBackend<T>::reserve_adapter_workspace(std::size_t);                                       \
+  template void CudaBackend<T>::adapter_project_beside_product(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);
 RELORA_INSTANTIATE(float)
 RELORA_INSTANTIATE(double)
 #undef RELORA_INSTANTIATE

@@ -61,12 +61,16 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
   RELORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_id_));
   device_name_ = prop.name;
   sm_count_ = prop.multiProcessorCount;
+  shared_optin_bytes_ = prop.sharedMemPerBlockOptin;
   cc_major_ = prop.major;
   cc_minor_ = prop.minor;
   total_memory_ = prop.totalGlobalMem;
 
   // Non-blocking: our stream never waits for, nor holds up, work on the legacy default stream.
   RELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_.stream, cudaStreamNonBlocking));
+  RELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_.stream, cudaStreamNonBlocking));
+  RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_event_.event, cudaEventDisableTiming));
+  RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&join_event_.event, cudaEventDisableTiming));
   RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
   RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, stream_.stream));
   // A workspace of our own (cuBLAS's recommended size: 32 MiB on Hopper and newer, 4 MiB before),

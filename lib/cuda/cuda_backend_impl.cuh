@@ -8,6 +8,7 @@
 //   cuda_prune.cu        magnitude and random pruning (a radix sort on scratch memory)
 //   cuda_fused_lora.cu   a tiny LoRA layer's forward, and its backward, as one kernel each
 //   cuda_adapter_passes.cu  a wider layer's rank-sized work (small r) as row, column and reduce passes
+//   cuda_adapter_output.cu  such a layer's forward, the MSE and dU as one pass, at the end of a model
 // No operation copies between host and device except upload, download and the 8-byte read-back
 // of the non-finite flag; none allocates except allocate and the one-time sizing of scratch.
 #include <cublas_v2.h>
@@ -70,6 +71,16 @@ struct Stream {
       (void)cudaStreamSynchronize(stream);
       (void)cudaStreamDestroy(stream);
     }
+  }
+};
+
+struct Event {
+  cudaEvent_t event = nullptr;
+  Event() = default;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() {
+    if (event) (void)cudaEventDestroy(event);
   }
 };
 
@@ -159,6 +170,9 @@ class CudaBackend final : public Backend<T> {
   bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
   bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                            const LoraLayerGradients<T>& grads) override;
+  // A wide last layer with the MSE after it (cuda_adapter_output.cu).
+  bool fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, Tensor<T>& U, Tensor<T>& Y,
+                              Tensor<T>& dY, Tensor<T>& loss, Tensor<T>& dU) override;
 
   // CUDA graphs: stream capture of the queued operations, replayed with one cudaGraphLaunch.
   bool begin_recording() override;
@@ -180,12 +194,16 @@ class CudaBackend final : public Backend<T> {
   bool adapter_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y);
   bool adapter_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                         const LoraLayerGradients<T>& grads);
+  // Queues U = X A^T on the side stream and Y = X W^T on the main one, then joins them: after
+  // it, stream_'s next work sees both.
+  void adapter_project_beside_product(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y);
   // Makes adapter_workspace_ hold at least `bytes`; false when it cannot grow now (recording).
   bool reserve_adapter_workspace(std::size_t bytes);
 
   int device_id_ = 0;
   bool fused_small_layers_ = true;  // BackendOptions::fused_small_layers
   int sm_count_ = 0;
+  std::size_t shared_optin_bytes_ = 0;  // dynamic shared memory a block may have, opted in
   int cc_major_ = 0;
   int cc_minor_ = 0;
   std::size_t total_memory_ = 0;
@@ -193,6 +211,12 @@ class CudaBackend final : public Backend<T> {
   MathMode math_ = MathMode::strict;
 
   cuda_detail::Stream stream_;
+  // A second stream for work beside a large product (the adapter pass's U = X A^T beside X W^T),
+  // forked from stream_ and joined back to it by the two events: stream_ alone orders the step,
+  // and a capture of stream_ takes the side stream's work into the graph as a parallel branch.
+  cuda_detail::Stream side_stream_;
+  cuda_detail::Event fork_event_;
+  cuda_detail::Event join_event_;
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch

@@ -2,7 +2,9 @@
 // is one launch; the formulas come from relora/elementwise_math.hpp and relora/counter_rng.hpp,
 // shared with the CPU backend.
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_launch.cuh"
+#include "cuda/cuda_pack.cuh"
 #include "relora/counter_rng.hpp"
 #include "relora/elementwise_math.hpp"
 
@@ -91,18 +93,6 @@ struct DropoutMask {
   __device__ void operator()(std::int64_t i) const { mask[i] = uniform01(key, std::uint64_t(i)) < p ? T(0) : keep_scale; }
 };
 
-// Sum of one value per thread over the block; every thread must call it, all get the sum.
-__device__ double block_sum(double value, double* shared) {
-  __syncthreads();  // the previous use of `shared` is over
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
-    __syncthreads();
-  }
-  return shared[0];
-}
-
 // db[j] = beta db[j] + sum_i dY[i, j]. A 32 x 32 block takes 32 columns; its 32 rows of threads
 // take every 32nd row, so reads are coalesced along the columns. Sums accumulate in double.
 template <typename T>
@@ -127,41 +117,40 @@ __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const T
 // double); the last block to finish adds the partials in a fixed order, so the loss is the same
 // on every run.
 template <typename T>
-__global__ void mse_kernel(std::int64_t n, const T* __restrict__ y, const T* __restrict__ target, T* __restrict__ dy,
-                           T* __restrict__ loss, Scratch* scratch) {
+__global__ void mse_kernel(std::int64_t n, bool vector, const T* __restrict__ y, const T* __restrict__ target,
+                           T* __restrict__ dy, T* __restrict__ loss, Scratch* scratch) {
   wait_for_previous_grid();
   allow_next_grid();
-  __shared__ double shared[kThreads];
-  __shared__ bool last_block;
   const T grad_scale = T(2) / T(n);
   double sum = 0;
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
+  const std::int64_t first = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
+  // 16 bytes per access where the three tensors allow it (a thread's packs in flight together
+  // are what keeps a bandwidth-bound pass near the memory's rate); the tail element by element.
+  constexpr int kWidth = int(16 / sizeof(T));
+  std::int64_t done = 0;
+  if (vector) {
+    const std::int64_t packs = n / kWidth;
+    for (std::int64_t p = first; p < packs; p += stride) {
+      const Pack<T, kWidth> yp = load_pack<T, kWidth>(y + p * kWidth);
+      const Pack<T, kWidth> tp = load_pack<T, kWidth>(target + p * kWidth);
+      Pack<T, kWidth> out;
+#pragma unroll
+      for (int e = 0; e < kWidth; ++e) {
+        const T diff = yp.v[e] - tp.v[e];
+        sum += double(diff) * double(diff);
+        out.v[e] = grad_scale * diff;
+      }
+      store_pack(dy + p * kWidth, out);
+    }
+    done = packs * kWidth;
+  }
+  for (std::int64_t i = done + first; i < n; i += stride) {
     const T diff = y[i] - target[i];
     sum += double(diff) * double(diff);
     dy[i] = grad_scale * diff;
   }
-  const double block_total = block_sum(sum, shared);
-  if (gridDim.x == 1) {  // a small batch: no partials, no second round trip through memory
-    if (threadIdx.x == 0) *loss = T(block_total / double(n));
-    return;
-  }
-  if (threadIdx.x == 0) {
-    scratch->partials[blockIdx.x] = block_total;
-    __threadfence();  // the partial is visible before this block counts itself done
-    last_block = atomicAdd(&scratch->reduce_blocks_done, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  const volatile double* partials = scratch->partials;
-  double total = 0;
-  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) total += partials[b];
-  total = block_sum(total, shared);
-  if (threadIdx.x == 0) {
-    *loss = T(total / double(n));
-    scratch->reduce_blocks_done = 0;  // ready for the next launch
-  }
+  finish_mean_loss(sum, n, loss, scratch);
 }
 
 template <typename T>
@@ -246,9 +235,11 @@ void CudaBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>&
   // One block up to kOneBlockLoss elements (a few loads per thread, and the loss without the
   // last-block hand-over); more blocks beyond.
   constexpr std::int64_t kOneBlockLoss = 8 * kThreads;
-  const int grid = Y.size() <= kOneBlockLoss ? 1 : std::min(grid_for(Y.size(), sm_count_), kMaxReduceBlocks);
+  const bool vector = all_aligned_16(Y.data(), target.data(), dY.data());
+  const std::int64_t accesses = vector ? Y.size() / (16 / sizeof(T)) : Y.size();
+  const int grid = Y.size() <= kOneBlockLoss ? 1 : std::min(grid_for(accesses, sm_count_), kMaxReduceBlocks);
   launch_overlapped(&mse_kernel<T>, dim3(grid), dim3(kThreads), 0, stream_.stream, "launch of mse_kernel",
-                    std::int64_t(Y.size()), Y.data(), target.data(), dY.data(), loss.data(), scratch());
+                    std::int64_t(Y.size()), vector, Y.data(), target.data(), dY.data(), loss.data(), scratch());
 }
 
 template <typename T>

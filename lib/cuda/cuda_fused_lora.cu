@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "cuda/cuda_adapter_common.cuh"
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_launch.cuh"
 #include "fused_lora_checks.hpp"
@@ -30,7 +31,7 @@ namespace relora {
 namespace cuda_detail {
 namespace {
 
-constexpr int kMaxWidth = 32;               // k, d and r: W, A and B then fit in shared memory
+constexpr int kMaxWidth = kMaxTinyWidth;    // k, d and r: W, A and B then fit in shared memory
 constexpr int kForwardRows = 32;            // rows per forward block: at most 1024 elements of Y
 constexpr int kBackwardThreads = 1024;      // the one backward block
 constexpr int kSharedBytes = 48 * 1024;     // dynamic shared memory available without an opt-in
@@ -241,10 +242,6 @@ __global__ void __launch_bounds__(kBackwardThreads) fused_lora_backward_kernel(c
   }
 }
 
-bool small_widths(Index k, Index d, Index r) {
-  const auto fits = [](Index w) { return w >= 1 && w <= kMaxWidth; };
-  return fits(k) && fits(d) && fits(r);
-}
 
 }  // namespace
 }  // namespace cuda_detail
@@ -258,7 +255,7 @@ bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor
   const Index d = Y.cols(), r = U.cols();
   const Index n = layer.X->rows(), k = layer.X->cols();
   const Index blocks = (n + kForwardRows - 1) / kForwardRows;
-  if (n == 0 || !small_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) {
+  if (n == 0 || !tiny_layer_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) {
     return adapter_forward(layer, U, Y);
   }
 
@@ -282,7 +279,7 @@ bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const
   check_fused_backward(layer, U, dY, grads);
   const Index d = dY.cols(), r = U.cols();
   const Index n = layer.X->rows(), k = layer.X->cols();
-  if (n == 0 || !small_widths(k, d, r) || double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) {
+  if (n == 0 || !tiny_layer_widths(k, d, r) || double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) {
     return adapter_backward(layer, U, dY, grads);
   }
 

@@ -52,6 +52,19 @@ void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, std::si
   check_cuda(cudaLaunchKernelEx(&launch.config, kernel, args...), name, __FILE__, __LINE__);
 }
 
+// kernel<<<grid, block, shared, stream>>>(args...) with no programmatic edge: for a kernel that
+// follows a join of two streams, where the edge would name only one of the work items it waits for.
+template <typename... Params, typename... Args>
+void launch_plain(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
+                  const char* name, Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, args...), name, __FILE__, __LINE__);
+}
+
 // The same with the arguments as an array of pointers (cudaLaunchKernel's form).
 inline void launch_overlapped(const void* kernel, dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
                               void** args, const char* name) {

@@ -1,0 +1,221 @@
+// A model's last layer, when it is wide with a small-rank adapter and the MSE follows it: the
+// end of its forward, the loss and the first product of its backward as one pass over the rows.
+//
+// Why: after cuBLAS's X W^T (and U = X A^T beside it, cuda_adapter_passes.cu), the separate
+// passes would read and write Y to add b + s U B^T, read Y and the target and write dY for the
+// loss, then read dY again for dU = s dY B: three launches, each a few microseconds of ramp and
+// drain around little traffic, 24 us of layer1k's 112 us step (ncu). One pass reads Y and the
+// target once and writes Y and dY once.
+//
+// Two warps take a row, in alternate groups of columns; the block has all of B in shared memory,
+// laid out along d. Per row:
+//   y = Y + b + s U B^T (Y holds X W^T), written back: the model's output;
+//   dY = (2 / size) (y - target), written; the squared errors added in double;
+//   dU = s dY B: each warp's lanes' partial dot products summed by a butterfly of shuffles, the
+//   two warps' sums added in shared memory.
+// Y and dY are computed as the separate passes compute them (the expand pass's fma chain over j,
+// mse_kernel's difference and scale), so they are the same bits either way; dU, summed in two
+// halves, and the loss's sum differ from theirs by rounding.
+#include <algorithm>
+
+#include "cuda/cuda_adapter_common.cuh"
+#include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_block_loss.cuh"
+#include "cuda/cuda_launch.cuh"
+#include "fused_lora_checks.hpp"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+// Two warps share a row, taking alternate 32 x Width column groups, so that an SM has 16 warps to
+// switch between: with one warp a row (8 an SM, layer1k's 1024 rows over 132 SMs) the pass was
+// latency-bound, each warp issuing every 7.6 cycles (ncu), and took 26 us.
+constexpr int kWarpsPerRow = 2;
+constexpr int kOutputRows = 8;  // rows per block
+constexpr int kOutputThreads = kOutputRows * kWarpsPerRow * 32;
+constexpr int kOutputSteps = 4;  // column groups whose loads of Y (and of the target) a lane issues at once
+
+template <typename T>
+struct OutputPass {
+  const T* U;
+  const T* B;
+  const T* bias;  // null: none
+  const T* target;
+  T* Y;
+  T* dY;
+  T* dU;
+  T* loss;
+  Scratch* scratch;
+  T scale, grad_scale;
+  std::int64_t n;
+  int d, r, stride;  // stride: of B's rows in shared memory
+};
+
+template <typename T>
+__device__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  return reinterpret_cast<T*>(shared_raw);
+}
+
+template <typename T, int MaxRank, int Width>
+__global__ void __launch_bounds__(kOutputThreads) adapter_output_kernel(const OutputPass<T> a) {
+  T* const staged = dynamic_shared<T>();  // staged[j * stride + c] = B[c, j]
+  __shared__ T halves[kOutputRows][kWarpsPerRow][MaxRank];  // each warp's share of its row's dU
+  wait_for_previous_grid();
+  allow_next_grid();
+  stage_slice<T, Width>(a.B, 1, a.r, a.r, 0, a.d, a.stride, staged);
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int row_in_block = warp / kWarpsPerRow, part = warp % kWarpsPerRow;
+  constexpr int kGroup = 32 * Width;  // columns of one group: a 16-byte access per lane
+  constexpr int kChunk = kGroup * kWarpsPerRow * kOutputSteps;
+  double squares = 0;
+  // Every warp of the block goes round the loop equally often (the barrier below needs them all).
+  const std::int64_t rounds = (a.n + std::int64_t(gridDim.x) * kOutputRows - 1) / (std::int64_t(gridDim.x) * kOutputRows);
+  for (std::int64_t round = 0; round < rounds; ++round) {
+    const std::int64_t i = (round * gridDim.x + blockIdx.x) * kOutputRows + row_in_block;
+    const bool active = i < a.n;
+    const T own = active && lane < a.r ? a.U[i * a.r + lane] : T(0);
+    T u[MaxRank], v[MaxRank];
+#pragma unroll
+    for (int j = 0; j < MaxRank; ++j) {
+      u[j] = __shfl_sync(0xffffffffu, own, j);
+      v[j] = T(0);
+    }
+    const std::int64_t row = active ? i : 0;
+    T* const y_row = a.Y + row * a.d;
+    T* const dy_row = a.dY + row * a.d;
+    const T* const target_row = a.target + row * a.d;
+    const int end = active ? a.d : 0;
+    for (int c0 = 0; c0 < end; c0 += kChunk) {
+      Pack<T, Width> y[kOutputSteps], t[kOutputSteps];
+      // This warp's groups of the chunk: part, part + kWarpsPerRow, ...
+      const auto column = [&](int step) { return c0 + (step * kWarpsPerRow + part) * kGroup + lane * Width; };
+#pragma unroll
+      for (int step = 0; step < kOutputSteps; ++step) {  // every load of the round before any sum
+        const int c = column(step);
+        if (c < a.d) {
+          y[step] = load_pack<T, Width>(y_row + c);
+          t[step] = load_pack<T, Width>(target_row + c);
+        }
+      }
+#pragma unroll
+      for (int step = 0; step < kOutputSteps; ++step) {
+        const int c = column(step);
+        if (c >= a.d) continue;
+        T sums[Width];
+#pragma unroll
+        for (int e = 0; e < Width; ++e) sums[e] = T(0);
+#pragma unroll
+        for (int j = 0; j < MaxRank; ++j) {
+          if (j >= a.r) continue;
+          const Pack<T, Width> h = *reinterpret_cast<const Pack<T, Width>*>(staged + j * a.stride + c);
+#pragma unroll
+          for (int e = 0; e < Width; ++e) sums[e] = fma(u[j], h.v[e], sums[e]);
+        }
+        Pack<T, Width> bias;
+#pragma unroll
+        for (int e = 0; e < Width; ++e) bias.v[e] = T(0);
+        if (a.bias) bias = load_pack<T, Width>(a.bias + c);
+        Pack<T, Width> grad;
+#pragma unroll
+        for (int e = 0; e < Width; ++e) {
+          y[step].v[e] = fma(a.scale, sums[e], y[step].v[e] + bias.v[e]);
+          const T diff = y[step].v[e] - t[step].v[e];
+          squares += double(diff) * double(diff);
+          grad.v[e] = a.grad_scale * diff;
+        }
+        store_pack(y_row + c, y[step]);
+        store_pack(dy_row + c, grad);
+#pragma unroll
+        for (int j = 0; j < MaxRank; ++j) {
+          if (j >= a.r) continue;
+          const Pack<T, Width> h = *reinterpret_cast<const Pack<T, Width>*>(staged + j * a.stride + c);
+#pragma unroll
+          for (int e = 0; e < Width; ++e) v[j] = fma(grad.v[e], h.v[e], v[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MaxRank; ++j) {
+      if (j >= a.r) continue;
+      const T total = warp_all_sum(v[j]);
+      if (lane == j) halves[row_in_block][part][j] = total;  // lane j stores entry j: no register array indexed by lane
+    }
+    __syncthreads();
+    if (active && part == 0 && lane < a.r) {  // the parts added in a fixed order
+      T total = T(0);
+#pragma unroll
+      for (int p = 0; p < kWarpsPerRow; ++p) total += halves[row_in_block][p][lane];
+      a.dU[i * a.r + lane] = a.scale * total;
+    }
+    __syncthreads();  // halves read before the next round writes them
+  }
+  finish_mean_loss<T, kOutputThreads>(squares, a.n * std::int64_t(a.d), a.loss, a.scratch);
+}
+
+template <typename T, int MaxRank>
+void launch_output_pass(const OutputPass<T>& pass, bool vector, unsigned blocks, std::size_t shared,
+                        cudaStream_t stream) {
+  constexpr int kVector = int(16 / sizeof(T));
+  const auto kernel = vector ? &adapter_output_kernel<T, MaxRank, kVector> : &adapter_output_kernel<T, MaxRank, 1>;
+  RELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+  // No programmatic edge: the pass follows the join of the side stream's U (see launch_plain).
+  launch_plain(kernel, dim3(blocks), dim3(kOutputThreads), shared, stream, "launch of adapter_output_kernel", pass);
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+template <typename T>
+bool CudaBackend<T>::fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target,
+                                            Tensor<T>& U, Tensor<T>& Y, Tensor<T>& dY, Tensor<T>& loss,
+                                            Tensor<T>& dU) {
+  if (!fused_small_layers_) return false;
+  check_fused_forward(layer, U, Y);
+  require_shape(target, Y.rows(), Y.cols(), "fused_lora_forward_mse target");
+  require_shape(dY, Y.rows(), Y.cols(), "fused_lora_forward_mse dY");
+  require_shape(dU, U.rows(), U.cols(), "fused_lora_forward_mse dU");
+  require_shape(loss, 1, 1, "fused_lora_forward_mse loss");
+  const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
+  // A tiny layer keeps its one-kernel forward; outside the adapter passes' range the products
+  // are cuBLAS's, and the separate MSE is no longer what the step spends its time in.
+  if (tiny_layer_widths(k, d, r) || !adapter_passes_apply(n, k, d, r)) return false;
+  constexpr int kVector = int(16 / sizeof(T));
+  const bool vector = d % kVector == 0 && all_aligned_16(Y.data(), target.data(), dY.data(), layer.B->data()) &&
+                      (layer.b == nullptr || all_aligned_16(layer.b->data()));
+  const int stride = int(d) + (vector ? kVector : 1);  // rows stay 16-byte aligned; fewer bank conflicts
+  const std::size_t shared = std::size_t(r) * std::size_t(stride) * sizeof(T);
+  // All of B in shared memory, beside the static arrays (the loss reduction's doubles, the dU halves).
+  const std::size_t static_bytes = kOutputThreads * sizeof(double) + sizeof(T) * kOutputRows * kWarpsPerRow * kMaxAdapterRank + 64;
+  if (shared + static_bytes > shared_optin_bytes_) return false;
+
+  activate();
+  adapter_project_beside_product(layer, U, Y);
+  const Index rows_per_block = kOutputRows;
+  const unsigned blocks = unsigned(std::min<Index>((n + rows_per_block - 1) / rows_per_block, kMaxReduceBlocks));
+  OutputPass<T> pass{U.data(), layer.B->data(), layer.b ? layer.b->data() : nullptr, target.data(), Y.data(),
+                     dY.data(), dU.data(), loss.data(), scratch(), layer.scale, T(2) / T(n * d), n, int(d), int(r),
+                     stride};
+  if (r <= 8) {
+    launch_output_pass<T, 8>(pass, vector, blocks, shared, stream_.stream);
+  } else if (r <= 16) {
+    launch_output_pass<T, 16>(pass, vector, blocks, shared, stream_.stream);
+  } else {
+    launch_output_pass<T, kMaxAdapterRank>(pass, vector, blocks, shared, stream_.stream);
+  }
+  return true;
+}
+
+#define RELORA_INSTANTIATE(T)                                                                                   \
+  template bool CudaBackend<T>::fused_lora_forward_mse(const LoraLayerTensors<T>&, const Tensor<T>&, Tensor<T>&, \
+                                                       Tensor<T>&, Tensor<T>&, Tensor<T>&, Tensor<T>&);
+RELORA_INSTANTIATE(float)
+RELORA_INSTANTIATE(double)
+#undef RELORA_INSTANTIATE
+
+}  // namespace relora

@@ -1,0 +1,201 @@
+// A model's last layer with the MSE fused into its forward (LoraLinear::forward_with_mse, on CUDA
+// cuda_adapter_output.cu): Y, dY, dB and db must be the bits of the separate passes (forward,
+// MSE, backward on the same GPU), dA and the loss theirs within rounding, everything the CPU's
+// within rounding; the gradients of the fused loss must match central differences in double; the
+// path must be taken only where it applies, and a backend without it (the CPU) must fall back.
+#include <doctest/doctest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gradient_check.hpp"
+#include "lora_layer_run.hpp"
+#include "relora/relora.hpp"
+#include "test_data.hpp"
+#include "test_support.hpp"
+
+using namespace relora;
+using relora::testing::cuda_or_skip;
+using relora::testing::normal_matrix;
+using relora::testing::relative_error;
+
+namespace {
+
+using Shape = relora::testing::LayerShape;
+
+// What a step of a last layer trained on the MSE leaves on the host.
+template <typename T>
+struct LossRun {
+  bool fused = false;
+  double loss = 0;
+  HostMatrix<T> Y, dY, dA, dB, db;
+};
+
+// A layer of shape s with parameters drawn from the shape (the same for every backend), its
+// forward and MSE on a random batch, fused where `fuse` and the backend can, then its backward.
+template <typename T>
+LossRun<T> run_last_layer(Backend<T>& backend, const Shape& s, BiasMode bias, bool fuse) {
+  std::mt19937 gen(unsigned(s.n * 31 + s.k * 7 + s.d * 3 + s.r));
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 4};
+  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen, 0.3));
+  layer.set_A(normal_matrix<T>(s.r, s.k, gen, 0.3));
+  layer.set_B(normal_matrix<T>(s.d, s.r, gen, 0.3));
+  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
+  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
+  Tensor<T> target = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "target");
+  MseLoss<T> mse(backend);
+  LossRun<T> out;
+  if (fuse) out.fused = layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer());
+  if (!out.fused) mse.forward_backward(layer.forward(X), target);
+  out.Y = to_host(backend, layer.output());
+  out.dY = to_host(backend, mse.gradient());
+  out.loss = double(mse.value());
+  layer.backward(mse.gradient(), /*need_dX=*/false);
+  out.dA = to_host(backend, layer.dA());
+  out.dB = to_host(backend, layer.dB());
+  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
+  return out;
+}
+
+// Shapes that take the fused pass: layer1k; 16-byte rows and odd ones (d = 33, 130 with an odd
+// k); each rank bucket; a single output column; more row groups than the loss has partials
+// (9000 rows: the blocks stride over rows).
+const std::vector<Shape>& output_shapes() {
+  static const std::vector<Shape> shapes = {
+      {1024, 1024, 1024, 16}, {300, 200, 130, 16}, {77, 40, 300, 3}, {130, 64, 33, 32},
+      {9000, 40, 36, 2},      {5, 33, 1, 1},
+  };
+  return shapes;
+}
+
+template <typename T>
+void check_fused_against_separate(double cpu_tolerance) {
+  auto gpu = make_backend<T>(Device::cuda);
+  BackendOptions separate_options;
+  separate_options.fused_small_layers = false;
+  auto cpu = make_backend<T>(Device::cpu, separate_options);
+  for (const Shape& s : output_shapes()) {
+    for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
+      CAPTURE(s.n);
+      CAPTURE(s.k);
+      CAPTURE(s.d);
+      CAPTURE(s.r);
+      CAPTURE(int(bias));
+      const LossRun<T> fused = run_last_layer<T>(*gpu, s, bias, true);
+      const LossRun<T> passes = run_last_layer<T>(*gpu, s, bias, false);
+      const LossRun<T> reference = run_last_layer<T>(*cpu, s, bias, false);
+      REQUIRE(fused.fused);
+      CHECK_FALSE(passes.fused);
+      // The same computation, value for value, up to the order of two sums: dU (so dA) is added
+      // in two halves of the row, the loss over other blocks.
+      const double rounding = sizeof(T) == 4 ? 1e-6 : 1e-14;
+      CHECK(fused.Y == passes.Y);
+      CHECK(fused.dY == passes.dY);
+      CHECK(fused.dB == passes.dB);
+      CHECK(fused.db == passes.db);
+      CHECK(relative_error(fused.dA.template cast<double>(), passes.dA.template cast<double>()) < rounding);
+      CHECK(fused.loss == doctest::Approx(passes.loss).epsilon(rounding));
+      CHECK(fused.loss == doctest::Approx(reference.loss).epsilon(cpu_tolerance));
+      for (const auto& [got, want, name] :
+           {std::tuple{&fused.Y, &reference.Y, "Y"}, std::tuple{&fused.dY, &reference.dY, "dY"},
+            std::tuple{&fused.dA, &reference.dA, "dA"}, std::tuple{&fused.dB, &reference.dB, "dB"},
+            std::tuple{&fused.db, &reference.db, "db"}}) {
+        if (want->size() == 0) continue;
+        const double err = relative_error(got->template cast<double>(), want->template cast<double>());
+        INFO(name << " relative error against the CPU " << err);
+        CHECK(err < cpu_tolerance);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda fused output layer: the separate passes' Y, dY, dB, db bit for bit, dA and the loss within rounding") {
+  if (!cuda_or_skip("cuda fused output layer")) return;
+  check_fused_against_separate<float>(1e-5);
+  check_fused_against_separate<double>(1e-12);
+}
+
+TEST_CASE("cuda fused output layer: gradients of the fused loss match finite differences in double") {
+  if (!cuda_or_skip("cuda fused output layer")) return;
+  auto backend = make_backend<double>(Device::cuda);
+  const Shape s{37, 40, 33, 5};
+  std::mt19937 gen(8);
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
+  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
+  layer.set_B(normal_matrix(s.d, s.r, gen));
+  layer.set_b(normal_matrix(1, s.d, gen));
+  Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
+  Tensor<double> target = to_backend<double>(*backend, normal_matrix(s.n, s.d, gen), "target");
+  MseLoss<double> mse(*backend);
+  Tensor<double>& dY = mse.gradient_buffer(target);
+  auto loss = [&]() {
+    REQUIRE(layer.forward_with_mse(X, target, dY, mse.loss_buffer()));
+    return mse.value();
+  };
+  loss();
+  layer.backward(dY, /*need_dX=*/false);
+  const HostMatrix<double> dA = to_host(*backend, layer.dA()), dB = to_host(*backend, layer.dB()),
+                           db = to_host(*backend, layer.db());
+  using relora::testing::numeric_gradient_on;
+  CHECK(relative_error(dA, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.A()), loss)) < 1e-7);
+  CHECK(relative_error(dB, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.B()), loss)) < 1e-7);
+  CHECK(relative_error(db, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.b()), loss)) < 1e-7);
+}
+
+TEST_CASE("cuda fused output layer: taken only for wide layers of small rank with B in shared memory") {
+  if (!cuda_or_skip("cuda fused output layer")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  auto takes = [](Backend<float>& backend, const Shape& s) {
+    return run_last_layer<float>(backend, s, BiasMode::none, true).fused;
+  };
+  CHECK(takes(*gpu, {64, 96, 40, 8}));
+  CHECK_FALSE(takes(*gpu, {200, 10, 5, 4}));        // tiny: its own one-kernel forward
+  CHECK_FALSE(takes(*gpu, {64, 96, 40, 33}));       // rank over the passes' limit
+  CHECK_FALSE(takes(*gpu, {4, 64, 60000, 32}));     // B (7.7 MB) does not fit in shared memory
+  BackendOptions off;
+  off.fused_small_layers = false;
+  auto gpu_off = make_backend<float>(Device::cuda, off);
+  CHECK_FALSE(takes(*gpu_off, {64, 96, 40, 8}));
+}
+
+TEST_CASE("forward_with_mse: falls back to forward where it cannot fuse, and names a target of the wrong shape") {
+  auto cpu = make_backend<double>(Device::cpu);
+  std::mt19937 gen(3);
+  // The CPU backend has no fused pass: the model computes its output only.
+  Model<double> model(cpu);
+  model.add(LoraConfig{.in_features = 6, .out_features = 5, .rank = 2, .alpha = 4, .seed = 1}, Activation::identity,
+            normal_matrix<double>(5, 6, gen));
+  Tensor<double> X = to_backend<double>(*cpu, normal_matrix<double>(4, 6, gen), "X");
+  Tensor<double> target = to_backend<double>(*cpu, normal_matrix<double>(4, 5, gen), "target");
+  MseLoss<double> mse(*cpu);
+  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  const HostMatrix<double> fallback = to_host(*cpu, model.output());
+  CHECK(fallback == to_host(*cpu, model.forward(X)));
+
+  Tensor<double> wrong = to_backend<double>(*cpu, normal_matrix<double>(4, 3, gen), "wrong target");
+  try {
+    model.forward_with_mse(X, wrong, mse.gradient_buffer(wrong), mse.loss_buffer());
+    FAIL("a 4 x 3 target for a 4 x 5 prediction was taken");
+  } catch (const ShapeError& e) {
+    CHECK(std::string(e.what()).find("[4 x 5]") != std::string::npos);
+    CHECK(std::string(e.what()).find("[4 x 3]") != std::string::npos);
+  }
+}
+
+TEST_CASE("cuda fused output layer: a ReLU after the last layer keeps the separate MSE") {
+  if (!cuda_or_skip("cuda fused output layer")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  std::mt19937 gen(4);
+  Model<float> model(gpu);
+  model.add(LoraConfig{.in_features = 96, .out_features = 40, .rank = 8, .alpha = 16, .seed = 1}, Activation::relu,
+            normal_matrix<float>(40, 96, gen));
+  Tensor<float> X = to_backend<float>(*gpu, normal_matrix<float>(64, 96, gen), "X");
+  Tensor<float> target = to_backend<float>(*gpu, normal_matrix<float>(64, 40, gen), "target");
+  MseLoss<float> mse(*gpu);
+  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  const HostMatrix<float> output = to_host(*gpu, model.output());
+  CHECK(output.minCoeff() >= 0.0f);  // the ReLU ran
+}
