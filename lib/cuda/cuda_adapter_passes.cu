@@ -475,6 +475,7 @@ void CudaBackend<T>::adapter_project_beside_product(const LoraLayerTensors<T>& l
   const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
   // U = X A^T on the side stream while cuBLAS runs X W^T here: neither reads what the other
   // writes, and X W^T leaves SMs and issue slots to spare (PERFORMANCE.md).
+  activate();  // the events and streams belong to this backend's device
   RELORA_CUDA_CHECK(cudaEventRecord(fork_event_.event, stream_.stream));
   RELORA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_.stream, fork_event_.event, 0));
   RowPass<T> project{layer.X->data(), layer.A->data(), nullptr, nullptr, U.data(), nullptr, T(1), T(0),
@@ -501,6 +502,7 @@ bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>& layer, const Te
                                       const LoraLayerGradients<T>& grads) {
   const Index n = layer.X->rows(), k = layer.X->cols(), d = dY.cols(), r = U.cols();
   if (!adapter_passes_apply(n, k, d, r)) return false;
+  activate();  // the launches below may come before any call that makes the device current
 
   // Chunks of rows for the column pass: about two blocks per SM in all (one left each SM's
   // warps stalled on their own multiply-add chains), each chunk at least a tile of rows; the
