@@ -2,6 +2,7 @@
 // The CPU backend: host buffers mapped as Eigen row-major matrices. Eigen runs the large
 // products in parallel with OpenMP; element-wise work is simple loops the compiler vectorises.
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu_gemm.hpp"
@@ -10,7 +11,7 @@
 namespace relora {
 
 // Feature-major copies of a fused small layer's operands (cpu_fused_lora.cpp): feature f of row i
-// at [f * ld + i], ld = n rounded up to whole SIMD groups, the lanes past n zero. Grown to the
+// at [f * ld + i], ld = n rounded up to whole SIMD registers, the lanes past n zero. Grown to the
 // largest layer seen and never shrunk, so that steady steps allocate nothing.
 template <typename T>
 struct FusedLoraScratch {
@@ -20,16 +21,38 @@ struct FusedLoraScratch {
     Index rows = 0, cols = 0;
     bool is(const Tensor<T>& t) const { return data != nullptr && data == t.data() && t.same_shape(rows, cols); }
   };
-  std::vector<T> Xt, Ut;  // the last fused forward's X and U: its backward reads them, not X and U again
-  Source X, U;
-  std::vector<T> dYt, dUt;  // the backward's own, for the reductions into dB and dA after its pass
-  std::vector<T> strip;     // one strip of rows of the forward's Y or the backward's dX
+  // A panel kept from one step to the next: the batch X and the target, which full-batch training
+  // (the seed demo) passes unchanged every step. `rows` is the row-major copy it was made from, so
+  // that it is reused only while the tensor still holds those values (a memcmp, a third of the
+  // transpose), whether or not it was rewritten through its host pointer in between.
+  struct KeptPanel {
+    std::vector<T> panel, rows;
+    Source source;
+    bool holds(const Tensor<T>& t) const {
+      return source.is(t) && std::memcmp(rows.data(), t.data(), sizeof(T) * std::size_t(t.size())) == 0;
+    }
+    void keep(const Tensor<T>& t) {
+      rows.assign(t.data(), t.data() + t.size());  // allocates only while a batch is larger than any before
+      source = {t.data(), t.rows(), t.cols()};
+    }
+  };
+  KeptPanel X, target;  // X: the last fused pass's, which its backward reads rather than X again
+  std::vector<T> Ut;    // the last fused forward's U: its backward reads it, not U again
+  Source U;
+  // dY and dU: the fused MSE's (fused_lora_forward_mse), which its backward reads instead of
+  // transposing dY and computing dU again; else the backward's own, for its reductions.
+  std::vector<T> dYt, dUt;
+  Source dY, dU;
+  std::vector<T> strip;  // one strip of rows of the forward's Y or the backward's dX
+
+  // What a forward computes anew; the kept panels are checked against their tensors instead.
+  void forget_outputs() { U = dY = dU = Source{}; }
 
   // A backend operation wrote `size` elements at `p`: the copies of whatever it overlaps are stale.
   // (Addresses compared as integers: `<` between pointers into different buffers is unspecified.)
   void forget_overlapping(const T* p, Index size) {
     const auto begin = reinterpret_cast<std::uintptr_t>(p), end = begin + std::uintptr_t(size) * sizeof(T);
-    for (Source* s : {&X, &U}) {
+    for (Source* s : {&X.source, &target.source, &U, &dY, &dU}) {
       const auto s_begin = reinterpret_cast<std::uintptr_t>(s->data);
       const auto s_end = s_begin + std::uintptr_t(s->rows * s->cols) * sizeof(T);
       if (s->data != nullptr && begin < s_end && s_begin < end) *s = Source{};
@@ -73,6 +96,8 @@ class CpuBackend final : public Backend<T> {
 
   // Tiny layers computed feature-major in one pass each way (cpu_fused_lora.cpp).
   bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
+  bool fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, Tensor<T>& U, Tensor<T>& Y,
+                              Tensor<T>& dY, Tensor<T>& loss, Tensor<T>& dU) override;
   bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                            const LoraLayerGradients<T>& grads) override;
 

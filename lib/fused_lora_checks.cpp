@@ -31,6 +31,16 @@ void check_fused_forward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, c
 }
 
 template <typename T>
+void check_fused_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, const Tensor<T>& U,
+                             const Tensor<T>& Y, const Tensor<T>& dY, const Tensor<T>& loss, const Tensor<T>& dU) {
+  check_fused_forward(layer, U, Y);
+  require_shape(target, Y.rows(), Y.cols(), "fused_lora_forward_mse target");
+  require_shape(dY, Y.rows(), Y.cols(), "fused_lora_forward_mse dY");
+  require_shape(dU, U.rows(), U.cols(), "fused_lora_forward_mse dU");
+  require_shape(loss, 1, 1, "fused_lora_forward_mse loss");
+}
+
+template <typename T>
 void check_fused_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                           const LoraLayerGradients<T>& grads) {
   const Index d = dY.cols(), r = U.cols();
@@ -49,6 +59,12 @@ void check_fused_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, 
 template void check_fused_forward<float>(const LoraLayerTensors<float>&, const Tensor<float>&, const Tensor<float>&);
 template void check_fused_forward<double>(const LoraLayerTensors<double>&, const Tensor<double>&,
                                           const Tensor<double>&);
+template void check_fused_forward_mse<float>(const LoraLayerTensors<float>&, const Tensor<float>&,
+                                             const Tensor<float>&, const Tensor<float>&, const Tensor<float>&,
+                                             const Tensor<float>&, const Tensor<float>&);
+template void check_fused_forward_mse<double>(const LoraLayerTensors<double>&, const Tensor<double>&,
+                                              const Tensor<double>&, const Tensor<double>&, const Tensor<double>&,
+                                              const Tensor<double>&, const Tensor<double>&);
 template void check_fused_backward<float>(const LoraLayerTensors<float>&, const Tensor<float>&, const Tensor<float>&,
                                           const LoraLayerGradients<float>&);
 template void check_fused_backward<double>(const LoraLayerTensors<double>&, const Tensor<double>&,

@@ -10,7 +10,12 @@ namespace relora {
 template <typename T>
 void check_fused_forward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& Y);
 
-// As above, with dY n x d, dU n x r, dA r x k, dB d x r, db 1 x d and dX n x k where given.
+// As check_fused_forward, with target and dY n x d, dU n x r and loss 1 x 1.
+template <typename T>
+void check_fused_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, const Tensor<T>& U,
+                             const Tensor<T>& Y, const Tensor<T>& dY, const Tensor<T>& loss, const Tensor<T>& dU);
+
+// As check_fused_forward, with dY n x d, dU n x r, dA r x k, dB d x r, db 1 x d and dX n x k where given.
 template <typename T>
 void check_fused_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
                           const LoraLayerGradients<T>& grads);

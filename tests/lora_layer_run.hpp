@@ -85,6 +85,40 @@ void compare_with_separate_products(Device device, const std::vector<LayerShape>
   }
 }
 
+// What a step of a last layer trained on the MSE leaves on the host.
+template <typename T>
+struct LossRun {
+  bool fused = false;
+  double loss = 0;
+  HostMatrix<T> Y, dY, dA, dB, db;
+};
+
+// A layer of shape s with parameters drawn from the shape (the same for every backend), its
+// forward and MSE on a random batch, fused where `fuse` and the backend can, then its backward.
+template <typename T>
+LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bias, bool fuse) {
+  std::mt19937 gen(unsigned(s.n * 31 + s.k * 7 + s.d * 3 + s.r));
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 4};
+  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen, 0.3));
+  layer.set_A(normal_matrix<T>(s.r, s.k, gen, 0.3));
+  layer.set_B(normal_matrix<T>(s.d, s.r, gen, 0.3));
+  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
+  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
+  Tensor<T> target = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "target");
+  MseLoss<T> mse(backend);
+  LossRun<T> out;
+  if (fuse) out.fused = layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer());
+  if (!out.fused) mse.forward_backward(layer.forward(X), target);
+  out.Y = to_host(backend, layer.output());
+  out.dY = to_host(backend, mse.gradient());
+  out.loss = double(mse.value());
+  layer.backward(mse.gradient(), /*need_dX=*/false);
+  out.dA = to_host(backend, layer.dA());
+  out.dB = to_host(backend, layer.dB());
+  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
+  return out;
+}
+
 // Whether `backend` takes its fused path for a layer of shape s (a forward on scratch tensors).
 template <typename T>
 bool takes_fused_forward(Backend<T>& backend, const LayerShape& s) {

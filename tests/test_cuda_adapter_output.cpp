@@ -2,7 +2,8 @@
 // cuda_adapter_output.cu): Y, dY, dB and db must be the bits of the separate passes (forward,
 // MSE, backward on the same GPU), dA and the loss theirs within rounding, everything the CPU's
 // within rounding; the gradients of the fused loss must match central differences in double; the
-// path must be taken only where it applies, and a backend without it (the CPU) must fall back.
+// path must be taken only where it applies, and a backend without it must fall back. (The CPU's
+// own fused output layer, for tiny layers, is tested in test_cpu_fused_mse.cpp.)
 #include <doctest/doctest.h>
 
 #include <random>
@@ -19,44 +20,12 @@ using namespace relora;
 using relora::testing::cuda_or_skip;
 using relora::testing::normal_matrix;
 using relora::testing::relative_error;
+using relora::testing::LossRun;
+using relora::testing::run_last_layer;
 
 namespace {
 
 using Shape = relora::testing::LayerShape;
-
-// What a step of a last layer trained on the MSE leaves on the host.
-template <typename T>
-struct LossRun {
-  bool fused = false;
-  double loss = 0;
-  HostMatrix<T> Y, dY, dA, dB, db;
-};
-
-// A layer of shape s with parameters drawn from the shape (the same for every backend), its
-// forward and MSE on a random batch, fused where `fuse` and the backend can, then its backward.
-template <typename T>
-LossRun<T> run_last_layer(Backend<T>& backend, const Shape& s, BiasMode bias, bool fuse) {
-  std::mt19937 gen(unsigned(s.n * 31 + s.k * 7 + s.d * 3 + s.r));
-  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 4};
-  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen, 0.3));
-  layer.set_A(normal_matrix<T>(s.r, s.k, gen, 0.3));
-  layer.set_B(normal_matrix<T>(s.d, s.r, gen, 0.3));
-  if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
-  Tensor<T> X = to_backend<T>(backend, normal_matrix<T>(s.n, s.k, gen), "X");
-  Tensor<T> target = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "target");
-  MseLoss<T> mse(backend);
-  LossRun<T> out;
-  if (fuse) out.fused = layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer());
-  if (!out.fused) mse.forward_backward(layer.forward(X), target);
-  out.Y = to_host(backend, layer.output());
-  out.dY = to_host(backend, mse.gradient());
-  out.loss = double(mse.value());
-  layer.backward(mse.gradient(), /*need_dX=*/false);
-  out.dA = to_host(backend, layer.dA());
-  out.dB = to_host(backend, layer.dB());
-  if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
-  return out;
-}
 
 // Shapes that take the fused pass: layer1k; 16-byte rows and odd ones (d = 33, 130 with an odd
 // k); each rank bucket; a single output column; more row groups than the loss has partials
@@ -162,9 +131,11 @@ TEST_CASE("cuda fused output layer: taken only for wide layers of small rank wit
 }
 
 TEST_CASE("forward_with_mse: falls back to forward where it cannot fuse, and names a target of the wrong shape") {
-  auto cpu = make_backend<double>(Device::cpu);
+  BackendOptions off;
+  off.fused_small_layers = false;
+  auto cpu = make_backend<double>(Device::cpu, off);
   std::mt19937 gen(3);
-  // The CPU backend has no fused pass: the model computes its output only.
+  // A backend with its fused paths off: the model computes its output only.
   Model<double> model(cpu);
   model.add(LoraConfig{.in_features = 6, .out_features = 5, .rank = 2, .alpha = 4, .seed = 1}, Activation::identity,
             normal_matrix<double>(5, 6, gen));

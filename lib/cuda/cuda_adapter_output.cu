@@ -176,11 +176,7 @@ bool CudaBackend<T>::fused_lora_forward_mse(const LoraLayerTensors<T>& layer, co
                                             Tensor<T>& U, Tensor<T>& Y, Tensor<T>& dY, Tensor<T>& loss,
                                             Tensor<T>& dU) {
   if (!fused_small_layers_) return false;
-  check_fused_forward(layer, U, Y);
-  require_shape(target, Y.rows(), Y.cols(), "fused_lora_forward_mse target");
-  require_shape(dY, Y.rows(), Y.cols(), "fused_lora_forward_mse dY");
-  require_shape(dU, U.rows(), U.cols(), "fused_lora_forward_mse dU");
-  require_shape(loss, 1, 1, "fused_lora_forward_mse loss");
+  check_fused_forward_mse(layer, target, U, Y, dY, loss, dU);
   const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
   // A tiny layer keeps its one-kernel forward; outside the adapter passes' range the products
   // are cuBLAS's, and the separate MSE is no longer what the step spends its time in.
