@@ -31,13 +31,15 @@ namespace relora::cpu_panels {
 
 // Rows of the batch per SIMD register of T: 64 bytes with AVX-512, else 8 (one AVX register of
 // floats, two of doubles).
-template <typename T>
-constexpr Index kLanes =
-#if defined(__AVX512F__)
-    Index(64 / sizeof(T));
+// RELORA_PANEL_LANES_256 keeps 256-bit lanes where AVX-512 is available (apps/bench/
+// variants_cpu_seed.sh measures one against the other: equal within the lent Xeon's noise).
+#if defined(__AVX512F__) && !defined(RELORA_PANEL_LANES_256)
+#define RELORA_PANEL_LANES_512 1
 #else
-    Index(8);
+#define RELORA_PANEL_LANES_512 0
 #endif
+template <typename T>
+constexpr Index kLanes = RELORA_PANEL_LANES_512 ? Index(64 / sizeof(T)) : Index(8);
 constexpr Index kGroup = 8;  // rows per transpose
 static_assert(kLanes<float> % kGroup == 0 && kLanes<double> % kGroup == 0, "a register holds whole groups");
 
