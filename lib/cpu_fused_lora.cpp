@@ -1,4 +1,4 @@
-// A tiny LoRA layer's forward and backward in one pass each, on the CPU.
+// A tiny LoRA layer's forward (with the MSE after it, where it is a model's last) and backward in one pass each, on the CPU.
 //
 // Why: the seed demo's layer (n = 200, k = 10, d = 5, r = 4) costs about 1 us per product through
 // Eigen's GEMM for a few thousand multiply-adds, six products a step: row-major, the product's
@@ -8,16 +8,23 @@
 // batch), the layer's products run as multiply-adds across those lanes with the small matrices'
 // entries broadcast, and the results are transposed back. No allocation, no threads.
 //
-// Where the time goes (seed_demo's whole training step, 3.4 us at best on the 2-core AMD
-// development machine, 6.7 us with the 32-row chunks and SSE transposes before): these products'
-// multiply-adds about 40%, the transposes 28%, then Adam, MSE and the reductions over the batch
-// for dA and dB. So each tensor is transposed at most once per step: the forward keeps its
-// feature-major X and U in the backend (FusedLoraScratch), and the backward that follows it on the
-// same X and U reads those instead of transposing them again. Sound because X and U are unchanged
-// in between: LoraLinear requires X to be, U is its own, and every operation of this backend that
-// writes a tensor drops the copies of what it overwrites (CpuBackend::wrote). A caller that writes
-// X through its raw host pointer between a forward and its backward breaks LoraLinear's contract
-// on every backend.
+// Where the time goes (seed_demo's whole training step on the 2-core AMD development machine: 2.8
+// us at best, 25K instructions): the combine kernels about 28%, the transposes of U, Y, dY and dU
+// back to rows 23%, the reductions for dA, dB and db 15%, the memcmp of the kept panels 6%, then
+// Adam. So each tensor is transposed at most once per step, and the batch and the target not at
+// all once they are kept:
+// - the forward keeps its feature-major X and U in the backend (FusedLoraScratch), and the
+//   backward that follows it on the same X and U reads those instead of transposing them again.
+//   Sound because X and U are unchanged in between: LoraLinear requires X to be, U is its own,
+//   and every operation of this backend that writes a tensor drops the copies of what it
+//   overwrites (CpuBackend::wrote). A caller that writes X through its raw host pointer between a
+//   forward and its backward breaks LoraLinear's contract on every backend;
+// - X's panel and the target's are kept from one step to the next while the tensors hold the
+//   values they were made from (compared with a copy of their rows): full-batch training passes
+//   the same batch every step, and a batch rewritten in place, through the backend or not, is
+//   transposed again;
+// - with the MSE fused into the last layer's forward, dY and dU = s dY B are computed there while
+//   the strip is in L1, and its backward reads their panels.
 //
 // Beyond the limits below the separate products are faster (Eigen's blocked kernels and its
 // threads) and the backend answers "not fused".

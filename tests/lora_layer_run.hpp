@@ -119,6 +119,36 @@ LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bia
   return out;
 }
 
+// A last layer of shape s trained through forward_with_mse on `backend`, which must take its fused
+// pass: dA, dB, db (and dX where asked) against central differences of the fused loss in double.
+inline void check_fused_loss_gradients(Backend<double>& backend, const LayerShape& s, bool need_dX) {
+  std::mt19937 gen(8);
+  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
+  LoraLinear<double> layer(backend, config, normal_matrix<double>(s.d, s.k, gen));
+  layer.set_B(normal_matrix<double>(s.d, s.r, gen));
+  layer.set_b(normal_matrix<double>(1, s.d, gen));
+  Tensor<double> X = to_backend<double>(backend, normal_matrix<double>(s.n, s.k, gen), "X");
+  Tensor<double> target = to_backend<double>(backend, normal_matrix<double>(s.n, s.d, gen), "target");
+  MseLoss<double> mse(backend);
+  Tensor<double>& dY = mse.gradient_buffer(target);
+  auto loss = [&]() {
+    REQUIRE(layer.forward_with_mse(X, target, dY, mse.loss_buffer()));
+    return mse.value();
+  };
+  loss();
+  layer.backward(dY, need_dX);
+  const HostMatrix<double> dA = to_host(backend, layer.dA()), dB = to_host(backend, layer.dB()),
+                           db = to_host(backend, layer.db());
+  auto numeric = [&](const Tensor<double>& t) { return numeric_gradient_on(backend, const_cast<Tensor<double>&>(t), loss); };
+  CHECK(relative_error(dA, numeric(layer.A())) < 1e-7);
+  CHECK(relative_error(dB, numeric(layer.B())) < 1e-7);
+  CHECK(relative_error(db, numeric(layer.b())) < 1e-7);
+  if (need_dX) {
+    const HostMatrix<double> dX = to_host(backend, layer.dX());
+    CHECK(relative_error(dX, numeric(X)) < 1e-7);
+  }
+}
+
 // Whether `backend` takes its fused path for a layer of shape s (a forward on scratch tensors).
 template <typename T>
 bool takes_fused_forward(Backend<T>& backend, const LayerShape& s) {

@@ -103,30 +103,7 @@ TEST_CASE("cpu fused output layer: the fused forward and separate MSE's bits, th
 
 TEST_CASE("cpu fused output layer: gradients of the fused loss match finite differences in double") {
   auto backend = make_backend<double>(Device::cpu);
-  const Shape s{37, 10, 5, 4};
-  std::mt19937 gen(8);
-  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
-  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
-  layer.set_B(normal_matrix(s.d, s.r, gen));
-  layer.set_b(normal_matrix(1, s.d, gen));
-  Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
-  Tensor<double> target = to_backend<double>(*backend, normal_matrix(s.n, s.d, gen), "target");
-  MseLoss<double> mse(*backend);
-  Tensor<double>& dY = mse.gradient_buffer(target);
-  auto loss = [&]() {
-    REQUIRE(layer.forward_with_mse(X, target, dY, mse.loss_buffer()));
-    return mse.value();
-  };
-  loss();
-  layer.backward(dY, /*need_dX=*/true);
-  using relora::testing::host_of;
-  using relora::testing::numeric_gradient_on;
-  const HostMatrix<double> dA = host_of(layer.dA()), dB = host_of(layer.dB()), db = host_of(layer.db()),
-                           dX = host_of(layer.dX());
-  CHECK(relative_error(dA, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.A()), loss)) < 1e-7);
-  CHECK(relative_error(dB, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.B()), loss)) < 1e-7);
-  CHECK(relative_error(db, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.b()), loss)) < 1e-7);
-  CHECK(relative_error(dX, numeric_gradient_on(*backend, X, loss)) < 1e-7);
+  relora::testing::check_fused_loss_gradients(*backend, {37, 10, 5, 4}, /*need_dX=*/true);
 }
 
 // The backend keeps X's and the target's feature-major panels between steps and reuses them while

@@ -90,28 +90,7 @@ TEST_CASE("cuda fused output layer: the separate passes' Y, dY, dB, db bit for b
 TEST_CASE("cuda fused output layer: gradients of the fused loss match finite differences in double") {
   if (!cuda_or_skip("cuda fused output layer")) return;
   auto backend = make_backend<double>(Device::cuda);
-  const Shape s{37, 40, 33, 5};
-  std::mt19937 gen(8);
-  LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
-  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
-  layer.set_B(normal_matrix(s.d, s.r, gen));
-  layer.set_b(normal_matrix(1, s.d, gen));
-  Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
-  Tensor<double> target = to_backend<double>(*backend, normal_matrix(s.n, s.d, gen), "target");
-  MseLoss<double> mse(*backend);
-  Tensor<double>& dY = mse.gradient_buffer(target);
-  auto loss = [&]() {
-    REQUIRE(layer.forward_with_mse(X, target, dY, mse.loss_buffer()));
-    return mse.value();
-  };
-  loss();
-  layer.backward(dY, /*need_dX=*/false);
-  const HostMatrix<double> dA = to_host(*backend, layer.dA()), dB = to_host(*backend, layer.dB()),
-                           db = to_host(*backend, layer.db());
-  using relora::testing::numeric_gradient_on;
-  CHECK(relative_error(dA, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.A()), loss)) < 1e-7);
-  CHECK(relative_error(dB, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.B()), loss)) < 1e-7);
-  CHECK(relative_error(db, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.b()), loss)) < 1e-7);
+  relora::testing::check_fused_loss_gradients(*backend, {37, 40, 33, 5}, /*need_dX=*/false);
 }
 
 TEST_CASE("cuda fused output layer: taken only for wide layers of small rank with B in shared memory") {
