@@ -60,6 +60,18 @@ struct FusedLoraScratch {
   }
 };
 
+// What a fused forward computes beside Y when the MSE is fused into it: dY = grad_scale (Y - target),
+// the squared differences' sum and dU = s dY B, as CpuBackend::mse and the backward would.
+template <typename T>
+struct FusedMseOutputs {
+  const Tensor<T>* target;  // n x d
+  bool target_loaded;       // the kept target panel already holds it
+  T grad_scale;
+  T* dY;  // n x d
+  T* dU;  // n x r
+  double squared_errors = 0;
+};
+
 template <typename T>
 class CpuBackend final : public Backend<T> {
  public:
@@ -106,6 +118,10 @@ class CpuBackend final : public Backend<T> {
   bool fused_small_layers_ = true;
   CpuGemm<T> gemm_;  // Eigen's GEMM with its packing buffers kept here, so steady steps allocate nothing
   FusedLoraScratch<T> fused_;
+
+  // fused_lora_forward, and with `mse` fused_lora_forward_mse, once the shapes are checked and the
+  // layer is small enough.
+  void fused_forward_pass(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y, FusedMseOutputs<T>* mse);
 
   // Every operation that writes a tensor calls this, so that the fused backward never reads a
   // feature-major copy of an X or U that this backend has overwritten since the copy was taken.

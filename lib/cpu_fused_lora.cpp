@@ -72,24 +72,12 @@ bool small_enough(const LayerView<T>& s) {
   return work <= kMaxWork;
 }
 
-// What the forward computes beside Y when the MSE is fused into it: dY = grad_scale (Y - target),
-// the squared differences' sum and dU = s dY B, as CpuBackend::mse and the backward would.
-template <typename T>
-struct MseOutputs {
-  const T* target;     // n x d
-  bool target_loaded;  // its panel already holds it
-  T grad_scale;
-  T* dY;  // n x d
-  T* dU;  // n x r
-  double squared_errors = 0;
-};
-
 // Strip by strip: X into its panel (unless `X_loaded`), U = X A^T, Y = X W^T + b + s U B^T, and
 // where `mse` is given dY and dU from Y while the strip is in L1. The panels of X and U (and of the
 // target, dY and dU) cover the whole batch, for the backward and the next step to read.
 template <typename T>
 void forward_strips(FusedLoraScratch<T>& scratch, const LayerView<T>& v, bool X_loaded, const T* b, T s, T* U, T* Y,
-                    MseOutputs<T>* mse) {
+                    FusedMseOutputs<T>* mse) {
   const Index n = v.n, k = v.k, d = v.d, r = v.r, ld = panel_stride<T>(n);
   T* Xt = panel(scratch.X.panel, k, ld);
   T* Ut = panel(scratch.Ut, r, ld);
@@ -111,7 +99,7 @@ void forward_strips(FusedLoraScratch<T>& scratch, const LayerView<T>& v, bool X_
       T* tt = Tt + first;
       T* dyt = dYt + first;
       T* dut = dUt + first;
-      if (!mse->target_loaded) load_rows(mse->target + first * d, d, rows, tt, ld);
+      if (!mse->target_loaded) load_rows(mse->target->data() + first * d, d, rows, tt, ld);
       mse->squared_errors += squared_errors_in_lanes(Yt, kStrip, tt, ld, dyt, ld, d, rows, mse->grad_scale);
       combine(v.B, Index(1), r, r, d, s, dyt, ld, dut, ld, lanes);  // dU = s dY B: coef(q, o) = B[o, q]
       store_rows(dyt, ld, d, rows, mse->dY + first * d);
@@ -123,19 +111,25 @@ void forward_strips(FusedLoraScratch<T>& scratch, const LayerView<T>& v, bool X_
 }  // namespace
 
 template <typename T>
-bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
-  if (!fused_small_layers_) return false;
-  check_fused_forward(layer, U, Y);
+void CpuBackend<T>::fused_forward_pass(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y,
+                                       FusedMseOutputs<T>* mse) {
   const LayerView<T> v = view_of(layer);
-  if (!small_enough(v)) return false;
-  fused_.forget_outputs();  // until the panels hold this forward's U
+  fused_.forget_outputs();  // until the panels hold this forward's U (and dY, dU)
   const bool X_loaded = fused_.X.holds(*layer.X);
-  forward_strips<T>(fused_, v, X_loaded, layer.b ? layer.b->data() : nullptr, layer.scale, U.data(), Y.data(),
-                    nullptr);
+  if (mse) mse->target_loaded = fused_.target.holds(*mse->target);
+  forward_strips<T>(fused_, v, X_loaded, layer.b ? layer.b->data() : nullptr, layer.scale, U.data(), Y.data(), mse);
   wrote(U);
   wrote(Y);
   if (!X_loaded) fused_.X.keep(*layer.X);
   fused_.U = {U.data(), v.n, v.r};
+}
+
+template <typename T>
+bool CpuBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
+  if (!fused_small_layers_) return false;
+  check_fused_forward(layer, U, Y);
+  if (!small_enough(view_of(layer))) return false;
+  fused_forward_pass(layer, U, Y, nullptr);
   return true;
 }
 
@@ -144,20 +138,15 @@ bool CpuBackend<T>::fused_lora_forward_mse(const LoraLayerTensors<T>& layer, con
                                            Tensor<T>& Y, Tensor<T>& dY, Tensor<T>& loss, Tensor<T>& dU) {
   if (!fused_small_layers_) return false;
   check_fused_forward_mse(layer, target, U, Y, dY, loss, dU);
-  const LayerView<T> v = view_of(layer);
-  if (!small_enough(v)) return false;
-  fused_.forget_outputs();
-  const bool X_loaded = fused_.X.holds(*layer.X);
+  if (!small_enough(view_of(layer))) return false;
   const Index size = Y.size();
-  MseOutputs<T> mse{target.data(), fused_.target.holds(target), T(2) / T(size), dY.data(), dU.data()};
-  forward_strips<T>(fused_, v, X_loaded, layer.b ? layer.b->data() : nullptr, layer.scale, U.data(), Y.data(), &mse);
-  loss.data()[0] = T(mse.squared_errors / double(size));  // CpuBackend::mse's grad_scale above, its mean here
-  for (const Tensor<T>* out : {&U, &Y, &dY, &loss, &dU}) wrote(*out);
-  if (!X_loaded) fused_.X.keep(*layer.X);
+  FusedMseOutputs<T> mse{&target, false, T(2) / T(size), dY.data(), dU.data()};  // CpuBackend::mse's scale
+  fused_forward_pass(layer, U, Y, &mse);
+  loss.data()[0] = T(mse.squared_errors / double(size));  // and its mean
+  for (const Tensor<T>* out : {&dY, &loss, &dU}) wrote(*out);
   if (!mse.target_loaded) fused_.target.keep(target);
-  fused_.U = {U.data(), v.n, v.r};
-  fused_.dY = {dY.data(), v.n, v.d};
-  fused_.dU = {dU.data(), v.n, v.r};
+  fused_.dY = {dY.data(), Y.rows(), Y.cols()};
+  fused_.dU = {dU.data(), U.rows(), U.cols()};
   return true;
 }
 

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gradient_check.hpp"
@@ -117,6 +118,21 @@ LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bia
   out.dB = to_host(backend, layer.dB());
   if (bias == BiasMode::trainable) out.db = to_host(backend, layer.db());
   return out;
+}
+
+// Two runs of run_last_layer within `tolerance`: the loss and every output, each relative to want's
+// (`against` names want in the messages).
+template <typename T>
+void expect_close_loss_runs(const LossRun<T>& got, const LossRun<T>& want, double tolerance, const char* against) {
+  CHECK(got.loss == doctest::Approx(want.loss).epsilon(tolerance));
+  for (const auto& [g, w, name] : {std::tuple{&got.Y, &want.Y, "Y"}, std::tuple{&got.dY, &want.dY, "dY"},
+                                   std::tuple{&got.dA, &want.dA, "dA"}, std::tuple{&got.dB, &want.dB, "dB"},
+                                   std::tuple{&got.db, &want.db, "db"}}) {
+    if (w->size() == 0) continue;
+    const double err = relative_error(g->template cast<double>(), w->template cast<double>());
+    INFO(name << " relative error against " << against << " " << err);
+    CHECK(err < tolerance);
+  }
 }
 
 // A last layer of shape s trained through forward_with_mse on `backend`, which must take its fused
