@@ -16,11 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "relora/checkpoint.hpp"
-#include "relora/checksum.hpp"
-#include "relora/errors.hpp"
-#include "relora/host_matrix.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/io/checkpoint.hpp"
+#include "relora/io/checksum.hpp"
+#include "relora/core/errors.hpp"
+#include "relora/core/host_matrix.hpp"
+#include "relora/io/safetensors.hpp"
 
 namespace {
 

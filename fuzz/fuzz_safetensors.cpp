@@ -7,9 +7,9 @@
 #include <cstring>
 #include <optional>
 
-#include "relora/checksum.hpp"
-#include "relora/errors.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/io/checksum.hpp"
+#include "relora/core/errors.hpp"
+#include "relora/io/safetensors.hpp"
 
 namespace {
 

@@ -5,8 +5,8 @@
 #include <cmath>
 #include <functional>
 
-#include "relora/backend.hpp"
-#include "relora/host_matrix.hpp"
+#include "relora/core/backend.hpp"
+#include "relora/core/host_matrix.hpp"
 
 namespace relora::testing {
 

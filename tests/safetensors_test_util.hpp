@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "relora/errors.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/core/errors.hpp"
+#include "relora/io/safetensors.hpp"
 
 namespace safetensors_test {
 

@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "test_support.hpp"
-#include "relora/atomic_file.hpp"
-#include "relora/errors.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/io/atomic_file.hpp"
+#include "relora/core/errors.hpp"
+#include "relora/io/safetensors.hpp"
 
 using namespace relora;
 namespace fs = std::filesystem;

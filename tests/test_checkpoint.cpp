@@ -13,12 +13,12 @@
 #include <string>
 #include <vector>
 
-#include "relora/atomic_file.hpp"
-#include "relora/checkpoint.hpp"
-#include "relora/checksum.hpp"
+#include "relora/io/atomic_file.hpp"
+#include "relora/io/checkpoint.hpp"
+#include "relora/io/checksum.hpp"
 #include "relora/relora.hpp"
 #include "test_support.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/io/safetensors.hpp"
 #include "test_data.hpp"
 
 using namespace relora;

@@ -3,8 +3,8 @@
 
 #include <string>
 
-#include "relora/checksum.hpp"
-#include "relora/errors.hpp"
+#include "relora/io/checksum.hpp"
+#include "relora/core/errors.hpp"
 
 using namespace relora;
 

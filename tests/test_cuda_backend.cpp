@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "relora/backend.hpp"
-#include "relora/errors.hpp"
+#include "relora/core/backend.hpp"
+#include "relora/core/errors.hpp"
 
 using namespace relora;
 

@@ -2,7 +2,7 @@
 // Random test data: fresh normal draws, never zeros, which would hide wrong indexing.
 #include <random>
 
-#include "relora/host_matrix.hpp"
+#include "relora/core/host_matrix.hpp"
 
 namespace relora::testing {
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "loss_plot.hpp"
-#include "relora/errors.hpp"
+#include "relora/core/errors.hpp"
 
 using relora::demo::LossCurves;
 using relora::demo::write_loss_csv;

@@ -10,10 +10,10 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "relora/atomic_file.hpp"
+#include "relora/io/atomic_file.hpp"
 #include "relora/relora.hpp"
 #include "test_support.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/io/safetensors.hpp"
 #include "test_data.hpp"
 
 using namespace relora;

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "options.hpp"
-#include "relora/errors.hpp"
+#include "relora/core/errors.hpp"
 
 using relora::ConfigError;
 using relora::Device;

@@ -7,8 +7,8 @@
 #include <ios>
 #include <limits>
 
-#include "relora/errors.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/core/errors.hpp"
+#include "relora/io/safetensors.hpp"
 #include "safetensors_test_util.hpp"
 
 using namespace relora;

@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "relora/errors.hpp"
-#include "relora/schedule.hpp"
+#include "relora/core/errors.hpp"
+#include "relora/training/schedule.hpp"
 
 using namespace relora;
 

@@ -8,7 +8,7 @@
 #include <system_error>
 #include <vector>
 
-#include "relora/backend.hpp"
+#include "relora/core/backend.hpp"
 
 namespace relora::testing {
 

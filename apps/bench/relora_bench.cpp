@@ -395,7 +395,7 @@ struct FloorSet {
   double large_flops = 0, lora_flops = 0;
 };
 
-// Same shapes as LoraLinear::forward/backward (no dropout): see lib/lora_linear.cpp.
+// Same shapes as LoraLinear::forward/backward (no dropout): see lib/layers/lora_linear.cpp.
 FloorSet make_floor(const CaseSpec& c, relora::Backend<T>* backend) {
   FloorSet f;
   using relora::Trans;

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <limits>
 
-#include "relora/errors.hpp"
+#include "relora/core/errors.hpp"
 
 namespace relora::demo {
 namespace {

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <sstream>
 
-#include "relora/errors.hpp"
+#include "relora/core/errors.hpp"
 
 namespace relora::demo {
 

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "relora/tensor.hpp"
+#include "relora/core/tensor.hpp"
 
 namespace relora::demo {
 

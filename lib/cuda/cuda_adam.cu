@@ -23,7 +23,7 @@
 
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_launch.cuh"
-#include "relora/elementwise_math.hpp"
+#include "relora/core/elementwise_math.hpp"
 
 namespace relora {
 namespace cuda_detail {

@@ -5,7 +5,7 @@
 #include <limits>
 
 #include "cuda/cuda_pack.cuh"
-#include "relora/tensor.hpp"
+#include "relora/core/tensor.hpp"
 
 namespace relora {
 namespace cuda_detail {

@@ -22,7 +22,7 @@
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_launch.cuh"
-#include "fused_lora_checks.hpp"
+#include "layers/fused_lora_checks.hpp"
 
 namespace relora {
 namespace cuda_detail {

@@ -1,12 +1,12 @@
 #pragma once
-// The CUDA backend's entry points, for lib/backend_factory.cpp. This header includes no CUDA
+// The CUDA backend's entry points, for lib/core/backend_factory.cpp. This header includes no CUDA
 // header, so plain C++ translation units may include it; the backend itself lives in
 // cuda_backend_impl.cuh and the .cu files beside it.
 #include <cstddef>
 #include <memory>
 #include <string>
 
-#include "relora/backend.hpp"
+#include "relora/core/backend.hpp"
 
 namespace relora {
 

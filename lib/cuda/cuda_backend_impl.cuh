@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.cuh"
-#include "relora/backend.hpp"
+#include "relora/core/backend.hpp"
 
 namespace relora {
 namespace cuda_detail {

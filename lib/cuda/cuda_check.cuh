@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "relora/errors.hpp"
+#include "relora/core/errors.hpp"
 
 namespace relora {
 namespace cuda_detail {

@@ -1,12 +1,12 @@
 // Element-wise kernels, column sums, MSE and the random fills of the CUDA backend. Each operation
-// is one launch; the formulas come from relora/elementwise_math.hpp and relora/counter_rng.hpp,
+// is one launch; the formulas come from relora/core/elementwise_math.hpp and relora/core/counter_rng.hpp,
 // shared with the CPU backend.
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_launch.cuh"
 #include "cuda/cuda_pack.cuh"
-#include "relora/counter_rng.hpp"
-#include "relora/elementwise_math.hpp"
+#include "relora/core/counter_rng.hpp"
+#include "relora/core/elementwise_math.hpp"
 
 namespace relora {
 namespace cuda_detail {

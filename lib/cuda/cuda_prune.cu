@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "cuda/cuda_backend_impl.cuh"
-#include "relora/counter_rng.hpp"
+#include "relora/core/counter_rng.hpp"
 
 namespace relora {
 namespace cuda_detail {

@@ -15,7 +15,7 @@
 #include <string>
 
 #include "relora/relora.hpp"
-#include "relora/safetensors.hpp"
+#include "relora/io/safetensors.hpp"
 
 using namespace relora;
 

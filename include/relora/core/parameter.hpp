@@ -1,0 +1,30 @@
+#pragma once
+// A trainable tensor as the optimizer sees it: a value, its gradient, a name and a role. The
+// role lets the ReLoRA controller and LoRA+ grouping pick parameters without knowing layers.
+#include <string>
+
+#include "relora/core/tensor.hpp"
+
+namespace relora {
+
+enum class ParamRole { lora_A, lora_B, bias, base_weight };
+
+inline const char* role_name(ParamRole role) {
+  switch (role) {
+    case ParamRole::lora_A: return "lora_A";
+    case ParamRole::lora_B: return "lora_B";
+    case ParamRole::bias: return "bias";
+    case ParamRole::base_weight: return "weight";
+  }
+  return "?";
+}
+
+template <typename T>
+struct Parameter {
+  std::string name;  // e.g. "layers.0.lora_A"
+  ParamRole role = ParamRole::lora_A;
+  Tensor<T>* value = nullptr;
+  const Tensor<T>* grad = nullptr;
+};
+
+}  // namespace relora

@@ -1,0 +1,71 @@
+#pragma once
+// Training checkpoints that resume bit for bit: one safetensors file holding everything a Trainer
+// will read again, so that N steps straight and k steps + save + load (into a fresh model and
+// trainer built with the same configs) + N - k steps give the same losses and weights, bit for bit.
+//
+// What the file holds:
+//   tensors    model.<layer>.weight / .bias / .lora_A / .lora_B    every layer's W, b, A, B
+//              optim.<parameter>.m / .v / .step                     Adam's moments and update counts
+//              in the trainer's scalar type (F32 for float, F64 for double), shapes as in memory.
+//   metadata   "format": "relora-checkpoint", "version": "1",
+//              "state":  JSON: per layer its name, activation, LoraConfig, merged flag, training
+//                        flag and rng stream; the trainer's method and steps_done; the optimizer's
+//                        phase (adapter or base), steps_taken and prune-draw counter; the
+//                        schedule's restart steps; the controller's restarts_done,
+//              "checksum": FNV-1a 64 (16 hex digits) over the data section, then the state JSON.
+//
+// Loading validates everything first (format, version, checksum, the state's fields, every layer's
+// config against the model's, every tensor present with its dtype and shape, finite values) and
+// only then changes the model, the trainer, the optimizer and the schedule: a rejected file leaves
+// them as they were. Every rejection throws IoError naming the file and what was wrong.
+//
+// The configs of the model, the trainer and the schedule are not restored, they are checked (the
+// layers' configs and the training method must match, the Adam hyper-parameters may change):
+// build the fresh model and trainer as the first run did, then load.
+//
+// Tensors are read and written through the backend (to_host / upload), so CPU and CUDA models
+// write the same file and each can resume the other's.
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "relora/training/trainer.hpp"
+
+namespace relora {
+
+inline constexpr const char* kCheckpointFormat = "relora-checkpoint";
+inline constexpr const char* kCheckpointVersion = "1";
+
+// The file's bytes (what save_checkpoint writes).
+template <typename T>
+std::vector<std::uint8_t> serialize_checkpoint(Trainer<T>& trainer);
+
+// Writes the whole training state to `path` atomically (a temporary file, fsync, rename): a failed
+// save throws IoError and leaves an existing file at `path` intact.
+template <typename T>
+void save_checkpoint(const std::string& path, Trainer<T>& trainer);
+
+// Restores the state saved by save_checkpoint into `trainer` (and its model, optimizer, schedule
+// and controller). Throws IoError, leaving everything untouched, when the file is unreadable,
+// truncated, corrupt, of another version or does not fit the model.
+template <typename T>
+void load_checkpoint(const std::string& path, Trainer<T>& trainer);
+
+// The same from bytes in memory; messages start with `source`.
+template <typename T>
+void load_checkpoint_from_bytes(const std::uint8_t* data, std::size_t size, Trainer<T>& trainer,
+                                const std::string& source = "checkpoint data");
+
+extern template std::vector<std::uint8_t> serialize_checkpoint(Trainer<float>&);
+extern template std::vector<std::uint8_t> serialize_checkpoint(Trainer<double>&);
+extern template void save_checkpoint(const std::string&, Trainer<float>&);
+extern template void save_checkpoint(const std::string&, Trainer<double>&);
+extern template void load_checkpoint(const std::string&, Trainer<float>&);
+extern template void load_checkpoint(const std::string&, Trainer<double>&);
+extern template void load_checkpoint_from_bytes(const std::uint8_t*, std::size_t, Trainer<float>&,
+                                                const std::string&);
+extern template void load_checkpoint_from_bytes(const std::uint8_t*, std::size_t, Trainer<double>&,
+                                                const std::string&);
+
+}  // namespace relora

@@ -1,0 +1,106 @@
+#pragma once
+// The training loop's one step, put together: forward, MSE, backward, Adam with the schedule's
+// factor, and ReLoRA's restart when it is due. It owns the optimizer because ReLoRA's warm start
+// changes what trains (W first, then the adapters) and so needs a fresh one.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "relora/optimizers/adam.hpp"
+#include "relora/training/model.hpp"
+#include "relora/losses/mse_loss.hpp"
+#include "relora/training/relora_controller.hpp"
+#include "relora/training/schedule.hpp"
+
+namespace relora {
+
+enum class TrainingMethod {
+  lora,           // adapters train, never merged
+  relora,         // adapters train, merged and restarted every ReloraConfig::restart_every steps
+  full_finetune,  // W itself trains (no adapter), the reference a low-rank method is measured against
+};
+
+struct TrainerConfig {
+  TrainingMethod method = TrainingMethod::lora;
+  AdamConfig adam;
+  double lora_plus_ratio = 1;  // B's learning rate over A's (LoRA+, Hayou et al. 2024, suggests 16)
+  ReloraConfig relora;         // for TrainingMethod::relora
+  // Record the steady step (forward, loss, backward, Adam) once and replay it (CUDA graphs),
+  // where the backend can record: one launch per step instead of one per operation. False:
+  // every step runs eagerly. The CPU backend cannot record and always runs eagerly.
+  bool use_graphs = true;
+};
+
+template <typename T>
+class Trainer {
+ public:
+  // `schedule` may be null (constant learning rate). The model must outlive the trainer.
+  Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule = nullptr);
+
+  // One training step on a batch already on the model's backend. Nothing in it waits for a GPU.
+  void step(const Tensor<T>& X, const Tensor<T>& target);
+  // The loss of the last step's batch, before its update; waits for the backend.
+  T loss() { return loss_.value(); }
+
+  std::int64_t steps_done() const { return steps_done_; }
+  // Resuming: puts the trainer where `steps` steps leave it (what trains, which optimizer).
+  void set_steps_done(std::int64_t steps);
+
+  Model<T>& model() { return *model_; }
+  Adam<T>& optimizer() { return *optimizer_; }
+  MseLoss<T>& loss_function() { return loss_; }
+  Schedule* schedule() { return schedule_.get(); }
+  ReloraController<T>* controller() { return controller_ ? controller_.get() : nullptr; }
+  const TrainerConfig& config() const { return config_; }
+  // Steps recorded and steps replayed so far (both 0 where the backend cannot record).
+  std::int64_t recorded_steps() const { return recorded_steps_; }
+  std::int64_t replayed_steps() const { return replayed_steps_; }
+
+ private:
+  // What a recorded step depends on besides the buffers' addresses (which the backend watches):
+  // the batch tensors, the optimizer, and each layer's state. Compared before every replay.
+  struct StepShape {
+    const T* X = nullptr;
+    Index x_rows = 0, x_cols = 0;
+    const T* target = nullptr;
+    Index target_rows = 0, target_cols = 0;
+    std::uint64_t optimizer = 0;         // optimizer_generation_ of the optimizer in use
+    std::vector<std::uint8_t> layers;    // per layer: train target, training, merged, dropout
+    bool operator==(const StepShape& o) const {
+      return X == o.X && x_rows == o.x_rows && x_cols == o.x_cols && target == o.target &&
+             target_rows == o.target_rows && target_cols == o.target_cols && optimizer == o.optimizer &&
+             layers == o.layers;
+    }
+  };
+
+  TrainTarget target_at(std::int64_t step) const;
+  void build_optimizer();
+  // Forward, MSE, backward and Adam, eagerly or recorded, or one replay of the recorded step.
+  void run_step(const Tensor<T>& X, const Tensor<T>& target, double lr_factor);
+  void compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor);
+  // Fills shape_now_; false when the step cannot be recorded (dropout draws a new mask per step).
+  bool describe_step(const Tensor<T>& X, const Tensor<T>& target);
+
+  Model<T>* model_;
+  TrainerConfig config_;
+  std::shared_ptr<Schedule> schedule_;
+  std::unique_ptr<ReloraController<T>> controller_;
+  std::unique_ptr<Adam<T>> optimizer_;
+  MseLoss<T> loss_;
+  std::int64_t steps_done_ = 0;
+
+  std::uint64_t optimizer_generation_ = 0;  // counts build_optimizer() calls
+  StepShape shape_now_;                     // this step's (reused: no allocation per step)
+  StepShape eager_shape_;                   // of the last eager step, when eager_valid_
+  bool eager_valid_ = false;
+  StepShape recorded_shape_;                // of the backend's recording recording_id_
+  std::uint64_t recording_id_ = 0;          // 0: none
+  int failed_recordings_ = 0;               // in a row; after 3, graphs are given up
+  std::int64_t recorded_steps_ = 0;
+  std::int64_t replayed_steps_ = 0;
+};
+
+extern template class Trainer<float>;
+extern template class Trainer<double>;
+
+}  // namespace relora

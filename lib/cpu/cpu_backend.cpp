@@ -1,0 +1,366 @@
+#include "cpu/cpu_backend.hpp"
+#include "cpu/eigen_maps.hpp"
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <numeric>
+#include <vector>
+
+#include "relora/core/elementwise_math.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace relora {
+namespace {
+
+constexpr std::size_t kAlignment = 64;
+
+template <typename T>
+void free_host(T* p) {
+  ::operator delete[](p, std::align_val_t(kAlignment));
+}
+
+template <typename T>
+void require_same_shape(const Tensor<T>& a, const Tensor<T>& b, const char* op) {
+  if (!a.same_shape(b.rows(), b.cols())) {
+    throw ShapeError(std::string(op) + ": operands differ in shape, " + a.shape() + " vs " + b.shape());
+  }
+}
+
+}  // namespace
+
+template <typename T>
+CpuBackend<T>::CpuBackend(const BackendOptions& options)
+    : math_(options.math), fused_small_layers_(options.fused_small_layers) {}
+
+template <typename T>
+std::string CpuBackend<T>::description() const {
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  return std::string("cpu (Eigen ") + std::to_string(EIGEN_WORLD_VERSION) + "." +
+         std::to_string(EIGEN_MAJOR_VERSION) + "." + std::to_string(EIGEN_MINOR_VERSION) + ", " +
+         std::to_string(threads) + " threads)";
+}
+
+template <typename T>
+Tensor<T> CpuBackend<T>::allocate(Index rows, Index cols) {
+  if (rows < 0 || cols < 0) throw ShapeError("allocate: negative shape " + shape_string(rows, cols));
+  const std::size_t count = static_cast<std::size_t>(std::max<Index>(rows * cols, 1));
+  T* data = static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(kAlignment)));
+  return Tensor<T>(data, rows, cols, Device::cpu, &free_host<T>);
+}
+
+template <typename T>
+void CpuBackend<T>::upload(const T* host, Tensor<T>& dst) {
+  if (dst.size() > 0) std::memcpy(dst.data(), host, sizeof(T) * dst.size());
+  wrote(dst);
+}
+
+template <typename T>
+void CpuBackend<T>::download(const Tensor<T>& src, T* host) {
+  if (src.size() > 0) std::memcpy(host, src.data(), sizeof(T) * src.size());
+}
+
+template <typename T>
+void CpuBackend<T>::copy(const Tensor<T>& src, Tensor<T>& dst) {
+  require_same_shape(src, dst, "copy");
+  if (src.size() > 0) std::memcpy(dst.data(), src.data(), sizeof(T) * src.size());
+  wrote(dst);
+}
+
+template <typename T>
+void CpuBackend<T>::fill(Tensor<T>& x, T value) {
+  std::fill_n(x.data(), x.size(), value);
+  wrote(x);
+}
+
+namespace {
+
+// Element-wise passes over more elements than this run on every OpenMP thread; below it the
+// threads' start costs more than the pass (a 256 KiB float pass takes about 10 us on one core).
+// An OpenMP `if` clause is not enough below it: GCC still opens a one-thread team (GOMP_parallel),
+// about a microsecond, which is most of a tiny step (seed_demo). So the loops branch instead.
+constexpr Index kParallelElements = 65536;
+
+// Whether a pass over size elements opens a parallel region: not on one thread either, where
+// libgomp would still allocate a one-thread team for every region.
+bool run_parallel(Index size) {
+#if defined(_OPENMP)
+  return size > kParallelElements && omp_get_max_threads() > 1;
+#else
+  (void)size;
+  return false;
+#endif
+}
+
+// f(i) for i in [0, size): on every thread above kParallelElements, else on this one.
+template <typename F>
+void for_each_element(Index size, F&& f) {
+  if (run_parallel(size)) {
+#pragma omp parallel for simd schedule(static)
+    for (Index i = 0; i < size; ++i) f(i);
+  } else {
+#pragma omp simd
+    for (Index i = 0; i < size; ++i) f(i);
+  }
+}
+
+// C = beta C over every element (beta = 0 ignores C's contents, NaN included, as BLAS does), in
+// parallel: Eigen's setZero and scaling run on one thread, which cost mlp4x2k several ms a step.
+template <typename T>
+void scale_in_place(T beta, Tensor<T>& C) {
+  T* c = C.data();
+  const Index size = C.size();
+  if (beta == T(1)) return;
+  if (beta == T(0)) {
+    for_each_element(size, [&](Index i) { c[i] = T(0); });
+  } else {
+    for_each_element(size, [&](Index i) { c[i] *= beta; });
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
+                         T beta, Tensor<T>& C) {
+  const Index m = trans_a == Trans::no ? A.rows() : A.cols();
+  const Index k = trans_a == Trans::no ? A.cols() : A.rows();
+  const Index kb = trans_b == Trans::no ? B.rows() : B.cols();
+  const Index n = trans_b == Trans::no ? B.cols() : B.rows();
+  if (k != kb || C.rows() != m || C.cols() != n) {
+    throw ShapeError("gemm: op(A) " + shape_string(m, k) + " times op(B) " + shape_string(kb, n) +
+                     " into C " + C.shape());
+  }
+  scale_in_place(beta, C);
+  gemm_.multiply_add(trans_a, trans_b, alpha, A, B, C);
+  wrote(C);
+}
+
+template <typename T>
+void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
+  if (b.size() != Y.cols()) {
+    throw ShapeError("add_row_vector: bias " + b.shape() + " does not match " + Y.shape() + " columns");
+  }
+  const T* bias = b.data();
+  T* y = Y.data();
+  const Index rows = Y.rows(), cols = Y.cols();
+  // Row by row on every thread (Eigen's rowwise() += runs on one).
+  auto add_row = [&](Index i) {
+    T* row = y + i * cols;
+#pragma omp simd
+    for (Index j = 0; j < cols; ++j) row[j] += bias[j];
+  };
+  if (run_parallel(Y.size())) {
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < rows; ++i) add_row(i);
+  } else {
+    for (Index i = 0; i < rows; ++i) add_row(i);
+  }
+  wrote(Y);
+}
+
+template <typename T>
+void CpuBackend<T>::column_sums(const Tensor<T>& dY, T beta, Tensor<T>& db) {
+  if (db.size() != dY.cols()) {
+    throw ShapeError("column_sums: output " + db.shape() + " does not match " + dY.shape() + " columns");
+  }
+  MatrixMap<T> out(db.data(), 1, db.size());
+  if (beta == T(0)) {
+    out.noalias() = as_matrix(dY).colwise().sum();
+  } else {
+    out = beta * out + as_matrix(dY).colwise().sum();
+  }
+  wrote(db);
+}
+
+template <typename T>
+void CpuBackend<T>::multiply(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& out) {
+  require_same_shape(a, b, "multiply");
+  require_same_shape(a, out, "multiply");
+  const T* x = a.data();
+  const T* y = b.data();
+  T* z = out.data();
+  const Index size = out.size();
+  for_each_element(size, [&](Index i) { z[i] = x[i] * y[i]; });
+  wrote(out);
+}
+
+template <typename T>
+void CpuBackend<T>::activation_forward(Activation f, const Tensor<T>& Y, Tensor<T>& Z) {
+  require_same_shape(Y, Z, "activation_forward");
+  const T* y = Y.data();
+  T* z = Z.data();
+  const Index size = Y.size();
+  for_each_element(size, [&](Index i) { z[i] = activation_value(f, y[i]); });
+  wrote(Z);
+}
+
+template <typename T>
+void CpuBackend<T>::activation_backward(Activation f, const Tensor<T>& Y, const Tensor<T>& dZ, Tensor<T>& dY) {
+  require_same_shape(Y, dZ, "activation_backward");
+  require_same_shape(Y, dY, "activation_backward");
+  const T* y = Y.data();
+  const T* dz = dZ.data();
+  T* dy = dY.data();
+  const Index size = Y.size();
+  for_each_element(size, [&](Index i) { dy[i] = dz[i] * activation_derivative(f, y[i]); });
+  wrote(dY);
+}
+
+namespace {
+
+// dy = grad_scale (y - t) over [begin, end), and the sum of the squared differences. The sum
+// accumulates in double so that the loss of a large float batch keeps its digits, in 32 partial
+// sums: written as one reduction (omp simd included) GCC left the float-to-double loop scalar,
+// 0.8 us of seed_demo's step for 1000 elements, and 8 partial sums (two AVX registers of
+// doubles) made it wait on the adds' latency.
+template <typename T>
+double squared_errors(const T* y, const T* t, T grad_scale, T* dy, Index begin, Index end) {
+  constexpr Index kLanes = 32;
+  double partial[kLanes] = {};
+  Index i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (Index c = 0; c < kLanes; ++c) {
+      const T diff = y[i + c] - t[i + c];
+      dy[i + c] = grad_scale * diff;
+      partial[c] += double(diff) * double(diff);
+    }
+  }
+  double sum = 0;
+  for (; i < end; ++i) {
+    const T diff = y[i] - t[i];
+    dy[i] = grad_scale * diff;
+    sum += double(diff) * double(diff);
+  }
+  for (Index c = 0; c < kLanes; ++c) sum += partial[c];
+  return sum;
+}
+
+}  // namespace
+
+template <typename T>
+void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
+  require_same_shape(Y, target, "mse (prediction vs target)");
+  require_same_shape(Y, dY, "mse (prediction vs gradient)");
+  require_shape(loss, 1, 1, "mse loss");
+  const T* y = Y.data();
+  const T* t = target.data();
+  T* dy = dY.data();
+  const Index size = Y.size();
+  const T grad_scale = T(2) / T(size);
+  double sum = 0;
+  if (run_parallel(size)) {
+    constexpr Index kBlock = 4096;
+    const Index blocks = (size + kBlock - 1) / kBlock;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (Index block = 0; block < blocks; ++block) {
+      sum += squared_errors(y, t, grad_scale, dy, block * kBlock, std::min(size, (block + 1) * kBlock));
+    }
+  } else {
+    sum = squared_errors(y, t, grad_scale, dy, Index(0), size);
+  }
+  loss.data()[0] = T(sum / double(size));
+  wrote(dY);
+  wrote(loss);
+}
+
+template <typename T>
+void CpuBackend<T>::random_uniform(RngKey key, T low, T high, Tensor<T>& x) {
+  T* data = x.data();
+  for (Index i = 0; i < x.size(); ++i) data[i] = low + (high - low) * T(uniform01(key, i));
+  wrote(x);
+}
+
+template <typename T>
+void CpuBackend<T>::random_normal(RngKey key, T mean, T stddev, Tensor<T>& x) {
+  T* data = x.data();
+  for (Index i = 0; i < x.size(); ++i) data[i] = mean + stddev * T(standard_normal(key, i));
+  wrote(x);
+}
+
+template <typename T>
+void CpuBackend<T>::dropout_mask(RngKey key, T p, Tensor<T>& mask) {
+  T* data = mask.data();
+  const T keep_scale = T(1) / (T(1) - p);
+  for (Index i = 0; i < mask.size(); ++i) data[i] = uniform01(key, i) < double(p) ? T(0) : keep_scale;
+  wrote(mask);
+}
+
+template <typename T>
+void CpuBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) {
+  // Refuse the whole step before touching anything if one gradient is not finite.
+  for (std::size_t s = 0; s < count; ++s) {
+    const AdamSlot<T>& slot = slots[s];
+    if (!ConstArrayMap<T>(slot.grad, slot.size).isFinite().all()) {
+      throw NonFiniteError(std::string("adam step refused: gradient of '") + slot.name +
+                           "' holds NaN or Inf; no parameter was updated");
+    }
+  }
+  // The slots mostly share one step count: the bias corrections are computed once per count
+  // (pow is most of Adam's time on a tiny model).
+  double t_corrected = -1, c1 = 0, c2 = 0;
+  for (std::size_t s = 0; s < count; ++s) {
+    const AdamSlot<T>& slot = slots[s];
+    const double t = double(*slot.step) + 1;
+    if (t != t_corrected) {
+      c1 = 1 - std::pow(hyper.beta1, t);
+      c2 = 1 - std::pow(hyper.beta2, t);
+      t_corrected = t;
+    }
+    const double lr = slot.lr * hyper.lr_factor;
+    T* p = slot.param;
+    const T* g = slot.grad;
+    T* m = slot.m;
+    T* v = slot.v;
+    for_each_element(slot.size,
+                     [&](Index i) { adam_element(p[i], g[i], m[i], v[i], lr, slot.weight_decay, hyper, c1, c2); });
+    *slot.step = T(t);
+    fused_.forget_overlapping(p, slot.size);
+  }
+}
+
+template <typename T>
+void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) {
+  if (!(fraction >= 0 && fraction <= 1)) {
+    throw ConfigError("prune: fraction " + std::to_string(fraction) + " is outside [0, 1]");
+  }
+  if (same_entries != nullptr) require_same_shape(x, *same_entries, "prune");
+  const Index count = static_cast<Index>(std::llround(fraction * double(x.size())));
+  if (count == 0) return;
+  wrote(x);
+  if (same_entries != nullptr) wrote(*same_entries);
+  T* data = x.data();
+  std::vector<Index> order(static_cast<std::size_t>(x.size()));
+  std::iota(order.begin(), order.end(), Index(0));
+  if (mode == PruneMode::magnitude) {
+    // Ties broken by index so that the CPU and CUDA backends zero the same entries.
+    std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), [&](Index a, Index b) {
+      const T ma = std::abs(data[a]), mb = std::abs(data[b]);
+      return ma < mb || (ma == mb && a < b);
+    });
+  } else {
+    std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), [&](Index a, Index b) {
+      const std::uint64_t ra = random_bits(key, a), rb = random_bits(key, b);
+      return ra < rb || (ra == rb && a < b);
+    });
+  }
+  for (Index i = 0; i < count; ++i) data[order[i]] = T(0);
+  if (same_entries != nullptr) {
+    T* other = same_entries->data();
+    for (Index i = 0; i < count; ++i) other[order[i]] = T(0);
+  }
+}
+
+template class CpuBackend<float>;
+template class CpuBackend<double>;
+
+}  // namespace relora

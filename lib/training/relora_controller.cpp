@@ -1,0 +1,70 @@
+#include "relora/training/relora_controller.hpp"
+
+namespace relora {
+
+void validate(const ReloraConfig& c) {
+  if (c.restart_every < 1) {
+    throw ConfigError("ReloraConfig: restart_every " + std::to_string(c.restart_every) + " must be >= 1");
+  }
+  if (!(c.prune_fraction >= 0 && c.prune_fraction <= 1)) {
+    throw ConfigError("ReloraConfig: prune_fraction " + std::to_string(c.prune_fraction) + " must be in [0, 1]");
+  }
+  if (c.restart_warmup_steps < 0 || c.restart_warmup_steps > c.restart_every) {
+    throw ConfigError("ReloraConfig: restart_warmup_steps " + std::to_string(c.restart_warmup_steps) +
+                      " must be in [0, restart_every = " + std::to_string(c.restart_every) + "]");
+  }
+  if (c.warm_start_steps < 0) {
+    throw ConfigError("ReloraConfig: warm_start_steps " + std::to_string(c.warm_start_steps) + " must be >= 0");
+  }
+}
+
+JaggedCosineScheduleConfig jagged_schedule(const ReloraConfig& relora, std::int64_t total_steps,
+                                           std::int64_t warmup_steps, double min_lr_ratio) {
+  validate(relora);
+  JaggedCosineScheduleConfig config;
+  config.warmup_steps = warmup_steps;
+  config.total_steps = total_steps;
+  config.min_lr_ratio = min_lr_ratio;
+  config.restart_warmup_steps = relora.restart_warmup_steps;
+  return config;
+}
+
+template <typename T>
+ReloraController<T>::ReloraController(const ReloraConfig& config) : config_(config) {
+  validate(config_);
+}
+
+template <typename T>
+bool ReloraController<T>::restart_due(std::int64_t steps_done) const {
+  const std::int64_t lora_steps = steps_done - config_.warm_start_steps;
+  return lora_steps > 0 && lora_steps % config_.restart_every == 0;
+}
+
+template <typename T>
+void ReloraController<T>::restart(Model<T>& model, Adam<T>& optimizer, Schedule* schedule, std::int64_t steps_done) {
+  for (std::size_t i = 0; i < model.size(); ++i) {
+    LoraLinear<T>& layer = model.layer(i);
+    layer.merge();   // W += s B A
+    layer.reinit();  // a fresh A, B = 0: the output is unchanged
+  }
+  const auto adapter = [](const Parameter<T>& p) {
+    return p.role == ParamRole::lora_A || p.role == ParamRole::lora_B;
+  };
+  switch (config_.reset) {
+    case OptimizerReset::full: optimizer.reset_moments(adapter); break;
+    case OptimizerReset::magnitude_prune:
+      optimizer.prune_moments(adapter, config_.prune_fraction, PruneMode::magnitude);
+      break;
+    case OptimizerReset::random_prune:
+      optimizer.prune_moments(adapter, config_.prune_fraction, PruneMode::random, config_.seed);
+      break;
+    case OptimizerReset::none: break;
+  }
+  if (schedule != nullptr) schedule->on_restart(steps_done);
+  ++restarts_;
+}
+
+template class ReloraController<float>;
+template class ReloraController<double>;
+
+}  // namespace relora
