@@ -8,14 +8,13 @@ MseLoss<T>::MseLoss(Backend<T>& backend) : backend_(&backend), loss_(backend.all
 }
 
 template <typename T>
-const Tensor<T>& MseLoss<T>::forward_backward(const Tensor<T>& Y, const Tensor<T>& target) {
+void MseLoss<T>::compute(const Tensor<T>& Y, const Tensor<T>& target) {
   if (!target.same_shape(Y.rows(), Y.cols())) {
     throw ShapeError("MseLoss: prediction is " + Y.shape() + " but target is " + target.shape());
   }
   if (Y.empty()) throw ShapeError("MseLoss: empty prediction " + Y.shape());
   if (!dY_.same_shape(Y.rows(), Y.cols())) dY_ = backend_->allocate(Y.rows(), Y.cols());
   backend_->mse(Y, target, dY_, loss_);
-  return dY_;
 }
 
 template <typename T>

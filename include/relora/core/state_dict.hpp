@@ -1,0 +1,94 @@
+#pragma once
+// A component's saved state: host copies of its tensors and its scalar fields, by name. Every
+// component that has state (a layer, an optimizer, a schedule, the ReLoRA controller) fills one
+// in save_state() and reads one back in restore_state(); the checkpoint stores each under the
+// component's own prefix and knows nothing of what is inside.
+//
+// Readers check as they read: a missing entry, a tensor of another shape, a non-finite value or a
+// field out of range throws IoError naming the entry (and both shapes), so a component can check
+// everything it needs before it changes anything.
+#include <cstdint>
+#include <map>
+#include <string>
+#include <variant>
+
+#include "relora/core/host_matrix.hpp"
+
+namespace relora {
+
+template <typename T>
+class StateDict {
+ public:
+  using Field = std::variant<std::int64_t, std::uint64_t, double, bool, std::string>;
+
+  void set_tensor(const std::string& name, HostMatrix<T> value) { tensors_[name] = std::move(value); }
+  bool has_tensor(const std::string& name) const { return tensors_.count(name) != 0; }
+  // The tensor `name`, which must be rows x cols and finite.
+  const HostMatrix<T>& tensor(const std::string& name, Index rows, Index cols) const {
+    const auto it = tensors_.find(name);
+    if (it == tensors_.end()) throw IoError("state: tensor '" + name + "' is missing");
+    if (it->second.rows() != rows || it->second.cols() != cols) {
+      throw IoError("state: tensor '" + name + "' has shape " + shape_string(it->second.rows(), it->second.cols()) +
+                    ", expected " + shape_string(rows, cols));
+    }
+    if (!it->second.allFinite()) throw IoError("state: tensor '" + name + "' holds NaN or Inf");
+    return it->second;
+  }
+
+  void set(const std::string& name, Field value) { fields_[name] = std::move(value); }
+  bool has(const std::string& name) const { return fields_.count(name) != 0; }
+  std::int64_t integer(const std::string& name, std::int64_t min = INT64_MIN, std::int64_t max = INT64_MAX) const {
+    const Field& f = field(name);
+    std::int64_t value = 0;
+    if (const auto* i = std::get_if<std::int64_t>(&f)) {
+      value = *i;
+    } else if (const auto* u = std::get_if<std::uint64_t>(&f); u && *u <= std::uint64_t(INT64_MAX)) {
+      value = std::int64_t(*u);
+    } else {
+      throw IoError("state: field '" + name + "' is not an integer");
+    }
+    if (value < min || value > max) {
+      throw IoError("state: field '" + name + "' is " + std::to_string(value) + ", outside [" + std::to_string(min) +
+                    ", " + std::to_string(max) + "]");
+    }
+    return value;
+  }
+  std::uint64_t unsigned_integer(const std::string& name) const {
+    const Field& f = field(name);
+    if (const auto* u = std::get_if<std::uint64_t>(&f)) return *u;
+    if (const auto* i = std::get_if<std::int64_t>(&f); i && *i >= 0) return std::uint64_t(*i);
+    throw IoError("state: field '" + name + "' is not a non-negative integer");
+  }
+  double number(const std::string& name) const {
+    const Field& f = field(name);
+    if (const auto* d = std::get_if<double>(&f)) return *d;
+    if (const auto* i = std::get_if<std::int64_t>(&f)) return double(*i);
+    if (const auto* u = std::get_if<std::uint64_t>(&f)) return double(*u);
+    throw IoError("state: field '" + name + "' is not a number");
+  }
+  bool boolean(const std::string& name) const {
+    const Field& f = field(name);
+    if (const auto* b = std::get_if<bool>(&f)) return *b;
+    throw IoError("state: field '" + name + "' is not true or false");
+  }
+  const std::string& text(const std::string& name) const {
+    const Field& f = field(name);
+    if (const auto* s = std::get_if<std::string>(&f)) return *s;
+    throw IoError("state: field '" + name + "' is not a string");
+  }
+
+  const std::map<std::string, HostMatrix<T>>& tensors() const { return tensors_; }
+  const std::map<std::string, Field>& fields() const { return fields_; }
+
+ private:
+  const Field& field(const std::string& name) const {
+    const auto it = fields_.find(name);
+    if (it == fields_.end()) throw IoError("state: field '" + name + "' is missing");
+    return it->second;
+  }
+
+  std::map<std::string, HostMatrix<T>> tensors_;
+  std::map<std::string, Field> fields_;
+};
+
+}  // namespace relora

@@ -1,0 +1,82 @@
+#pragma once
+// One layer of a Model: a forward, a backward that writes its own gradients, the parameters it
+// trains, and its own saved state. LoraLinear is the reference implementation; fast paths are
+// sibling implementations of this interface (tested against the reference) that make_layer picks
+// from the shapes, so Model, Trainer and the loss hold no special case for any of them.
+//
+// Every layer here is an adapter on a frozen base: merge() folds the adapter into the base,
+// reinit() starts a fresh adapter that leaves the output unchanged. The ReLoRA controller needs
+// nothing more of a layer.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "relora/core/backend.hpp"
+#include "relora/core/parameter.hpp"
+#include "relora/core/state_dict.hpp"
+#include "relora/losses/loss.hpp"
+
+namespace relora {
+
+// What backward computes gradients for: the adapter, or the base weight itself (full fine-tuning,
+// and ReLoRA's full-rank warm start). A trainable bias trains in both.
+enum class TrainTarget { adapter, base };
+
+template <typename T>
+class Layer {
+ public:
+  virtual ~Layer() = default;
+
+  // The layer's kind as checkpoints name it ("lora").
+  virtual const char* kind() const = 0;
+  virtual Index in_features() const = 0;
+  virtual Index out_features() const = 0;
+
+  // Y (n x out_features). X must stay alive and unchanged until backward.
+  virtual const Tensor<T>& forward(const Tensor<T>& X) = 0;
+  // forward(X), then loss.compute(Y, target). A layer that fuses its forward with a loss it knows
+  // overrides this; the loss's value and gradient must be what compute() would have written.
+  virtual void forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target) {
+    loss.compute(forward(X), target);
+  }
+  // From dY (n x out_features): the gradients of what trains now (overwritten, not accumulated),
+  // and dX (n x in_features) when dX is not null; dX may be a view of a buffer the caller reuses.
+  virtual void backward(const Tensor<T>& dY, Tensor<T>* dX) = 0;
+
+  // The output of the last forward, and its buffer: a Model applies ReLU to it in place and
+  // reuses it for a dX once backward no longer needs Y (the next forward rewrites it).
+  virtual const Tensor<T>& output() const = 0;
+  virtual Tensor<T>& mutable_output() = 0;
+
+  // The parameters that train now, named prefix + "." + their own name.
+  virtual std::vector<Parameter<T>> parameters(const std::string& prefix) = 0;
+
+  virtual void set_training(bool training) = 0;  // dropout and the like only while training
+  virtual bool training() const = 0;
+  virtual void set_train_target(TrainTarget target) = 0;
+  virtual TrainTarget train_target() const = 0;
+
+  // Folds the adapter into the base. Refuses (ConfigError naming the layer, the base unchanged)
+  // when the folded-in update holds NaN or Inf.
+  virtual void merge() = 0;
+  virtual void unmerge() = 0;
+  virtual bool merged() const = 0;
+  // A fresh adapter that leaves the output unchanged (after a merge the old one lives in the base).
+  virtual void reinit() = 0;
+
+  // A recorded step (CUDA graph) replays the same kernels on the same buffers: false when this
+  // layer's step would differ from one step to the next in a way a replay cannot follow (a
+  // dropout mask drawn per step).
+  virtual bool replayable() const = 0;
+  // Bits of the layer's state that change what a step runs (train target, training, merged...):
+  // a recorded step is replayed only while every layer's signature is the one it was recorded with.
+  virtual std::uint32_t step_signature() const = 0;
+
+  // The whole state the layer needs to resume bit for bit (base, adapter, flags, random streams)
+  // and the config it was built with. restore_state checks everything (config included) before it
+  // changes anything, and throws IoError naming what does not fit.
+  virtual void save_state(StateDict<T>& state) const = 0;
+  virtual void restore_state(const StateDict<T>& state) = 0;
+};
+
+}  // namespace relora
