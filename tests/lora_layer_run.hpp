@@ -1,10 +1,11 @@
 #pragma once
 // One LoRA layer's forward and backward on a backend, everything it produced copied to the host,
-// and the comparison of two such runs: how the fused small-layer path and the CUDA adapter passes
-// are checked against the separate products.
+// and the comparison of two such runs: how the fast siblings of LoraLinear (make_lora_linear's
+// picks) are checked against the reference LoraLinear.
 #include <doctest/doctest.h>
 
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -26,10 +27,11 @@ struct LayerRun {
 // A layer with random W, A, B, b (drawn from the shape, so two backends get the same ones), one
 // forward on a random X and one backward from a random dY.
 template <typename T>
-LayerRun<T> run_layer(Backend<T>& backend, const LayerShape& s, BiasMode bias, bool need_dX) {
+LayerRun<T> run_layer(Backend<T>& backend, const LayerShape& s, BiasMode bias, bool need_dX, LayerChoice choice) {
   std::mt19937 gen(unsigned(s.n * 7919 + s.k * 131 + s.d * 17 + s.r));
   LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 3};
-  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen));
+  const auto made = make_lora_linear<T>(backend, config, normal_matrix<T>(s.d, s.k, gen), choice);
+  LoraLinear<T>& layer = *made;
   layer.set_A(normal_matrix<T>(s.r, s.k, gen));
   layer.set_B(normal_matrix<T>(s.d, s.r, gen));
   if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
@@ -62,13 +64,11 @@ void expect_same_layer(const LayerRun<T>& got, const LayerRun<T>& want, double t
   close(got.dX, want.dX, "dX");
 }
 
-// Every shape, with each bias mode, with and without dX, on `device` (its fused paths on) against
-// the CPU's separate products.
+// Every shape, with each bias mode, with and without dX, on `device` (its fastest layers) against
+// the reference LoraLinear on the CPU.
 template <typename T>
 void compare_with_separate_products(Device device, const std::vector<LayerShape>& shapes, double tolerance) {
-  BackendOptions separate_options;
-  separate_options.fused_small_layers = false;
-  auto separate = make_backend<T>(Device::cpu, separate_options);
+  auto separate = make_backend<T>(Device::cpu);
   auto fused = make_backend<T>(device);
   for (const LayerShape& s : shapes) {
     for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
@@ -79,8 +79,8 @@ void compare_with_separate_products(Device device, const std::vector<LayerShape>
         CAPTURE(s.r);
         CAPTURE(int(bias));
         CAPTURE(need_dX);
-        expect_same_layer(run_layer<T>(*fused, s, bias, need_dX), run_layer<T>(*separate, s, bias, need_dX),
-                          tolerance);
+        expect_same_layer(run_layer<T>(*fused, s, bias, need_dX, LayerChoice::fastest),
+                          run_layer<T>(*separate, s, bias, need_dX, LayerChoice::reference), tolerance);
       }
     }
   }
@@ -94,13 +94,17 @@ struct LossRun {
   HostMatrix<T> Y, dY, dA, dB, db;
 };
 
-// A layer of shape s with parameters drawn from the shape (the same for every backend), its
-// forward and MSE on a random batch, fused where `fuse` and the backend can, then its backward.
+// A layer of shape s (the implementation `choice` picks) with parameters drawn from the shape (the
+// same for every backend), its forward and MSE on a random batch, then its backward. The MSE is
+// computed by the layer (Layer::forward_with_loss, where a sibling may fuse it) when
+// `loss_in_layer`, else separately after the forward; `fused` says whether a fast sibling ran.
 template <typename T>
-LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bias, bool fuse) {
+LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bias, LayerChoice choice,
+                          bool loss_in_layer) {
   std::mt19937 gen(unsigned(s.n * 31 + s.k * 7 + s.d * 3 + s.r));
   LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.5, .bias = bias, .seed = 4};
-  LoraLinear<T> layer(backend, config, normal_matrix<T>(s.d, s.k, gen, 0.3));
+  const auto made = make_lora_linear<T>(backend, config, normal_matrix<T>(s.d, s.k, gen, 0.3), choice);
+  LoraLinear<T>& layer = *made;
   layer.set_A(normal_matrix<T>(s.r, s.k, gen, 0.3));
   layer.set_B(normal_matrix<T>(s.d, s.r, gen, 0.3));
   if (bias != BiasMode::none) layer.set_b(normal_matrix<T>(1, s.d, gen));
@@ -108,8 +112,12 @@ LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bia
   Tensor<T> target = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "target");
   MseLoss<T> mse(backend);
   LossRun<T> out;
-  if (fuse) out.fused = layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer());
-  if (!out.fused) mse.forward_backward(layer.forward(X), target);
+  out.fused = std::string(layer.implementation()) != "reference";
+  if (loss_in_layer) {
+    layer.forward_with_loss(X, mse, target);
+  } else {
+    mse.compute(layer.forward(X), target);
+  }
   out.Y = to_host(backend, layer.output());
   out.dY = to_host(backend, mse.gradient());
   out.loss = double(mse.value());
@@ -135,24 +143,26 @@ void expect_close_loss_runs(const LossRun<T>& got, const LossRun<T>& want, doubl
   }
 }
 
-// A last layer of shape s trained through forward_with_mse on `backend`, which must take its fused
-// pass: dA, dB, db (and dX where asked) against central differences of the fused loss in double.
+// A last layer of shape s (the fastest implementation, which must be a fast sibling) trained through
+// forward_with_loss: dA, dB, db (and dX where asked) against central differences of the loss it
+// computes, in double.
 inline void check_fused_loss_gradients(Backend<double>& backend, const LayerShape& s, bool need_dX) {
   std::mt19937 gen(8);
   LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
-  LoraLinear<double> layer(backend, config, normal_matrix<double>(s.d, s.k, gen));
+  const auto made = make_lora_linear<double>(backend, config, normal_matrix<double>(s.d, s.k, gen));
+  LoraLinear<double>& layer = *made;
+  REQUIRE(std::string(layer.implementation()) != "reference");
   layer.set_B(normal_matrix<double>(s.d, s.r, gen));
   layer.set_b(normal_matrix<double>(1, s.d, gen));
   Tensor<double> X = to_backend<double>(backend, normal_matrix<double>(s.n, s.k, gen), "X");
   Tensor<double> target = to_backend<double>(backend, normal_matrix<double>(s.n, s.d, gen), "target");
   MseLoss<double> mse(backend);
-  Tensor<double>& dY = mse.gradient_buffer(target);
   auto loss = [&]() {
-    REQUIRE(layer.forward_with_mse(X, target, dY, mse.loss_buffer()));
+    layer.forward_with_loss(X, mse, target);
     return mse.value();
   };
   loss();
-  layer.backward(dY, need_dX);
+  layer.backward(mse.gradient(), need_dX);
   const HostMatrix<double> dA = to_host(backend, layer.dA()), dB = to_host(backend, layer.dB()),
                            db = to_host(backend, layer.db());
   auto numeric = [&](const Tensor<double>& t) { return numeric_gradient_on(backend, const_cast<Tensor<double>&>(t), loss); };
@@ -165,15 +175,13 @@ inline void check_fused_loss_gradients(Backend<double>& backend, const LayerShap
   }
 }
 
-// Whether `backend` takes its fused path for a layer of shape s (a forward on scratch tensors).
+// The implementation that runs a layer of shape s (batch included) on `backend`: the one
+// make_lora_linear picks where its own path takes the batch, else "reference".
 template <typename T>
-bool takes_fused_forward(Backend<T>& backend, const LayerShape& s) {
-  Tensor<T> X = backend.allocate(s.n, s.k), W = backend.allocate(s.d, s.k), A = backend.allocate(s.r, s.k),
-            B = backend.allocate(s.d, s.r), U = backend.allocate(s.n, s.r), Y = backend.allocate(s.n, s.d);
-  for (Tensor<T>* t : {&X, &W, &A, &B}) backend.fill(*t, T(0.5));
-  const bool fused = backend.fused_lora_forward({&X, &W, &A, &B, nullptr, T(1)}, U, Y);
-  backend.synchronize();
-  return fused;
+std::string implementation_for(Backend<T>& backend, const LayerShape& s) {
+  const LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r};
+  const auto layer = make_lora_linear<T>(backend, config, HostMatrix<T>::Zero(s.d, s.k));
+  return layer->fast_path_for(s.n) ? layer->implementation() : "reference";
 }
 
 }  // namespace relora::testing

@@ -141,8 +141,8 @@ void check_resume(const Run& run, std::int64_t split, std::int64_t total = 300, 
   Backend<T>& be = straight_model->backend();
   for (std::size_t i = 0; i < straight_model->size(); ++i) {
     CAPTURE(straight_model->name(i));
-    const LoraLinear<T>& a = straight_model->layer(i);
-    const LoraLinear<T>& b = fresh_model->layer(i);
+    const LoraLinear<T>& a = straight_model->lora(i);
+    const LoraLinear<T>& b = fresh_model->lora(i);
     CHECK(bitwise_equal<T>(to_host(be, a.W()), to_host(be, b.W())));
     if (a.has_bias()) CHECK(bitwise_equal<T>(to_host(be, a.b()), to_host(be, b.b())));
     CHECK(bitwise_equal<T>(to_host(be, a.A()), to_host(be, b.A())));
@@ -310,7 +310,7 @@ TEST_CASE("checkpoint file: format, version, state JSON and checksum in the meta
   CHECK(state["schedule"]["restart_steps"] == nlohmann::json::array({50}));
   CHECK(state["layers"][0]["name"] == "fc1");
   CHECK(state["layers"][0]["config"]["rank"] == 3);
-  CHECK(state["layers"][0]["rng_stream"].get<std::uint64_t>() == saved.model->layer(0).rng_stream());
+  CHECK(state["layers"][0]["rng_stream"].get<std::uint64_t>() == saved.model->lora(0).rng_stream());
   CHECK(file.contains("model.fc1.weight"));
   CHECK(file.contains("model.fc1.bias"));
   CHECK(file.contains("optim.fc1.lora_A.m"));

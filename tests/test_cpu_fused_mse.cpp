@@ -1,12 +1,13 @@
-// A tiny last layer with the MSE fused into its forward on the CPU (CpuBackend::fused_lora_forward_mse,
-// cpu_fused_lora.cpp): the same values as the fused forward followed by the separate MSE, bit for
-// bit where the operations are the same (Y, dY, dA, dB, db) and within rounding for the loss (its
-// sum is split otherwise); the separate products' within rounding; gradients of the fused loss
-// against central differences in double; and the panels of X and the target that the backend keeps
+// A tiny last layer with the MSE fused into its forward on the CPU (CpuTinyLoraLinear's
+// forward_with_loss): the same values as its forward followed by the separate MSE, bit for bit
+// where the operations are the same (Y, dY, dA, dB, db) and within rounding for the loss (its sum
+// is split otherwise); the reference LoraLinear's within rounding; gradients of the fused loss
+// against central differences in double; and the panels of X and the target that the layer keeps
 // from one step to the next, which must never be read once the tensors hold other values.
 #include <doctest/doctest.h>
 
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gradient_check.hpp"
@@ -35,10 +36,7 @@ const std::vector<Shape>& cpu_output_shapes() {
 
 template <typename T>
 void check_cpu_fused_mse(double rounding, double separate_tolerance) {
-  auto fused = make_backend<T>(Device::cpu);
-  BackendOptions separate_options;
-  separate_options.fused_small_layers = false;
-  auto separate = make_backend<T>(Device::cpu, separate_options);
+  auto backend = make_backend<T>(Device::cpu);
   for (const Shape& s : cpu_output_shapes()) {
     for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
       CAPTURE(s.n);
@@ -46,11 +44,11 @@ void check_cpu_fused_mse(double rounding, double separate_tolerance) {
       CAPTURE(s.d);
       CAPTURE(s.r);
       CAPTURE(int(bias));
-      const LossRun<T> with_mse = run_last_layer<T>(*fused, s, bias, true);
-      const LossRun<T> then_mse = run_last_layer<T>(*fused, s, bias, false);  // fused forward, separate MSE
-      const LossRun<T> products = run_last_layer<T>(*separate, s, bias, false);
+      const LossRun<T> with_mse = run_last_layer<T>(*backend, s, bias, LayerChoice::fastest, true);
+      const LossRun<T> then_mse = run_last_layer<T>(*backend, s, bias, LayerChoice::fastest, false);  // separate MSE
+      const LossRun<T> products = run_last_layer<T>(*backend, s, bias, LayerChoice::reference, true);
       REQUIRE(with_mse.fused);
-      CHECK_FALSE(then_mse.fused);
+      CHECK_FALSE(products.fused);
       CHECK(with_mse.Y == then_mse.Y);
       CHECK(with_mse.dY == then_mse.dY);
       CHECK(with_mse.dA == then_mse.dA);
@@ -62,7 +60,7 @@ void check_cpu_fused_mse(double rounding, double separate_tolerance) {
   }
 }
 
-// One layer trained on the MSE through forward_with_mse: what a step leaves, for comparing runs.
+// One layer trained on the MSE through forward_with_loss: what a step leaves, for comparing runs.
 struct Step {
   HostMatrix<double> Y, dY, dA, dB;
   double loss;
@@ -71,7 +69,8 @@ struct Step {
 Step mse_step(Backend<double>& backend, LoraLinear<double>& layer, const Tensor<double>& X,
               const Tensor<double>& target) {
   MseLoss<double> mse(backend);
-  REQUIRE(layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  REQUIRE(std::string(layer.implementation()) == "cpu_tiny");
+  layer.forward_with_loss(X, mse, target);
   layer.backward(mse.gradient(), /*need_dX=*/false);
   using relora::testing::host_of;
   return {host_of(layer.output()), host_of(mse.gradient()), host_of(layer.dA()), host_of(layer.dB()), mse.value()};
@@ -97,9 +96,9 @@ TEST_CASE("cpu fused output layer: gradients of the fused loss match finite diff
   relora::testing::check_fused_loss_gradients(*backend, {37, 10, 5, 4}, /*need_dX=*/true);
 }
 
-// The backend keeps X's and the target's feature-major panels between steps and reuses them while
+// The layer keeps X's and the target's feature-major panels between steps and reuses them while
 // the tensors hold the values they were made from. A step after the batch or the target changed,
-// through the backend or through the host pointer, must equal the same step on a fresh backend.
+// through the backend or through the host pointer, must equal the same step on a fresh layer.
 TEST_CASE("cpu fused output layer: a batch or target rewritten between steps is read again") {
   std::mt19937 gen(21);
   const Shape s{300, 10, 5, 4};  // two strips
@@ -110,7 +109,8 @@ TEST_CASE("cpu fused output layer: a batch or target rewritten between steps is 
   const LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 2.0};
   auto fresh_step = [&](const HostMatrix<double>& X_now, const HostMatrix<double>& target_now) {
     auto backend = make_backend<double>(Device::cpu);
-    LoraLinear<double> layer(*backend, config, W);
+    const auto made = make_lora_linear<double>(*backend, config, W);
+    LoraLinear<double>& layer = *made;
     layer.set_A(A);
     layer.set_B(B);
     Tensor<double> X = to_backend<double>(*backend, X_now, "X"), target = to_backend<double>(*backend, target_now, "t");
@@ -118,7 +118,8 @@ TEST_CASE("cpu fused output layer: a batch or target rewritten between steps is 
   };
 
   auto backend = make_backend<double>(Device::cpu);
-  LoraLinear<double> layer(*backend, config, W);
+  const auto made = make_lora_linear<double>(*backend, config, W);
+  LoraLinear<double>& layer = *made;
   layer.set_A(A);
   layer.set_B(B);
   Tensor<double> X = to_backend<double>(*backend, X0, "X"), target = to_backend<double>(*backend, T0, "target");

@@ -1,4 +1,4 @@
-// A model's last layer with the MSE fused into its forward (LoraLinear::forward_with_mse, on CUDA
+// A model's last layer with the MSE fused into its forward (CudaAdapterLoraLinear::forward_with_loss, on CUDA
 // cuda_adapter_output.cu): Y, dY, dB and db must be the bits of the separate passes (forward,
 // MSE, backward on the same GPU), dA and the loss theirs within rounding, everything the CPU's
 // within rounding; the gradients of the fused loss must match central differences in double; the
@@ -41,9 +41,7 @@ const std::vector<Shape>& output_shapes() {
 template <typename T>
 void check_fused_against_separate(double cpu_tolerance) {
   auto gpu = make_backend<T>(Device::cuda);
-  BackendOptions separate_options;
-  separate_options.fused_small_layers = false;
-  auto cpu = make_backend<T>(Device::cpu, separate_options);
+  auto cpu = make_backend<T>(Device::cpu);
   for (const Shape& s : output_shapes()) {
     for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
       CAPTURE(s.n);
@@ -51,11 +49,10 @@ void check_fused_against_separate(double cpu_tolerance) {
       CAPTURE(s.d);
       CAPTURE(s.r);
       CAPTURE(int(bias));
-      const LossRun<T> fused = run_last_layer<T>(*gpu, s, bias, true);
-      const LossRun<T> passes = run_last_layer<T>(*gpu, s, bias, false);
-      const LossRun<T> reference = run_last_layer<T>(*cpu, s, bias, false);
+      const LossRun<T> fused = run_last_layer<T>(*gpu, s, bias, LayerChoice::fastest, true);
+      const LossRun<T> passes = run_last_layer<T>(*gpu, s, bias, LayerChoice::fastest, false);
+      const LossRun<T> reference = run_last_layer<T>(*cpu, s, bias, LayerChoice::reference, true);
       REQUIRE(fused.fused);
-      CHECK_FALSE(passes.fused);
       // The same computation, value for value, up to the order of two sums: dU (so dA) is added
       // in two halves of the row, the loss over other blocks.
       const double rounding = sizeof(T) == 4 ? 1e-6 : 1e-14;
@@ -84,41 +81,36 @@ TEST_CASE("cuda fused output layer: gradients of the fused loss match finite dif
   relora::testing::check_fused_loss_gradients(*backend, {37, 40, 33, 5}, /*need_dX=*/false);
 }
 
-TEST_CASE("cuda fused output layer: taken only for wide layers of small rank with B in shared memory") {
+TEST_CASE("cuda fused output layer: taken only for wide layers of small rank, never for the reference choice") {
   if (!cuda_or_skip("cuda fused output layer")) return;
   auto gpu = make_backend<float>(Device::cuda);
-  auto takes = [](Backend<float>& backend, const Shape& s) {
-    return run_last_layer<float>(backend, s, BiasMode::none, true).fused;
-  };
-  CHECK(takes(*gpu, {64, 96, 40, 8}));
-  CHECK_FALSE(takes(*gpu, {200, 10, 5, 4}));        // tiny: its own one-kernel forward
-  CHECK_FALSE(takes(*gpu, {64, 96, 40, 33}));       // rank over the passes' limit
-  CHECK_FALSE(takes(*gpu, {4, 64, 60000, 32}));     // B (7.7 MB) does not fit in shared memory
-  BackendOptions off;
-  off.fused_small_layers = false;
-  auto gpu_off = make_backend<float>(Device::cuda, off);
-  CHECK_FALSE(takes(*gpu_off, {64, 96, 40, 8}));
+  using relora::testing::implementation_for;
+  CHECK(implementation_for(*gpu, {64, 96, 40, 8}) == "cuda_adapter");
+  CHECK(implementation_for(*gpu, {200, 10, 5, 4}) == "cuda_tiny");       // tiny: its own one-kernel forward
+  CHECK(implementation_for(*gpu, {64, 96, 40, 33}) == "reference");      // rank over the passes' limit
+  CHECK(run_last_layer<float>(*gpu, {64, 96, 40, 8}, BiasMode::none, LayerChoice::reference, true).fused == false);
 }
 
-TEST_CASE("forward_with_mse: falls back to forward where it cannot fuse, and names a target of the wrong shape") {
-  BackendOptions off;
-  off.fused_small_layers = false;
-  auto cpu = make_backend<double>(Device::cpu, off);
+TEST_CASE("forward_with_loss: the reference layer's is forward then the loss, and a target of the wrong shape is named") {
+  auto cpu = make_backend<double>(Device::cpu);
   std::mt19937 gen(3);
-  // A backend with its fused paths off: the model computes its output only.
-  Model<double> model(cpu);
+  Model<double> model(cpu, LayerChoice::reference);
   model.add(LoraConfig{.in_features = 6, .out_features = 5, .rank = 2, .alpha = 4, .seed = 1}, Activation::identity,
             normal_matrix<double>(5, 6, gen));
   Tensor<double> X = to_backend<double>(*cpu, normal_matrix<double>(4, 6, gen), "X");
   Tensor<double> target = to_backend<double>(*cpu, normal_matrix<double>(4, 5, gen), "target");
-  MseLoss<double> mse(*cpu);
-  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
-  const HostMatrix<double> fallback = to_host(*cpu, model.output());
-  CHECK(fallback == to_host(*cpu, model.forward(X)));
+  MseLoss<double> mse(*cpu), separate(*cpu);
+  model.forward_with_loss(X, mse, target);
+  const HostMatrix<double> output = to_host(*cpu, model.output());
+  const HostMatrix<double> gradient = to_host(*cpu, mse.gradient());
+  CHECK(output == to_host(*cpu, model.forward(X)));
+  separate.compute(model.output(), target);
+  CHECK(gradient == to_host(*cpu, separate.gradient()));
+  CHECK(mse.value() == separate.value());
 
   Tensor<double> wrong = to_backend<double>(*cpu, normal_matrix<double>(4, 3, gen), "wrong target");
   try {
-    model.forward_with_mse(X, wrong, mse.gradient_buffer(wrong), mse.loss_buffer());
+    model.forward_with_loss(X, mse, wrong);
     FAIL("a 4 x 3 target for a 4 x 5 prediction was taken");
   } catch (const ShapeError& e) {
     CHECK(std::string(e.what()).find("[4 x 5]") != std::string::npos);
@@ -136,7 +128,10 @@ TEST_CASE("cuda fused output layer: a ReLU after the last layer keeps the separa
   Tensor<float> X = to_backend<float>(*gpu, normal_matrix<float>(64, 96, gen), "X");
   Tensor<float> target = to_backend<float>(*gpu, normal_matrix<float>(64, 40, gen), "target");
   MseLoss<float> mse(*gpu);
-  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  model.forward_with_loss(X, mse, target);
   const HostMatrix<float> output = to_host(*gpu, model.output());
-  CHECK(output.minCoeff() >= 0.0f);  // the ReLU ran
+  CHECK(output.minCoeff() >= 0.0f);  // the ReLU ran before the loss
+  MseLoss<float> separate(*gpu);
+  separate.compute(model.output(), target);
+  CHECK(to_host(*gpu, mse.gradient()) == to_host(*gpu, separate.gradient()));
 }

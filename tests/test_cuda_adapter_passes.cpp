@@ -21,7 +21,7 @@ using namespace relora;
 using relora::testing::cuda_or_skip;
 using relora::testing::normal_matrix;
 using relora::testing::numeric_gradient_on;
-using relora::testing::takes_fused_forward;
+using relora::testing::implementation_for;
 
 namespace {
 
@@ -40,12 +40,10 @@ const std::vector<Shape>& adapter_shapes() {
 // Losses of 40 ReLoRA steps of a two-layer model whose layers both take the adapter passes.
 // `replayed`, where given, receives how many steps were graph replays.
 std::vector<double> train_wide(Device device, bool use_graphs, bool fused, std::int64_t* replayed = nullptr) {
-  BackendOptions options;
-  options.fused_small_layers = fused;
-  auto backend = make_backend<float>(device, options);
+  auto backend = make_backend<float>(device);
   std::mt19937 gen(21);
   const HostMatrix<float> X = normal_matrix<float>(300, 64, gen), target = normal_matrix<float>(300, 40, gen);
-  Model<float> model(backend);
+  Model<float> model(backend, fused ? LayerChoice::fastest : LayerChoice::reference);
   model.add(LoraConfig{.in_features = 64, .out_features = 96, .rank = 8, .alpha = 16, .bias = BiasMode::trainable,
                        .seed = 2},
             Activation::relu, normal_matrix<float>(96, 64, gen, 0.2));
@@ -78,14 +76,12 @@ TEST_CASE("cuda adapter passes: same outputs and gradients as the CPU's separate
 TEST_CASE("cuda adapter passes: taken for wide layers of rank up to 32, within the work limit, unless switched off") {
   if (!cuda_or_skip("cuda adapter passes")) return;
   auto gpu = make_backend<float>(Device::cuda);
-  CHECK(takes_fused_forward(*gpu, {1024, 1024, 1024, 16}));  // layer1k
-  CHECK(takes_fused_forward(*gpu, {300, 200, 130, 32}));
-  CHECK_FALSE(takes_fused_forward(*gpu, {300, 200, 130, 33}));       // rank over the limit
-  CHECK_FALSE(takes_fused_forward(*gpu, {4096, 4096, 4096, 16}));    // large enough for cuBLAS's tiles
-  BackendOptions off;
-  off.fused_small_layers = false;
-  auto gpu_off = make_backend<float>(Device::cuda, off);
-  CHECK_FALSE(takes_fused_forward(*gpu_off, {1024, 1024, 1024, 16}));
+  CHECK(implementation_for(*gpu, {1024, 1024, 1024, 16}) == "cuda_adapter");  // layer1k
+  CHECK(implementation_for(*gpu, {300, 200, 130, 32}) == "cuda_adapter");
+  CHECK(implementation_for(*gpu, {300, 200, 130, 33}) == "reference");     // rank over the limit
+  CHECK(implementation_for(*gpu, {4096, 4096, 4096, 16}) == "reference");  // large enough for cuBLAS's tiles
+  const LoraConfig layer1k{.in_features = 1024, .out_features = 1024, .rank = 16};
+  CHECK(std::string(make_lora_linear<float>(*gpu, layer1k, LayerChoice::reference)->implementation()) == "reference");
 }
 
 TEST_CASE("cuda adapter passes: gradients match finite differences in double") {
@@ -94,7 +90,9 @@ TEST_CASE("cuda adapter passes: gradients match finite differences in double") {
   const Shape s{37, 40, 33, 5};
   std::mt19937 gen(5);
   LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
-  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
+  const auto made = make_lora_linear<double>(*backend, config, normal_matrix(s.d, s.k, gen));
+  LoraLinear<double>& layer = *made;
+  REQUIRE(std::string(layer.implementation()) == "cuda_adapter");
   layer.set_B(normal_matrix(s.d, s.r, gen));
   layer.set_b(normal_matrix(1, s.d, gen));
   Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");

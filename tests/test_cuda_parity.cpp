@@ -64,7 +64,7 @@ TEST_CASE("cuda parity: forward and every gradient of a 3-layer model, with drop
                  "d" + cpu_params[i].name);
   }
   for (std::size_t i = 1; i < cpu.model.size(); ++i) {
-    expect_close(to_host(*gpu.backend, gpu.model.layer(i).dX()), to_host(*cpu.backend, cpu.model.layer(i).dX()),
+    expect_close(to_host(*gpu.backend, gpu.model.lora(i).dX()), to_host(*cpu.backend, cpu.model.lora(i).dX()),
                  "dX of " + cpu.model.name(i));
   }
 }
@@ -73,8 +73,8 @@ TEST_CASE("cuda parity: forward and every gradient of a 3-layer model, with drop
 // compare Adam's sign-like first updates of near-zero gradients, which rounding may flip.
 void copy_state(Twin& from, Trainer<float>& from_trainer, Twin& to, Trainer<float>& to_trainer) {
   for (std::size_t i = 0; i < from.model.size(); ++i) {
-    LoraLinear<float>& src = from.model.layer(i);
-    LoraLinear<float>& dst = to.model.layer(i);
+    LoraLinear<float>& src = from.model.lora(i);
+    LoraLinear<float>& dst = to.model.lora(i);
     dst.set_W(to_host(*from.backend, src.W()));
     dst.set_A(to_host(*from.backend, src.A()));
     dst.set_B(to_host(*from.backend, src.B()));
@@ -103,9 +103,9 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
   cpu_trainer.step(cx, cy);
   gpu_trainer.step(gx, gy);
   for (std::size_t i = 0; i < cpu.model.size(); ++i) {
-    expect_close(to_host(*gpu.backend, gpu.model.layer(i).A()), to_host(*cpu.backend, cpu.model.layer(i).A()),
+    expect_close(to_host(*gpu.backend, gpu.model.lora(i).A()), to_host(*cpu.backend, cpu.model.lora(i).A()),
                  "A after one Adam step, layer " + std::to_string(i));
-    expect_close(to_host(*gpu.backend, gpu.model.layer(i).B()), to_host(*cpu.backend, cpu.model.layer(i).B()),
+    expect_close(to_host(*gpu.backend, gpu.model.lora(i).B()), to_host(*cpu.backend, cpu.model.lora(i).B()),
                  "B after one Adam step, layer " + std::to_string(i));
   }
   for (int step = 1; step < 4; ++step) cpu_trainer.step(cx, cy);
@@ -114,11 +114,11 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
   gpu_trainer.controller()->restart(gpu.model, gpu_trainer.optimizer(), nullptr, 4);
   for (std::size_t i = 0; i < cpu.model.size(); ++i) {
     const std::string layer = ", layer " + std::to_string(i);
-    expect_close(to_host(*gpu.backend, gpu.model.layer(i).W()), to_host(*cpu.backend, cpu.model.layer(i).W()),
+    expect_close(to_host(*gpu.backend, gpu.model.lora(i).W()), to_host(*cpu.backend, cpu.model.lora(i).W()),
                  "W after a restart" + layer);
-    expect_close(to_host(*gpu.backend, gpu.model.layer(i).A()), to_host(*cpu.backend, cpu.model.layer(i).A()),
+    expect_close(to_host(*gpu.backend, gpu.model.lora(i).A()), to_host(*cpu.backend, cpu.model.lora(i).A()),
                  "A re-drawn at the restart" + layer);
-    CHECK(to_host(*gpu.backend, gpu.model.layer(i).B()).norm() == 0);
+    CHECK(to_host(*gpu.backend, gpu.model.lora(i).B()).norm() == 0);
   }
   for (std::size_t i = 0; i < cpu_trainer.optimizer().size(); ++i) {
     const HostMatrix<float> gm = to_host(*gpu.backend, gpu_trainer.optimizer().m(i));
@@ -128,15 +128,15 @@ TEST_CASE("cuda parity: an Adam step, a ReLoRA restart with pruning, merge and u
   }
   copy_state(cpu, cpu_trainer, gpu, gpu_trainer);
   for (std::size_t i = 0; i < cpu.model.size(); ++i) {
-    cpu.model.layer(i).set_B(normal_matrix<float>(cpu.model.layer(i).out_features(), 8, gen, 0.05));
-    gpu.model.layer(i).set_B(to_host(*cpu.backend, cpu.model.layer(i).B()));
+    cpu.model.lora(i).set_B(normal_matrix<float>(cpu.model.lora(i).out_features(), 8, gen, 0.05));
+    gpu.model.lora(i).set_B(to_host(*cpu.backend, cpu.model.lora(i).B()));
   }
   cpu.model.merge();
   gpu.model.merge();
-  expect_close(to_host(*gpu.backend, gpu.model.layer(1).W()), to_host(*cpu.backend, cpu.model.layer(1).W()), "merged W");
+  expect_close(to_host(*gpu.backend, gpu.model.lora(1).W()), to_host(*cpu.backend, cpu.model.lora(1).W()), "merged W");
   cpu.model.unmerge();
   gpu.model.unmerge();
-  expect_close(to_host(*gpu.backend, gpu.model.layer(1).W()), to_host(*cpu.backend, cpu.model.layer(1).W()),
+  expect_close(to_host(*gpu.backend, gpu.model.lora(1).W()), to_host(*cpu.backend, cpu.model.lora(1).W()),
                "unmerged W");
 }
 

@@ -112,7 +112,7 @@ TEST_CASE("merge state is enforced: no training or second merge while merged") {
 TEST_CASE("bad optimizer settings are refused") {
   auto backend = make_backend<float>(Device::cpu);
   LoraLinear<float> layer(*backend, LoraConfig{.in_features = 3, .out_features = 2, .rank = 1});
-  auto params = layer.trainable_parameters("l");
+  auto params = layer.parameters("l");
   CHECK_THROWS_WITH_AS(Adam<float>(backend, params, AdamConfig{.lr = -1}), doctest::Contains("lr -1"), ConfigError);
   CHECK_THROWS_WITH_AS(Adam<float>(backend, params, AdamConfig{.beta1 = 1.0}), doctest::Contains("beta1"), ConfigError);
   CHECK_THROWS_WITH_AS(Adam<float>(backend, params, AdamConfig{.eps = 0}), doctest::Contains("eps"), ConfigError);

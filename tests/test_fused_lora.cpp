@@ -1,5 +1,5 @@
-// The fused small-layer path (Backend::fused_lora_forward/backward) against the separate
-// products, on the CPU and on CUDA: every output of a layer's forward and backward, shapes at
+// The tiny-layer siblings of LoraLinear (CpuTinyLoraLinear, CudaTinyLoraLinear) against the
+// reference LoraLinear, on the CPU and on CUDA: every output of a layer's forward and backward, shapes at
 // and around the fused path's edges (a partial chunk of rows, widths that are not whole SIMD
 // packets, the width limits), with and without bias and dX; and whole training runs.
 #include <doctest/doctest.h>
@@ -18,7 +18,7 @@
 using namespace relora;
 using relora::testing::normal_matrix;
 using relora::testing::relative_error;
-using relora::testing::takes_fused_forward;
+using relora::testing::implementation_for;
 
 namespace {
 
@@ -40,14 +40,12 @@ void compare_backends(Device fused_device, double tolerance) {
 
 // Final losses of a seed-demo-like ReLoRA run (restarts, Adam resets, re-warmup).
 std::vector<double> train_losses(Device device, bool fused) {
-  BackendOptions options;
-  options.fused_small_layers = fused;
-  auto backend = make_backend<float>(device, options);
+  auto backend = make_backend<float>(device);
   std::mt19937 gen(11);
   const HostMatrix<float> X = normal_matrix<float>(200, 10, gen);
   const HostMatrix<float> W_true = normal_matrix<float>(5, 10, gen);
   const HostMatrix<float> target = X * W_true.transpose();
-  Model<float> model(backend);
+  Model<float> model(backend, fused ? LayerChoice::fastest : LayerChoice::reference);
   model.add(LoraConfig{.in_features = 10, .out_features = 5, .rank = 4, .alpha = 8, .seed = 5}, Activation::identity,
             normal_matrix<float>(5, 10, gen, 0.1));
   TrainerConfig config;
@@ -72,84 +70,92 @@ TEST_CASE("fused small layer on the CPU: same outputs and gradients as the separ
   compare_backends<double>(Device::cpu, 1e-13);
 }
 
-// The CPU backward reads the forward's feature-major copies of X and U instead of transposing them
-// again, but only while X and U still hold what was copied: after another layer's forward, or
-// after X and U were rewritten through the backend, it must read them again.
-TEST_CASE("fused small layer on the CPU: the backward never reads a stale copy of X or U") {
+// The CPU backward reads its forward's feature-major copies of X and U instead of transposing them
+// again. Each layer keeps its own: two layers alternating on two batches each read their own, and a
+// batch rewritten between steps (through the backend or its host pointer) is read again.
+TEST_CASE("fused small layer on the CPU: the backward reads the copies of its own forward's X and U") {
   auto backend = make_backend<double>(Device::cpu);
   std::mt19937 gen(5);
   const Index n = 37, k = 10, d = 5, r = 4;
-  const double s = 0.5;
+  const LoraConfig config{.in_features = k, .out_features = d, .rank = r, .alpha = 2.0};
   const HostMatrix<double> W = normal_matrix<double>(d, k, gen), A = normal_matrix<double>(r, k, gen),
                            B = normal_matrix<double>(d, r, gen), G = normal_matrix<double>(n, d, gen);
   const HostMatrix<double> X0 = normal_matrix<double>(n, k, gen), X1 = normal_matrix<double>(n, k, gen);
-  Tensor<double> tW = to_backend<double>(*backend, W, "W"), tA = to_backend<double>(*backend, A, "A"),
-                 tB = to_backend<double>(*backend, B, "B"), dY = to_backend<double>(*backend, G, "dY");
+  const double s = 0.5;
+  auto make = [&]() {
+    auto layer = make_lora_linear<double>(*backend, config, W);
+    REQUIRE(std::string(layer->implementation()) == "cpu_tiny");
+    layer->set_A(A);
+    layer->set_B(B);
+    return layer;
+  };
+  auto layer = make(), other = make();
   Tensor<double> X = to_backend<double>(*backend, X0, "X"), X_other = to_backend<double>(*backend, X1, "X other");
-  Tensor<double> U = backend->allocate(n, r), Y = backend->allocate(n, d), U_other = backend->allocate(n, r),
-                 Y_other = backend->allocate(n, d);
-  Tensor<double> dU = backend->allocate(n, r), dA = backend->allocate(r, k), dB = backend->allocate(d, r);
-  const LoraLayerTensors<double> layer{&X, &tW, &tA, &tB, nullptr, s};
-  const LoraLayerTensors<double> other{&X_other, &tW, &tA, &tB, nullptr, s};
-  const LoraLayerGradients<double> grads{&dU, &dA, &dB, nullptr, nullptr};
-  auto check_gradients = [&](const HostMatrix<double>& X_now) {
+  Tensor<double> dY = to_backend<double>(*backend, G, "dY");
+  auto check_gradients = [&](const LoraLinear<double>& l, const HostMatrix<double>& X_now) {
     using relora::testing::host_of;
     const HostMatrix<double> dU_want = s * G * B;
-    CHECK(relative_error(host_of(dA), HostMatrix<double>(dU_want.transpose() * X_now)) < 1e-13);
-    CHECK(relative_error(host_of(dB), HostMatrix<double>(s * G.transpose() * X_now * A.transpose())) < 1e-13);
+    CHECK(relative_error(host_of(l.dA()), HostMatrix<double>(dU_want.transpose() * X_now)) < 1e-13);
+    CHECK(relative_error(host_of(l.dB()), HostMatrix<double>(s * G.transpose() * X_now * A.transpose())) < 1e-13);
   };
+  layer->forward(X);
+  other->forward(X_other);
+  layer->backward(dY, false);
+  other->backward(dY, false);
+  check_gradients(*layer, X0);
+  check_gradients(*other, X1);
 
-  REQUIRE(backend->fused_lora_forward(layer, U, Y));
-  REQUIRE(backend->fused_lora_forward(other, U_other, Y_other));
-  REQUIRE(backend->fused_lora_backward(layer, U, dY, grads));
-  check_gradients(X0);
-
-  REQUIRE(backend->fused_lora_forward(layer, U, Y));
-  backend->upload(X1.data(), X);  // X and U now hold what the other forward saw
-  backend->copy(U_other, U);
-  REQUIRE(backend->fused_lora_backward(layer, U, dY, grads));
-  check_gradients(X1);
+  backend->upload(X1.data(), X);  // through the backend, between steps
+  layer->forward(X);
+  layer->backward(dY, false);
+  check_gradients(*layer, X1);
+  Eigen::Map<HostMatrix<double>>(X.data(), n, k) = X0;  // through the host pointer
+  layer->forward(X);
+  layer->backward(dY, false);
+  check_gradients(*layer, X0);
 }
 
-TEST_CASE("fused small layer: the CPU takes it for tiny layers only, and never when switched off") {
+TEST_CASE("fused small layer: the CPU takes it for tiny layers only, and never for the reference choice") {
   auto cpu = make_backend<float>(Device::cpu);
-  CHECK(takes_fused_forward(*cpu, {200, 10, 5, 4}));
-  CHECK(takes_fused_forward(*cpu, {37, 16, 16, 8}));
-  CHECK_FALSE(takes_fused_forward(*cpu, {37, 17, 16, 8}));  // k over the limit
-  CHECK_FALSE(takes_fused_forward(*cpu, {37, 16, 16, 9}));  // rank over the limit
-  CHECK_FALSE(takes_fused_forward(*cpu, {1 << 16, 16, 16, 8}));  // too much work for one core
-  BackendOptions off;
-  off.fused_small_layers = false;
-  auto cpu_off = make_backend<float>(Device::cpu, off);
-  CHECK_FALSE(takes_fused_forward(*cpu_off, {200, 10, 5, 4}));
+  CHECK(implementation_for(*cpu, {200, 10, 5, 4}) == "cpu_tiny");
+  CHECK(implementation_for(*cpu, {37, 16, 16, 8}) == "cpu_tiny");
+  CHECK(implementation_for(*cpu, {37, 17, 16, 8}) == "reference");  // k over the limit
+  CHECK(implementation_for(*cpu, {37, 16, 16, 9}) == "reference");  // rank over the limit
+  CHECK(implementation_for(*cpu, {1 << 16, 16, 16, 8}) == "reference");  // too much work for one core
+  const LoraConfig tiny{.in_features = 10, .out_features = 5, .rank = 4};
+  CHECK(std::string(make_lora_linear<float>(*cpu, tiny, LayerChoice::reference)->implementation()) == "reference");
 }
 
-// A forward and a backward with one tensor of the wrong shape: ShapeError naming it and the shapes.
+// Bad shapes reach a sibling's own checks before any kernel: ShapeError naming the tensor and the shapes.
 template <typename T>
 void check_bad_shapes(Backend<T>& backend) {
-  Tensor<T> X = backend.allocate(20, 10), W = backend.allocate(5, 10), A = backend.allocate(4, 10),
-            B = backend.allocate(5, 4), U = backend.allocate(20, 4), Y = backend.allocate(20, 5);
-  Tensor<T> W_bad = backend.allocate(5, 9), Y_bad = backend.allocate(19, 5);
-  Tensor<T> dU = backend.allocate(20, 4), dA = backend.allocate(4, 10), dB = backend.allocate(5, 4),
-            dA_bad = backend.allocate(4, 11);
+  const auto layer = make_lora_linear<T>(backend, LoraConfig{.in_features = 10, .out_features = 5, .rank = 4});
+  REQUIRE(std::string(layer->implementation()) != "reference");
+  Tensor<T> X = backend.allocate(20, 10), X_bad = backend.allocate(20, 9), dY_bad = backend.allocate(19, 5),
+            dX_bad = backend.allocate(20, 11), target_bad = backend.allocate(20, 4);
+  backend.fill(X, T(0.5));
   auto message = [](const std::function<void()>& f) {
     try {
       f();
     } catch (const ShapeError& e) {
       return std::string(e.what());
     }
-    return std::string("(no ShapeError)");
+    return std::string("no ShapeError");
   };
-  const std::string w = message([&] { backend.fused_lora_forward({&X, &W_bad, &A, &B, nullptr, T(1)}, U, Y); });
-  CHECK(w.find("fused LoRA layer W") != std::string::npos);
-  CHECK(w.find("[5 x 9]") != std::string::npos);
-  const std::string y = message([&] { backend.fused_lora_forward({&X, &W, &A, &B, nullptr, T(1)}, U, Y_bad); });
-  CHECK(y.find("fused_lora_forward") != std::string::npos);
-  const std::string da = message([&] {
-    backend.fused_lora_backward({&X, &W, &A, &B, nullptr, T(1)}, U, Y, {&dU, &dA_bad, &dB, nullptr, nullptr});
-  });
-  CHECK(da.find("fused_lora_backward dA") != std::string::npos);
-  CHECK(da.find("[4 x 11]") != std::string::npos);
+  const std::string x = message([&] { layer->forward(X_bad); });
+  CHECK(x.find("[20 x 9]") != std::string::npos);
+  MseLoss<T> mse(backend);
+  const std::string t = message([&] { layer->forward_with_loss(X, mse, target_bad); });
+  CHECK(t.find("[20 x 4]") != std::string::npos);
+  layer->forward(X);
+  const std::string dy = message([&] { layer->backward(dY_bad, nullptr); });
+  CHECK(dy.find("dY") != std::string::npos);
+  CHECK(dy.find("[19 x 5]") != std::string::npos);
+  Tensor<T> dY = backend.allocate(20, 5);
+  backend.fill(dY, T(1));
+  const std::string dx = message([&] { layer->backward(dY, &dX_bad); });
+  CHECK(dx.find("dX") != std::string::npos);
+  CHECK(dx.find("[20 x 11]") != std::string::npos);
 }
 
 TEST_CASE("fused small layer: inconsistent shapes throw ShapeError naming the tensor and the shapes") {
@@ -162,10 +168,11 @@ TEST_CASE("fused small layer: gradients match finite differences through the fus
   // the one being checked.
   auto backend = make_backend<double>(Device::cpu);
   const Shape s{37, 10, 5, 4};
-  REQUIRE(takes_fused_forward(*backend, s));
   std::mt19937 gen(99);
   LoraConfig config{.in_features = s.k, .out_features = s.d, .rank = s.r, .alpha = 3.0, .bias = BiasMode::trainable};
-  LoraLinear<double> layer(*backend, config, normal_matrix(s.d, s.k, gen));
+  const auto made = make_lora_linear<double>(*backend, config, normal_matrix(s.d, s.k, gen));
+  LoraLinear<double>& layer = *made;
+  REQUIRE(std::string(layer.implementation()) == "cpu_tiny");
   layer.set_B(normal_matrix(s.d, s.r, gen));
   layer.set_b(normal_matrix(1, s.d, gen));
   Tensor<double> X = to_backend<double>(*backend, normal_matrix(s.n, s.k, gen), "X");
@@ -198,7 +205,7 @@ TEST_CASE("cuda: fused small layer matches the CPU's separate products") {
   compare_backends<float>(Device::cuda, 2e-6);
   compare_backends<double>(Device::cuda, 1e-13);
   auto gpu = make_backend<float>(Device::cuda);
-  CHECK(takes_fused_forward(*gpu, {200, 10, 5, 4}));
+  CHECK(implementation_for(*gpu, {200, 10, 5, 4}) == "cuda_tiny");
   const std::vector<double> fused = train_losses(Device::cuda, true);
   const std::vector<double> cpu = train_losses(Device::cpu, false);
   for (std::size_t i = 0; i < fused.size(); ++i) {

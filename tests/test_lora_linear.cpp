@@ -3,11 +3,14 @@
 // properties in float.
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gradient_check.hpp"
 #include "test_data.hpp"
+#include "test_support.hpp"
 #include "relora/relora.hpp"
 
 using namespace relora;
@@ -206,5 +209,50 @@ TEST_CASE("merge gives the unmerged output, and merge then unmerge gives back th
     INFO("round trip output error " << round_trip_err << ", weight error " << weight_err);
     CHECK(round_trip_err < 1e-6);
     CHECK(weight_err < 1e-6);
+  }
+}
+
+// Safe merge (as PEFT's safe_merge): W + s B A is checked before W changes. A NaN in the adapter,
+// or finite factors whose product overflows, are refused with the layer named and W bit for bit
+// as it was; finite sums beyond the quick bound are checked exactly and merged.
+TEST_CASE("merge refuses an adapter that would put NaN or Inf into W, and leaves W unchanged") {
+  std::mt19937 gen(17);
+  for (Device device : {Device::cpu, Device::cuda}) {
+    if (device == Device::cuda && !relora::testing::cuda_or_skip("cuda safe merge")) continue;
+    auto backend = make_backend<float>(device);
+    const LoraConfig config{.in_features = 6, .out_features = 4, .rank = 2, .alpha = 2};  // s = 1
+    const HostMatrix<float> W = normal_matrix<float>(4, 6, gen);
+    for (const auto layer_choice : {LayerChoice::fastest, LayerChoice::reference}) {
+      auto layer = make_lora_linear<float>(*backend, config, W, layer_choice);
+      auto refused = [&](const char* what) {
+        CAPTURE(what);
+        try {
+          layer->merge();
+          FAIL("the merge was taken");
+        } catch (const ConfigError& e) {
+          const std::string message = e.what();
+          CHECK(message.find("6 -> 4") != std::string::npos);
+          CHECK(message.find("merge refused") != std::string::npos);
+        }
+        CHECK_FALSE(layer->merged());
+        CHECK(to_host(*backend, layer->W()) == W);
+      };
+      backend->fill(const_cast<Tensor<float>&>(layer->B()), std::numeric_limits<float>::quiet_NaN());
+      refused("NaN in B");
+      backend->fill(const_cast<Tensor<float>&>(layer->B()), 3e19f);  // finite, but s B A is about 1e39 or more
+      backend->fill(const_cast<Tensor<float>&>(layer->A()), 3e19f);
+      refused("overflow");
+      // Beyond the quick bound (2 x 1.5e19^2 = 4.5e38 > max / 2) but every sum finite (1.5e19^2 = 2.25e38
+      // once, with B's second column zero): checked exactly, and merged.
+      HostMatrix<float> A = HostMatrix<float>::Constant(2, 6, 1.5e19f), B = HostMatrix<float>::Zero(4, 2);
+      B.col(0).setConstant(1.5e19f);
+      layer->set_A(A);
+      layer->set_B(B);
+      layer->merge();
+      CHECK(layer->merged());
+      const HostMatrix<float> merged = to_host(*backend, layer->W());
+      CHECK(merged.allFinite());
+      CHECK(merged(0, 0) == doctest::Approx(W(0, 0) + 2.25e38f).epsilon(1e-6));
+    }
   }
 }

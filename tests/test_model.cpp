@@ -54,23 +54,23 @@ TEST_CASE("a 3-layer stack's gradients match finite differences, every activatio
       Tensor<double> target = to_backend<double>(*backend, normal_matrix(4, 3, gen), "target");
       MseLoss<double> mse(*backend);
       std::vector<std::uint64_t> streams;
-      for (std::size_t i = 0; i < model.size(); ++i) streams.push_back(model.layer(i).rng_stream());
+      for (std::size_t i = 0; i < model.size(); ++i) streams.push_back(model.lora(i).rng_stream());
       auto loss = [&] {
-        for (std::size_t i = 0; i < model.size(); ++i) model.layer(i).set_rng_stream(streams[i]);
+        for (std::size_t i = 0; i < model.size(); ++i) model.lora(i).set_rng_stream(streams[i]);
         mse.forward_backward(model.forward(X), target);
         return double(mse.value());
       };
       loss();
       model.backward(mse.forward_backward(model.forward(X), target));
       // forward ran twice above; replay the masks of the second run for the reference
-      for (std::size_t i = 0; i < model.size(); ++i) streams[i] = model.layer(i).rng_stream() - (dropout > 0 ? 1 : 0);
+      for (std::size_t i = 0; i < model.size(); ++i) streams[i] = model.lora(i).rng_stream() - (dropout > 0 ? 1 : 0);
       for (Parameter<double>& p : model.parameters()) {
         const HostMatrix<double> analytic = host_of(*p.grad);
         const double err = relative_error(analytic, numeric_gradient(*p.value, loss));
         INFO(p.name << " relative error " << err);
         CHECK(err < 1e-6);
       }
-      CHECK(model.layer(0).dX().empty());  // the first layer computes no dX
+      CHECK(model.lora(0).dX().empty());  // the first layer computes no dX
     }
   }
 }
@@ -107,14 +107,14 @@ TEST_CASE("a model trains, predicts on another batch size, and trains on: buffer
     const HostMatrix<float> out = model.predict(probe);
     REQUIRE(out.rows() == 7);
     // the same prediction by hand from the layers' weights
-    HostMatrix<float> hidden = probe * to_host(*backend, model.layer(0).W()).transpose() +
-                               model.layer(0).scale() * probe * to_host(*backend, model.layer(0).A()).transpose() *
-                                   to_host(*backend, model.layer(0).B()).transpose();
+    HostMatrix<float> hidden = probe * to_host(*backend, model.lora(0).W()).transpose() +
+                               model.lora(0).scale() * probe * to_host(*backend, model.lora(0).A()).transpose() *
+                                   to_host(*backend, model.lora(0).B()).transpose();
     hidden = hidden.cwiseMax(0.0f);
-    const HostMatrix<float> expected = hidden * to_host(*backend, model.layer(1).W()).transpose() +
-                                       model.layer(1).scale() * hidden *
-                                           to_host(*backend, model.layer(1).A()).transpose() *
-                                           to_host(*backend, model.layer(1).B()).transpose();
+    const HostMatrix<float> expected = hidden * to_host(*backend, model.lora(1).W()).transpose() +
+                                       model.lora(1).scale() * hidden *
+                                           to_host(*backend, model.lora(1).A()).transpose() *
+                                           to_host(*backend, model.lora(1).B()).transpose();
     CHECK((out - expected).norm() <= 1e-5f * expected.norm());
   }
 }

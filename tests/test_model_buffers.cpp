@@ -71,7 +71,7 @@ TEST_CASE("Model's reused buffers give the same gradients as standalone layers, 
         auto params = model.parameters();
         std::vector<Parameter<double>> ref_params;
         for (std::size_t i = 0; i < ref.layers.size(); ++i) {
-          for (auto& p : ref.layers[i]->trainable_parameters("l")) ref_params.push_back(p);
+          for (auto& p : ref.layers[i]->parameters("l")) ref_params.push_back(p);
         }
         REQUIRE(params.size() == ref_params.size());
         for (std::size_t i = 0; i < params.size(); ++i) {
@@ -82,11 +82,11 @@ TEST_CASE("Model's reused buffers give the same gradients as standalone layers, 
         // The last dX computed (layer 1's) is exact after backward when layer 0's activation does
         // not overwrite it in place; the others' buffers have been reused.
         if (hidden == Activation::identity) {
-          CHECK(relative_error(host_of(model.layer(1).dX()), host_of(ref.layers[1]->dX())) < 1e-12);
+          CHECK(relative_error(host_of(model.lora(1).dX()), host_of(ref.layers[1]->dX())) < 1e-12);
         }
-        CHECK(model.layer(0).dX().empty());
+        CHECK(model.lora(0).dX().empty());
       }
-      CHECK_THROWS_WITH_AS(model.backward(loss.forward_backward(model.layer(3).output(), target)),
+      CHECK_THROWS_WITH_AS(model.backward(loss.forward_backward(model.lora(3).output(), target)),
                            doctest::Contains("no forward since the last backward"), ConfigError);
     }
   }

@@ -49,7 +49,7 @@ std::unique_ptr<Model<float>> mlp(const MlpSpec& s = {}) {
 void randomize_adapters(Model<float>& model, std::uint64_t seed) {
   std::mt19937_64 gen(seed);
   for (std::size_t i = 0; i < model.size(); ++i) {
-    LoraLinear<float>& layer = model.layer(i);
+    LoraLinear<float>& layer = model.lora(i);
     layer.set_A(normal_matrix<float>(layer.rank(), layer.in_features(), gen, 0.3));
     layer.set_B(normal_matrix<float>(layer.out_features(), layer.rank(), gen, 0.3));
   }
@@ -64,7 +64,7 @@ bool same_bits(const HostMatrix<float>& a, const HostMatrix<float>& b) {
 std::vector<HostMatrix<float>> snapshot(Model<float>& model) {
   std::vector<HostMatrix<float>> all;
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<float>& l = model.layer(i);
+    const LoraLinear<float>& l = model.lora(i);
     for (const Tensor<float>* t : {&l.W(), &l.A(), &l.B()}) all.push_back(to_host(model.backend(), *t));
     if (l.has_bias()) all.push_back(to_host(model.backend(), l.b()));
   }
@@ -126,8 +126,8 @@ TEST_CASE("PEFT adapter: export then import is bit exact, with and without rsLoR
     CHECK(result.zeroed.empty());
     for (std::size_t i = 0; i < source->size(); ++i) {
       CAPTURE(i);
-      const LoraLinear<float>& a = source->layer(i);
-      const LoraLinear<float>& b = target->layer(i);
+      const LoraLinear<float>& a = source->lora(i);
+      const LoraLinear<float>& b = target->lora(i);
       CHECK(same_bits(to_host(source->backend(), a.A()), to_host(target->backend(), b.A())));
       CHECK(same_bits(to_host(source->backend(), a.B()), to_host(target->backend(), b.B())));
       CHECK(same_bits(to_host(source->backend(), a.W()), to_host(target->backend(), b.W())));
@@ -213,7 +213,7 @@ TEST_CASE("PEFT adapter: an adapter that targets some layers leaves the others w
   const PeftImportResult result = import_peft_adapter(*target, dir.file());
   CHECK(result.loaded == std::vector<std::string>{"0", "4"});
   CHECK(result.zeroed == std::vector<std::string>{"2"});
-  CHECK(to_host(target->backend(), target->layer(1).B()).isZero(0));
+  CHECK(to_host(target->backend(), target->lora(1).B()).isZero(0));
 
   // A regular expression as target_modules, as PEFT allows.
   config["target_modules"] = "(0|4)";
@@ -336,9 +336,9 @@ TEST_CASE("load_base_weights: a PyTorch state_dict by module name; missing or mi
 
   auto model = mlp();
   load_base_weights(*model, dir.file("sd.safetensors"));
-  CHECK(same_bits(to_host(model->backend(), model->layer(0).W()), W0));
-  CHECK(same_bits(to_host(model->backend(), model->layer(2).W()), W4));
-  CHECK(same_bits(to_host(model->backend(), model->layer(1).b()), HostMatrix<float>(b2.transpose())));
+  CHECK(same_bits(to_host(model->backend(), model->lora(0).W()), W0));
+  CHECK(same_bits(to_host(model->backend(), model->lora(2).W()), W4));
+  CHECK(same_bits(to_host(model->backend(), model->lora(1).b()), HostMatrix<float>(b2.transpose())));
   auto prefixed = mlp();
   load_base_weights(*prefixed, dir.file("prefixed.safetensors"), "model.");
   CHECK(same_snapshot(snapshot(*model), snapshot(*prefixed)));

@@ -2,6 +2,7 @@
 // optimizer reset mode, config errors, and ReLoRA beating LoRA's rank ceiling end to end.
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <random>
 
 #include "relora/relora.hpp"
@@ -40,7 +41,7 @@ TEST_CASE("restarts happen after exactly every T LoRA steps, after the warm star
   for (int step = 0; step < 40; ++step) {
     const std::int64_t before = trainer.controller()->restarts_done();
     trainer.step(X, Y);
-    CHECK(model.layer(0).train_target() == (step < 4 ? TrainTarget::base : TrainTarget::adapter));
+    CHECK(model.lora(0).train_target() == (step < 4 ? TrainTarget::base : TrainTarget::adapter));
     if (trainer.controller()->restarts_done() != before) restart_after.push_back(trainer.steps_done());
   }
   CHECK(restart_after == std::vector<std::int64_t>{11, 18, 25, 32, 39});
@@ -63,16 +64,16 @@ TEST_CASE("the loss just before and just after a restart agree to float rounding
   MseLoss<float> probe(*backend);
   probe.forward_backward(model.forward(X), Y);
   const float before = probe.value();
-  const HostMatrix<float> B_before = to_host(*backend, model.layer(1).B());
-  const HostMatrix<float> A_before = to_host(*backend, model.layer(1).A());
+  const HostMatrix<float> B_before = to_host(*backend, model.lora(1).B());
+  const HostMatrix<float> A_before = to_host(*backend, model.lora(1).A());
   CHECK(B_before.norm() > 0);  // the adapter has learnt something to merge
   trainer.controller()->restart(model, trainer.optimizer(), nullptr, trainer.steps_done());
   probe.forward_backward(model.forward(X), Y);
   const float after = probe.value();
   INFO("loss before " << before << ", after " << after);
   CHECK(std::abs(after - before) <= 1e-6f * before);
-  CHECK(to_host(*backend, model.layer(1).B()).norm() == 0);
-  CHECK((to_host(*backend, model.layer(1).A()) - A_before).norm() > 0);  // a fresh A was drawn
+  CHECK(to_host(*backend, model.lora(1).B()).norm() == 0);
+  CHECK((to_host(*backend, model.lora(1).A()) - A_before).norm() > 0);  // a fresh A was drawn
 }
 
 TEST_CASE("each optimizer reset mode does what it says to A's and B's moments only") {
@@ -181,4 +182,26 @@ TEST_CASE("ReLoRA with magnitude pruning of the moments and a jagged schedule tr
                                                      << worst_ratio);
   CHECK(worst_ratio < 1.5);
   CHECK(losses.back() < 0.01);  // the noise variance is 0.0025; LoRA's rank-2 ceiling is far above
+}
+
+TEST_CASE("a restart whose merge is refused changes no layer and no optimizer state") {
+  RegressionTask task(31);
+  auto backend = make_backend<float>(Device::cpu);
+  std::mt19937 gen(1);
+  Model<float> model(backend);
+  model.add(LoraConfig{.in_features = 8, .out_features = 6, .rank = 2, .alpha = 4, .seed = 1}, Activation::relu,
+            normal_matrix<float>(6, 8, gen));
+  model.add(LoraConfig{.in_features = 6, .out_features = 5, .rank = 2, .alpha = 4, .seed = 2}, Activation::identity,
+            task.W0.leftCols(6));
+  TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-2}, .relora = {.restart_every = 1000}};
+  Trainer<float> trainer(model, config);
+  Tensor<float> x = to_backend<float>(*backend, task.X, "X"), y = to_backend<float>(*backend, task.Y, "Y");
+  for (int step = 0; step < 5; ++step) trainer.step(x, y);
+  const HostMatrix<float> W0 = to_host(*backend, model.lora(0).W()), A0 = to_host(*backend, model.lora(0).A());
+  backend->fill(const_cast<Tensor<float>&>(model.lora(1).B()), std::numeric_limits<float>::infinity());
+  CHECK_THROWS_AS(trainer.controller()->restart(model, trainer.optimizer(), nullptr, 5), ConfigError);
+  CHECK_FALSE(model.lora(0).merged());
+  CHECK(to_host(*backend, model.lora(0).W()) == W0);  // the first layer's merge was never started
+  CHECK(to_host(*backend, model.lora(0).A()) == A0);
+  CHECK(trainer.controller()->restarts_done() == 0);
 }

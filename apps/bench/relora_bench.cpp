@@ -95,7 +95,7 @@ struct Options {
   bool scaling = false;
   bool memory = true;
   bool floor = true;
-  bool fused = true;               // BackendOptions::fused_small_layers
+  bool fused = true;               // false: every layer is the reference LoraLinear (LayerChoice::reference)
   std::vector<CaseSpec> custom;    // --custom n:k,d1,...:r
   std::string json;
   double cpu_skip_seconds = 1;  // CPU default list: skip cases whose step is estimated above this
@@ -283,6 +283,7 @@ class CountingBackend final : public relora::Backend<T> {
  public:
   explicit CountingBackend(std::shared_ptr<relora::Backend<T>> inner) : in_(std::move(inner)) {}
   relora::Device device() const override { return in_->device(); }
+  relora::Backend<T>& underlying() override { return in_->underlying(); }
   std::string description() const override { return in_->description(); }
   void set_math_mode(relora::MathMode mode) override { in_->set_math_mode(mode); }
   relora::MathMode math_mode() const override { return in_->math_mode(); }
@@ -319,6 +320,7 @@ class CountingBackend final : public relora::Backend<T> {
                            relora::Tensor<T>& dY) override {
     in_->activation_backward(f, Y, dZ, dY);
   }
+  T max_abs(const relora::Tensor<T>& x) override { return in_->max_abs(x); }
   void mse(const relora::Tensor<T>& Y, const relora::Tensor<T>& target, relora::Tensor<T>& dY,
            relora::Tensor<T>& loss) override {
     in_->mse(Y, target, dY, loss);
@@ -351,9 +353,10 @@ struct Setup {
   relora::Tensor<T> X, target;
 };
 
-Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend) {
+Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend, bool fused) {
   Setup s;
-  s.model = std::make_unique<relora::Model<T>>(backend);
+  s.model = std::make_unique<relora::Model<T>>(
+      backend, fused ? relora::LayerChoice::fastest : relora::LayerChoice::reference);
   const std::size_t L = c.dims.size() - 1;
   for (std::size_t i = 0; i < L; ++i) {
     relora::LoraConfig cfg;
@@ -475,7 +478,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
   res.spec = c;
   const double rss0 = peak_rss_bytes();
   {
-    Setup s = build(c, backend);
+    Setup s = build(c, backend, o.fused);
     s.trainer->step(s.X, s.target);
     res.loss_first = s.trainer->loss();
     res.step = time_batches([&] { s.trainer->step(s.X, s.target); }, *backend, o);
@@ -497,7 +500,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
     reg.live = reg.peak = 0;
     auto counting = std::make_shared<CountingBackend>(backend);
     {
-      Setup s = build(c, counting);
+      Setup s = build(c, counting, o.fused);
       s.trainer->step(s.X, s.target);
       s.trainer->step(s.X, s.target);
       counting->synchronize();
@@ -684,7 +687,6 @@ int main(int argc, char** argv) {
 
     relora::BackendOptions bo;
     bo.math = o.math;
-    bo.fused_small_layers = o.fused;
     std::shared_ptr<relora::Backend<T>> backend = relora::make_backend<T>(o.device, bo);
     const std::string backend_name = relora::device_name(o.device);
     const std::string math_name = o.math == relora::MathMode::tf32 ? "tf32" : "strict";
@@ -693,7 +695,7 @@ int main(int argc, char** argv) {
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     const double fma_peak = cpu ? measure_fma_peak_gflops() : -1;
-    std::printf("relora_bench  %s  backend %s, math %s, fused small layers %s  (%s)\n", now_utc().c_str(),
+    std::printf("relora_bench  %s  backend %s, math %s, fast layers %s  (%s)\n", now_utc().c_str(),
                 backend_name.c_str(), math_name.c_str(), o.fused ? "on" : "off", backend->description().c_str());
     if (cpu) {
       std::printf("cpu: %d OpenMP threads, Eigen %d threads, measured FMA peak %.1f GFLOP/s\n", threads,

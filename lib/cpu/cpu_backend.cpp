@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <numeric>
 #include <vector>
@@ -36,7 +37,7 @@ void require_same_shape(const Tensor<T>& a, const Tensor<T>& b, const char* op) 
 
 template <typename T>
 CpuBackend<T>::CpuBackend(const BackendOptions& options)
-    : math_(options.math), fused_small_layers_(options.fused_small_layers) {}
+    : math_(options.math) {}
 
 template <typename T>
 std::string CpuBackend<T>::description() const {
@@ -61,7 +62,6 @@ Tensor<T> CpuBackend<T>::allocate(Index rows, Index cols) {
 template <typename T>
 void CpuBackend<T>::upload(const T* host, Tensor<T>& dst) {
   if (dst.size() > 0) std::memcpy(dst.data(), host, sizeof(T) * dst.size());
-  wrote(dst);
 }
 
 template <typename T>
@@ -73,13 +73,11 @@ template <typename T>
 void CpuBackend<T>::copy(const Tensor<T>& src, Tensor<T>& dst) {
   require_same_shape(src, dst, "copy");
   if (src.size() > 0) std::memcpy(dst.data(), src.data(), sizeof(T) * src.size());
-  wrote(dst);
 }
 
 template <typename T>
 void CpuBackend<T>::fill(Tensor<T>& x, T value) {
   std::fill_n(x.data(), x.size(), value);
-  wrote(x);
 }
 
 namespace {
@@ -142,7 +140,6 @@ void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>&
   }
   scale_in_place(beta, C);
   gemm_.multiply_add(trans_a, trans_b, alpha, A, B, C);
-  wrote(C);
 }
 
 template <typename T>
@@ -165,7 +162,6 @@ void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
   } else {
     for (Index i = 0; i < rows; ++i) add_row(i);
   }
-  wrote(Y);
 }
 
 template <typename T>
@@ -179,7 +175,6 @@ void CpuBackend<T>::column_sums(const Tensor<T>& dY, T beta, Tensor<T>& db) {
   } else {
     out = beta * out + as_matrix(dY).colwise().sum();
   }
-  wrote(db);
 }
 
 template <typename T>
@@ -191,7 +186,6 @@ void CpuBackend<T>::multiply(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& 
   T* z = out.data();
   const Index size = out.size();
   for_each_element(size, [&](Index i) { z[i] = x[i] * y[i]; });
-  wrote(out);
 }
 
 template <typename T>
@@ -201,7 +195,6 @@ void CpuBackend<T>::activation_forward(Activation f, const Tensor<T>& Y, Tensor<
   T* z = Z.data();
   const Index size = Y.size();
   for_each_element(size, [&](Index i) { z[i] = activation_value(f, y[i]); });
-  wrote(Z);
 }
 
 template <typename T>
@@ -213,7 +206,6 @@ void CpuBackend<T>::activation_backward(Activation f, const Tensor<T>& Y, const 
   T* dy = dY.data();
   const Index size = Y.size();
   for_each_element(size, [&](Index i) { dy[i] = dz[i] * activation_derivative(f, y[i]); });
-  wrote(dY);
 }
 
 namespace {
@@ -248,6 +240,17 @@ double squared_errors(const T* y, const T* t, T grad_scale, T* dy, Index begin, 
 }  // namespace
 
 template <typename T>
+T CpuBackend<T>::max_abs(const Tensor<T>& x) {
+  const T* p = x.data();
+  T largest = T(0);
+  for (Index i = 0; i < x.size(); ++i) {
+    const T a = std::abs(p[i]);
+    if (!(a <= largest)) largest = std::isfinite(a) ? a : std::numeric_limits<T>::infinity();  // NaN fails <=
+  }
+  return largest;
+}
+
+template <typename T>
 void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
   require_same_shape(Y, target, "mse (prediction vs target)");
   require_same_shape(Y, dY, "mse (prediction vs gradient)");
@@ -269,22 +272,18 @@ void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& 
     sum = squared_errors(y, t, grad_scale, dy, Index(0), size);
   }
   loss.data()[0] = T(sum / double(size));
-  wrote(dY);
-  wrote(loss);
 }
 
 template <typename T>
 void CpuBackend<T>::random_uniform(RngKey key, T low, T high, Tensor<T>& x) {
   T* data = x.data();
   for (Index i = 0; i < x.size(); ++i) data[i] = low + (high - low) * T(uniform01(key, i));
-  wrote(x);
 }
 
 template <typename T>
 void CpuBackend<T>::random_normal(RngKey key, T mean, T stddev, Tensor<T>& x) {
   T* data = x.data();
   for (Index i = 0; i < x.size(); ++i) data[i] = mean + stddev * T(standard_normal(key, i));
-  wrote(x);
 }
 
 template <typename T>
@@ -292,7 +291,6 @@ void CpuBackend<T>::dropout_mask(RngKey key, T p, Tensor<T>& mask) {
   T* data = mask.data();
   const T keep_scale = T(1) / (T(1) - p);
   for (Index i = 0; i < mask.size(); ++i) data[i] = uniform01(key, i) < double(p) ? T(0) : keep_scale;
-  wrote(mask);
 }
 
 template <typename T>
@@ -324,7 +322,6 @@ void CpuBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, con
     for_each_element(slot.size,
                      [&](Index i) { adam_element(p[i], g[i], m[i], v[i], lr, slot.weight_decay, hyper, c1, c2); });
     *slot.step = T(t);
-    fused_.forget_overlapping(p, slot.size);
   }
 }
 
@@ -336,8 +333,6 @@ void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>
   if (same_entries != nullptr) require_same_shape(x, *same_entries, "prune");
   const Index count = static_cast<Index>(std::llround(fraction * double(x.size())));
   if (count == 0) return;
-  wrote(x);
-  if (same_entries != nullptr) wrote(*same_entries);
   T* data = x.data();
   std::vector<Index> order(static_cast<std::size_t>(x.size()));
   std::iota(order.begin(), order.end(), Index(0));

@@ -49,7 +49,7 @@ using namespace cuda_detail;
 
 template <typename T>
 CudaBackend<T>::CudaBackend(const BackendOptions& options)
-    : device_id_(options.device_id), fused_small_layers_(options.fused_small_layers) {
+    : device_id_(options.device_id) {
   int count = 0;
   RELORA_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (device_id_ < 0 || device_id_ >= count) {
@@ -185,6 +185,19 @@ void CudaBackend<T>::copy(const Tensor<T>& src, Tensor<T>& dst) {
   activate();
   RELORA_CUDA_CHECK(
       cudaMemcpyAsync(dst.data(), src.data(), sizeof(T) * src.size(), cudaMemcpyDeviceToDevice, stream_.stream));
+}
+
+template <typename T>
+void CudaBackend<T>::fork_side() {
+  activate();  // the events and streams belong to this backend's device
+  RELORA_CUDA_CHECK(cudaEventRecord(fork_event_.event, stream_.stream));
+  RELORA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_.stream, fork_event_.event, 0));
+}
+
+template <typename T>
+void CudaBackend<T>::join_side() {
+  RELORA_CUDA_CHECK(cudaEventRecord(join_event_.event, side_stream_.stream));
+  RELORA_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream, join_event_.event, 0));
 }
 
 template <typename T>

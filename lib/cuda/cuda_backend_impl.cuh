@@ -6,9 +6,6 @@
 //   cuda_elementwise.cu  bias, column sums, multiply, activations, MSE, fill, random fills
 //   cuda_adam.cu         the fused Adam/AdamW update and its device-side NaN/Inf guard
 //   cuda_prune.cu        magnitude and random pruning (a radix sort on scratch memory)
-//   cuda_fused_lora.cu   a tiny LoRA layer's forward, and its backward, as one kernel each
-//   cuda_adapter_passes.cu  a wider layer's rank-sized work (small r) as row, column and reduce passes
-//   cuda_adapter_output.cu  such a layer's forward, the MSE and dU as one pass, at the end of a model
 // No operation copies between host and device except upload, download and the 8-byte read-back
 // of the non-finite flag; none allocates except allocate and the one-time sizing of scratch.
 #include <cublas_v2.h>
@@ -156,6 +153,7 @@ class CudaBackend final : public Backend<T> {
   void multiply(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& out) override;
   void activation_forward(Activation f, const Tensor<T>& Y, Tensor<T>& Z) override;
   void activation_backward(Activation f, const Tensor<T>& Y, const Tensor<T>& dZ, Tensor<T>& dY) override;
+  T max_abs(const Tensor<T>& x) override;
   void mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) override;
 
   void random_uniform(RngKey key, T low, T high, Tensor<T>& x) override;
@@ -165,43 +163,39 @@ class CudaBackend final : public Backend<T> {
   void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
   void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
 
-  // Tiny layers in one kernel each way (cuda_fused_lora.cu); wider layers of small rank through
-  // the adapter passes (cuda_adapter_passes.cu).
-  bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
-  bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
-                           const LoraLayerGradients<T>& grads) override;
-  // A wide last layer with the MSE after it (cuda_adapter_output.cu).
-  bool fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, Tensor<T>& U, Tensor<T>& Y,
-                              Tensor<T>& dY, Tensor<T>& loss, Tensor<T>& dU) override;
-
   // CUDA graphs: stream capture of the queued operations, replayed with one cudaGraphLaunch.
   bool begin_recording() override;
   std::uint64_t end_recording() override;
   bool replay(std::uint64_t id, const std::function<void()>& refresh) override;
   void drop_recording() override;
 
- private:
+ // ---- for the kernels of components (a fused layer's, an optimizer's) on this backend
   // Makes this backend's device current (a user may drive several devices from one thread).
   void activate() const;
+  cudaStream_t stream() const { return stream_.stream; }
+  int sm_count() const { return sm_count_; }
+  // Dynamic shared memory a block may have, opted in.
+  std::size_t shared_optin_bytes() const { return shared_optin_bytes_; }
+  // The scratch of the loss reductions (partial sums, the last-block counter).
+  cuda_detail::Scratch* scratch() const { return static_cast<cuda_detail::Scratch*>(scratch_memory_.ptr); }
+  // Work beside the main stream: fork_side() makes the side stream wait for what the main stream
+  // has queued, join_side() makes the main stream wait for what the side stream has queued since.
+  // The main stream alone then orders the step, and a capture of it takes the side stream's work
+  // into the graph as a parallel branch.
+  cudaStream_t side_stream() const { return side_stream_.stream; }
+  void fork_side();
+  void join_side();
+  // Between begin_recording() and end_recording(): a component must not allocate then.
+  bool recording() const { return recording_; }
+
+ private:
   // After the stream has drained: throws NonFiniteError if an adam_update met NaN or Inf, and
   // clears the flag so that training can go on once the caller has dealt with it.
   void raise_device_errors();
   // Scales C by beta (zero when beta == 0, ignoring NaN in C, as BLAS does): a product with k == 0.
   void scale(T beta, Tensor<T>& C);
-  // A layer too wide for the one-kernel path but of small rank (cuda_adapter_passes.cu): cuBLAS
-  // for X W^T and dY W, our passes for the rank-sized rest. False, having queued nothing, when
-  // the shapes are outside the passes' range.
-  bool adapter_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y);
-  bool adapter_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
-                        const LoraLayerGradients<T>& grads);
-  // Queues U = X A^T on the side stream and Y = X W^T on the main one, then joins them: after
-  // it, stream_'s next work sees both.
-  void adapter_project_beside_product(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y);
-  // Makes adapter_workspace_ hold at least `bytes`; false when it cannot grow now (recording).
-  bool reserve_adapter_workspace(std::size_t bytes);
 
   int device_id_ = 0;
-  bool fused_small_layers_ = true;  // BackendOptions::fused_small_layers
   int sm_count_ = 0;
   std::size_t shared_optin_bytes_ = 0;  // dynamic shared memory a block may have, opted in
   int cc_major_ = 0;
@@ -211,9 +205,7 @@ class CudaBackend final : public Backend<T> {
   MathMode math_ = MathMode::strict;
 
   cuda_detail::Stream stream_;
-  // A second stream for work beside a large product (the adapter pass's U = X A^T beside X W^T),
-  // forked from stream_ and joined back to it by the two events: stream_ alone orders the step,
-  // and a capture of stream_ takes the side stream's work into the graph as a parallel branch.
+  // The side stream, forked from stream_ and joined back to it by the two events.
   cuda_detail::Stream side_stream_;
   cuda_detail::Event fork_event_;
   cuda_detail::Event join_event_;
@@ -223,10 +215,7 @@ class CudaBackend final : public Backend<T> {
   cuda_detail::PinnedMemory flag_host_;       // the non-finite flag, read back at synchronize()
   cuda_detail::DeviceMemory prune_memory_;    // keys, indices and the sort's temporary storage
   std::size_t prune_capacity_ = 0;            // bytes in prune_memory_
-  cuda_detail::DeviceMemory adapter_workspace_;  // the column pass's partial sums
-  std::size_t adapter_workspace_bytes_ = 0;
 
-  cuda_detail::Scratch* scratch() const { return static_cast<cuda_detail::Scratch*>(scratch_memory_.ptr); }
   unsigned long long* flag_host() const { return static_cast<unsigned long long*>(flag_host_.ptr); }
 
   // Names of the slots of adam_update calls since the last synchronize(), each list tagged with the

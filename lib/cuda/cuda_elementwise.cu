@@ -1,6 +1,7 @@
 // Element-wise kernels, column sums, MSE and the random fills of the CUDA backend. Each operation
 // is one launch; the formulas come from relora/core/elementwise_math.hpp and relora/core/counter_rng.hpp,
 // shared with the CPU backend.
+#include <math_constants.h>
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_launch.cuh"
@@ -111,6 +112,25 @@ __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const T
     for (int y = 0; y < 32; ++y) total += partial[y][threadIdx.x];
     db[col] = beta == T(0) ? T(total) : beta * db[col] + T(total);
   }
+}
+
+// The largest |x_i| by one block (merges call it, not training steps), +Inf for any NaN or Inf,
+// left in scratch->partials[0].
+template <typename T>
+__global__ void max_abs_kernel(std::int64_t n, const T* __restrict__ x, Scratch* scratch) {
+  __shared__ double block_max[kThreads];
+  double largest = 0;
+  for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const double a = fabs(double(x[i]));
+    if (!(a <= largest)) largest = isfinite(a) ? a : CUDART_INF;  // NaN fails <=
+  }
+  block_max[threadIdx.x] = largest;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (int(threadIdx.x) < half) block_max[threadIdx.x] = fmax(block_max[threadIdx.x], block_max[threadIdx.x + half]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) scratch->partials[0] = block_max[0];
 }
 
 // MSE value and gradient in one launch: each block writes its part of dY and a partial sum (in
@@ -243,6 +263,19 @@ void CudaBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>&
 }
 
 template <typename T>
+T CudaBackend<T>::max_abs(const Tensor<T>& x) {
+  if (x.empty()) return T(0);
+  activate();
+  max_abs_kernel<T><<<1, kThreads, 0, stream_.stream>>>(std::int64_t(x.size()), x.data(), scratch());
+  RELORA_CUDA_CHECK(cudaGetLastError());
+  double largest = 0;
+  RELORA_CUDA_CHECK(cudaMemcpyAsync(&largest, &scratch()->partials[0], sizeof(double), cudaMemcpyDeviceToHost,
+                                    stream_.stream));
+  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  return T(largest);
+}
+
+template <typename T>
 void CudaBackend<T>::random_uniform(RngKey key, T low, T high, Tensor<T>& x) {
   activate();
   launch_map(x.size(), sm_count_, stream_.stream, RandomUniform<T>{key, low, high, x.data()},
@@ -274,6 +307,7 @@ void CudaBackend<T>::dropout_mask(RngKey key, T p, Tensor<T>& mask) {
   template void CudaBackend<T>::activation_backward(Activation, const Tensor<T>&, const Tensor<T>&,    \
                                                     Tensor<T>&);                                       \
   template void CudaBackend<T>::mse(const Tensor<T>&, const Tensor<T>&, Tensor<T>&, Tensor<T>&);       \
+  template T CudaBackend<T>::max_abs(const Tensor<T>&);                                                \
   template void CudaBackend<T>::random_uniform(RngKey, T, T, Tensor<T>&);                              \
   template void CudaBackend<T>::random_normal(RngKey, T, T, Tensor<T>&);                               \
   template void CudaBackend<T>::dropout_mask(RngKey, T, Tensor<T>&);

@@ -87,7 +87,7 @@ std::vector<std::string> parameter_names(Model<T>& model, TrainTarget phase) {
     } else {
       names.push_back(name + ".weight");
     }
-    if (model.layer(i).config().bias == BiasMode::trainable) names.push_back(name + ".bias");
+    if (model.lora(i).config().bias == BiasMode::trainable) names.push_back(name + ".bias");
   }
   return names;
 }
@@ -113,7 +113,7 @@ std::string state_json(Trainer<T>& trainer) {
   Model<T>& model = trainer.model();
   json layers = json::array();
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<T>& layer = model.layer(i);
+    const LoraLinear<T>& layer = model.lora(i);
     layers.push_back(json{{"name", model.name(i)},
                           {"activation", activation_text(model.activation(i))},
                           {"config", config_json(layer.config())},
@@ -128,7 +128,7 @@ std::string state_json(Trainer<T>& trainer) {
              {"layers", layers},
              {"trainer", {{"method", method_text(trainer.config().method)}, {"steps_done", trainer.steps_done()}}},
              {"optimizer",
-              {{"phase", phase_text(model.size() > 0 ? model.layer(0).train_target() : phase_at(trainer, trainer.steps_done()))},
+              {{"phase", phase_text(model.size() > 0 ? model.lora(0).train_target() : phase_at(trainer, trainer.steps_done()))},
                {"steps_taken", optimizer.steps_taken()},
                {"prune_draws", optimizer.prune_draws()},
                {"params", params}}}};
@@ -338,7 +338,7 @@ Plan<T> make_plan(const Reader& r, const SafetensorsFile& file, Trainer<T>& trai
       r.fail(where + ": activation is '" + activation + "' in the checkpoint but '" +
              activation_text(model.activation(i)) + "' in the model");
     }
-    const LoraLinear<T>& layer = model.layer(i);
+    const LoraLinear<T>& layer = model.lora(i);
     check_layer_config<T>(r, r.field(saved, "config", where), layer.config(), where);
 
     LayerPlan<T> lp;
@@ -432,7 +432,7 @@ Plan<T> make_plan(const Reader& r, const SafetensorsFile& file, Trainer<T>& trai
       // The parameter's shape: found from its layer's tensors of the same name.
       Index rows = 0, cols = 0;
       for (std::size_t i = 0; i < model.size(); ++i) {
-        const LoraLinear<T>& layer = model.layer(i);
+        const LoraLinear<T>& layer = model.lora(i);
         const std::string& ln = model.name(i);
         if (name == ln + ".lora_A") rows = layer.rank(), cols = layer.in_features();
         else if (name == ln + ".lora_B") rows = layer.out_features(), cols = layer.rank();
@@ -465,15 +465,18 @@ void apply_plan(Plan<T>& plan, Trainer<T>& trainer) {
   try {
     Model<T>& model = trainer.model();
     for (std::size_t i = 0; i < model.size(); ++i) {
-      LoraLinear<T>& layer = model.layer(i);
+      LoraLinear<T>& layer = model.lora(i);
       LayerPlan<T>& lp = plan.layers[i];
-      layer.set_W(lp.W);
-      if (layer.has_bias()) layer.set_b(lp.b);
-      layer.set_A(lp.A);
-      layer.set_B(lp.B);
-      layer.set_merged_flag(lp.merged);
-      layer.set_training(lp.training);
-      layer.set_rng_stream(lp.rng_stream);
+      StateDict<T> state;
+      layer.save_state(state);
+      state.set_tensor("weight", lp.W);
+      if (layer.has_bias()) state.set_tensor("bias", lp.b);
+      state.set_tensor("lora_A", lp.A);
+      state.set_tensor("lora_B", lp.B);
+      state.set("merged", lp.merged);
+      state.set("training", lp.training);
+      state.set("rng_stream", lp.rng_stream);
+      layer.restore_state(state);
     }
     trainer.set_steps_done(plan.steps_done);  // sets what trains and builds a fresh optimizer
     if (ReloraController<T>* controller = trainer.controller()) controller->set_restarts_done(plan.restarts_done);
@@ -509,7 +512,7 @@ std::vector<std::uint8_t> serialize_checkpoint(Trainer<T>& trainer) {
   Backend<T>& backend = model.backend();
   SafetensorsWriter writer;
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<T>& layer = model.layer(i);
+    const LoraLinear<T>& layer = model.lora(i);
     const std::string& name = model.name(i);
     add_tensor(writer, backend, layer_key(name, "weight"), layer.W());
     if (layer.has_bias()) add_tensor(writer, backend, layer_key(name, "bias"), layer.b());

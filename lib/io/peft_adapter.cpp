@@ -49,13 +49,13 @@ bool pattern_matches(const std::string& key, const std::string& module) {
 void export_peft_adapter(const Model<float>& model, const std::string& dir, const PeftExportOptions& options) {
   if (model.size() == 0) throw ConfigError("export_peft_adapter: the model has no layers");
   Backend<float>& backend = *model.backend_ptr();
-  const LoraConfig& first = model.layer(0).config();
+  const LoraConfig& first = model.lora(0).config();
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   ordered_json rank_pattern = ordered_json::object(), alpha_pattern = ordered_json::object();
   json target_modules = json::array();
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<float>& layer = model.layer(i);
+    const LoraLinear<float>& layer = model.lora(i);
     const std::string& name = model.name(i);
     const LoraConfig& c = layer.config();
     if (layer.merged()) {
@@ -231,7 +231,7 @@ PeftImportResult import_peft_adapter(Model<float>& model, const std::string& dir
   std::set<std::string> expected_keys;
   for (std::size_t i = 0; i < model.size(); ++i) {
     const std::string& name = model.name(i);
-    const LoraLinear<float>& layer = model.layer(i);
+    const LoraLinear<float>& layer = model.lora(i);
     if (layer.merged()) {
       throw ConfigError("import_peft_adapter: layer '" + name + "' is merged; unmerge() it before importing an adapter");
     }
@@ -289,13 +289,13 @@ PeftImportResult import_peft_adapter(Model<float>& model, const std::string& dir
   }
 
   for (const Pending& p : pending) {
-    model.layer(p.layer).set_A(p.A);
-    model.layer(p.layer).set_B(p.B);
+    model.lora(p.layer).set_A(p.A);
+    model.lora(p.layer).set_B(p.B);
   }
   for (std::size_t i = 0; i < model.size(); ++i) {
     for (const std::string& name : result.zeroed) {
       if (model.name(i) == name) {
-        LoraLinear<float>& layer = model.layer(i);
+        LoraLinear<float>& layer = model.lora(i);
         layer.set_B(HostMatrix<float>::Zero(layer.out_features(), layer.rank()));
       }
     }
@@ -312,7 +312,7 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
   std::vector<Pending> pending;
   for (std::size_t i = 0; i < model.size(); ++i) {
     const std::string& name = model.name(i);
-    const LoraLinear<float>& layer = model.layer(i);
+    const LoraLinear<float>& layer = model.lora(i);
     if (layer.merged()) {
       throw ConfigError("load_base_weights: layer '" + name + "' is merged; unmerge() it before setting W");
     }
@@ -349,8 +349,8 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
     pending.push_back(std::move(p));
   }
   for (std::size_t i = 0; i < model.size(); ++i) {
-    model.layer(i).set_W(pending[i].W);
-    if (model.layer(i).has_bias()) model.layer(i).set_b(pending[i].b);
+    model.lora(i).set_W(pending[i].W);
+    if (model.lora(i).has_bias()) model.lora(i).set_b(pending[i].b);
   }
 }
 
@@ -359,7 +359,7 @@ void save_base_weights(const Model<float>& model, const std::string& safetensors
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<float>& layer = model.layer(i);
+    const LoraLinear<float>& layer = model.lora(i);
     const HostMatrix<float> W = to_host(backend, layer.W());
     writer.add(prefix + model.name(i) + ".weight", {W.rows(), W.cols()}, W.data());
     if (layer.has_bias()) {

@@ -1,6 +1,8 @@
 #include "relora/layers/lora_linear.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace relora {
 
@@ -79,6 +81,12 @@ void LoraLinear<T>::set_train_target(TrainTarget target) {
 }
 
 template <typename T>
+std::uint32_t LoraLinear<T>::step_signature() const {
+  return (target_ == TrainTarget::base ? 1u : 0u) | (training_ ? 2u : 0u) | (merged_ ? 4u : 0u) |
+         (dropout_in_use() ? 8u : 0u);
+}
+
+template <typename T>
 void LoraLinear<T>::resize_batch(Index n) {
   if (n == batch_rows_) return;
   const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
@@ -86,7 +94,7 @@ void LoraLinear<T>::resize_batch(Index n) {
   U_ = backend_->allocate(n, r);
   dU_ = backend_->allocate(n, r);
   dX_ = Tensor<T>();  // sized by the first backward that needs it: the first layer of a model never does
-  dX_is_view_ = false;
+  dX_view_ = Tensor<T>();
   if (config_.dropout > 0) {
     mask_ = backend_->allocate(n, k);
     X_dropped_ = backend_->allocate(n, k);
@@ -112,30 +120,13 @@ void LoraLinear<T>::begin_forward(const Tensor<T>& X) {
   }
   resize_batch(X.rows());
   X_ = &X;
-  dropout_active_ = training_ && config_.dropout > 0;
-  dU_ready_for_ = nullptr;
-}
-
-template <typename T>
-bool LoraLinear<T>::forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
-  begin_forward(X);
-  if (!target.same_shape(X.rows(), config_.out_features)) {
-    throw ShapeError("MseLoss: prediction is " + shape_string(X.rows(), config_.out_features) + " but target is " +
-                     target.shape());
-  }
-  if (!merged_ && !dropout_active_ && backend_->fused_lora_forward_mse(tensors(X), target, U_, Y_, dY, loss, dU_)) {
-    dU_ready_for_ = dY.data();
-    return true;
-  }
-  forward(X);
-  return false;
+  dropout_active_ = dropout_in_use();
 }
 
 template <typename T>
 const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
   begin_forward(X);
   Backend<T>& be = *backend_;
-  if (!merged_ && !dropout_active_ && be.fused_lora_forward(tensors(X), U_, Y_)) return Y_;
   // Most of the time goes here and into dY W in backward: the two d x k products.
   be.gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y_);
   if (has_bias()) be.add_row_vector(b_, Y_);
@@ -153,68 +144,92 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
 }
 
 template <typename T>
-void LoraLinear<T>::backward(const Tensor<T>& dY, bool need_dX) {
-  if (!need_dX) return backward_into(dY, nullptr);
-  if (dX_is_view_ || !dX_.same_shape(batch_rows_, config_.in_features)) {
-    dX_ = backend_->allocate(batch_rows_, config_.in_features);
-    dX_is_view_ = false;
-  }
-  backward_into(dY, &dX_);
+Tensor<T>& LoraLinear<T>::own_dX() {
+  if (!dX_.same_shape(batch_rows_, config_.in_features)) dX_ = backend_->allocate(batch_rows_, config_.in_features);
+  return dX_;
 }
 
 template <typename T>
-void LoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>& dX) {
-  require_shape(dX, batch_rows_, config_.in_features, "LoraLinear backward dX");
-  backward_into(dY, &dX);
-  if (&dX != &dX_) {
-    // A non-owning view, so that dX() shows what was computed.
-    dX_ = Tensor<T>(dX.data(), dX.rows(), dX.cols(), dX.device(), [](T*) {});
-    dX_is_view_ = true;
-  }
-}
-
-template <typename T>
-void LoraLinear<T>::backward_into(const Tensor<T>& dY, Tensor<T>* dX) {
+void LoraLinear<T>::begin_backward(const Tensor<T>& dY, const Tensor<T>* dX) const {
   if (X_ == nullptr) throw ConfigError("LoraLinear backward: forward was not called");
   require_not_merged("train");
   require_shape(dY, batch_rows_, config_.out_features, "LoraLinear backward dY");
-  Backend<T>& be = *backend_;
-  const Tensor<T>& lora_input = dropout_active_ ? X_dropped_ : *X_;
-  const bool need_dX = dX != nullptr;
+  if (dX) require_shape(*dX, batch_rows_, config_.in_features, "LoraLinear backward dX");
+}
 
-  const bool adapter_trains = target_ == TrainTarget::adapter;
-  if (adapter_trains && !dropout_active_) {
-    Tensor<T>* db = config_.bias == BiasMode::trainable ? &db_ : nullptr;
-    const bool dU_ready = dU_ready_for_ != nullptr && dU_ready_for_ == dY.data();
-    if (be.fused_lora_backward(tensors(*X_), U_, dY, {&dU_, &dA_, &dB_, db, dX, dU_ready})) return;
-  }
-  if (adapter_trains) be.gemm(Trans::yes, Trans::no, scale_, dY, U_, T(0), dB_);  // dB = s dY^T U
-  if (adapter_trains || need_dX) be.gemm(Trans::no, Trans::no, scale_, dY, B_, T(0), dU_);  // dU = s dY B
-  if (adapter_trains) be.gemm(Trans::yes, Trans::no, T(1), dU_, lora_input, T(0), dA_);  // dA = dU^T D(X)
-  if (target_ == TrainTarget::base) be.gemm(Trans::yes, Trans::no, T(1), dY, *X_, T(0), dW_);  // dW = dY^T X
-  if (config_.bias == BiasMode::trainable) be.column_sums(dY, T(0), db_);
-
-  if (!need_dX) return;
-  if (dropout_active_) {
-    be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);
-    be.multiply(dX_lora_, mask_, *dX);                       // D'(dU A): the same mask, scale included
-    be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(1), *dX);  // dX += dY W
+template <typename T>
+void LoraLinear<T>::finish_backward(Tensor<T>* dX) {
+  if (dX == nullptr || dX == &dX_) {
+    dX_view_ = Tensor<T>();
   } else {
-    be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);  // dX = dY W
-    be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);  // dX += dU A
+    dX_view_ = Tensor<T>(dX->data(), dX->rows(), dX->cols(), dX->device(), [](T*) {});  // non-owning
   }
 }
 
 template <typename T>
-LoraLayerTensors<T> LoraLinear<T>::tensors(const Tensor<T>& X) const {
-  return {&X, &W_, &A_, &B_, has_bias() ? &b_ : nullptr, scale_};
+void LoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
+  begin_backward(dY, dX);
+  Backend<T>& be = *backend_;
+  const Tensor<T>& lora_input = dropout_active_ ? X_dropped_ : *X_;
+  const bool adapter_trains = target_ == TrainTarget::adapter;
+  if (adapter_trains) be.gemm(Trans::yes, Trans::no, scale_, dY, U_, T(0), dB_);  // dB = s dY^T U
+  if (adapter_trains || dX) be.gemm(Trans::no, Trans::no, scale_, dY, B_, T(0), dU_);  // dU = s dY B
+  if (adapter_trains) be.gemm(Trans::yes, Trans::no, T(1), dU_, lora_input, T(0), dA_);  // dA = dU^T D(X)
+  if (!adapter_trains) be.gemm(Trans::yes, Trans::no, T(1), dY, *X_, T(0), dW_);  // dW = dY^T X
+  if (bias_trains()) be.column_sums(dY, T(0), db_);
+
+  if (dX) {
+    if (dropout_active_) {
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);
+      be.multiply(dX_lora_, mask_, *dX);                       // D'(dU A): the same mask, scale included
+      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(1), *dX);  // dX += dY W
+    } else {
+      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);   // dX = dY W
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);  // dX += dU A
+    }
+  }
+  finish_backward(dX);
 }
 
 template <typename T>
 void LoraLinear<T>::merge() {
-  require_not_merged("merge");
+  check_merge();
   backend_->gemm(Trans::no, Trans::no, scale_, B_, A_, T(1), W_);
   merged_ = true;
+}
+
+template <typename T>
+void LoraLinear<T>::check_merge() {
+  require_not_merged("merge");
+  // A NaN, an Inf or an overflow in the adapter must not reach W, so W + s B A is known to be
+  // finite before W changes. Every entry is at most max|W| + |s| r max|B| max|A| in magnitude:
+  // where that bound is finite with room to spare (always, in practice) the merge is safe and
+  // needs no memory; otherwise the sums are formed a block of rows at a time and checked.
+  const Index d = config_.out_features, k = config_.in_features, r = config_.rank;
+  const double w = double(backend_->max_abs(W_)), a = double(backend_->max_abs(A_)), b = double(backend_->max_abs(B_));
+  const auto refuse = [&](const std::string& where) {
+    throw ConfigError("LoraLinear " + std::to_string(k) + " -> " + std::to_string(d) + ": merge refused, W + s B A" +
+                      " would hold NaN or Inf (" + where + "); W is unchanged");
+  };
+  if (!std::isfinite(a)) refuse("lora_A holds NaN or Inf");
+  if (!std::isfinite(b)) refuse("lora_B holds NaN or Inf");
+  if (!std::isfinite(w)) refuse("W holds NaN or Inf");
+  const double bound = w + std::abs(double(scale_)) * double(r) * b * a;
+  if (!(bound <= 0.5 * double(std::numeric_limits<T>::max()))) {
+    const Index block_rows = std::max<Index>(1, std::min<Index>(d, (Index(1) << 22) / std::max<Index>(k, 1)));
+    Tensor<T> block = backend_->allocate(block_rows, k);
+    for (Index first = 0; first < d; first += block_rows) {
+      const Index rows = std::min(block_rows, d - first);
+      const Tensor<T> W_rows(W_.data() + first * k, rows, k, W_.device(), [](T*) {});
+      const Tensor<T> B_rows(B_.data() + first * r, rows, r, B_.device(), [](T*) {});
+      Tensor<T> sum(block.data(), rows, k, block.device(), [](T*) {});
+      backend_->copy(W_rows, sum);
+      backend_->gemm(Trans::no, Trans::no, scale_, B_rows, A_, T(1), sum);
+      if (!std::isfinite(double(backend_->max_abs(sum)))) {
+        refuse("in rows [" + std::to_string(first) + ", " + std::to_string(first + rows) + ")");
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -225,7 +240,7 @@ void LoraLinear<T>::unmerge() {
 }
 
 template <typename T>
-std::vector<Parameter<T>> LoraLinear<T>::trainable_parameters(const std::string& prefix) {
+std::vector<Parameter<T>> LoraLinear<T>::parameters(const std::string& prefix) {
   std::vector<Parameter<T>> params;
   if (target_ == TrainTarget::adapter) {
     params.push_back({prefix + ".lora_A", ParamRole::lora_A, &A_, &dA_});
@@ -233,8 +248,95 @@ std::vector<Parameter<T>> LoraLinear<T>::trainable_parameters(const std::string&
   } else {
     params.push_back({prefix + ".weight", ParamRole::base_weight, &W_, &dW_});
   }
-  if (config_.bias == BiasMode::trainable) params.push_back({prefix + ".bias", ParamRole::bias, &b_, &db_});
+  if (bias_trains()) params.push_back({prefix + ".bias", ParamRole::bias, &b_, &db_});
   return params;
+}
+
+namespace {
+
+const char* init_text(LoraInit i) { return i == LoraInit::kaiming_uniform ? "kaiming_uniform" : "gaussian"; }
+
+const char* bias_text(BiasMode b) {
+  switch (b) {
+    case BiasMode::none: return "none";
+    case BiasMode::frozen: return "frozen";
+    case BiasMode::trainable: return "trainable";
+  }
+  return "?";
+}
+
+}  // namespace
+
+template <typename T>
+void LoraLinear<T>::save_state(StateDict<T>& state) const {
+  state.set_tensor("weight", to_host(*backend_, W_));
+  if (has_bias()) state.set_tensor("bias", to_host(*backend_, b_));
+  state.set_tensor("lora_A", to_host(*backend_, A_));
+  state.set_tensor("lora_B", to_host(*backend_, B_));
+  state.set("config.in_features", std::int64_t(config_.in_features));
+  state.set("config.out_features", std::int64_t(config_.out_features));
+  state.set("config.rank", std::int64_t(config_.rank));
+  state.set("config.alpha", config_.alpha);
+  state.set("config.rslora", config_.rslora);
+  state.set("config.dropout", config_.dropout);
+  state.set("config.init", std::string(init_text(config_.init)));
+  state.set("config.init_std", config_.init_std);
+  state.set("config.bias", std::string(bias_text(config_.bias)));
+  state.set("config.seed", std::uint64_t(config_.seed));
+  state.set("merged", merged_);
+  state.set("training", training_);
+  state.set("rng_stream", std::uint64_t(rng_stream_));
+}
+
+template <typename T>
+void LoraLinear<T>::restore_state(const StateDict<T>& state) {
+  const auto mismatch = [](const char* field, const std::string& saved, const std::string& mine) {
+    throw IoError(std::string("config field '") + field + "' is " + saved + " in the checkpoint but " + mine +
+                  " in the model");
+  };
+  const auto same_int = [&](const char* field, std::int64_t mine) {
+    const std::int64_t saved = state.integer(std::string("config.") + field);
+    if (saved != mine) mismatch(field, std::to_string(saved), std::to_string(mine));
+  };
+  const auto same_number = [&](const char* field, double mine) {
+    const double saved = state.number(std::string("config.") + field);
+    if (saved != mine) mismatch(field, std::to_string(saved), std::to_string(mine));
+  };
+  const auto same_text = [&](const char* field, const std::string& mine) {
+    const std::string& saved = state.text(std::string("config.") + field);
+    if (saved != mine) mismatch(field, "'" + saved + "'", "'" + mine + "'");
+  };
+  same_int("in_features", config_.in_features);
+  same_int("out_features", config_.out_features);
+  same_int("rank", config_.rank);
+  same_number("alpha", config_.alpha);
+  if (state.boolean("config.rslora") != config_.rslora) {
+    mismatch("rslora", state.boolean("config.rslora") ? "true" : "false", config_.rslora ? "true" : "false");
+  }
+  same_number("dropout", config_.dropout);
+  same_text("init", init_text(config_.init));
+  same_number("init_std", config_.init_std);
+  same_text("bias", bias_text(config_.bias));
+  if (state.unsigned_integer("config.seed") != config_.seed) {
+    mismatch("seed", std::to_string(state.unsigned_integer("config.seed")), std::to_string(config_.seed));
+  }
+  const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
+  const HostMatrix<T>& W = state.tensor("weight", d, k);
+  const HostMatrix<T>& A = state.tensor("lora_A", r, k);
+  const HostMatrix<T>& B = state.tensor("lora_B", d, r);
+  const HostMatrix<T>* b = has_bias() ? &state.tensor("bias", 1, d) : nullptr;
+  if (!has_bias() && state.has_tensor("bias")) throw IoError("the layer has no bias, but the checkpoint holds one");
+  const bool merged = state.boolean("merged");
+  const bool training = state.boolean("training");
+  const std::uint64_t stream = state.unsigned_integer("rng_stream");
+  // Everything read and checked: from here on only uploads of checked values.
+  set_W(W);
+  if (b) set_b(*b);
+  set_A(A);
+  set_B(B);
+  merged_ = merged;
+  training_ = training;
+  rng_stream_ = stream;
 }
 
 template <typename T>

@@ -3,56 +3,72 @@
 namespace relora {
 
 template <typename T>
-Model<T>::Model(std::shared_ptr<Backend<T>> backend) : backend_(std::move(backend)) {
+Model<T>::Model(std::shared_ptr<Backend<T>> backend, LayerChoice choice) : backend_(std::move(backend)), choice_(choice) {
   if (!backend_) throw ConfigError("Model: no backend given");
 }
 
 template <typename T>
-LoraLinear<T>& Model<T>::append(std::unique_ptr<LoraLinear<T>> linear, Activation activation,
-                                const std::string& name) {
-  if (!layers_.empty() && linear->in_features() != out_features()) {
+Layer<T>& Model<T>::add(std::unique_ptr<Layer<T>> layer, Activation activation, const std::string& name) {
+  if (!layer) throw ConfigError("Model: add() was given no layer");
+  if (!layers_.empty() && layer->in_features() != out_features()) {
     throw ShapeError("Model: layer " + std::to_string(layers_.size()) + " takes " +
-                     std::to_string(linear->in_features()) + " inputs but the previous layer gives " +
+                     std::to_string(layer->in_features()) + " inputs but the previous layer gives " +
                      std::to_string(out_features()));
   }
-  Layer layer;
-  layer.linear = std::move(linear);
-  layer.activation = activation;
-  layer.name = name.empty() ? "layers." + std::to_string(layers_.size()) : name;
-  for (const Layer& other : layers_) {
-    if (other.name == layer.name) throw ConfigError("Model: two layers named '" + layer.name + "'");
+  Stage stage;
+  stage.layer = std::move(layer);
+  stage.activation = activation;
+  stage.name = name.empty() ? "layers." + std::to_string(layers_.size()) : name;
+  for (const Stage& other : layers_) {
+    if (other.name == stage.name) throw ConfigError("Model: two layers named '" + stage.name + "'");
   }
-  layers_.push_back(std::move(layer));
-  return *layers_.back().linear;
+  layers_.push_back(std::move(stage));
+  return *layers_.back().layer;
 }
 
 template <typename T>
 LoraLinear<T>& Model<T>::add(const LoraConfig& config, Activation activation, const HostInput<T>& W,
                              const std::string& name) {
-  return append(std::make_unique<LoraLinear<T>>(*backend_, config, W), activation, name);
+  return static_cast<LoraLinear<T>&>(add(make_lora_linear<T>(*backend_, config, W, choice_), activation, name));
 }
 
 template <typename T>
 LoraLinear<T>& Model<T>::add(const LoraConfig& config, Activation activation, const HostInput<T>& W,
                              const Eigen::Ref<const HostVector<T>>& b, const std::string& name) {
-  return append(std::make_unique<LoraLinear<T>>(*backend_, config, W, b), activation, name);
+  return static_cast<LoraLinear<T>&>(add(make_lora_linear<T>(*backend_, config, W, b, choice_), activation, name));
 }
 
 template <typename T>
 LoraLinear<T>& Model<T>::add(const LoraConfig& config, Activation activation, const std::string& name) {
-  return append(std::make_unique<LoraLinear<T>>(*backend_, config), activation, name);
+  return static_cast<LoraLinear<T>&>(add(make_lora_linear<T>(*backend_, config, choice_), activation, name));
+}
+
+template <typename T>
+LoraLinear<T>& Model<T>::lora(std::size_t i) {
+  return const_cast<LoraLinear<T>&>(static_cast<const Model<T>&>(*this).lora(i));
+}
+
+template <typename T>
+const LoraLinear<T>& Model<T>::lora(std::size_t i) const {
+  const Stage& stage = layers_.at(i);
+  const auto* lora = dynamic_cast<const LoraLinear<T>*>(stage.layer.get());
+  if (lora == nullptr) {
+    throw ConfigError("Model: layer " + std::to_string(i) + " ('" + stage.name + "') is a '" + stage.layer->kind() +
+                      "' layer, not a LoRA layer");
+  }
+  return *lora;
 }
 
 template <typename T>
 Index Model<T>::in_features() const {
   if (layers_.empty()) throw ConfigError("Model: no layers");
-  return layers_.front().linear->in_features();
+  return layers_.front().layer->in_features();
 }
 
 template <typename T>
 Index Model<T>::out_features() const {
   if (layers_.empty()) throw ConfigError("Model: no layers");
-  return layers_.back().linear->out_features();
+  return layers_.back().layer->out_features();
 }
 
 namespace {
@@ -68,8 +84,8 @@ Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
 }  // namespace
 
 template <typename T>
-const Tensor<T>& Model<T>::output_of(Layer& layer) {
-  return in_place(layer.activation) ? layer.linear->output() : layer.Z;
+const Tensor<T>& Model<T>::output_of(Stage& stage) {
+  return in_place(stage.activation) ? stage.layer->output() : stage.Z;
 }
 
 template <typename T>
@@ -81,17 +97,15 @@ const Tensor<T>& Model<T>::forward(const Tensor<T>& X) {
 }
 
 template <typename T>
-bool Model<T>::forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) {
+void Model<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
-  Layer& last = layers_.back();
+  Stage& last = layers_.back();
   if (last.activation != Activation::identity) {
-    forward(X);
-    return false;
+    loss.compute(forward(X), target);
+    return;
   }
-  const Tensor<T>& input = forward_layers(X, layers_.size() - 1);
-  const bool fused = last.linear->forward_with_mse(input, target, dY, loss);
+  last.layer->forward_with_loss(forward_layers(X, layers_.size() - 1), loss, target);
   activations_valid_ = true;
-  return fused;
 }
 
 template <typename T>
@@ -104,16 +118,16 @@ template <typename T>
 const Tensor<T>& Model<T>::forward_layers(const Tensor<T>& X, std::size_t count) {
   const Tensor<T>* input = &X;
   for (std::size_t i = 0; i < count; ++i) {
-    Layer& layer = layers_[i];
-    layer.linear->forward(*input);
-    Tensor<T>& Y = layer.linear->mutable_output();
-    if (layer.activation == Activation::relu) {
-      backend_->activation_forward(layer.activation, Y, Y);  // element-wise, same index read and written
-    } else if (layer.activation != Activation::identity) {
-      if (!layer.Z.same_shape(Y.rows(), Y.cols())) layer.Z = backend_->allocate(Y.rows(), Y.cols());
-      backend_->activation_forward(layer.activation, Y, layer.Z);
+    Stage& stage = layers_[i];
+    stage.layer->forward(*input);
+    Tensor<T>& Y = stage.layer->mutable_output();
+    if (stage.activation == Activation::relu) {
+      backend_->activation_forward(stage.activation, Y, Y);  // element-wise, same index read and written
+    } else if (stage.activation != Activation::identity) {
+      if (!stage.Z.same_shape(Y.rows(), Y.cols())) stage.Z = backend_->allocate(Y.rows(), Y.cols());
+      backend_->activation_forward(stage.activation, Y, stage.Z);
     }
-    input = &output_of(layer);
+    input = &output_of(stage);
   }
   return *input;
 }
@@ -133,36 +147,36 @@ void Model<T>::backward(const Tensor<T>& dY) {
   Tensor<T> grad_view;            // the model's own buffer that grad points into, when it does
   const T* grad_storage = nullptr;  // its start, so that dX never lands on it
   for (std::size_t i = layers_.size(); i-- > 0;) {
-    Layer& layer = layers_[i];
-    LoraLinear<T>& linear = *layer.linear;
-    const Tensor<T>& Y = linear.output();  // after in-place ReLU it holds relu(Y): the same derivative
-    if (layer.activation != Activation::identity) {
+    Stage& stage = layers_[i];
+    Layer<T>& layer = *stage.layer;
+    const Tensor<T>& Y = layer.output();  // after in-place ReLU it holds relu(Y): the same derivative
+    if (stage.activation != Activation::identity) {
       if (grad_storage != nullptr) {
-        backend_->activation_backward(layer.activation, Y, grad_view, grad_view);  // in place
+        backend_->activation_backward(stage.activation, Y, grad_view, grad_view);  // in place
       } else {
-        if (!layer.dY.same_shape(Y.rows(), Y.cols())) layer.dY = backend_->allocate(Y.rows(), Y.cols());
-        backend_->activation_backward(layer.activation, Y, *grad, layer.dY);
-        grad_view = view_of(layer.dY, Y.rows(), Y.cols());
-        grad_storage = layer.dY.data();
+        if (!stage.dY.same_shape(Y.rows(), Y.cols())) stage.dY = backend_->allocate(Y.rows(), Y.cols());
+        backend_->activation_backward(stage.activation, Y, *grad, stage.dY);
+        grad_view = view_of(stage.dY, Y.rows(), Y.cols());
+        grad_storage = stage.dY.data();
         grad = &grad_view;
       }
     }
     if (i == 0) {
-      linear.backward(*grad, /*need_dX=*/false);
+      layer.backward(*grad, nullptr);
       break;
     }
     // dX goes into a buffer nothing reads any more: this layer's Y (its activation's backward is
     // done; the top layer's is the model's output and stays), or else a scratch buffer.
-    const Index rows = Y.rows(), cols = linear.in_features();
+    const Index rows = Y.rows(), cols = layer.in_features();
     auto free_and_fits = [&](const Tensor<T>& buffer) {
       return buffer.size() >= rows * cols && buffer.data() != grad_storage;
     };
     const bool top = i + 1 == layers_.size();
     Tensor<T>* target = nullptr;
-    if (!top && free_and_fits(linear.output())) {
-      target = &linear.mutable_output();
-    } else if (!top && free_and_fits(layer.Z)) {
-      target = &layer.Z;
+    if (!top && free_and_fits(layer.output())) {
+      target = &layer.mutable_output();
+    } else if (!top && free_and_fits(stage.Z)) {
+      target = &stage.Z;
     } else {
       for (Tensor<T>& buffer : scratch_) {
         if (free_and_fits(buffer)) {
@@ -176,7 +190,7 @@ void Model<T>::backward(const Tensor<T>& dY) {
       }
     }
     Tensor<T> dX = view_of(*target, rows, cols);
-    linear.backward(*grad, dX);
+    layer.backward(*grad, &dX);
     grad_view = std::move(dX);
     grad_storage = grad_view.data();
     grad = &grad_view;
@@ -193,30 +207,30 @@ HostMatrix<T> Model<T>::predict(const HostInput<T>& X) {
 template <typename T>
 std::vector<Parameter<T>> Model<T>::parameters() {
   std::vector<Parameter<T>> all;
-  for (Layer& layer : layers_) {
-    for (Parameter<T>& p : layer.linear->trainable_parameters(layer.name)) all.push_back(std::move(p));
+  for (Stage& stage : layers_) {
+    for (Parameter<T>& p : stage.layer->parameters(stage.name)) all.push_back(std::move(p));
   }
   return all;
 }
 
 template <typename T>
 void Model<T>::set_training(bool training) {
-  for (Layer& layer : layers_) layer.linear->set_training(training);
+  for (Stage& stage : layers_) stage.layer->set_training(training);
 }
 
 template <typename T>
 void Model<T>::set_train_target(TrainTarget target) {
-  for (Layer& layer : layers_) layer.linear->set_train_target(target);
+  for (Stage& stage : layers_) stage.layer->set_train_target(target);
 }
 
 template <typename T>
 void Model<T>::merge() {
-  for (Layer& layer : layers_) layer.linear->merge();
+  for (Stage& stage : layers_) stage.layer->merge();
 }
 
 template <typename T>
 void Model<T>::unmerge() {
-  for (Layer& layer : layers_) layer.linear->unmerge();
+  for (Stage& stage : layers_) stage.layer->unmerge();
 }
 
 template class Model<float>;

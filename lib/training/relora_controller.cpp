@@ -42,8 +42,10 @@ bool ReloraController<T>::restart_due(std::int64_t steps_done) const {
 
 template <typename T>
 void ReloraController<T>::restart(Model<T>& model, Adam<T>& optimizer, Schedule* schedule, std::int64_t steps_done) {
+  // Every merge is checked before any layer changes: a refused one leaves the whole model as it was.
+  for (std::size_t i = 0; i < model.size(); ++i) model.layer(i).check_merge();
   for (std::size_t i = 0; i < model.size(); ++i) {
-    LoraLinear<T>& layer = model.layer(i);
+    Layer<T>& layer = model.layer(i);
     layer.merge();   // W += s B A
     layer.reinit();  // a fresh A, B = 0: the output is unchanged
   }

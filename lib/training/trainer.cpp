@@ -3,8 +3,10 @@
 namespace relora {
 
 template <typename T>
-Trainer<T>::Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule)
-    : model_(&model), config_(config), schedule_(std::move(schedule)), loss_(model.backend()) {
+Trainer<T>::Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule,
+                    std::shared_ptr<Loss<T>> loss)
+    : model_(&model), config_(config), schedule_(std::move(schedule)), loss_(std::move(loss)) {
+  if (!loss_) loss_ = std::make_shared<MseLoss<T>>(model.backend());
   if (config_.method == TrainingMethod::relora) {
     controller_ = std::make_unique<ReloraController<T>>(config_.relora);
     if (auto* jagged = dynamic_cast<JaggedCosineSchedule*>(schedule_.get());
@@ -61,11 +63,8 @@ void Trainer<T>::step(const Tensor<T>& X, const Tensor<T>& target) {
 
 template <typename T>
 void Trainer<T>::compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
-  // The last layer computes the loss as it finishes Y where its backend fuses the two.
-  if (!model_->forward_with_mse(X, target, loss_.gradient_buffer(target), loss_.loss_buffer())) {
-    loss_.forward_backward(model_->output(), target);
-  }
-  model_->backward(loss_.gradient());
+  model_->forward_with_loss(X, *loss_, target);
+  model_->backward(loss_->gradient());
   optimizer_->step(lr_factor);
 }
 
@@ -82,11 +81,9 @@ bool Trainer<T>::describe_step(const Tensor<T>& X, const Tensor<T>& target) {
   s.layers.resize(model_->size());
   bool recordable = true;
   for (std::size_t i = 0; i < model_->size(); ++i) {
-    const LoraLinear<T>& layer = model_->layer(i);
-    const bool dropout = layer.training() && layer.config().dropout > 0;
-    recordable = recordable && !dropout;  // a replay would reuse the recorded mask's key
-    s.layers[i] = std::uint8_t((layer.train_target() == TrainTarget::base ? 1 : 0) | (layer.training() ? 2 : 0) |
-                               (layer.merged() ? 4 : 0) | (dropout ? 8 : 0));
+    const Layer<T>& layer = model_->layer(i);
+    recordable = recordable && layer.replayable();
+    s.layers[i] = layer.step_signature();
   }
   return recordable;
 }

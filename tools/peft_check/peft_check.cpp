@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
       train(*model);
       for (std::size_t i = 0; i < model->size(); ++i) {
         std::cout << "relora: module " << model->name(i) << " max |B| "
-                  << to_host(model->backend(), model->layer(i).B()).cwiseAbs().maxCoeff() << "\n";
+                  << to_host(model->backend(), model->lora(i).B()).cwiseAbs().maxCoeff() << "\n";
       }
       export_peft_adapter(*model, adapter, {.base_model_name_or_path = "peft_roundtrip_mlp"});
     } else {

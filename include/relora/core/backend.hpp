@@ -1,8 +1,10 @@
 #pragma once
-// The few operations the math needs. Layers, loss, optimizer and controller are written once
-// against this interface; the CPU backend maps host buffers with Eigen, the CUDA backend keeps
-// buffers on the device and calls cuBLAS and a few kernels. One virtual call per operation,
-// never per element.
+// The primitives that more than one component needs: memory, products, element-wise work,
+// reductions, random fills, synchronisation and recording a step. Layers, losses, optimizers and
+// the controller are written once against this interface; a component's own kernels (a fused
+// layer's, an optimizer's) live with the component, one file per device. The CPU backend maps
+// host buffers with Eigen, the CUDA backend keeps buffers on the device and calls cuBLAS and a
+// few kernels. One virtual call per operation, never per element.
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -48,36 +50,6 @@ struct AdamHyper {
 struct BackendOptions {
   MathMode math = MathMode::strict;
   int device_id = 0;  // CUDA device ordinal
-  // Run LoRA layers through fused_lora_forward/backward where the backend has such a path: tiny
-  // layers on both backends, and on CUDA wider layers of small rank (the adapter passes).
-  // Off: every layer uses the separate products (tests compare the two).
-  bool fused_small_layers = true;
-};
-
-// One LoRA layer as the fused small-layer operations see it (every pointer but b non-null):
-// X n x k, W d x k, A r x k, B d x r, b 1 x d or null, and the adapter's scale s.
-template <typename T>
-struct LoraLayerTensors {
-  const Tensor<T>* X = nullptr;
-  const Tensor<T>* W = nullptr;
-  const Tensor<T>* A = nullptr;
-  const Tensor<T>* B = nullptr;
-  const Tensor<T>* b = nullptr;
-  T scale = T(1);
-};
-
-// What the fused backward writes: dU n x r, dA r x k, dB d x r, and where non-null
-// db 1 x d (= sum_i dY[i, :]) and dX n x k (= dY W + dU A). All overwritten, never accumulated.
-template <typename T>
-struct LoraLayerGradients {
-  Tensor<T>* dU = nullptr;
-  Tensor<T>* dA = nullptr;
-  Tensor<T>* dB = nullptr;
-  Tensor<T>* db = nullptr;
-  Tensor<T>* dX = nullptr;
-  // dU already holds s dY B for this dY (fused_lora_forward_mse computed it): the backend may
-  // skip that product.
-  bool dU_ready = false;
 };
 
 template <typename T>
@@ -86,6 +58,10 @@ class Backend {
   virtual ~Backend() = default;
 
   virtual Device device() const = 0;
+  // The backend that runs the work: this one, or for a wrapper (one that counts allocations, say)
+  // the backend it forwards to. A component with kernels of its own for one device finds that
+  // device's backend here.
+  virtual Backend<T>& underlying() { return *this; }
   virtual std::string description() const = 0;
   virtual void set_math_mode(MathMode mode) = 0;
   virtual MathMode math_mode() const = 0;
@@ -111,6 +87,9 @@ class Backend {
   // dY = dZ .* f'(Y); dY may alias dZ.
   virtual void activation_backward(Activation f, const Tensor<T>& Y, const Tensor<T>& dZ,
                                    Tensor<T>& dY) = 0;
+  // The largest |x_i|, read back to the host (waits for the backend); +Inf when x holds NaN or
+  // Inf, so that a finite answer means every entry is finite. 0 for an empty tensor.
+  virtual T max_abs(const Tensor<T>& x) = 0;
   // loss (1 x 1) = mean((Y - target)^2); dY = 2 (Y - target) / Y.size()
   virtual void mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss) = 0;
 
@@ -128,48 +107,6 @@ class Backend {
   // Zeroes round(fraction * size) entries of x: those of smallest magnitude, or chosen at random;
   // and the same entries of `same_entries` (same shape) unless it is null.
   virtual void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) = 0;
-
-  // ---- fused small LoRA layer (optional). A layer of tiny widths (the seed demo's 10 -> 5,
-  // rank 4) spends its step in the fixed cost of six separate products, not in their flops; a
-  // backend may run a layer's forward or backward as one pass instead (or, for a wider layer of
-  // small rank, run its rank-sized products as work shaped for them). Each returns false, having
-  // done nothing, when it has no fused path for these shapes (or BackendOptions said not to): the
-  // layer then calls the separate operations, which compute the same values up to rounding.
-  // Inconsistent shapes throw ShapeError naming the tensor (unless the path is switched off).
-  //
-  // U = X A^T; Y = X W^T + b + s U B^T.
-  virtual bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
-    (void)layer;
-    (void)U;
-    (void)Y;
-    return false;
-  }
-  // The forward of a model's last layer fused with the MSE loss and the first product of the
-  // backward, where the layer's output is the model's: U and Y as fused_lora_forward computes
-  // them, then dY = 2 (Y - target) / size, loss (1 x 1) = mean((Y - target)^2) and dU = s dY B,
-  // the same values (up to the order of the loss's sum) that MSE and the backward would give. It
-  // saves the passes over Y and dY between them, most of a wide layer's step beside its product.
-  virtual bool fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, Tensor<T>& U,
-                                      Tensor<T>& Y, Tensor<T>& dY, Tensor<T>& loss, Tensor<T>& dU) {
-    (void)layer;
-    (void)target;
-    (void)U;
-    (void)Y;
-    (void)dY;
-    (void)loss;
-    (void)dU;
-    return false;
-  }
-  // From dY (n x d) and the forward's U: dU = s dY B, dB = s dY^T U, dA = dU^T X, and db, dX
-  // where requested.
-  virtual bool fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
-                                   const LoraLayerGradients<T>& grads) {
-    (void)layer;
-    (void)U;
-    (void)dY;
-    (void)grads;
-    return false;
-  }
 
   // ---- recorded steps (optional: CUDA graphs). A launch-bound step (tiny layers) costs mostly
   // host time per operation; a backend that can record a sequence of operations once and run it

@@ -27,8 +27,10 @@ class Layer {
  public:
   virtual ~Layer() = default;
 
-  // The layer's kind as checkpoints name it ("lora").
+  // The layer's kind as checkpoints name it ("lora"): siblings of one kind share it.
   virtual const char* kind() const = 0;
+  // Which implementation of the kind this is ("reference", or a fast path's name).
+  virtual const char* implementation() const = 0;
   virtual Index in_features() const = 0;
   virtual Index out_features() const = 0;
 
@@ -59,6 +61,9 @@ class Layer {
   // Folds the adapter into the base. Refuses (ConfigError naming the layer, the base unchanged)
   // when the folded-in update holds NaN or Inf.
   virtual void merge() = 0;
+  // Throws what merge() would refuse with, changing nothing: a caller merging several layers
+  // checks them all first, so that a refusal leaves every layer as it was.
+  virtual void check_merge() = 0;
   virtual void unmerge() = 0;
   virtual bool merged() const = 0;
   // A fresh adapter that leaves the output unchanged (after a merge the old one lives in the base).

@@ -1,5 +1,7 @@
 #pragma once
-// A linear layer with a frozen base weight and a trainable low-rank adapter.
+// A linear layer with a frozen base weight and a trainable low-rank adapter: the reference
+// implementation of Layer, written as the math of DESIGN.md and nothing else. Fast paths for
+// particular shapes are sibling classes (make_layer picks them), tested against this one.
 //
 // Letters, as in shared/DESIGN.md: n rows of input, k = in_features, d = out_features,
 // r = rank, s = scale. X is n x k, W is d x k (frozen), b is d, A is r x k, B is d x r.
@@ -8,89 +10,87 @@
 //             Y = X W^T + b + s U B^T (n x d, the LoRA term accumulated into Y by GEMM)
 //   backward: dB = s dY^T U, dU = s dY B, dA = dU^T D(X), db = sum_i dY[i, :],
 //             dX = dY W + D'(dU A)
+//   full fine-tuning (TrainTarget::base): dW = dY^T X, and no adapter term.
 //
-// The d x k matrix W + sBA is never formed in forward or backward; merge() forms it in place.
-// Per-batch buffers are sized on the first forward and reused, so a steady training step
-// allocates nothing.
+// The d x k matrix W + sBA is never formed in forward or backward; merge() adds it into W in
+// place, once it has checked that the result is finite. Per-batch buffers are sized on the first
+// forward and reused, so a steady training step allocates nothing.
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include "relora/core/backend.hpp"
 #include "relora/core/host_matrix.hpp"
+#include "relora/layers/layer.hpp"
 #include "relora/layers/lora_config.hpp"
-#include "relora/core/parameter.hpp"
 
 namespace relora {
 
-// What backward computes gradients for: the adapter (A, B), or the base weight W itself
-// (full fine-tuning, and ReLoRA's full-rank warm start). A trainable bias trains in both.
-enum class TrainTarget { adapter, base };
-
 template <typename T>
-class LoraLinear {
+class LoraLinear : public Layer<T> {
  public:
   // W: d x k base weight. The bias, when config.bias is not none, starts at zero.
   LoraLinear(Backend<T>& backend, const LoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W);
   LoraLinear(Backend<T>& backend, const LoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W,
              const Eigen::Ref<const HostVector<T>>& b);
-  // Base weight drawn as nn.Linear does, U(-1/sqrt(k), 1/sqrt(k)), from the layer's seed.
+  // Base weight (and bias) drawn as nn.Linear does, U(-1/sqrt(k), 1/sqrt(k)), from the layer's seed.
   LoraLinear(Backend<T>& backend, const LoraConfig& config);
 
   LoraLinear(const LoraLinear&) = delete;
   LoraLinear& operator=(const LoraLinear&) = delete;
-  LoraLinear(LoraLinear&&) = default;
 
-  // Y (n x d). X must stay alive and unchanged until backward.
-  const Tensor<T>& forward(const Tensor<T>& X);
-  // forward(X) for a model's last layer trained on the MSE against target (n x d): where the
-  // backend can fuse them (Backend::fused_lora_forward_mse), the same pass also writes the loss
-  // (1 x 1) and its gradient dY (n x d) and takes the first product of the backward, and the
-  // call returns true; a backward on that dY, unchanged, then skips that product. False: only
-  // forward ran, and dY and loss are untouched.
-  bool forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss);
-  // Gradients of the parameters that train (see TrainTarget), and dX when need_dX (into the
-  // layer's own dX buffer).
-  void backward(const Tensor<T>& dY, bool need_dX);
-  // The same, with dX (n x k) written into the caller's tensor, which may be a view of a buffer
-  // the caller reuses (Model does); dX() then views it until the next backward.
-  void backward(const Tensor<T>& dY, Tensor<T>& dX);
+  const char* kind() const override { return "lora"; }
+  const char* implementation() const override { return "reference"; }
+  // Whether this implementation's own path (not LoraLinear's products) runs a plain forward and
+  // backward (no dropout, not merged, the adapter training) of a batch of `rows` rows.
+  virtual bool fast_path_for(Index rows) const {
+    (void)rows;
+    return false;
+  }
+  Index in_features() const override { return config_.in_features; }
+  Index out_features() const override { return config_.out_features; }
+
+  const Tensor<T>& forward(const Tensor<T>& X) override;
+  void backward(const Tensor<T>& dY, Tensor<T>* dX) override;
+  // backward into the layer's own dX buffer (need_dX), or with no dX.
+  void backward(const Tensor<T>& dY, bool need_dX) { backward(dY, need_dX ? &own_dX() : nullptr); }
+
+  const Tensor<T>& output() const override { return Y_; }
+  Tensor<T>& mutable_output() override { return Y_; }
+  std::vector<Parameter<T>> parameters(const std::string& prefix) override;
+
+  void set_training(bool training) override { training_ = training; }
+  bool training() const override { return training_; }
+  void set_train_target(TrainTarget target) override;
+  TrainTarget train_target() const override { return target_; }
 
   // W += s B A; forward then leaves the LoRA branch out. Training a merged layer is refused.
-  void merge();
+  // Refuses with ConfigError naming the layer, W unchanged, if W + s B A would hold NaN or Inf.
+  void merge() override;
+  void check_merge() override;
   // W -= s B A, undoing merge().
-  void unmerge();
-  // A fresh adapter: A re-drawn from the configured init, B = 0, so the output is unchanged
-  // (after a merge, the old adapter lives on in W).
-  void reinit();
+  void unmerge() override;
+  bool merged() const override { return merged_; }
+  // A fresh adapter: A re-drawn from the configured init, B = 0, so the output is unchanged.
+  void reinit() override;
 
-  void set_training(bool training) { training_ = training; }  // dropout only while training
-  bool training() const { return training_; }
-  void set_train_target(TrainTarget target);
-  TrainTarget train_target() const { return target_; }
-  bool merged() const { return merged_; }
+  bool replayable() const override { return !dropout_in_use(); }
+  std::uint32_t step_signature() const override;
 
-  // The parameters that train now, named prefix + ".lora_A" etc.
-  std::vector<Parameter<T>> trainable_parameters(const std::string& prefix);
+  void save_state(StateDict<T>& state) const override;
+  void restore_state(const StateDict<T>& state) override;
 
   const LoraConfig& config() const { return config_; }
   T scale() const { return scale_; }
   Index rank() const { return config_.rank; }
-  Index in_features() const { return config_.in_features; }
-  Index out_features() const { return config_.out_features; }
   bool has_bias() const { return config_.bias != BiasMode::none; }
 
   const Tensor<T>& W() const { return W_; }
   const Tensor<T>& b() const { return b_; }
   const Tensor<T>& A() const { return A_; }
   const Tensor<T>& B() const { return B_; }
-  const Tensor<T>& output() const { return Y_; }
-  // Y's buffer, for a Model that applies ReLU in place and reuses the buffer in backward once
-  // nothing needs Y any more (the next forward rewrites it).
-  Tensor<T>& mutable_output() { return Y_; }
-  // dX of the last backward that computed one (in a Model: a buffer the model reuses, valid
-  // until the model's next backward or forward).
-  const Tensor<T>& dX() const { return dX_; }
+  // dX of the last backward that computed one (possibly a view of the caller's buffer, valid
+  // while that buffer is).
+  const Tensor<T>& dX() const { return dX_view_.empty() ? dX_ : dX_view_; }
   const Tensor<T>& dW() const { return dW_; }
   const Tensor<T>& db() const { return db_; }
   const Tensor<T>& dA() const { return dA_; }
@@ -102,41 +102,58 @@ class LoraLinear {
   void set_b(const Eigen::Ref<const HostMatrix<T>>& b);  // 1 x d or d x 1
   void set_A(const Eigen::Ref<const HostMatrix<T>>& A);
   void set_B(const Eigen::Ref<const HostMatrix<T>>& B);
-  // Merged state is part of the layer's state in a checkpoint.
-  void set_merged_flag(bool merged) { merged_ = merged; }
 
   // Random draws so far; each dropout mask and each init of A takes the next stream. Setting it
   // back replays the same masks (finite differences, checkpoints).
   std::uint64_t rng_stream() const { return rng_stream_; }
   void set_rng_stream(std::uint64_t stream) { rng_stream_ = stream; }
 
+ protected:
+  // For sibling implementations, which run their own kernels where these hold and this class's
+  // products elsewhere.
+  //
+  // Checks X, sizes the per-batch buffers for its rows, remembers X for the backward and decides
+  // whether this forward applies dropout.
+  void begin_forward(const Tensor<T>& X);
+  // Checks that a forward ran, the adapter is not merged while training it, and dY's and dX's shapes.
+  void begin_backward(const Tensor<T>& dY, const Tensor<T>* dX) const;
+  // After a backward into dX: dX() shows it.
+  void finish_backward(Tensor<T>* dX);
+  // Forward and backward of the adapter as the math says: no dropout mask, not merged, the adapter
+  // (not W) training. Siblings' kernels cover exactly these.
+  bool plain_forward() const { return !merged_ && !dropout_active_; }
+  bool plain_backward() const { return target_ == TrainTarget::adapter && !dropout_active_; }
+  bool dropout_in_use() const { return training_ && config_.dropout > 0; }
+  bool bias_trains() const { return config_.bias == BiasMode::trainable; }
+  Index batch_rows() const { return batch_rows_; }
+  // The forward's input, valid between forward and backward.
+  const Tensor<T>& input() const { return *X_; }
+
+  Backend<T>* backend_;
+  LoraConfig config_;
+  T scale_;
+  Tensor<T> W_, b_, A_, B_;
+  Tensor<T> dW_, db_, dA_, dB_;
+  Tensor<T> U_, Y_, dU_;  // per batch
+
  private:
   void allocate_parameters();
   void draw_A();
   void resize_batch(Index n);
   void require_not_merged(const char* operation) const;
-  void begin_forward(const Tensor<T>& X);
-  void backward_into(const Tensor<T>& dY, Tensor<T>* dX);
-  LoraLayerTensors<T> tensors(const Tensor<T>& X) const;  // for the backend's fused small-layer path
+  Tensor<T>& own_dX();
   RngKey next_key() { return RngKey{config_.seed, rng_stream_++}; }
 
-  Backend<T>* backend_;
-  LoraConfig config_;
-  T scale_;
   TrainTarget target_ = TrainTarget::adapter;
   bool training_ = true;
   bool merged_ = false;
   std::uint64_t rng_stream_ = 0;
 
-  Tensor<T> W_, b_, A_, B_;
-  Tensor<T> dW_, db_, dA_, dB_;
-  // per-batch buffers, sized on the first forward for n rows
   Index batch_rows_ = -1;
   const Tensor<T>* X_ = nullptr;
   bool dropout_active_ = false;  // whether the last forward applied a mask
-  const T* dU_ready_for_ = nullptr;  // the dY whose s dY B the last forward left in dU_, if any
-  Tensor<T> mask_, X_dropped_, U_, Y_, dU_, dX_, dX_lora_;
-  bool dX_is_view_ = false;  // dX_ views the caller's buffer (backward into a given dX)
+  Tensor<T> mask_, X_dropped_, dX_, dX_lora_;
+  Tensor<T> dX_view_;  // a view of the caller's dX after a backward into it
 };
 
 extern template class LoraLinear<float>;

@@ -1,6 +1,8 @@
 #pragma once
-// A stack of LoraLinear layers, each followed by an activation. Forward runs the stack; backward
-// passes dX down from layer to layer, and the first layer computes none.
+// A stack of layers, each followed by an activation. Forward runs the stack; backward passes dX
+// down from layer to layer, and the first layer computes none. The model knows layers only
+// through the Layer interface; add() builds LoRA layers through make_lora_linear, which picks
+// the implementation.
 //
 // Memory, as PyTorch frees what backward no longer needs: ReLU runs in place (a hidden layer's
 // output() holds relu(Y); ReLU's derivative is the same taken from y or relu(y)); activation
@@ -12,15 +14,19 @@
 #include <string>
 #include <vector>
 
-#include "relora/layers/lora_linear.hpp"
+#include "relora/layers/layer_factory.hpp"
 
 namespace relora {
 
 template <typename T>
 class Model {
  public:
-  explicit Model(std::shared_ptr<Backend<T>> backend);
+  // `choice`: the implementation of the LoRA layers add() builds (LayerChoice::reference: every
+  // layer is LoraLinear itself).
+  explicit Model(std::shared_ptr<Backend<T>> backend, LayerChoice choice = LayerChoice::fastest);
 
+  // Appends any layer; its in_features must equal the previous layer's out_features.
+  Layer<T>& add(std::unique_ptr<Layer<T>> layer, Activation activation, const std::string& name = "");
   // Appends a layer; `name` is its module name (PEFT keys, checkpoints), "layers.<i>" if empty.
   // Its in_features must equal the previous layer's out_features.
   LoraLinear<T>& add(const LoraConfig& config, Activation activation, const HostInput<T>& W,
@@ -32,10 +38,10 @@ class Model {
 
   // The output of the last activation (n x out_features of the last layer).
   const Tensor<T>& forward(const Tensor<T>& X);
-  // forward(X), and the MSE against target (see MseLoss) in the same pass where the last layer
-  // can fuse it (LoraLinear::forward_with_mse; its activation must be the identity): true, with
-  // the loss and its gradient dY written. False: forward alone ran, dY and loss untouched.
-  bool forward_with_mse(const Tensor<T>& X, const Tensor<T>& target, Tensor<T>& dY, Tensor<T>& loss);
+  // forward(X), then loss.compute(output, target). Where the last activation is the identity the
+  // last layer computes the loss itself (Layer::forward_with_loss), so that a layer that fuses the
+  // two can. The loss's gradient is then what backward takes.
+  void forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target);
   // The output of the last forward.
   const Tensor<T>& output();
   // dY: gradient of the loss with respect to forward's output.
@@ -53,8 +59,11 @@ class Model {
   void unmerge();
 
   std::size_t size() const { return layers_.size(); }
-  LoraLinear<T>& layer(std::size_t i) { return *layers_.at(i).linear; }
-  const LoraLinear<T>& layer(std::size_t i) const { return *layers_.at(i).linear; }
+  Layer<T>& layer(std::size_t i) { return *layers_.at(i).layer; }
+  const Layer<T>& layer(std::size_t i) const { return *layers_.at(i).layer; }
+  // Layer i as a LoRA layer (PEFT adapters, the demo); ConfigError naming it if it is of another kind.
+  LoraLinear<T>& lora(std::size_t i);
+  const LoraLinear<T>& lora(std::size_t i) const;
   const std::string& name(std::size_t i) const { return layers_.at(i).name; }
   Activation activation(std::size_t i) const { return layers_.at(i).activation; }
   Index in_features() const;
@@ -63,20 +72,20 @@ class Model {
   const std::shared_ptr<Backend<T>>& backend_ptr() const { return backend_; }
 
  private:
-  struct Layer {
-    std::unique_ptr<LoraLinear<T>> linear;
+  struct Stage {
+    std::unique_ptr<Layer<T>> layer;
     Activation activation;
     std::string name;
     Tensor<T> Z;   // activation output for tanh and GELU; identity and ReLU leave it in Y
     Tensor<T> dY;  // gradient at the pre-activation output, when the incoming one is not ours
   };
-  LoraLinear<T>& append(std::unique_ptr<LoraLinear<T>> linear, Activation activation, const std::string& name);
-  const Tensor<T>& output_of(Layer& layer);
+  const Tensor<T>& output_of(Stage& stage);
   // Runs the first `count` layers and their activations; returns the last one's output (X if none).
   const Tensor<T>& forward_layers(const Tensor<T>& X, std::size_t count);
 
   std::shared_ptr<Backend<T>> backend_;
-  std::vector<Layer> layers_;
+  LayerChoice choice_;
+  std::vector<Stage> layers_;
   std::vector<Tensor<T>> scratch_;  // dX buffers where no dead output fits, sized on the first backward
   bool activations_valid_ = false;  // forward ran since the last backward
   Tensor<T> host_input_;  // predict()'s upload buffer

@@ -1,6 +1,6 @@
 #pragma once
-// The training loop's one step, put together: forward, MSE, backward, Adam with the schedule's
-// factor, and ReLoRA's restart when it is due. It owns the optimizer because ReLoRA's warm start
+// The training loop's one step, put together: forward, the loss, backward, Adam with the
+// schedule's factor, and ReLoRA's restart when it is due. It owns the optimizer because ReLoRA's warm start
 // changes what trains (W first, then the adapters) and so needs a fresh one.
 #include <cstdint>
 #include <memory>
@@ -34,13 +34,15 @@ struct TrainerConfig {
 template <typename T>
 class Trainer {
  public:
-  // `schedule` may be null (constant learning rate). The model must outlive the trainer.
-  Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule = nullptr);
+  // `schedule` may be null (constant learning rate); `loss` too (the mean squared error). The model
+  // must outlive the trainer.
+  Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule = nullptr,
+          std::shared_ptr<Loss<T>> loss = nullptr);
 
   // One training step on a batch already on the model's backend. Nothing in it waits for a GPU.
   void step(const Tensor<T>& X, const Tensor<T>& target);
   // The loss of the last step's batch, before its update; waits for the backend.
-  T loss() { return loss_.value(); }
+  T loss() { return loss_->value(); }
 
   std::int64_t steps_done() const { return steps_done_; }
   // Resuming: puts the trainer where `steps` steps leave it (what trains, which optimizer).
@@ -48,7 +50,7 @@ class Trainer {
 
   Model<T>& model() { return *model_; }
   Adam<T>& optimizer() { return *optimizer_; }
-  MseLoss<T>& loss_function() { return loss_; }
+  Loss<T>& loss_function() { return *loss_; }
   Schedule* schedule() { return schedule_.get(); }
   ReloraController<T>* controller() { return controller_ ? controller_.get() : nullptr; }
   const TrainerConfig& config() const { return config_; }
@@ -65,7 +67,7 @@ class Trainer {
     const T* target = nullptr;
     Index target_rows = 0, target_cols = 0;
     std::uint64_t optimizer = 0;         // optimizer_generation_ of the optimizer in use
-    std::vector<std::uint8_t> layers;    // per layer: train target, training, merged, dropout
+    std::vector<std::uint32_t> layers;   // per layer: its step_signature()
     bool operator==(const StepShape& o) const {
       return X == o.X && x_rows == o.x_rows && x_cols == o.x_cols && target == o.target &&
              target_rows == o.target_rows && target_cols == o.target_cols && optimizer == o.optimizer &&
@@ -78,7 +80,7 @@ class Trainer {
   // Forward, MSE, backward and Adam, eagerly or recorded, or one replay of the recorded step.
   void run_step(const Tensor<T>& X, const Tensor<T>& target, double lr_factor);
   void compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor);
-  // Fills shape_now_; false when the step cannot be recorded (dropout draws a new mask per step).
+  // Fills shape_now_; false when the step cannot be recorded (a layer is not replayable).
   bool describe_step(const Tensor<T>& X, const Tensor<T>& target);
 
   Model<T>* model_;
@@ -86,7 +88,7 @@ class Trainer {
   std::shared_ptr<Schedule> schedule_;
   std::unique_ptr<ReloraController<T>> controller_;
   std::unique_ptr<Adam<T>> optimizer_;
-  MseLoss<T> loss_;
+  std::shared_ptr<Loss<T>> loss_;
   std::int64_t steps_done_ = 0;
 
   std::uint64_t optimizer_generation_ = 0;  // counts build_optimizer() calls

@@ -18,11 +18,12 @@
 // halves, and the loss's sum differ from theirs by rounding.
 #include <algorithm>
 
-#include "cuda/cuda_adapter_common.cuh"
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_launch.cuh"
-#include "layers/fused_lora_checks.hpp"
+#include "layers/cuda/cuda_adapter_common.cuh"
+#include "layers/cuda/cuda_lora_linear.hpp"
+#include "relora/losses/mse_loss.hpp"
 
 namespace relora {
 namespace cuda_detail {
@@ -172,44 +173,49 @@ void launch_output_pass(const OutputPass<T>& pass, bool vector, unsigned blocks,
 using namespace cuda_detail;
 
 template <typename T>
-bool CudaBackend<T>::fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target,
-                                            Tensor<T>& U, Tensor<T>& Y, Tensor<T>& dY, Tensor<T>& loss,
-                                            Tensor<T>& dU) {
-  if (!fused_small_layers_) return false;
-  check_fused_forward_mse(layer, target, U, Y, dY, loss, dU);
-  const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
-  // A tiny layer keeps its one-kernel forward; outside the adapter passes' range the products
-  // are cuBLAS's, and the separate MSE is no longer what the step spends its time in.
-  if (tiny_layer_widths(k, d, r) || !adapter_passes_apply(n, k, d, r)) return false;
+void CudaAdapterLoraLinear<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target) {
+  auto* mse = dynamic_cast<MseLoss<T>*>(&loss);
+  const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
+  if (mse == nullptr || this->merged() || this->dropout_in_use() || X.cols() != this->in_features() ||
+      !adapter_passes_apply(n, k, d, r)) {
+    return Layer<T>::forward_with_loss(X, loss, target);
+  }
+  if (!target.same_shape(n, d)) {
+    throw ShapeError("MseLoss: prediction is " + shape_string(n, d) + " but target is " + target.shape());
+  }
+  CudaBackend<T>& be = cuda();
+  Tensor<T>& dY = mse->gradient_buffer(target);
+  Tensor<T>& value = mse->value_buffer();
+  const T* B = this->B_.data();
+  const T* b = this->has_bias() ? this->b_.data() : nullptr;
   constexpr int kVector = int(16 / sizeof(T));
-  const bool vector = d % kVector == 0 && all_aligned_16(Y.data(), target.data(), dY.data(), layer.B->data()) &&
-                      (layer.b == nullptr || all_aligned_16(layer.b->data()));
+  const bool vector = d % kVector == 0 && all_aligned_16(this->Y_.data(), target.data(), dY.data(), B) &&
+                      (b == nullptr || all_aligned_16(b));
   const int stride = int(d) + (vector ? kVector : 1);  // rows stay 16-byte aligned; fewer bank conflicts
   const std::size_t shared = std::size_t(r) * std::size_t(stride) * sizeof(T);
   // All of B in shared memory, beside the static arrays (the loss reduction's doubles, the dU halves).
   const std::size_t static_bytes = kOutputThreads * sizeof(double) + sizeof(T) * kOutputRows * kWarpsPerRow * kMaxAdapterRank + 64;
-  if (shared + static_bytes > shared_optin_bytes_) return false;
+  if (shared + static_bytes > be.shared_optin_bytes()) return Layer<T>::forward_with_loss(X, loss, target);
 
-  activate();
-  adapter_project_beside_product(layer, U, Y);
+  this->begin_forward(X);
+  be.activate();
+  project_beside_product(X);
   const Index rows_per_block = kOutputRows;
   const unsigned blocks = unsigned(std::min<Index>((n + rows_per_block - 1) / rows_per_block, kMaxReduceBlocks));
-  OutputPass<T> pass{U.data(), layer.B->data(), layer.b ? layer.b->data() : nullptr, target.data(), Y.data(),
-                     dY.data(), dU.data(), loss.data(), scratch(), layer.scale, T(2) / T(n * d), n, int(d), int(r),
-                     stride};
+  OutputPass<T> pass{this->U_.data(), B, b, target.data(), this->Y_.data(), dY.data(), this->dU_.data(),
+                     value.data(), be.scratch(), this->scale_, T(2) / T(n * d), n, int(d), int(r), stride};
   if (r <= 8) {
-    launch_output_pass<T, 8>(pass, vector, blocks, shared, stream_.stream);
+    launch_output_pass<T, 8>(pass, vector, blocks, shared, be.stream());
   } else if (r <= 16) {
-    launch_output_pass<T, 16>(pass, vector, blocks, shared, stream_.stream);
+    launch_output_pass<T, 16>(pass, vector, blocks, shared, be.stream());
   } else {
-    launch_output_pass<T, kMaxAdapterRank>(pass, vector, blocks, shared, stream_.stream);
+    launch_output_pass<T, kMaxAdapterRank>(pass, vector, blocks, shared, be.stream());
   }
-  return true;
+  dU_ready_for_ = dY.data();
 }
 
-#define RELORA_INSTANTIATE(T)                                                                                   \
-  template bool CudaBackend<T>::fused_lora_forward_mse(const LoraLayerTensors<T>&, const Tensor<T>&, Tensor<T>&, \
-                                                       Tensor<T>&, Tensor<T>&, Tensor<T>&, Tensor<T>&);
+#define RELORA_INSTANTIATE(T) \
+  template void CudaAdapterLoraLinear<T>::forward_with_loss(const Tensor<T>&, Loss<T>&, const Tensor<T>&);
 RELORA_INSTANTIATE(float)
 RELORA_INSTANTIATE(double)
 #undef RELORA_INSTANTIATE

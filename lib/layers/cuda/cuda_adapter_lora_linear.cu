@@ -1,4 +1,4 @@
-// The LoRA branch of a layer too wide for the one-kernel path (cuda_fused_lora.cu) but of small
+// The LoRA branch of a layer too wide for the one-kernel path (cuda_tiny_lora_linear.cu) but of small
 // rank: cuBLAS keeps the large products (X W^T, dY W), and the rank-sized work runs as three
 // kernels of ours instead of five cuBLAS products, a bias kernel and cuBLAS's split-depth
 // reductions.
@@ -27,8 +27,9 @@
 #include <algorithm>
 #include <limits>
 
-#include "cuda/cuda_adapter_common.cuh"
 #include "cuda/cuda_backend_impl.cuh"
+#include "layers/cuda/cuda_adapter_common.cuh"
+#include "layers/cuda/cuda_lora_linear.hpp"
 #include "cuda/cuda_launch.cuh"
 #include "cuda/cuda_pack.cuh"
 
@@ -471,100 +472,112 @@ void column_pass(const ColumnPass<T>& pass, int chunks, cudaStream_t stream) {
 using namespace cuda_detail;
 
 template <typename T>
-void CudaBackend<T>::adapter_project_beside_product(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
-  const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
-  // U = X A^T on the side stream while cuBLAS runs X W^T here: neither reads what the other
-  // writes, and X W^T leaves SMs and issue slots to spare (PERFORMANCE.md).
-  activate();  // the events and streams belong to this backend's device
-  RELORA_CUDA_CHECK(cudaEventRecord(fork_event_.event, stream_.stream));
-  RELORA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_.stream, fork_event_.event, 0));
-  RowPass<T> project{layer.X->data(), layer.A->data(), nullptr, nullptr, U.data(), nullptr, T(1), T(0),
-                     n, int(k), int(d), int(r), int(k), 1, 0, 0};  // G(j, p) = A[j, p]
-  row_pass(project, side_stream_.stream, /*overlapped=*/false);
-  RELORA_CUDA_CHECK(cudaEventRecord(join_event_.event, side_stream_.stream));
-  gemm(Trans::no, Trans::yes, T(1), *layer.X, *layer.W, T(0), Y);  // Y = X W^T
-  RELORA_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream, join_event_.event, 0));
+bool CudaAdapterLoraLinear<T>::suits(const LoraConfig& config) {
+  return config.rank <= kMaxAdapterRank && adapter_passes_apply(1, config.in_features, config.out_features, config.rank);
 }
 
 template <typename T>
-bool CudaBackend<T>::adapter_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
-  const Index n = layer.X->rows(), k = layer.X->cols(), d = Y.cols(), r = U.cols();
-  if (!adapter_passes_apply(n, k, d, r)) return false;
-  adapter_project_beside_product(layer, U, Y);
-  expand_pass(ExpandPass<T>{U.data(), layer.B->data(), layer.b ? layer.b->data() : nullptr, Y.data(), layer.scale,
-                            n, int(d), int(r)},
-              stream_.stream);
+bool CudaAdapterLoraLinear<T>::fast_path_for(Index rows) const {
+  return adapter_passes_apply(rows, this->in_features(), this->out_features(), this->rank());
+}
+
+template <typename T>
+void CudaAdapterLoraLinear<T>::project_beside_product(const Tensor<T>& X) {
+  const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
+  // U = X A^T on the side stream while cuBLAS runs X W^T here: neither reads what the other
+  // writes, and X W^T leaves SMs and issue slots to spare (PERFORMANCE.md).
+  CudaBackend<T>& be = cuda();
+  be.fork_side();
+  RowPass<T> project{X.data(), this->A_.data(), nullptr, nullptr, this->U_.data(), nullptr, T(1), T(0),
+                     n, int(k), int(d), int(r), int(k), 1, 0, 0};  // G(j, p) = A[j, p]
+  row_pass(project, be.side_stream(), /*overlapped=*/false);
+  be.gemm(Trans::no, Trans::yes, T(1), X, this->W_, T(0), this->Y_);  // Y = X W^T
+  be.join_side();
+}
+
+template <typename T>
+bool CudaAdapterLoraLinear<T>::adapter_forward(const Tensor<T>& X) {
+  const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
+  if (this->merged() || this->dropout_in_use() || !adapter_passes_apply(n, k, d, r)) return false;
+  this->begin_forward(X);
+  project_beside_product(X);
+  expand_pass(ExpandPass<T>{this->U_.data(), this->B_.data(), this->has_bias() ? this->b_.data() : nullptr,
+                            this->Y_.data(), this->scale_, n, int(d), int(r)},
+              cuda().stream());
   return true;
 }
 
 template <typename T>
-bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
-                                      const LoraLayerGradients<T>& grads) {
-  const Index n = layer.X->rows(), k = layer.X->cols(), d = dY.cols(), r = U.cols();
-  if (!adapter_passes_apply(n, k, d, r)) return false;
-  activate();  // the launches below may come before any call that makes the device current
+const Tensor<T>& CudaAdapterLoraLinear<T>::forward(const Tensor<T>& X) {
+  dU_ready_for_ = nullptr;
+  if (adapter_forward(X)) return this->Y_;
+  return LoraLinear<T>::forward(X);
+}
+
+template <typename T>
+bool CudaAdapterLoraLinear<T>::adapter_backward(const Tensor<T>& dY, Tensor<T>* dX) {
+  const Index n = this->batch_rows(), k = this->in_features(), d = this->out_features(), r = this->rank();
+  if (!this->plain_backward() || !adapter_passes_apply(n, k, d, r)) return false;
+  CudaBackend<T>& be = cuda();
 
   // Chunks of rows for the column pass: about two blocks per SM in all (one left each SM's
   // warps stalled on their own multiply-add chains), each chunk at least a tile of rows; the
   // partials then take chunks (r + 1) (k + d) elements of workspace.
   const Index column_blocks = (k + d + kColumnThreads - 1) / kColumnThreads;
-  const Index wanted = std::max<Index>(1, (2 * sm_count_ + column_blocks - 1) / column_blocks);
+  const Index wanted = std::max<Index>(1, (2 * be.sm_count() + column_blocks - 1) / column_blocks);
   const Index chunk_rows = std::max<Index>(kColumnTileRows, (n + wanted - 1) / wanted);
   const Index chunks = (n + chunk_rows - 1) / chunk_rows;
   const std::size_t partial_bytes = std::size_t(chunks) * std::size_t(r + 1) * std::size_t(k + d) * sizeof(T);
-  if (!reserve_adapter_workspace(partial_bytes)) return false;
+  if (!reserve_workspace(partial_bytes)) return false;
+  be.activate();  // the launches below may come before any call that makes the device current
 
-  if (grads.dX) gemm(Trans::no, Trans::no, T(1), dY, *layer.W, T(0), *grads.dX);  // dX = dY W
-  if (grads.dX || !grads.dU_ready) {  // dX += dU A needs the row pass anyway (it recomputes dU, the same bits)
-    RowPass<T> rows{dY.data(), layer.B->data(), layer.A->data(), nullptr,
-                    grads.dU->data(), grads.dX ? grads.dX->data() : nullptr, layer.scale, T(1), n,
-                    int(d), int(k), int(r), 1, int(r), 1, int(k)};  // G(j, c) = B[c, j]; H(p, j) = A[j, p]
-    row_pass(rows, stream_.stream);
+  const Tensor<T>& X = this->input();
+  const bool dU_ready = dU_ready_for_ != nullptr && dU_ready_for_ == dY.data();
+  if (dX) be.gemm(Trans::no, Trans::no, T(1), dY, this->W_, T(0), *dX);  // dX = dY W
+  if (dX || !dU_ready) {  // dX += dU A needs the row pass anyway (it recomputes dU, the same bits)
+    RowPass<T> rows{dY.data(), this->B_.data(), this->A_.data(), nullptr, this->dU_.data(),
+                    dX ? dX->data() : nullptr, this->scale_, T(1), n, int(d), int(k), int(r),
+                    1, int(r), 1, int(k)};  // G(j, c) = B[c, j]; H(p, j) = A[j, p]
+    row_pass(rows, be.stream());
   }
 
-  T* partial = static_cast<T*>(adapter_workspace_.ptr);
-  ColumnPass<T> columns{dY.data(), U.data(), layer.X->data(), grads.dU->data(), partial, n, chunk_rows,
-                        int(d), int(k), int(r), grads.db != nullptr};
-  column_pass(columns, int(chunks), stream_.stream);
+  T* partial = workspace_.data();
+  const bool db = this->bias_trains();
+  ColumnPass<T> columns{dY.data(), this->U_.data(), X.data(), this->dU_.data(), partial, n, chunk_rows,
+                        int(d), int(k), int(r), db};
+  column_pass(columns, int(chunks), be.stream());
 
-  ReducePass<T> reduce{partial, grads.dB->data(), grads.db ? grads.db->data() : nullptr, grads.dA->data(),
-                       layer.scale, int(chunks), int(d), int(k), int(r)};
-  const int blocks = grid_for(std::int64_t(r + 1) * (k + d), sm_count_, 4);
-  launch_overlapped(&adapter_reduce_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), 0, stream_.stream,
+  ReducePass<T> reduce{partial, this->dB_.data(), db ? this->db_.data() : nullptr, this->dA_.data(),
+                       this->scale_, int(chunks), int(d), int(k), int(r)};
+  const int blocks = grid_for(std::int64_t(r + 1) * (k + d), be.sm_count(), 4);
+  launch_overlapped(&adapter_reduce_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), 0, be.stream(),
                     "launch of adapter_reduce_kernel", reduce);
   return true;
 }
 
 template <typename T>
-bool CudaBackend<T>::reserve_adapter_workspace(std::size_t bytes) {
-  if (bytes <= adapter_workspace_bytes_) return true;
+void CudaAdapterLoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
+  this->begin_backward(dY, dX);
+  if (!adapter_backward(dY, dX)) LoraLinear<T>::backward(dY, dX);
+  dU_ready_for_ = nullptr;
+  this->finish_backward(dX);
+}
+
+template <typename T>
+bool CudaAdapterLoraLinear<T>::reserve_workspace(std::size_t bytes) {
+  const std::size_t elements = (bytes + sizeof(T) - 1) / sizeof(T);
+  if (std::size_t(workspace_.size()) >= elements) return true;
   // Growing frees the old buffer, which a queued step or a recorded graph may still name: not
-  // while recording (the separate products run instead), and a ready recording goes stale.
-  if (recording_) return false;
-  activate();
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
-  if (adapter_workspace_.ptr) RELORA_CUDA_CHECK(cudaFree(adapter_workspace_.ptr));
-  adapter_workspace_.ptr = nullptr;
-  adapter_workspace_bytes_ = 0;
-  ++allocations_;
-  const cudaError_t status = cudaMalloc(&adapter_workspace_.ptr, bytes);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();
-    adapter_workspace_.ptr = nullptr;
-    return false;  // the separate products need no workspace
-  }
-  adapter_workspace_bytes_ = bytes;
+  // while recording (the separate products run instead), and a ready recording goes stale (the
+  // backend counts allocations).
+  if (cuda().recording()) return false;
+  cuda().synchronize();
+  workspace_ = Tensor<T>();
+  workspace_ = this->backend_->allocate(1, Index(elements));
   return true;
 }
 
-#define RELORA_INSTANTIATE(T)                                                                                  \
-  template bool CudaBackend<T>::adapter_forward(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);          \
-  template bool CudaBackend<T>::adapter_backward(const LoraLayerTensors<T>&, const Tensor<T>&, const Tensor<T>&, \
-                                                 const LoraLayerGradients<T>&);                               \
-  template bool CudaBackend<T>::reserve_adapter_workspace(std::size_t);                                       \
-  template void CudaBackend<T>::adapter_project_beside_product(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);
-RELORA_INSTANTIATE(float)
-RELORA_INSTANTIATE(double)
-#undef RELORA_INSTANTIATE
+template class CudaAdapterLoraLinear<float>;
+template class CudaAdapterLoraLinear<double>;
 
 }  // namespace relora

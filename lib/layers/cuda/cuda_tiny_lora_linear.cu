@@ -22,10 +22,10 @@
 #include <algorithm>
 #include <limits>
 
-#include "cuda/cuda_adapter_common.cuh"
 #include "cuda/cuda_backend_impl.cuh"
 #include "cuda/cuda_launch.cuh"
-#include "layers/fused_lora_checks.hpp"
+#include "layers/cuda/cuda_adapter_common.cuh"
+#include "layers/cuda/cuda_lora_linear.hpp"
 
 namespace relora {
 namespace cuda_detail {
@@ -249,70 +249,83 @@ __global__ void __launch_bounds__(kBackwardThreads) fused_lora_backward_kernel(c
 using namespace cuda_detail;
 
 template <typename T>
-bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) {
-  if (!fused_small_layers_) return false;
-  check_fused_forward(layer, U, Y);
-  const Index d = Y.cols(), r = U.cols();
-  const Index n = layer.X->rows(), k = layer.X->cols();
-  const Index blocks = (n + kForwardRows - 1) / kForwardRows;
-  if (n == 0 || !tiny_layer_widths(k, d, r) || blocks > std::numeric_limits<int>::max()) {
-    return adapter_forward(layer, U, Y);
-  }
+bool CudaTinyLoraLinear<T>::suits(const LoraConfig& config) {
+  return tiny_layer_widths(config.in_features, config.out_features, config.rank);
+}
 
+template <typename T>
+bool CudaTinyLoraLinear<T>::fast_path_for(Index rows) const {
+  return rows >= 1 && (rows + kForwardRows - 1) / kForwardRows <= std::numeric_limits<int>::max();
+}
+
+template <typename T>
+bool CudaTinyLoraLinear<T>::tiny_forward(const Tensor<T>& X) {
+  const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
+  const Index blocks = (n + kForwardRows - 1) / kForwardRows;
+  if (this->merged() || this->dropout_in_use() || n == 0 || k != this->in_features() ||
+      blocks > std::numeric_limits<int>::max()) {
+    return false;
+  }
   const int kp = padded(int(k)), rp = padded(int(r));
   const std::size_t shared = std::size_t((d + r) * kp + d * rp + d + kForwardRows * (kp + rp)) * sizeof(T);
   if (shared > std::size_t(kSharedBytes)) return false;  // not at widths <= 32 (42 KB for double)
 
-  ForwardArgs<T> args{layer.X->data(), layer.W->data(), layer.A->data(), layer.B->data(),
-                      layer.b ? layer.b->data() : nullptr, U.data(), Y.data(), layer.scale, n,
+  this->begin_forward(X);
+  ForwardArgs<T> args{X.data(), this->W_.data(), this->A_.data(), this->B_.data(),
+                      this->has_bias() ? this->b_.data() : nullptr, this->U_.data(), this->Y_.data(), this->scale_, n,
                       int(k), int(d), int(r)};
-  activate();
-  launch_overlapped(&fused_lora_forward_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), shared, stream_.stream,
+  CudaBackend<T>& be = this->cuda();
+  be.activate();
+  launch_overlapped(&fused_lora_forward_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), shared, be.stream(),
                     "launch of fused_lora_forward_kernel", args);
   return true;
 }
 
 template <typename T>
-bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>& layer, const Tensor<T>& U, const Tensor<T>& dY,
-                                         const LoraLayerGradients<T>& grads) {
-  if (!fused_small_layers_) return false;
-  check_fused_backward(layer, U, dY, grads);
-  const Index d = dY.cols(), r = U.cols();
-  const Index n = layer.X->rows(), k = layer.X->cols();
-  if (n == 0 || !tiny_layer_widths(k, d, r) || double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) {
-    return adapter_backward(layer, U, dY, grads);
-  }
+const Tensor<T>& CudaTinyLoraLinear<T>::forward(const Tensor<T>& X) {
+  if (tiny_forward(X)) return this->Y_;
+  return CudaAdapterLoraLinear<T>::forward(X);
+}
 
+template <typename T>
+bool CudaTinyLoraLinear<T>::tiny_backward(const Tensor<T>& dY, Tensor<T>* dX) {
+  const Index n = this->batch_rows(), k = this->in_features(), d = this->out_features(), r = this->rank();
+  if (!this->plain_backward() || double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) {
+    return false;
+  }
   // As many rows per tile as shared memory holds beside W, A, B (all of them for the seed demo);
   // as many threads per reduction output as the block has to spare.
+  const bool db = this->bias_trains();
   const int kp = padded(int(k)), dp = padded(int(d)), rp = padded(int(r));
   const int weights = int((d + r) * kp + d * rp) + 1;  // and the shared 1
   const int row = dp + kp + 2 * rp;                     // dY, X, U, dU
   const int budget = kSharedBytes / int(sizeof(T));
   const int tile_rows = int(std::min<Index>(n, (budget - weights) / row));
-  const int outputs = int(d * r + r * k + (grads.db ? d : 0));
+  const int outputs = int(d * r + r * k + (db ? d : 0));
   const int slices = std::clamp(kBackwardThreads / outputs, 1, std::max(tile_rows, 1));
   const int tile = std::max(tile_rows * row, outputs * slices);  // the partial sums reuse the tile
   if (tile_rows < 1 || weights + tile > budget) return false;  // not at widths <= 32
 
-  BackwardArgs<T> args{layer.X->data(), layer.W->data(), layer.A->data(), layer.B->data(), U.data(),
-                       dY.data(), grads.dU->data(), grads.dA->data(), grads.dB->data(),
-                       grads.db ? grads.db->data() : nullptr, grads.dX ? grads.dX->data() : nullptr,
-                       layer.scale, int(n), int(k), int(d), int(r), tile_rows, slices};
-  activate();
+  BackwardArgs<T> args{this->input().data(), this->W_.data(), this->A_.data(), this->B_.data(), this->U_.data(),
+                       dY.data(), this->dU_.data(), this->dA_.data(), this->dB_.data(),
+                       db ? this->db_.data() : nullptr, dX ? dX->data() : nullptr,
+                       this->scale_, int(n), int(k), int(d), int(r), tile_rows, slices};
+  CudaBackend<T>& be = this->cuda();
+  be.activate();
   const std::size_t shared = std::size_t(weights + tile) * sizeof(T);
-  launch_overlapped(&fused_lora_backward_kernel<T>, dim3(1), dim3(kBackwardThreads), shared, stream_.stream,
+  launch_overlapped(&fused_lora_backward_kernel<T>, dim3(1), dim3(kBackwardThreads), shared, be.stream(),
                     "launch of fused_lora_backward_kernel", args);
   return true;
 }
 
-// The class itself is instantiated in cuda_backend.cu; these are the members defined here.
-#define RELORA_INSTANTIATE(T)                                                                              \
-  template bool CudaBackend<T>::fused_lora_forward(const LoraLayerTensors<T>&, Tensor<T>&, Tensor<T>&);   \
-  template bool CudaBackend<T>::fused_lora_backward(const LoraLayerTensors<T>&, const Tensor<T>&,         \
-                                                    const Tensor<T>&, const LoraLayerGradients<T>&);
-RELORA_INSTANTIATE(float)
-RELORA_INSTANTIATE(double)
-#undef RELORA_INSTANTIATE
+template <typename T>
+void CudaTinyLoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
+  this->begin_backward(dY, dX);
+  if (!tiny_backward(dY, dX)) return CudaAdapterLoraLinear<T>::backward(dY, dX);
+  this->finish_backward(dX);
+}
+
+template class CudaTinyLoraLinear<float>;
+template class CudaTinyLoraLinear<double>;
 
 }  // namespace relora
