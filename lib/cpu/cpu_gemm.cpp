@@ -44,7 +44,7 @@ std::size_t aligned_count(EIndex count) {
 
 // Products with a LoRA rank's side (m, n or the depth at most kNarrow) and at least kSplitWork
 // multiply-adds: Eigen parallelises a product along one dimension with a shared
-// packing step, which for these shapes keeps most of the 16 threads waiting. Here each thread
+// packing step, which for these shapes keeps most of the threads waiting. Here each thread
 // takes a contiguous slab of the longer side of C and runs Eigen's single-threaded kernel
 // on it (Eigen does not nest inside a parallel region). The depth is never split, so every
 // element is the same sum as in one product.

@@ -8,10 +8,9 @@
 // the threads and the kernels are Eigen's, so C is the same to the bit as
 //   C.noalias() += alpha * op(A) * op(B)
 // on the same number of threads (Eigen::nbThreads()). Products with a LoRA rank's side run as
-// slabs instead, one per thread, each Eigen's single-threaded product (kNarrow in cpu_gemm.cpp),
-// the same to the bit as CpuBackend::gemm computed them with Eigen expressions before.
-// The beta of C = alpha op(A) op(B) + beta C is the caller's: CpuBackend::gemm scales C first,
-// in parallel, as it did before this existed.
+// slabs instead, one per thread, each Eigen's single-threaded product (kNarrow in cpu_gemm.cpp
+// says why). The beta of C = alpha op(A) op(B) + beta C is the caller's: CpuBackend::gemm
+// scales C first, in parallel.
 #include <cstddef>
 #include <memory>
 

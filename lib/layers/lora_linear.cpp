@@ -289,7 +289,7 @@ void LoraLinear<T>::save_state(StateDict<T>& state) const {
 }
 
 template <typename T>
-void LoraLinear<T>::restore_state(const StateDict<T>& state) {
+void LoraLinear<T>::check_state(const StateDict<T>& state) const {
   const auto mismatch = [](const char* field, const std::string& saved, const std::string& mine) {
     throw IoError(std::string("config field '") + field + "' is " + saved + " in the checkpoint but " + mine +
                   " in the model");
@@ -321,22 +321,28 @@ void LoraLinear<T>::restore_state(const StateDict<T>& state) {
     mismatch("seed", std::to_string(state.unsigned_integer("config.seed")), std::to_string(config_.seed));
   }
   const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
-  const HostMatrix<T>& W = state.tensor("weight", d, k);
-  const HostMatrix<T>& A = state.tensor("lora_A", r, k);
-  const HostMatrix<T>& B = state.tensor("lora_B", d, r);
-  const HostMatrix<T>* b = has_bias() ? &state.tensor("bias", 1, d) : nullptr;
+  state.tensor("weight", d, k);
+  state.tensor("lora_A", r, k);
+  state.tensor("lora_B", d, r);
+  if (has_bias()) state.tensor("bias", 1, d);
   if (!has_bias() && state.has_tensor("bias")) throw IoError("the layer has no bias, but the checkpoint holds one");
-  const bool merged = state.boolean("merged");
-  const bool training = state.boolean("training");
-  const std::uint64_t stream = state.unsigned_integer("rng_stream");
-  // Everything read and checked: from here on only uploads of checked values.
-  set_W(W);
-  if (b) set_b(*b);
-  set_A(A);
-  set_B(B);
-  merged_ = merged;
-  training_ = training;
-  rng_stream_ = stream;
+  state.boolean("merged");
+  state.boolean("training");
+  state.unsigned_integer("rng_stream");
+}
+
+template <typename T>
+void LoraLinear<T>::restore_state(const StateDict<T>& state) {
+  check_state(state);
+  // Everything checked: from here on only uploads of checked values.
+  const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
+  set_W(state.tensor("weight", d, k));
+  if (has_bias()) set_b(state.tensor("bias", 1, d));
+  set_A(state.tensor("lora_A", r, k));
+  set_B(state.tensor("lora_B", d, r));
+  merged_ = state.boolean("merged");
+  training_ = state.boolean("training");
+  rng_stream_ = state.unsigned_integer("rng_stream");
 }
 
 template <typename T>

@@ -1,8 +1,8 @@
 #pragma once
 // The primitives that more than one component needs: memory, products, element-wise work,
 // reductions, random fills, synchronisation and recording a step. Layers, losses, optimizers and
-// the controller are written once against this interface; a component's own kernels (a fused
-// layer's, an optimizer's) live with the component, one file per device. The CPU backend maps
+// the controller are written once against this interface; a component's own kernels (a fast
+// layer sibling's, an optimizer's) live with the component, one file per device. The CPU backend maps
 // host buffers with Eigen, the CUDA backend keeps buffers on the device and calls cuBLAS and a
 // few kernels. One virtual call per operation, never per element.
 #include <cstddef>

@@ -55,9 +55,9 @@ RELORA_HOST_DEVICE inline void adam_element(T& p, T g, T& m, T& v, double lr, do
   const T m_hat = m / T(c1);
   const T v_hat = v / T(c2);
   if (h.decoupled_weight_decay) p -= T(lr * weight_decay) * p;
-  // std::sqrt's overload for T: an unqualified sqrt of a float found C's double sqrt on the host
-  // (and float on the device), so the two backends rounded this step differently, and the double
-  // call kept the CPU loop from vectorising.
+  // std::sqrt's overload for T: an unqualified sqrt of a float finds C's double sqrt on the host
+  // (and float on the device), so the two backends would round this step differently, and the
+  // double call keeps the CPU loop from vectorising.
   using std::sqrt;
   p -= T(lr) * m_hat / (sqrt(v_hat) + T(h.eps));
 }

@@ -1,8 +1,8 @@
 #pragma once
 // One layer of a Model: a forward, a backward that writes its own gradients, the parameters it
 // trains, and its own saved state. LoraLinear is the reference implementation; fast paths are
-// sibling implementations of this interface (tested against the reference) that make_layer picks
-// from the shapes, so Model, Trainer and the loss hold no special case for any of them.
+// sibling implementations of this interface (tested against the reference) that make_lora_linear
+// picks from the shapes, so Model, Trainer and the loss hold no special case for any of them.
 //
 // Every layer here is an adapter on a frozen base: merge() folds the adapter into the base,
 // reinit() starts a fresh adapter that leaves the output unchanged. The ReLoRA controller needs
@@ -78,9 +78,12 @@ class Layer {
   virtual std::uint32_t step_signature() const = 0;
 
   // The whole state the layer needs to resume bit for bit (base, adapter, flags, random streams)
-  // and the config it was built with. restore_state checks everything (config included) before it
-  // changes anything, and throws IoError naming what does not fit.
+  // and the config it was built with (waits for the backend).
   virtual void save_state(StateDict<T>& state) const = 0;
+  // Throws IoError naming the entry if `state` cannot be restored into this layer (a config that
+  // differs, an entry missing or of another shape, a non-finite value); changes nothing.
+  virtual void check_state(const StateDict<T>& state) const = 0;
+  // check_state(), then takes the state over.
   virtual void restore_state(const StateDict<T>& state) = 0;
 };
 

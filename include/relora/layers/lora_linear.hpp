@@ -1,9 +1,9 @@
 #pragma once
 // A linear layer with a frozen base weight and a trainable low-rank adapter: the reference
-// implementation of Layer, written as the math of DESIGN.md and nothing else. Fast paths for
-// particular shapes are sibling classes (make_layer picks them), tested against this one.
+// implementation of Layer, written as the math below and nothing else. Fast paths for
+// particular shapes are sibling classes (make_lora_linear picks them), tested against this one.
 //
-// Letters, as in shared/DESIGN.md: n rows of input, k = in_features, d = out_features,
+// Letters: n rows of input, k = in_features, d = out_features,
 // r = rank, s = scale. X is n x k, W is d x k (frozen), b is d, A is r x k, B is d x r.
 //
 //   forward:  U = D(X) A^T            (n x r, D = inverted dropout on the LoRA branch)
@@ -77,6 +77,7 @@ class LoraLinear : public Layer<T> {
   std::uint32_t step_signature() const override;
 
   void save_state(StateDict<T>& state) const override;
+  void check_state(const StateDict<T>& state) const override;
   void restore_state(const StateDict<T>& state) override;
 
   const LoraConfig& config() const { return config_; }

@@ -1,6 +1,6 @@
 #pragma once
-// Feature-major panels of a small batch and the arithmetic on them, for the fused small-layer
-// passes of the CPU backend (cpu_fused_lora.cpp, the only includer).
+// Feature-major panels of a small batch and the arithmetic on them, for CpuTinyLoraLinear's
+// passes (cpu_tiny_lora_linear.cpp, the only includer).
 //
 // A panel holds a row-major n x width matrix M transposed: feature f of row i at P[f * ld + i],
 // ld = n rounded up to whole SIMD registers (`kLanes` rows of the batch per register), the lanes
@@ -31,8 +31,8 @@ namespace relora::cpu_panels {
 
 // Rows of the batch per SIMD register of T: 64 bytes with AVX-512, else 8 (one AVX register of
 // floats, two of doubles).
-// RELORA_PANEL_LANES_256 keeps 256-bit lanes where AVX-512 is available (apps/bench/
-// variants_cpu_seed.sh measures one against the other: equal within the lent Xeon's noise).
+// RELORA_PANEL_LANES_256 keeps 256-bit lanes where AVX-512 is available, to compare the two
+// widths (docs/PERFORMANCE.md).
 #if defined(__AVX512F__) && !defined(RELORA_PANEL_LANES_256)
 #define RELORA_PANEL_LANES_512 1
 #else
@@ -175,9 +175,9 @@ RELORA_INLINE void lanes_to_rows<float>(const float* in, Index ld, Index width, 
 #pragma GCC diagnostic pop
 #endif
 
-// f(width) with width a compile-time constant for the widths of the fused layers (1 to 16), so
+// f(width) with width a compile-time constant for the widths of the tiny layers (1 to 16), so
 // that the transposes below compile to straight-line blocks: with the width known only at run
-// time they spent as many instructions on addresses as on moving data.
+// time they spend as many instructions on addresses as on moving data.
 template <typename F>
 RELORA_INLINE void with_width(Index width, F&& f) {
   switch (width) {
@@ -222,9 +222,8 @@ void store_rows(const T* P, Index ld, Index width_now, Index rows, T* M) {
 
 // ---- arithmetic on panels
 
-// One register of lanes as a GCC/Clang vector: arrays of these stay in registers where the same
-// loops over T[kLanes] arrays went through the stack (GCC zeroed them with `rep stos`, a quarter
-// of the pass).
+// One register of lanes as a GCC/Clang vector: arrays of these stay in registers, where GCC keeps
+// the same loops' T[kLanes] arrays on the stack (and zeroes them with `rep stos`).
 template <typename T>
 struct LanesOf {
   typedef T type __attribute__((vector_size(kLanes<T> * sizeof(T))));
@@ -257,7 +256,7 @@ auto sum_lanes(const V& v) {
 // when bias is null). G is a template argument so that the accumulators stay in registers, one
 // chain of multiply-adds each. V registers of lanes at a time: each broadcast coefficient (a load)
 // then feeds V multiply-adds, which the loads would otherwise bound. Always inlined into the loop
-// over the strip: as a call of its own it kept the accumulators on the stack (6% of the step).
+// over the strip: as a call of its own GCC keeps the accumulators on the stack.
 template <typename T, int G, int V>
 __attribute__((always_inline)) inline void combine_groups(const T* coef, Index row_stride, Index col_stride,
                                                           Index inputs, T factor, const T* in, Index in_ld, T* out,
@@ -398,8 +397,8 @@ void row_sums(const T* P, Index rows, Index ld, T* out) {
 // float operations, so the same bits); the lanes past `rows` are left zero, whatever Y holds there
 // (a bias). Returns the sum of the squared differences: each lane adds at most a strip's rows over
 // kLanes (16 to 32) squares in T, and those partial sums are added in double, so that a large
-// batch keeps its digits. (Squaring in double lane by lane, as CpuBackend::mse does, took GCC
-// through the stack for a vector wider than AVX2's registers: half the step.)
+// batch keeps its digits. (Squaring in double lane by lane, as CpuBackend::mse does, sends GCC
+// through the stack for a vector wider than AVX2's registers.)
 template <typename T>
 double squared_errors_in_lanes(const T* Y, Index y_ld, const T* Tg, Index t_ld, T* D, Index d_ld, Index width,
                                Index rows, T grad_scale) {

@@ -1,19 +1,19 @@
 // A tiny LoRA layer's forward (with the MSE after it, where it is a model's last) and backward in
-// one pass each, on the CPU.
+// one pass each, on the CPU. A sibling of LoraLinear (chosen by make_lora_linear), which it falls
+// back to outside its range.
 //
-// Why: the seed demo's layer (n = 200, k = 10, d = 5, r = 4) costs about 1 us per product through
-// Eigen's GEMM for a few thousand multiply-adds, six products a step: row-major, the product's
-// long side (n) lands on the micro-kernel's short side and most SIMD lanes compute padding, and
-// every call packs its operands again. Here the batch is computed feature-major: each group of
-// kLanes rows is transposed into one SIMD register per feature (every lane a real row of the
-// batch), the layer's products run as multiply-adds across those lanes with the small matrices'
-// entries broadcast, and the results are transposed back. No allocation, no threads.
+// Why: at tiny widths (n = 200, k = 10, d = 5, r = 4, say) each of a step's six products is a few
+// thousand multiply-adds, and Eigen's GEMM spends more than that around it: row-major, the
+// product's long side (n) lands on the micro-kernel's short side, so most SIMD lanes compute
+// padding, and every call packs its operands again. Here the batch is computed feature-major: each
+// group of kLanes rows is transposed into one SIMD register per feature (every lane a real row of
+// the batch), the layer's products run as multiply-adds across those lanes with the small
+// matrices' entries broadcast, and the results are transposed back. No allocation, no threads.
 //
-// Where the time goes (seed_demo's whole training step on the 2-core AMD development machine: 2.8
-// us at best, 25K instructions): the combine kernels about 28%, the transposes of U, Y, dY and dU
-// back to rows 23%, the reductions for dA, dB and db 15%, the memcmp of the kept panels 6%, then
-// Adam. So each tensor is transposed at most once per step, and the batch and the target not at
-// all once they are kept:
+// Where the time goes in such a step: most in the combine kernels, then the transposes of U, Y,
+// dY and dU back to rows, then the reductions for dA, dB and db, then the memcmp of the kept
+// panels and Adam. So each tensor is transposed at most once per step, and the batch and the
+// target not at all once they are kept:
 // - the forward keeps its feature-major X and U in the layer (TinyLoraPanels), and the backward
 //   that follows reads those instead of transposing them again: X and U are unchanged in between
 //   (LoraLinear's contract for X; U is the layer's own);
@@ -21,11 +21,12 @@
 //   values they were made from (compared with a copy of their rows): full-batch training passes
 //   the same batch every step, and a batch rewritten in place, through the backend or not, is
 //   transposed again;
-// - with the MSE fused into the last layer's forward, dY and dU = s dY B are computed there while
-//   the strip is in L1, and its backward reads their panels when it is given that dY.
+// - with the MSE computed in the last layer's forward (forward_with_loss), dY and dU = s dY B are
+//   computed there while the strip is in L1, and its backward reads their panels when it is given
+//   that dY.
 //
 // Beyond the limits below the separate products are faster (Eigen's blocked kernels and its
-// threads) and the backend answers "not fused".
+// threads): fast_path_for says no and the layer runs LoraLinear's products.
 #include <algorithm>
 
 #include "layers/cpu/cpu_tiny_lora_linear.hpp"
@@ -41,11 +42,11 @@ using namespace cpu_panels;
 constexpr Index kMaxWidth = 16;  // k and d
 constexpr Index kMaxRank = 8;    // beyond it the reductions for dA and dB outweigh what fusing saves
 // Rows per strip: each pass runs over a strip of rows before the next, so that a large batch is
-// computed while its rows are in L1 (the seed demo's 200 rows are one strip).
+// computed while its rows are in L1 (a batch of up to kStrip rows is one strip).
 constexpr Index kStrip = 256;
 static_assert(kStrip % kLanes<float> == 0 && kStrip % kLanes<double> == 0, "a strip holds whole registers");
-// Multiply-adds per step (forward and backward together) up to which the fused pass is used:
-// beyond it Eigen's kernels, and its threads, catch up (relora_bench --custom, PERFORMANCE.md).
+// Multiply-adds per step (forward and backward together) up to which the pass is used: beyond it
+// Eigen's blocked kernels, and its threads, catch up (docs/PERFORMANCE.md).
 constexpr double kMaxWork = double(1 << 20);
 
 // What the forward writes beside Y when the MSE is fused into it: dY = grad_scale (Y - target),

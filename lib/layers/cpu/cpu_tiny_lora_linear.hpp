@@ -38,12 +38,13 @@ struct TinyLoraPanels {
     }
   };
   KeptPanel X, target;  // X: the last forward's, which its backward reads rather than X again
-  std::vector<T> Ut;    // the last fused forward's U, which its backward reads
+  std::vector<T> Ut;    // the last forward pass's U, which its backward reads
   bool U_valid = false;
-  // dY and dU = s dY B of the fused MSE, which the backward reads instead of transposing dY and
-  // computing dU again when it is given that dY; else the backward's own, for its reductions.
+  // dY and dU = s dY B of the MSE computed in forward_with_loss, which the backward reads instead
+  // of transposing dY and computing dU again when it is given that dY; else the backward's own,
+  // for its reductions.
   std::vector<T> dYt, dUt;
-  Source dY;  // the loss gradient the fused MSE wrote, while dYt and dUt hold its panels
+  Source dY;  // the loss gradient forward_with_loss wrote, while dYt and dUt hold its panels
   std::vector<T> strip;  // one strip of rows of the forward's Y or the backward's dX
 };
 
@@ -52,7 +53,7 @@ class CpuTinyLoraLinear final : public LoraLinear<T> {
  public:
   using LoraLinear<T>::LoraLinear;
 
-  // Whether a layer of this config is within the fused passes' widths.
+  // Whether a layer of this config is within the passes' widths.
   static bool suits(const LoraConfig& config);
   const char* implementation() const override { return "cpu_tiny"; }
   // Up to a batch of this work the pass is ahead of the separate products.

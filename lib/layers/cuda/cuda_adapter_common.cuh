@@ -1,7 +1,8 @@
 #pragma once
-// What the adapter passes (cuda_adapter_passes.cu), the fused output layer (cuda_adapter_output.cu)
-// and the tiny layer's kernels (cuda_fused_lora.cu) share: which shapes each takes, and the device helpers that stage A or
-// B in shared memory and sum a warp's partial dot products.
+// What CudaAdapterLoraLinear's passes (cuda_adapter_lora_linear.cu), its MSE output pass
+// (cuda_adapter_output.cu) and CudaTinyLoraLinear's kernels (cuda_tiny_lora_linear.cu) share:
+// which shapes each takes, and the device helpers that stage A or B in shared memory and sum a
+// warp's partial dot products.
 #include <limits>
 
 #include "cuda/cuda_pack.cuh"
@@ -12,12 +13,12 @@ namespace cuda_detail {
 
 constexpr int kMaxAdapterRank = 32;  // the passes keep up to r sums per lane in registers
 constexpr int kStageBatch = 8;       // 16-byte loads a thread issues together when staging
-// Up to this many multiply-adds in the rank-sized products, n (k + d) r, the passes beat cuBLAS
-// (PERFORMANCE.md): layer1k (2^25) took 0.1175 ms a step against 0.127 through cuBLAS, while
-// mlp4x2k's layers (2^27 each) took 3.08 ms against 2.91: there cuBLAS's tiles are full.
+// Up to this many multiply-adds in the rank-sized products, n (k + d) r, the passes beat cuBLAS:
+// a layer of n = k = d = 1024, r = 16 (2^25) gains, while layers of 2^27 lose, because there
+// cuBLAS's tiles are full (docs/PERFORMANCE.md).
 constexpr double kMaxAdapterWork = double(1ll << 26);
 
-// The one-kernel path of a tiny layer (cuda_fused_lora.cu) takes k, d and r up to this.
+// CudaTinyLoraLinear's one-kernel passes (cuda_tiny_lora_linear.cu) take k, d and r up to this.
 constexpr int kMaxTinyWidth = 32;
 inline bool tiny_layer_widths(Index k, Index d, Index r) {
   const auto fits = [](Index w) { return w >= 1 && w <= kMaxTinyWidth; };
@@ -41,8 +42,8 @@ __device__ __forceinline__ T warp_all_sum(T v) {
 // staged[j * stride + c] = F(j, first + c) for j < r, c < width, F(j, c) = F[j f_row + c f_col]:
 // either r rows of `width` contiguous elements (A, f_col = 1) or `width` contiguous rows of r (B,
 // f_row = 1, f_col = r). Read in memory order, Width elements per access, kStageBatch accesses
-// issued before any is stored: a load-store loop waits out the memory latency once per element
-// (it made the pass 3x slower than the cuBLAS products it replaces).
+// issued before any is stored: a load-store loop waits out the memory latency once per element,
+// which leaves the pass slower than the cuBLAS products it replaces.
 template <typename T, int Width>
 __device__ void stage_slice(const T* __restrict__ F, int f_row, int f_col, int r, int first, int width, int stride,
                             T* staged) {
@@ -50,7 +51,8 @@ __device__ void stage_slice(const T* __restrict__ F, int f_row, int f_col, int r
   const int count = r * width;
   // The flat index e walks F's memory: e = outer * inner_len + inner. Divisions by a run-time
   // length cost tens of instructions each, so a thread divides once and then advances its
-  // (outer, inner) position by the fixed step (they were most of the pass's instructions).
+  // (outer, inner) position by the fixed step (per element they would be most of the pass's
+  // instructions).
   const int inner_len = rows_of_width ? width : r;
   const int step = int(blockDim.x) * Width;
   const int step_outer = step / inner_len, step_inner = step % inner_len;

@@ -1,12 +1,13 @@
-// The LoRA branch of a layer too wide for the one-kernel path (cuda_tiny_lora_linear.cu) but of small
-// rank: cuBLAS keeps the large products (X W^T, dY W), and the rank-sized work runs as three
-// kernels of ours instead of five cuBLAS products, a bias kernel and cuBLAS's split-depth
-// reductions.
+// CudaAdapterLoraLinear: the LoRA branch of a layer too wide for the one-kernel path
+// (CudaTinyLoraLinear, cuda_tiny_lora_linear.cu) but of small rank: cuBLAS keeps the large
+// products (X W^T, dY W), and the rank-sized work runs as kernels of ours instead of five cuBLAS
+// products, a bias kernel and cuBLAS's split-depth reductions. The MSE output pass of a model's
+// last layer is in cuda_adapter_output.cu.
 //
-// Why: at layer1k (n = k = d = 1024, r = 16) each rank-sized product is 34 MFLOP, far too little
-// to fill the GPU through a GEMM's tiles; cuBLAS runs each as a split-depth product plus a
-// reduction kernel, 11 to 14 us each under ncu, and the step spent more in them (and in the bias
-// and Adam kernels) than in its one large product. Here:
+// Why: at n = k = d = 1024, r = 16 each rank-sized product is 34 MFLOP, far too little to fill
+// the GPU through a GEMM's tiles; cuBLAS runs each as a split-depth product plus a reduction
+// kernel, and the step spends more in them (and in the bias and Adam kernels) than in its one
+// large product. Here:
 //
 // - Row pass (U = X A^T in the forward; dU = s dY B and dX += dU A in the backward, dX holding dY W
 //   from cuBLAS): a warp takes a row. The block stages a slice of A or B at a time in shared
@@ -15,9 +16,10 @@
 //   for bit the same in each: every step adds the same two values), and the lanes then stride
 //   along the output row to add the rank-r update where there is one.
 //   The forward's U runs on the backend's side stream beside cuBLAS's X W^T, which leaves SMs
-//   and issue slots to spare: off the step's critical path (0.1140 -> 0.1117 ms at layer1k).
-// - Expand pass (forward, once X W^T and U are in): Y += b + s U B^T, a block per tile of Y.
-//   Before, the row pass did this after U in the same kernel, which kept it on the critical path.
+//   and issue slots to spare: off the step's critical path.
+// - Expand pass (forward, once X W^T and U are in): Y += b + s U B^T, a block per tile of Y. A
+//   pass of its own, after the join, so that the row pass computing U needs only X and can run
+//   beside X W^T.
 // - Column pass (backward's dB, dA, db): sums over the n rows. Blocks own 256 output columns and
 //   a chunk of rows; each thread keeps r sums for its column and writes them as one partial per
 //   chunk. No floating-point atomics: the result is the same bits on every run (graph replays are
@@ -37,9 +39,8 @@ namespace relora {
 namespace cuda_detail {
 namespace {
 
-// One row per warp, 8 warps a block: layer1k's 1024 rows make 128 blocks of 8 warps. With 2 rows
-// per warp and 4 warps a block the SMs held one warp per scheduler, each issuing every 6 cycles
-// (ncu): the pass was latency-bound on its own instructions.
+// One row per warp, 8 warps a block: a thousand rows then make about a block per SM. Fewer warps
+// per SM (one per scheduler) leave the pass latency-bound on its own instructions.
 constexpr int kRowsPerWarp = 1;
 constexpr int kRowWarps = 8;
 constexpr int kColumnThreads = 256;
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(kColumnThreads) adapter_column_kernel(const Co
     if (q >= columns) continue;
     // kColumnBatch loads in flight per thread, then their multiply-adds. The loads are
     // unconditional (a row past the tile repeats the last one, and is not added) so that the
-    // compiler issues them all before the first multiply-add; one load at a time left the pass
+    // compiler issues them all before the first multiply-add; one load at a time leaves the pass
     // waiting on memory latency.
     for (int i = 0; i < rows; i += kColumnBatch) {
       T m[kColumnBatch];
@@ -485,7 +486,7 @@ template <typename T>
 void CudaAdapterLoraLinear<T>::project_beside_product(const Tensor<T>& X) {
   const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
   // U = X A^T on the side stream while cuBLAS runs X W^T here: neither reads what the other
-  // writes, and X W^T leaves SMs and issue slots to spare (PERFORMANCE.md).
+  // writes, and X W^T leaves SMs and issue slots to spare (docs/PERFORMANCE.md).
   CudaBackend<T>& be = cuda();
   be.fork_side();
   RowPass<T> project{X.data(), this->A_.data(), nullptr, nullptr, this->U_.data(), nullptr, T(1), T(0),
@@ -520,8 +521,8 @@ bool CudaAdapterLoraLinear<T>::adapter_backward(const Tensor<T>& dY, Tensor<T>* 
   if (!this->plain_backward() || !adapter_passes_apply(n, k, d, r)) return false;
   CudaBackend<T>& be = cuda();
 
-  // Chunks of rows for the column pass: about two blocks per SM in all (one left each SM's
-  // warps stalled on their own multiply-add chains), each chunk at least a tile of rows; the
+  // Chunks of rows for the column pass: about two blocks per SM in all (with one, each SM's
+  // warps stall on their own multiply-add chains), each chunk at least a tile of rows; the
   // partials then take chunks (r + 1) (k + d) elements of workspace.
   const Index column_blocks = (k + d + kColumnThreads - 1) / kColumnThreads;
   const Index wanted = std::max<Index>(1, (2 * be.sm_count() + column_blocks - 1) / column_blocks);

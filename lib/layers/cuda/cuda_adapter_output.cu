@@ -1,11 +1,12 @@
-// A model's last layer, when it is wide with a small-rank adapter and the MSE follows it: the
-// end of its forward, the loss and the first product of its backward as one pass over the rows.
+// CudaAdapterLoraLinear::forward_with_loss: a model's last layer, when it is wide with a
+// small-rank adapter and the MSE follows it: the end of its forward, the loss and the first
+// product of its backward as one pass over the rows.
 //
-// Why: after cuBLAS's X W^T (and U = X A^T beside it, cuda_adapter_passes.cu), the separate
+// Why: after cuBLAS's X W^T (and U = X A^T beside it, cuda_adapter_lora_linear.cu), the separate
 // passes would read and write Y to add b + s U B^T, read Y and the target and write dY for the
-// loss, then read dY again for dU = s dY B: three launches, each a few microseconds of ramp and
-// drain around little traffic, 24 us of layer1k's 112 us step (ncu). One pass reads Y and the
-// target once and writes Y and dY once.
+// loss, then read dY again for dU = s dY B: three launches, each mostly ramp and drain around
+// little traffic, a large share of a step whose one large product is X W^T. One pass reads Y
+// and the target once and writes Y and dY once.
 //
 // Two warps take a row, in alternate groups of columns; the block has all of B in shared memory,
 // laid out along d. Per row:
@@ -29,9 +30,9 @@ namespace relora {
 namespace cuda_detail {
 namespace {
 
-// Two warps share a row, taking alternate 32 x Width column groups, so that an SM has 16 warps to
-// switch between: with one warp a row (8 an SM, layer1k's 1024 rows over 132 SMs) the pass was
-// latency-bound, each warp issuing every 7.6 cycles (ncu), and took 26 us.
+// Two warps share a row, taking alternate 32 x Width column groups, so that an SM has twice the
+// warps to switch between: with one warp a row, a thousand rows give an SM about 8 warps and the
+// pass is latency-bound.
 constexpr int kWarpsPerRow = 2;
 constexpr int kOutputRows = 8;  // rows per block
 constexpr int kOutputThreads = kOutputRows * kWarpsPerRow * 32;

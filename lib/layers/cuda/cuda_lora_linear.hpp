@@ -1,6 +1,6 @@
 #pragma once
-// The CUDA siblings of LoraLinear, for make_layer. Plain C++ (no CUDA header), so the factory can
-// name them; their members are defined in the .cu files beside this one.
+// The CUDA siblings of LoraLinear, for make_lora_linear. Plain C++ (no CUDA header), so the
+// factory can name them; their members are defined in the .cu files beside this one.
 //
 // - CudaAdapterLoraLinear: a wide layer of small rank. cuBLAS keeps X W^T and dY W; the rank-sized
 //   work runs as row, column and reduce passes of ours (cuda_adapter_lora_linear.cu), and a model's
@@ -51,7 +51,7 @@ class CudaAdapterLoraLinear : public LoraLinear<T> {
 
   CudaBackend<T>* cuda_;
   Tensor<T> workspace_;  // the column pass's partial sums
-  // The loss gradient whose s dY B the fused output pass left in dU_, while it is valid.
+  // The loss gradient whose s dY B the output pass (forward_with_loss) left in dU_, while it is valid.
   const T* dU_ready_for_ = nullptr;
 };
 
@@ -79,7 +79,8 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
 };
 
 // The CUDA sibling that suits `config` on `backend` (null when none does, or when
-// backend.underlying() is not a CudaBackend), built with LoraLinear's constructor arguments `W` (null: drawn) and `b` (null: none).
+// backend.underlying() is not a CudaBackend), built with LoraLinear's constructor arguments `W`
+// (null: drawn) and `b` (null: none).
 template <typename T>
 std::unique_ptr<LoraLinear<T>> make_cuda_lora_linear(Backend<T>& backend, const LoraConfig& config,
                                                      const Eigen::Ref<const HostMatrix<T>>* W,

@@ -1,8 +1,9 @@
-// A tiny LoRA layer's forward, and its backward, as one kernel each on the CUDA backend.
-// n rows, k = in, d = out, r = rank, s = scale; X n x k, W d x k, A r x k, B d x r, b 1 x d.
+// CudaTinyLoraLinear: a tiny LoRA layer's forward, and its backward, as one kernel each on the
+// CUDA backend. n rows, k = in, d = out, r = rank, s = scale; X n x k, W d x k, A r x k, B d x r,
+// b 1 x d.
 //
-// Why: at the seed demo's widths (n = 200, k = 10, d = 5, r = 4) every product is a few thousand
-// multiply-adds and a step is launch-bound: as a CUDA graph each of its nodes costs about 5 us
+// Why: at tiny widths (n = 200, k = 10, d = 5, r = 4, say) every product is a few thousand
+// multiply-adds and a step is launch-bound: each node of a CUDA graph costs its launch and drain
 // however little it computes. Two kernels replace the eight products, the bias add and the
 // column sums; the step becomes forward, MSE, backward, Adam. Their multiply-adds run on CUDA
 // cores in T with fma (strict precision in either math mode), on operands in shared memory.
@@ -37,9 +38,9 @@ constexpr int kBackwardThreads = 1024;      // the one backward block
 constexpr int kSharedBytes = 48 * 1024;     // dynamic shared memory available without an opt-in
 // Multiply-adds of one backward pass, n (2 d r + 2 r k + d k + d), up to which the single block
 // is still faster than the separate products. Operands come from shared memory, so an SM does
-// about 16 float (8 double) multiply-adds per clock here: 2^18 is 9 to 17 us at 1.9 GHz, while
-// the five launches the pass replaces cost about 25 us as graph nodes and more when queued
-// eagerly. Beyond it the other SMs are worth their launches.
+// about 16 float (8 double) multiply-adds per clock here: 2^18 of them take less time than the
+// five launches the pass replaces cost as graph nodes (more when queued eagerly). Beyond it the
+// other SMs are worth their launches.
 constexpr double kMaxBackwardWork = double(1 << 18);
 // Reduction outputs: dB (d r), dA (r k), db (d); each thread owns at most this many (slices of) them.
 constexpr int kMaxOutputs = 2 * kMaxWidth * kMaxWidth + kMaxWidth;
@@ -293,7 +294,7 @@ bool CudaTinyLoraLinear<T>::tiny_backward(const Tensor<T>& dY, Tensor<T>* dX) {
   if (!this->plain_backward() || double(n) * double(2 * d * r + 2 * r * k + d * k + d) > kMaxBackwardWork) {
     return false;
   }
-  // As many rows per tile as shared memory holds beside W, A, B (all of them for the seed demo);
+  // As many rows per tile as shared memory holds beside W, A, B (at widths near 10, a few hundred);
   // as many threads per reduction output as the block has to spare.
   const bool db = this->bias_trains();
   const int kp = padded(int(k)), dp = padded(int(d)), rp = padded(int(r));
