@@ -16,7 +16,7 @@ class MseLoss final : public Loss<T> {
   T value() override;
 
   // The buffers compute() writes, dY sized like target (n x d, n >= 1) and the 1 x 1 value, for
-  // a layer that computes the MSE within its own forward (a fused last layer).
+  // a last layer that computes the MSE within its own forward (Layer::forward_with_loss).
   Tensor<T>& gradient_buffer(const Tensor<T>& target);
   Tensor<T>& value_buffer() { return loss_; }
 

@@ -194,7 +194,7 @@ void CpuTinyLoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
     load_rows(this->U_.data(), r, n, Ut, ld);
     panels_.U_valid = true;
   }
-  // dY and dU = s dY B feature-major: the fused MSE's, when it computed them for this dY.
+  // dY and dU = s dY B feature-major: forward_with_loss's, when it computed them for this dY.
   const bool from_mse = panels_.dY.is(dY);
   panels_.dY = {};  // the panels are this backward's from here on
 
