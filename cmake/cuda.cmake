@@ -6,8 +6,12 @@ if(NOT RELORA_CUDA STREQUAL "OFF")
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-      # Hopper machine code plus PTX, so that newer GPUs compile it at load time.
-      set(CMAKE_CUDA_ARCHITECTURES 90-real 90-virtual)
+      # Machine code for Ampere (A100), Ada (RTX 4090, L40) and Hopper (H100, H200), plus Hopper's
+      # PTX, which the driver compiles at load time for later chips. Hopper-only instructions are
+      # guarded by __CUDA_ARCH__, so the same build runs on all three. A single architecture
+      # (-DCMAKE_CUDA_ARCHITECTURES=90) builds about three times faster.
+      set(CMAKE_CUDA_ARCHITECTURES "80-real;89-real;90-real;90-virtual" CACHE STRING
+          "CUDA architectures to build for (see cmake/cuda.cmake)")
     endif()
     enable_language(CUDA)
     find_package(CUDAToolkit REQUIRED)

@@ -6,10 +6,13 @@
 // stream is still running; it must call wait_for_previous_grid() before it reads or writes
 // anything the earlier work touches, which returns once that work has completed and its writes
 // are visible. A kernel that calls allow_next_grid() lets the next overlapped kernel start
-// before it finishes. Stream capture keeps these as programmatic edges of the CUDA graph. On
-// older GPUs the launch attribute is ignored and the two calls compile to nothing.
+// before it finishes. Stream capture keeps these as programmatic edges of the CUDA graph.
+// Programmatic dependent launch needs compute capability 9.0: for older GPUs the two calls
+// compile to nothing (__CUDA_ARCH__ < 900), and the host leaves the launch attribute out, since
+// CUDA documents the feature from 9.0 on and says nothing of the attribute on earlier devices.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 
 #include "cuda/cuda_check.cuh"
@@ -29,6 +32,23 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
+// Whether the current device (the one a stream of it launches on) has programmatic dependent
+// launch, compute capability 9.0 or newer. Asked of CUDA once per device, then read from here.
+inline bool overlapped_launch_supported() {
+  constexpr int kDevices = 64;
+  static std::atomic<signed char> known[kDevices];  // per device: 0 not asked yet, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) return false;
+  signed char answer = known[device].load(std::memory_order_relaxed);
+  if (answer == 0) {
+    int major = 0;
+    const bool asked = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
+    answer = asked && major >= 9 ? 2 : 1;
+    known[device].store(answer, std::memory_order_relaxed);
+  }
+  return answer == 2;
+}
+
 struct OverlappedLaunch {
   cudaLaunchAttribute attribute{};
   cudaLaunchConfig_t config{};
@@ -40,7 +60,7 @@ struct OverlappedLaunch {
     config.dynamicSmemBytes = shared;
     config.stream = stream;
     config.attrs = &attribute;
-    config.numAttrs = 1;
+    config.numAttrs = overlapped_launch_supported() ? 1 : 0;  // else a plain launch, fully ordered
   }
 };
 

@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Everything a GPU machine is needed for, in one command (one device call):
+#   1. build this tree with CUDA (tests, apps, bench) and, beside it, a baseline tree's bench;
+#   2. the whole test suite, CPU and CUDA cases (TESTS=1), and compute-sanitizer over the CUDA
+#      cases (SANITIZE=memcheck, racecheck or both, comma-separated; 1 means memcheck);
+#   3. old against new (BENCH=1): the baseline's relora_bench and this tree's, alternating in
+#      every round, on GPU seed_demo, layer1k, mlp4x4k (strict and TF32) and CPU seed_demo and
+#      mlp4x2k, with PyTorch + PEFT's CPU seed_demo in the same rounds; the table gives each
+#      side's median over the rounds, new/old and the PEFT ratio;
+#   4. relora against PyTorch + PEFT on every anchor case, CUDA strict and TF32 and the CPU
+#      (SIDE=1, side_by_side.py's table; off by default: with it, set TESTS=0 BENCH=0).
+# Nothing stops at a failure: a baseline that does not build leaves the old column empty, a
+# failing test is reported and the benchmark still runs.
+#
+#   usage (device machine, repository root):
+#     BASE=.base apps/bench/device_run.sh        # .base: a copy of the baseline tree, e.g.
+#       mkdir -p .base && git archive 6ad3727 | tar -x -C .base   (here, before the call;
+#       .base ignored through .git/info/exclude and named in the device tool's carry)
+#   env: BASE (none: no old column)  ROUNDS (5)  THREADS (16: the CPU cases' threads)
+#        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k)
+#        TESTS (1)  SANITIZE (none)  BENCH (1)  SIDE (0)  PEFT (1: PEFT's CPU seed_demo per round)
+#        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
+#        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
+#        ARCH (90)  JOBS (nproc)  TEST_TIMEOUT (300 s)  DEADLINE (540 s: no round starts that
+#        would end past it, so the table is printed inside the device tool's 10 minutes)
+#        CUDA (0: build without CUDA, for a dry run of the script on a machine with no GPU)
+# The table's limit column is issue 13's: no case more than 5% slower by the medians, CPU
+# seed_demo up to 15%; OVER marks a case past it.
+# Results: $OUT/summary.txt (what is printed), $OUT/compare.md (the table), $OUT/results.tar.gz
+# (every JSON file and log). Both trees are built with -DRELORA_NATIVE=ON, the baseline's
+# default, so that the columns compare the code and not the compiler flags.
+set -u
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/build-device/out}
+BASE=${BASE:-}
+ROUNDS=${ROUNDS:-5}
+THREADS=${THREADS:-16}
+GPU_CASES=${GPU_CASES:-seed_demo,layer1k,mlp4x4k}
+CPU_CASES=${CPU_CASES:-seed_demo,mlp4x2k}
+TESTS=${TESTS:-1}
+SANITIZE=${SANITIZE:-}
+BENCH=${BENCH:-1}
+SIDE=${SIDE:-0}
+PEFT=${PEFT:-1}
+PORTABLE=${PORTABLE:-0}
+ARCH=${ARCH:-90}
+JOBS=${JOBS:-$(nproc)}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}
+DEADLINE=${DEADLINE:-540}
+BUILD=$ROOT/build-device
+BASE_BUILD=$ROOT/build-device-base
+PORTABLE_BUILD=$ROOT/build-device-portable
+WORK=$OUT/results
+mkdir -p "$WORK"
+export PYTHONUNBUFFERED=1
+[ "$SANITIZE" = 1 ] && SANITIZE=memcheck
+[ "$SANITIZE" = 0 ] && SANITIZE=
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+: >"$OUT/summary.txt"
+
+finish() {
+  tar -C "$OUT" -czf "$OUT/results.tar.gz" results 2>/dev/null && rm -rf "$WORK"
+  note "== total $(elapsed) s"
+}
+trap finish EXIT
+
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  nvcc --version 2>&1 | tail -n 2
+  cmake --version | head -n 1
+  lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket'
+  grep -o -w -E 'avx512f|avx2|amx_tile' /proc/cpuinfo | sort | uniq -c
+  python3 -c 'import torch, peft; print("torch", torch.__version__, "peft", peft.__version__)' 2>&1
+} >"$WORK/machine.txt" 2>&1
+note "== $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1) | $(lscpu | sed -n 's/^Model name: *//p' | head -n 1) | $(nproc) cores"
+
+# ---- builds: the baseline's bench (and the portable one) in the background, this tree in front
+cuda_flag=-DRELORA_CUDA=ON
+[ "$gpu" = 1 ] || cuda_flag=-DRELORA_CUDA=AUTO
+[ "${CUDA:-}" = 0 ] && cuda_flag=-DRELORA_CUDA=OFF  # a dry run of the script on a machine without a GPU
+base_pid=
+base_ok=0
+if [ "$BENCH" = 1 ] && [ -n "$BASE" ]; then
+  if [ -f "$BASE/CMakeLists.txt" ]; then
+    # A build folder left by another baseline would be refused by CMake, or worse, kept.
+    if [ -f "$BASE_BUILD/CMakeCache.txt" ] &&
+       ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$(cd "$BASE" && pwd)" "$BASE_BUILD/CMakeCache.txt"; then
+      rm -rf "$BASE_BUILD"
+    fi
+    ( cmake -S "$BASE" -B "$BASE_BUILD" -DCMAKE_BUILD_TYPE=Release $cuda_flag -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+        -DRELORA_NATIVE=ON -DRELORA_BUILD_TESTS=OFF &&
+      cmake --build "$BASE_BUILD" -j"$JOBS" --target relora_bench ) >"$WORK/build_base.log" 2>&1 &
+    base_pid=$!
+  else
+    note "== BASE=$BASE holds no CMakeLists.txt: no old column"
+  fi
+fi
+portable_pid=
+if [ "$BENCH" = 1 ] && [ "$PORTABLE" = 1 ]; then
+  ( cmake -S . -B "$PORTABLE_BUILD" -DCMAKE_BUILD_TYPE=Release -DRELORA_CUDA=OFF -DRELORA_NATIVE=OFF \
+      -DRELORA_BUILD_TESTS=OFF && cmake --build "$PORTABLE_BUILD" -j"$JOBS" --target relora_bench ) \
+    >"$WORK/build_portable.log" 2>&1 &
+  portable_pid=$!
+fi
+targets=()
+[ "$TESTS" = 1 ] || [ -n "$SANITIZE" ] || targets=(--target relora_bench)
+if { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release $cuda_flag -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+       -DRELORA_NATIVE=ON &&
+     cmake --build "$BUILD" -j"$JOBS" "${targets[@]}"; } >"$WORK/build.log" 2>&1; then
+  note "== build: ok ($(elapsed) s)"
+  built=1
+else
+  note "== build FAILED ($(elapsed) s): $(grep -m3 -E 'error|Error' "$WORK/build.log" | tr '\n' ' ' | head -c 600)"
+  built=0
+  # The bench alone may still build when a test file does not.
+  if [ "${#targets[@]}" = 0 ] && cmake --build "$BUILD" -j"$JOBS" --target relora_bench >>"$WORK/build.log" 2>&1; then
+    note "== relora_bench alone: ok"
+  fi
+fi
+
+# ---- tests: every case in one process (the CUDA cases one after the other), then the examples
+if [ "$TESTS" = 1 ] && [ "$built" = 1 ]; then
+  timeout "$TEST_TIMEOUT" "$BUILD/tests/relora_tests" >"$WORK/tests.log" 2>&1
+  rc=$?
+  note "== tests (rc $rc$([ $rc = 124 ] && echo ", timed out after $TEST_TIMEOUT s"), $(elapsed) s): $(grep -E '^\[doctest\] (test cases|assertions)' "$WORK/tests.log" | tr -s ' ' | tr '\n' ' ')"
+  grep -B2 -A10 -E '^.*ERROR|FATAL' "$WORK/tests.log" | head -n 40 | tee -a "$OUT/summary.txt"
+  grep -E 'MESSAGE: ' "$WORK/tests.log" | sed 's/^.*MESSAGE: /   /' | sort -u | head -n 40 >>"$OUT/summary.txt"
+  timeout 120 ctest --test-dir "$BUILD" -R '^example\.' --output-on-failure >"$WORK/ctest_examples.log" 2>&1
+  note "== examples (ctest rc $?): $(grep -E 'tests passed|tests failed' "$WORK/ctest_examples.log" | tail -n 1)"
+  cp "$WORK/tests.log" "$OUT/tests.log"
+fi
+
+# ---- compute-sanitizer over the CUDA cases, less the one that fails an allocation on purpose
+# (an API error to the sanitizer), the leak loop and the 300-step demo (slow when instrumented;
+# the shorter cases run the same kernels)
+if [ -n "$SANITIZE" ] && [ "$gpu" = 0 ]; then note "== SANITIZE=$SANITIZE: no GPU answers, skipped"; fi
+if [ -n "$SANITIZE" ] && [ "$built" = 1 ] && [ "$gpu" = 1 ]; then
+  filter=(-tc="*cuda*" -tce="*absurd*,*leak*,*300-step*")
+  for tool in ${SANITIZE//,/ }; do
+    case $tool in
+      memcheck) args=(--tool memcheck --leak-check full) ;;
+      racecheck) args=(--tool racecheck --racecheck-report all) ;;
+      *) note "== SANITIZE: unknown tool '$tool'"; continue ;;
+    esac
+    timeout 240 compute-sanitizer "${args[@]}" --error-exitcode 99 "$BUILD/tests/relora_tests" "${filter[@]}" \
+      >"$WORK/sanitizer_$tool.log" 2>&1
+    rc=$?
+    note "== $tool (rc $rc, $(elapsed) s): $(grep -E '(ERROR|RACECHECK) SUMMARY' "$WORK/sanitizer_$tool.log" | tail -n 1) | $(grep -E '^\[doctest\] test cases' "$WORK/sanitizer_$tool.log" | tail -n 1)"
+  done
+fi
+
+# ---- old against new, alternating
+bench_runs() {  # bench_runs SIDE BINARY ROUND: this side's runs of one round, a JSON file each
+  local side=$1 bin=$2 round=$3
+  if [ "$gpu" = 1 ] && [ "$side" != portable ]; then
+    for math in strict tf32; do
+      "$bin" --backend cuda --math $math --cases "$GPU_CASES" --no-memory --no-floor --repeats 9 \
+        --json "$WORK/${side}_cuda_${math}_$round.json" >>"$WORK/${side}_bench.log" 2>&1 ||
+        echo "$side cuda $math round $round: rc $?" >>"$WORK/failures.txt"
+    done
+  fi
+  "$bin" --backend cpu --threads "$THREADS" --cases "$CPU_CASES" --no-memory --no-floor --repeats 9 \
+    --max-seconds 5 --json "$WORK/${side}_cpu_$round.json" >>"$WORK/${side}_bench.log" 2>&1 ||
+    echo "$side cpu round $round: rc $?" >>"$WORK/failures.txt"
+}
+if [ "$BENCH" = 1 ]; then
+  # No build may run while the rounds are timed.
+  if [ -n "$base_pid" ]; then
+    if wait "$base_pid"; then note "== baseline build: ok ($(elapsed) s)"; base_ok=1
+    else note "== baseline build FAILED: $(grep -m3 -E 'error|Error' "$WORK/build_base.log" | tr '\n' ' ' | head -c 400)"; fi
+  fi
+  if [ -n "$portable_pid" ]; then
+    wait "$portable_pid" || note "== portable build FAILED (see build_portable.log)"
+  fi
+  sides=()
+  bins=()
+  if [ "$base_ok" = 1 ] && [ -x "$BASE_BUILD/apps/bench/relora_bench" ]; then sides+=(old); bins+=("$BASE_BUILD/apps/bench/relora_bench"); fi
+  if [ -x "$BUILD/apps/bench/relora_bench" ]; then sides+=(new); bins+=("$BUILD/apps/bench/relora_bench"); fi
+  if [ "$PORTABLE" = 1 ] && [ -x "$PORTABLE_BUILD/apps/bench/relora_bench" ]; then
+    sides+=(portable); bins+=("$PORTABLE_BUILD/apps/bench/relora_bench")
+  fi
+  note "== rounds: ${sides[*]:-nothing built}$([ "$PEFT" = 1 ] && echo ' peft'), $ROUNDS rounds from $(elapsed) s"
+  round_s=0
+  for round in $(seq 1 "$ROUNDS"); do
+    [ "${#sides[@]}" = 0 ] && break
+    start=$(date +%s)
+    if [ $(( start - t0 + round_s + 15 )) -gt "$DEADLINE" ]; then
+      note "== stopped before round $round: the next would end past DEADLINE=$DEADLINE s"
+      break
+    fi
+    # The order turns round every round (old new, new old, ...): a drift of the machine's speed
+    # over a round then favours neither side in the medians.
+    order=("${!sides[@]}")
+    if [ $(( round % 2 )) = 0 ]; then
+      order=(); for (( i=${#sides[@]}-1; i>=0; i-- )); do order+=("$i"); done
+    fi
+    for i in "${order[@]}"; do bench_runs "${sides[$i]}" "${bins[$i]}" "$round"; done
+    if [ "$PEFT" = 1 ]; then
+      python3 apps/bench/peft_reference.py --device cpu --threads "$THREADS" --cases seed_demo \
+        --json "$WORK/peft_cpu_$round.json" >>"$WORK/peft.log" 2>&1 || echo "peft round $round: rc $?" >>"$WORK/failures.txt"
+    fi
+    round_s=$(( $(date +%s) - start ))
+    echo "   round $round: $round_s s" | tee -a "$OUT/summary.txt"
+  done
+  [ -f "$WORK/failures.txt" ] && sed 's/^/   failed: /' "$WORK/failures.txt" | head -n 10 | tee -a "$OUT/summary.txt"
+  python3 - "$WORK" "$OUT/compare.md" <<'PY' | tee -a "$OUT/summary.txt"
+import glob, json, os, re, statistics, sys
+work, md = sys.argv[1], sys.argv[2]
+times = {}  # (side, backend, math, case) -> [step_ms per round]
+for path in sorted(glob.glob(os.path.join(work, "*.json"))):
+    m = re.match(r"(old|new|portable|peft)_.*_(\d+)\.json$", os.path.basename(path))
+    if not m:
+        continue
+    try:
+        doc = json.load(open(path))
+    except (OSError, ValueError):
+        continue
+    side = m.group(1)
+    for r in doc.get("steps" if side == "peft" else "results", []):
+        if "step_ms" not in r or r.get("mode", "peft") != "peft":
+            continue
+        backend = r.get("device") if side == "peft" else r.get("backend")
+        math = "strict" if backend == "cpu" else r.get("math", "strict")
+        times.setdefault((side, backend, math, r["case"]), []).append(r["step_ms"])
+med = {k: statistics.median(v) for k, v in times.items()}
+order = ["seed_demo", "layer1k", "layer4k", "mlp4x2k", "mlp4x4k"]
+cases = sorted({k[3] for k in times}, key=lambda c: order.index(c) if c in order else len(order))
+rows = [(b, m, c) for b, m in (("cuda", "strict"), ("cuda", "tf32"), ("cpu", "strict")) for c in cases]
+def f(x):
+    return "-" if x is None else (f"{x * 1e3:.2f} us" if x < 1 else f"{x:.4g} ms")
+portable = any(k[0] == "portable" for k in times)
+head = "| case | old median | new median | new/old | limit |" + (" portable (no -march=native) |" if portable else "") + \
+       " PEFT median | PEFT/new |"
+lines = [head, "|" + "---|" * (head.count("|") - 1)]
+for backend, math, case in rows:
+    o, n = med.get(("old", backend, math, case)), med.get(("new", backend, math, case))
+    p = med.get(("peft", backend, math, case))
+    if o is None and n is None:
+        continue
+    limit = 1.15 if (backend, case) == ("cpu", "seed_demo") else 1.05
+    ratio = n / o if o and n else None
+    verdict = "-" if ratio is None else (f"{ratio:.3f}" + ("" if ratio <= limit else " OVER"))
+    name = f"{backend} {case}" + ("" if backend == "cpu" else f" {math}")
+    line = f"| {name} | {f(o)} | {f(n)} | {verdict} | {limit:.2f} |"
+    if portable:
+        line += f" {f(med.get(('portable', backend, math, case)))} |"
+    line += f" {f(p)} | {'-' if not (p and n) else f'{p / n:.0f}x'} |"
+    lines.append(line)
+rounds = max((len(v) for v in times.values()), default=0)
+lines.append("")
+lines.append(f"Medians over {rounds} rounds; each round ran every side once, alternating the order. Every round, ms:")
+for key in sorted(times):
+    lines.append(f"- {' '.join(key)}: " + " ".join(f"{x:.4g}" for x in times[key]))
+new_seed = times.get(("new", "cpu", "strict", "seed_demo"), [])
+peft_seed = times.get(("peft", "cpu", "strict", "seed_demo"), [])
+if new_seed and peft_seed and len(new_seed) == len(peft_seed):
+    per_round = [p / n for p, n in zip(peft_seed, new_seed)]
+    lines.append(f"- CPU seed_demo, PEFT/new per round: " + " ".join(f"{x:.0f}x" for x in per_round) +
+                 f" (lowest {min(per_round):.0f}x)")
+text = "\n".join(lines)
+open(md, "w").write(text + "\n")
+print(text)
+PY
+fi
+
+# ---- relora against PyTorch + PEFT on every anchor case (run G's method)
+if [ "$SIDE" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  rel=(); pef=()
+  for round in $(seq 1 "$ROUNDS"); do
+    if [ "$gpu" = 1 ]; then
+      for math in strict tf32; do
+        "$BUILD/apps/bench/relora_bench" --backend cuda --math $math --cases all \
+          --json "$WORK/side_relora_cuda_${math}_$round.json" >>"$WORK/side.log" 2>&1 &&
+          rel+=("$WORK/side_relora_cuda_${math}_$round.json")
+      done
+      ceilings=; [ "$round" = 1 ] && ceilings=--ceilings
+      python3 apps/bench/peft_reference.py --device cuda --math strict,tf32 $ceilings \
+        --json "$WORK/side_peft_cuda_$round.json" >>"$WORK/side.log" 2>&1 && pef+=("$WORK/side_peft_cuda_$round.json")
+    fi
+    "$BUILD/apps/bench/relora_bench" --backend cpu --threads "$THREADS" --cases seed_demo,layer1k,mlp4x2k \
+      --repeats 7 --max-seconds 5 --json "$WORK/side_relora_cpu_$round.json" >>"$WORK/side.log" 2>&1 &&
+      rel+=("$WORK/side_relora_cpu_$round.json")
+    python3 apps/bench/peft_reference.py --device cpu --threads "$THREADS" --cases seed_demo,layer1k,mlp4x2k \
+      --json "$WORK/side_peft_cpu_$round.json" >>"$WORK/side.log" 2>&1 && pef+=("$WORK/side_peft_cpu_$round.json")
+    echo "   side-by-side round $round done ($(elapsed) s)"
+  done
+  if [ "${SCALING:-0}" = 1 ]; then
+    [ "$gpu" = 1 ] && "$BUILD/apps/bench/relora_bench" --backend cuda --scaling --repeats 7 --max-seconds 2 --no-memory \
+      --json "$WORK/side_relora_cuda_scaling.json" >>"$WORK/side.log" 2>&1
+    "$BUILD/apps/bench/relora_bench" --backend cpu --threads "$THREADS" --scaling --repeats 5 --max-seconds 1 \
+      --no-memory --json "$WORK/side_relora_cpu_scaling.json" >>"$WORK/side.log" 2>&1
+  fi
+  python3 apps/bench/side_by_side.py --relora "${rel[@]}" --peft "${pef[@]}" --md "$OUT/side_by_side.md" |
+    tee -a "$OUT/summary.txt"
+fi
