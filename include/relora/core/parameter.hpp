@@ -9,16 +9,6 @@ namespace relora {
 
 enum class ParamRole { lora_A, lora_B, bias, base_weight };
 
-inline const char* role_name(ParamRole role) {
-  switch (role) {
-    case ParamRole::lora_A: return "lora_A";
-    case ParamRole::lora_B: return "lora_B";
-    case ParamRole::bias: return "bias";
-    case ParamRole::base_weight: return "weight";
-  }
-  return "?";
-}
-
 template <typename T>
 struct Parameter {
   std::string name;  // e.g. "layers.0.lora_A"

@@ -120,9 +120,8 @@ class LoraLinear : public Layer<T> {
   void begin_backward(const Tensor<T>& dY, const Tensor<T>* dX) const;
   // After a backward into dX: dX() shows it.
   void finish_backward(Tensor<T>* dX);
-  // Forward and backward of the adapter as the math says: no dropout mask, not merged, the adapter
-  // (not W) training. Siblings' kernels cover exactly these.
-  bool plain_forward() const { return !merged_ && !dropout_active_; }
+  // A backward of the adapter as the math says: no dropout mask, the adapter (not W) training.
+  // Siblings' kernels cover exactly this (and forwards with no mask of an unmerged adapter).
   bool plain_backward() const { return target_ == TrainTarget::adapter && !dropout_active_; }
   bool dropout_in_use() const { return training_ && config_.dropout > 0; }
   bool bias_trains() const { return config_.bias == BiasMode::trainable; }
