@@ -108,7 +108,7 @@ LossRun<T> run_last_layer(Backend<T>& backend, const LayerShape& s, BiasMode bia
   Tensor<T> target = to_backend<T>(backend, normal_matrix<T>(s.n, s.d, gen), "target");
   MseLoss<T> mse(backend);
   LossRun<T> out;
-  if (fuse) out.fused = layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer());
+  if (fuse) out.fused = layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.value_buffer());
   if (!out.fused) mse.forward_backward(layer.forward(X), target);
   out.Y = to_host(backend, layer.output());
   out.dY = to_host(backend, mse.gradient());
@@ -148,7 +148,7 @@ inline void check_fused_loss_gradients(Backend<double>& backend, const LayerShap
   MseLoss<double> mse(backend);
   Tensor<double>& dY = mse.gradient_buffer(target);
   auto loss = [&]() {
-    REQUIRE(layer.forward_with_mse(X, target, dY, mse.loss_buffer()));
+    REQUIRE(layer.forward_with_mse(X, target, dY, mse.value_buffer()));
     return mse.value();
   };
   loss();

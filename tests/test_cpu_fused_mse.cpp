@@ -71,7 +71,7 @@ struct Step {
 Step mse_step(Backend<double>& backend, LoraLinear<double>& layer, const Tensor<double>& X,
               const Tensor<double>& target) {
   MseLoss<double> mse(backend);
-  REQUIRE(layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  REQUIRE(layer.forward_with_mse(X, target, mse.gradient_buffer(target), mse.value_buffer()));
   layer.backward(mse.gradient(), /*need_dX=*/false);
   using relora::testing::host_of;
   return {host_of(layer.output()), host_of(mse.gradient()), host_of(layer.dA()), host_of(layer.dB()), mse.value()};

@@ -112,13 +112,13 @@ TEST_CASE("forward_with_mse: falls back to forward where it cannot fuse, and nam
   Tensor<double> X = to_backend<double>(*cpu, normal_matrix<double>(4, 6, gen), "X");
   Tensor<double> target = to_backend<double>(*cpu, normal_matrix<double>(4, 5, gen), "target");
   MseLoss<double> mse(*cpu);
-  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.value_buffer()));
   const HostMatrix<double> fallback = to_host(*cpu, model.output());
   CHECK(fallback == to_host(*cpu, model.forward(X)));
 
   Tensor<double> wrong = to_backend<double>(*cpu, normal_matrix<double>(4, 3, gen), "wrong target");
   try {
-    model.forward_with_mse(X, wrong, mse.gradient_buffer(wrong), mse.loss_buffer());
+    model.forward_with_mse(X, wrong, mse.gradient_buffer(wrong), mse.value_buffer());
     FAIL("a 4 x 3 target for a 4 x 5 prediction was taken");
   } catch (const ShapeError& e) {
     CHECK(std::string(e.what()).find("[4 x 5]") != std::string::npos);
@@ -136,7 +136,7 @@ TEST_CASE("cuda fused output layer: a ReLU after the last layer keeps the separa
   Tensor<float> X = to_backend<float>(*gpu, normal_matrix<float>(64, 96, gen), "X");
   Tensor<float> target = to_backend<float>(*gpu, normal_matrix<float>(64, 40, gen), "target");
   MseLoss<float> mse(*gpu);
-  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.loss_buffer()));
+  CHECK_FALSE(model.forward_with_mse(X, target, mse.gradient_buffer(target), mse.value_buffer()));
   const HostMatrix<float> output = to_host(*gpu, model.output());
   CHECK(output.minCoeff() >= 0.0f);  // the ReLU ran
 }

@@ -62,7 +62,7 @@ void Trainer<T>::step(const Tensor<T>& X, const Tensor<T>& target) {
 template <typename T>
 void Trainer<T>::compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
   // The last layer computes the loss as it finishes Y where its backend fuses the two.
-  if (!model_->forward_with_mse(X, target, loss_.gradient_buffer(target), loss_.loss_buffer())) {
+  if (!model_->forward_with_mse(X, target, loss_.gradient_buffer(target), loss_.value_buffer())) {
     loss_.forward_backward(model_->output(), target);
   }
   model_->backward(loss_.gradient());
