@@ -284,6 +284,7 @@ class CountingBackend final : public relora::Backend<T> {
   explicit CountingBackend(std::shared_ptr<relora::Backend<T>> inner) : in_(std::move(inner)) {}
   relora::Device device() const override { return in_->device(); }
   std::string description() const override { return in_->description(); }
+  relora::Backend<T>& underlying() override { return in_->underlying(); }
   void set_math_mode(relora::MathMode mode) override { in_->set_math_mode(mode); }
   relora::MathMode math_mode() const override { return in_->math_mode(); }
   relora::Tensor<T> allocate(Index rows, Index cols) override {
@@ -330,13 +331,6 @@ class CountingBackend final : public relora::Backend<T> {
     in_->random_normal(key, mean, stddev, x);
   }
   void dropout_mask(relora::RngKey key, T p, relora::Tensor<T>& mask) override { in_->dropout_mask(key, p, mask); }
-  void adam_update(const relora::AdamSlot<T>* slots, std::size_t count, const relora::AdamHyper& hyper) override {
-    in_->adam_update(slots, count, hyper);
-  }
-  void prune(relora::PruneMode mode, double fraction, relora::RngKey key, relora::Tensor<T>& x,
-             relora::Tensor<T>* same_entries) override {
-    in_->prune(mode, fraction, key, x, same_entries);
-  }
 
  private:
   std::shared_ptr<relora::Backend<T>> in_;

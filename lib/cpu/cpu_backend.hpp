@@ -103,9 +103,6 @@ class CpuBackend final : public Backend<T> {
   void random_normal(RngKey key, T mean, T stddev, Tensor<T>& x) override;
   void dropout_mask(RngKey key, T p, Tensor<T>& mask) override;
 
-  void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
-  void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
-
   // Tiny layers computed feature-major in one pass each way (cpu_fused_lora.cpp).
   bool fused_lora_forward(const LoraLayerTensors<T>& layer, Tensor<T>& U, Tensor<T>& Y) override;
   bool fused_lora_forward_mse(const LoraLayerTensors<T>& layer, const Tensor<T>& target, Tensor<T>& U, Tensor<T>& Y,

@@ -540,7 +540,7 @@ bool CudaBackend<T>::reserve_adapter_workspace(std::size_t bytes) {
   if (bytes <= adapter_workspace_bytes_) return true;
   // Growing frees the old buffer, which a queued step or a recorded graph may still name: not
   // while recording (the separate products run instead), and a ready recording goes stale.
-  if (recording_) return false;
+  if (recorder_->recording()) return false;
   activate();
   RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
   if (adapter_workspace_.ptr) RELORA_CUDA_CHECK(cudaFree(adapter_workspace_.ptr));
