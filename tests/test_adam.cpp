@@ -1,7 +1,10 @@
-// Adam and AdamW steps against values computed by hand; LoRA+ groups; moment reset and pruning.
+// Adam and AdamW steps against values computed by hand; LoRA+ groups; state reset and pruning;
+// save_state and restore_state (bit-exact continuation, refusals that change nothing).
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <functional>
+#include <string>
 
 #include "relora/relora.hpp"
 
@@ -78,14 +81,14 @@ TEST_CASE("LoRA+ groups give B lr x ratio and the schedule factor scales every g
   CHECK(b.at(0) == doctest::Approx(-0.08).epsilon(1e-9));
 }
 
-TEST_CASE("reset_moments zeroes m, v and the count of the chosen parameters only") {
+TEST_CASE("reset_state zeroes m, v and the count of the chosen parameters only") {
   auto backend = make_backend<double>(Device::cpu);
   HandParameter a(*backend, "A", ParamRole::lora_A, {1, 2, 3}, {0.1, 0.2, 0.3});
   HandParameter w(*backend, "W", ParamRole::base_weight, {1, 2}, {0.5, 0.5});
   Adam<double> adam(backend, std::vector<Parameter<double>>{a.param, w.param}, AdamConfig{.lr = 0.01});
   adam.step();
   adam.step();
-  adam.reset_moments([](const Parameter<double>& p) { return p.role == ParamRole::lora_A; });
+  adam.reset_state([](const Parameter<double>& p) { return p.role == ParamRole::lora_A; });
   for (Index i = 0; i < 3; ++i) {
     CHECK(adam.m(0).data()[i] == 0);
     CHECK(adam.v(0).data()[i] == 0);
@@ -99,7 +102,7 @@ TEST_CASE("reset_moments zeroes m, v and the count of the chosen parameters only
   CHECK(before - a.at(0) == doctest::Approx(0.01).epsilon(1e-6));
 }
 
-TEST_CASE("prune_moments zeroes the given fraction, the smallest or random entries, keeping counts") {
+TEST_CASE("prune_state zeroes the given fraction, the smallest or random entries, keeping counts") {
   auto backend = make_backend<double>(Device::cpu);
   std::vector<double> g(100);
   for (int i = 0; i < 100; ++i) g[std::size_t(i)] = (i % 2 ? 1 : -1) * (1 + i);
@@ -107,7 +110,7 @@ TEST_CASE("prune_moments zeroes the given fraction, the smallest or random entri
   Adam<double> adam(backend, std::vector<Parameter<double>>{a.param});
   adam.step();
   const auto all = [](const Parameter<double>&) { return true; };
-  adam.prune_moments(all, 0.3, PruneMode::magnitude);
+  adam.prune_state(all, 0.3, PruneMode::magnitude);
   int zeros = 0;
   for (int i = 0; i < 100; ++i) {
     const bool zero = adam.m(0).data()[i] == 0;
@@ -119,7 +122,7 @@ TEST_CASE("prune_moments zeroes the given fraction, the smallest or random entri
   CHECK(adam.update_count(0).data()[0] == 1);
 
   adam.step();
-  adam.prune_moments(all, 0.5, PruneMode::random, 99);
+  adam.prune_state(all, 0.5, PruneMode::random, 99);
   zeros = 0;
   int zeros_among_large = 0;
   for (int i = 0; i < 100; ++i) {
@@ -128,7 +131,7 @@ TEST_CASE("prune_moments zeroes the given fraction, the smallest or random entri
   }
   CHECK(zeros == 50);
   CHECK(zeros_among_large > 10);  // random, not by magnitude
-  CHECK_THROWS_AS(adam.prune_moments(all, 1.5, PruneMode::random), ConfigError);
+  CHECK_THROWS_AS(adam.prune_state(all, 1.5, PruneMode::random), ConfigError);
 }
 
 TEST_CASE("magnitude pruning zeroes the same entries of m and v, chosen by |m|") {
@@ -144,7 +147,7 @@ TEST_CASE("magnitude pruning zeroes the same entries of m and v, chosen by |m|")
   a.set_grad(g2);
   adam.step();
   const HostMatrix<double> m_before = Eigen::Map<const HostMatrix<double>>(adam.m(0).data(), 1, 40);
-  adam.prune_moments([](const Parameter<double>&) { return true; }, 0.5, PruneMode::magnitude);
+  adam.prune_state([](const Parameter<double>&) { return true; }, 0.5, PruneMode::magnitude);
   int zeros = 0;
   double largest_pruned = 0, smallest_kept = 1e300;
   for (int i = 0; i < 40; ++i) {
@@ -156,4 +159,114 @@ TEST_CASE("magnitude pruning zeroes the same entries of m and v, chosen by |m|")
   }
   CHECK(zeros == 20);
   CHECK(largest_pruned <= smallest_kept);
+}
+
+namespace {
+
+// Every tensor and field of a saved state, to compare two states exactly.
+bool same_state(const StateDict<double>& a, const StateDict<double>& b) {
+  if (a.tensors().size() != b.tensors().size() || a.fields() != b.fields()) return false;
+  for (const auto& [name, tensor] : a.tensors()) {
+    const auto it = b.tensors().find(name);
+    if (it == b.tensors().end() || it->second.rows() != tensor.rows() || it->second.cols() != tensor.cols() ||
+        it->second != tensor) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("Adam: save_state and restore_state continue bit for bit") {
+  auto backend = make_backend<double>(Device::cpu);
+  HandParameter a(*backend, "l.lora_A", ParamRole::lora_A, {1, 2, 3}, {0.1, -0.2, 0.3});
+  HandParameter b(*backend, "l.lora_B", ParamRole::lora_B, {0.5, -0.5}, {1.0, 2.0});
+  Adam<double> adam(backend, std::vector<Parameter<double>>{a.param, b.param}, AdamConfig{.lr = 0.01});
+  adam.step();
+  adam.step(0.5);
+  adam.reset_state([](const Parameter<double>& p) { return p.role == ParamRole::lora_B; });
+  adam.step();
+  adam.prune_state([](const Parameter<double>&) { return true; }, 0.5, PruneMode::random, 3);
+  StateDict<double> saved;
+  adam.save_state(saved);
+  CHECK(saved.has_tensor("l.lora_A.m"));
+  CHECK(saved.has_tensor("l.lora_B.v"));
+  CHECK(saved.tensor("l.lora_A.step", 1, 1)(0, 0) == 3);
+  CHECK(saved.tensor("l.lora_B.step", 1, 1)(0, 0) == 1);  // reset after two steps
+  CHECK(saved.integer("steps_taken") == 3);
+  CHECK(saved.unsigned_integer("prune_draws") == 2);
+
+  // A second optimizer over copies of the parameters takes the state over and then moves exactly
+  // as the first: same values after two more steps (and a random prune: the draws travel).
+  HandParameter a2(*backend, "l.lora_A", ParamRole::lora_A, {a.at(0), a.at(1), a.at(2)}, {0.1, -0.2, 0.3});
+  HandParameter b2(*backend, "l.lora_B", ParamRole::lora_B, {b.at(0), b.at(1)}, {1.0, 2.0});
+  Adam<double> resumed(backend, std::vector<Parameter<double>>{a2.param, b2.param}, AdamConfig{.lr = 0.01});
+  resumed.restore_state(saved);
+  CHECK(resumed.steps_taken() == 3);
+  StateDict<double> again;
+  resumed.save_state(again);
+  CHECK(same_state(saved, again));
+  for (Adam<double>* opt : {&adam, &resumed}) {
+    opt->step(0.7);
+    opt->prune_state([](const Parameter<double>&) { return true; }, 0.5, PruneMode::random, 3);
+    opt->step();
+  }
+  for (Index i = 0; i < 3; ++i) CHECK(a.at(i) == a2.at(i));
+  for (Index i = 0; i < 2; ++i) CHECK(b.at(i) == b2.at(i));
+  StateDict<double> first, second;
+  adam.save_state(first);
+  resumed.save_state(second);
+  CHECK(same_state(first, second));
+}
+
+TEST_CASE("Adam: restore_state refuses a bad state, naming the entry, and changes nothing") {
+  auto backend = make_backend<double>(Device::cpu);
+  HandParameter a(*backend, "A", ParamRole::lora_A, {1, 2, 3}, {0.1, -0.2, 0.3});
+  Adam<double> adam(backend, std::vector<Parameter<double>>{a.param}, AdamConfig{.lr = 0.01});
+  adam.step();
+  adam.step();
+  StateDict<double> good;
+  adam.save_state(good);
+
+  const auto refused = [&](const std::function<void(StateDict<double>&)>& edit, const std::string& expected) {
+    StateDict<double> bad = good;
+    bad.set_origin("optim.");
+    edit(bad);
+    INFO("expected: " << expected);
+    CHECK_THROWS_WITH_AS(adam.restore_state(bad), doctest::Contains(expected.c_str()), IoError);
+    StateDict<double> now;
+    adam.save_state(now);
+    CHECK(same_state(now, good));  // nothing changed
+    CHECK(adam.steps_taken() == 2);
+  };
+  const auto with_tensor = [](const std::string& name, HostMatrix<double> value) {
+    return [name, value](StateDict<double>& s) { s.set_tensor(name, value); };
+  };
+  HostMatrix<double> wrong_shape(1, 2);
+  wrong_shape << 0, 0;
+  HostMatrix<double> with_nan(1, 3);
+  with_nan << 0, std::nan(""), 0;
+  HostMatrix<double> negative_v(1, 3);
+  negative_v << 1e-4, -1e-9, 1e-4;
+  HostMatrix<double> count(1, 1);
+  count << 2.5;
+  HostMatrix<double> large_count(1, 1);
+  large_count << 7;
+  // The first entries restore well, the bad one comes last: still nothing may change.
+  refused(with_tensor("A.v", wrong_shape), "tensor 'optim.A.v' has shape [1 x 2], expected [1 x 3]");
+  refused(with_tensor("A.m", with_nan), "tensor 'optim.A.m' holds NaN or Inf");
+  refused(with_tensor("A.v", negative_v), "tensor 'optim.A.v' holds a negative second moment");
+  refused(with_tensor("A.step", count), "tensor 'optim.A.step' holds update count 2.5");
+  refused(with_tensor("A.step", large_count), "not a whole number in [0, steps_taken = 2]");
+  refused(with_tensor("B.m", wrong_shape), "tensor 'optim.B.m' belongs to no parameter of this optimizer");
+  refused([](StateDict<double>& s) { s.set("steps_taken", std::int64_t(-1)); }, "field 'optim.steps_taken' is -1");
+  refused([](StateDict<double>& s) { s.set("prune_draws", std::string("x")); }, "field 'optim.prune_draws'");
+  {
+    StateDict<double> missing;
+    missing.set("steps_taken", std::int64_t(2));
+    missing.set("prune_draws", std::uint64_t(0));
+    missing.set_tensor("A.m", good.tensors().at("A.m"));
+    CHECK_THROWS_WITH_AS(adam.restore_state(missing), doctest::Contains("tensor 'A.v' is missing"), IoError);
+  }
 }

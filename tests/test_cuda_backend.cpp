@@ -1,7 +1,8 @@
 // The CUDA backend against the CPU backend, operation by operation, on fresh random data (never
 // zeros: they hide unwritten outputs). Outputs are poisoned with NaN first, so an element the GPU
 // fails to write shows as an error. Each comparison prints its relative error ||gpu - cpu|| / ||cpu||.
-// Without a GPU (CI, development machines) every case prints why it is skipped and passes.
+// Without a GPU (CI, development machines) every case prints why it is skipped and passes. Adam's
+// kernels are compared in test_cuda_adam.cpp.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 
 #include "relora/core/backend.hpp"
 #include "relora/core/errors.hpp"
+#include "test_support.hpp"
 
 using namespace relora;
 
@@ -43,10 +45,8 @@ double tolerance() {
   return sizeof(T) == 4 ? 1e-5 : 1e-12;
 }
 
-std::uint64_t fresh_seed() {
-  static std::random_device device;
-  return (std::uint64_t(device()) << 32) ^ device();
-}
+// Printed with every failure (INFO) and replayable: RELORA_TEST_SEED=<seed> runs the case again on it.
+std::uint64_t fresh_seed() { return relora::testing::test_seed(); }
 
 template <typename T>
 std::vector<T> random_values(std::size_t n, std::mt19937_64& rng, double scale = 1.0) {
@@ -393,254 +393,6 @@ TEST_CASE_TEMPLATE("cuda: random fills and dropout masks equal the CPU's", T, fl
   const auto dropped = std::count(gpu_mask.begin(), gpu_mask.end(), T(0));
   MESSAGE("dropout p=0.3: " << dropped << " of " << gpu_mask.size() << " dropped");
   CHECK(dropped > 0);
-}
-
-TEST_CASE_TEMPLATE("cuda: prune zeroes the same entries as the CPU", T, float, double) {
-  SKIP_WITHOUT_CUDA();
-  const auto seed = fresh_seed();
-  INFO("seed " << seed);
-  std::mt19937_64 rng(seed);
-  auto b = make_backends<T>();
-  for (const Index size : {Index(97 * 41), Index(300001)}) {
-    // Values on a coarse grid, so that many magnitudes tie (+v and -v too): ties go to the lower index.
-    auto values = random_values<T>(std::size_t(size), rng);
-    for (auto& v : values) v = T(std::round(double(v) * 4) / 4);
-    for (const double fraction : {0.0, 0.3, 0.5, 1.0}) {
-      for (const PruneMode mode : {PruneMode::magnitude, PruneMode::random}) {
-        INFO("size " << size << " fraction " << fraction << " mode " << int(mode));
-        auto x = twin(b, 1, size, values);
-        const RngKey key{seed, 3};
-        b.cpu->prune(mode, fraction, key, x.cpu, nullptr);
-        b.gpu->prune(mode, fraction, key, x.gpu, nullptr);
-        const auto gpu = fetch(*b.gpu, x.gpu);
-        const auto cpu = fetch(*b.cpu, x.cpu);
-        CHECK(gpu == cpu);
-        // round(fraction * size) entries are zero now, and no other entry changed.
-        const auto count = std::size_t(std::llround(fraction * double(size)));
-        std::size_t zeros = 0, changed = 0;
-        for (std::size_t i = 0; i < gpu.size(); ++i) {
-          zeros += gpu[i] == T(0);
-          changed += gpu[i] != values[i];
-        }
-        CHECK(zeros >= count);
-        CHECK(changed <= count);
-      }
-    }
-  }
-  auto x = twin(b, 2, 2, random_values<T>(4, rng));
-  CHECK(what_of([&] { b.gpu->prune(PruneMode::magnitude, 1.5, RngKey{}, x.gpu, nullptr); }) ==
-        what_of([&] { b.cpu->prune(PruneMode::magnitude, 1.5, RngKey{}, x.cpu, nullptr); }));
-}
-
-namespace {
-
-// The buffers of one Adam slot on both backends.
-template <typename T>
-struct SlotTwin {
-  Twin<T> param, grad, m, v, step;
-  double lr, weight_decay;
-  std::string name;
-};
-
-template <typename T>
-std::vector<SlotTwin<T>> make_slots(Backends<T>& b, const std::vector<Index>& sizes, std::mt19937_64& rng) {
-  std::vector<SlotTwin<T>> slots;
-  std::uniform_real_distribution<double> uniform(0.0, 1.0);
-  for (std::size_t s = 0; s < sizes.size(); ++s) {
-    const Index n = sizes[s];
-    auto v = random_values<T>(std::size_t(n), rng, 0.01);
-    for (auto& e : v) e = e * e;  // second moments are non-negative
-    const T step = T(s % 3 == 0 ? 0 : 5 * s);  // slots at different counts (a slot reset at a restart, say)
-    slots.push_back(SlotTwin<T>{twin(b, 1, n, random_values<T>(std::size_t(n), rng)),
-                                twin(b, 1, n, random_values<T>(std::size_t(n), rng)),
-                                twin(b, 1, n, random_values<T>(std::size_t(n), rng, 0.1)), twin(b, 1, n, v),
-                                twin(b, 1, 1, std::vector<T>{step}), 1e-3 * (1 + uniform(rng)),
-                                s % 2 ? 0.01 : 0.0, "layer" + std::to_string(s / 2) + (s % 2 ? ".lora_B" : ".lora_A")});
-  }
-  return slots;
-}
-
-template <typename T>
-std::vector<AdamSlot<T>> adam_slots(std::vector<SlotTwin<T>>& twins, bool gpu) {
-  std::vector<AdamSlot<T>> slots;
-  for (auto& t : twins) {
-    auto pick = [&](Twin<T>& x) -> Tensor<T>& { return gpu ? x.gpu : x.cpu; };
-    slots.push_back(AdamSlot<T>{pick(t.param).data(), pick(t.grad).data(), pick(t.m).data(), pick(t.v).data(),
-                                pick(t.step).data(), pick(t.param).size(), t.lr, t.weight_decay, t.name.c_str()});
-  }
-  return slots;
-}
-
-template <typename T>
-void new_gradients(Backends<T>& b, std::vector<SlotTwin<T>>& twins, std::mt19937_64& rng) {
-  for (auto& t : twins) {
-    const auto g = random_values<T>(std::size_t(t.grad.cpu.size()), rng);
-    b.cpu->upload(g.data(), t.grad.cpu);
-    b.gpu->upload(g.data(), t.grad.gpu);
-  }
-}
-
-template <typename T>
-void compare_slots(Backends<T>& b, std::vector<SlotTwin<T>>& twins, MaxError& err) {
-  for (auto& t : twins) {
-    err.add(compare(b, t.param), t.name + " param");
-    err.add(compare(b, t.m), t.name + " m");
-    err.add(compare(b, t.v), t.name + " v");
-    CHECK(fetch(*b.gpu, t.step.gpu) == fetch(*b.cpu, t.step.cpu));
-  }
-}
-
-}  // namespace
-
-TEST_CASE_TEMPLATE("cuda: adam_update over several slots equals the CPU's after 3 steps", T, float, double) {
-  SKIP_WITHOUT_CUDA();
-  const auto seed = fresh_seed();
-  INFO("seed " << seed);
-  std::mt19937_64 rng(seed);
-  auto b = make_backends<T>();
-  MaxError err{std::string("adam ") + type_name<T>(), 0, tolerance<T>()};
-  for (const bool decoupled : {true, false}) {
-    INFO("decoupled weight decay " << decoupled);
-    // Sizes around the 4096-element chunk, an empty slot, and more than one launch's 48 slots.
-    for (const auto& sizes : {std::vector<Index>{1, 7, 1000, 4096, 4097, 70001, 0, 333},
-                              std::vector<Index>(61, 129)}) {
-      auto twins = make_slots(b, sizes, rng);
-      auto cpu_slots = adam_slots(twins, false);
-      auto gpu_slots = adam_slots(twins, true);
-      for (int step = 0; step < 3; ++step) {
-        AdamHyper hyper;
-        hyper.lr_factor = 1.0 / (1 + step);
-        hyper.decoupled_weight_decay = decoupled;
-        new_gradients(b, twins, rng);
-        b.cpu->adam_update(cpu_slots.data(), cpu_slots.size(), hyper);
-        b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-      }
-      b.gpu->synchronize();
-      compare_slots(b, twins, err);
-    }
-  }
-}
-
-TEST_CASE("cuda: a NaN gradient changes nothing and synchronize names the parameter") {
-  SKIP_WITHOUT_CUDA();
-  const auto seed = fresh_seed();
-  INFO("seed " << seed);
-  std::mt19937_64 rng(seed);
-  auto b = make_backends<float>();
-  auto twins = make_slots(b, std::vector<Index>(60, 300), rng);
-  auto gpu_slots = adam_slots(twins, true);
-  auto cpu_slots = adam_slots(twins, false);
-  const AdamHyper hyper;
-
-  auto snapshot = [&] {
-    std::vector<std::vector<float>> all;
-    for (auto& t : twins) {
-      all.push_back(fetch(*b.gpu, t.param.gpu));
-      all.push_back(fetch(*b.gpu, t.m.gpu));
-      all.push_back(fetch(*b.gpu, t.v.gpu));
-      all.push_back(fetch(*b.gpu, t.step.gpu));
-    }
-    return all;
-  };
-  const auto before = snapshot();
-
-  for (const std::size_t bad_slot : {std::size_t(1), std::size_t(55)}) {  // in the first and the second table
-    INFO("bad slot " << bad_slot);
-    auto g = fetch(*b.gpu, twins[bad_slot].grad.gpu);
-    g[17] = bad_slot == 1 ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-    b.gpu->upload(g.data(), twins[bad_slot].grad.gpu);
-    b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-    try {
-      b.gpu->synchronize();
-      FAIL("synchronize() did not report the non-finite gradient");
-    } catch (const NonFiniteError& e) {
-      MESSAGE("NonFiniteError: " << std::string(e.what()));
-      CHECK(std::string(e.what()).find("'" + twins[bad_slot].name + "'") != std::string::npos);
-    }
-    CHECK(snapshot() == before);  // params, moments and steps untouched, bit for bit
-    g[17] = 0.5f;
-    b.gpu->upload(g.data(), twins[bad_slot].grad.gpu);
-  }
-
-  // Steps queued after a bad one are skipped too, and download() reports it as well.
-  auto g = fetch(*b.gpu, twins[7].grad.gpu);
-  const auto good = g;
-  g[0] = -std::numeric_limits<float>::infinity();
-  b.gpu->upload(g.data(), twins[7].grad.gpu);
-  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-  b.gpu->upload(good.data(), twins[7].grad.gpu);
-  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-  std::vector<float> host(1);
-  try {
-    b.gpu->download(twins[0].step.gpu, host.data());
-    FAIL("download() did not report the non-finite gradient");
-  } catch (const NonFiniteError& e) {
-    MESSAGE("NonFiniteError: " << std::string(e.what()));
-    CHECK(std::string(e.what()).find("'" + twins[7].name + "'") != std::string::npos);
-  }
-  CHECK(snapshot() == before);
-  b.gpu->synchronize();  // the flag was cleared: nothing more to report
-
-  // The CPU refuses the same step at once, with the same words.
-  auto cpu_g = fetch(*b.cpu, twins[7].grad.cpu);
-  cpu_g[0] = std::numeric_limits<float>::quiet_NaN();
-  b.cpu->upload(cpu_g.data(), twins[7].grad.cpu);
-  CHECK_THROWS_AS(b.cpu->adam_update(cpu_slots.data(), cpu_slots.size(), hyper), NonFiniteError);
-  b.cpu->upload(good.data(), twins[7].grad.cpu);
-
-  // Training goes on afterwards and still matches the CPU.
-  for (auto& t : twins) {  // the GPU's gradients are the CPU's again
-    const auto cpu_grad = fetch(*b.cpu, t.grad.cpu);
-    b.gpu->upload(cpu_grad.data(), t.grad.gpu);
-  }
-  b.cpu->adam_update(cpu_slots.data(), cpu_slots.size(), hyper);
-  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-  b.gpu->synchronize();
-  MaxError err{"adam after a refused step, float", 0, 1e-5};
-  compare_slots(b, twins, err);
-}
-
-TEST_CASE("cuda: a NaN in any of several blocks' chunks of one table stops every block's update") {
-  SKIP_WITHOUT_CUDA();
-  const auto seed = fresh_seed();
-  INFO("seed " << seed);
-  std::mt19937_64 rng(seed);
-  auto b = make_backends<float>();
-  // One table of 34K elements, 34 chunks: above the one-block path.
-  auto twins = make_slots(b, std::vector<Index>{16384, 1024, 16384}, rng);
-  auto gpu_slots = adam_slots(twins, true);
-  auto cpu_slots = adam_slots(twins, false);
-  const AdamHyper hyper;
-  const auto before_param = fetch(*b.gpu, twins[0].param.gpu);
-  const auto before_step = fetch(*b.gpu, twins[0].step.gpu);
-  // Bad entries in slots 2 and 1, far apart in memory and in different blocks' chunks: every
-  // block must see them, and the flag must name the first bad slot.
-  auto g2 = fetch(*b.gpu, twins[2].grad.gpu), g1 = fetch(*b.gpu, twins[1].grad.gpu);
-  const auto good2 = g2, good1 = g1;
-  g2[16000] = std::numeric_limits<float>::quiet_NaN();
-  g1[3] = std::numeric_limits<float>::infinity();
-  b.gpu->upload(g2.data(), twins[2].grad.gpu);
-  b.gpu->upload(g1.data(), twins[1].grad.gpu);
-  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-  try {
-    b.gpu->synchronize();
-    FAIL("synchronize() did not report the non-finite gradient");
-  } catch (const NonFiniteError& e) {
-    CHECK(std::string(e.what()).find("'" + twins[1].name + "'") != std::string::npos);
-  }
-  CHECK(fetch(*b.gpu, twins[0].param.gpu) == before_param);  // no block updated its chunk
-  CHECK(fetch(*b.gpu, twins[0].step.gpu) == before_step);
-  b.gpu->upload(good2.data(), twins[2].grad.gpu);
-  b.gpu->upload(good1.data(), twins[1].grad.gpu);
-  for (auto& t : twins) {  // the CPU's gradients, then one step each: the same values
-    const auto cpu_grad = fetch(*b.cpu, t.grad.cpu);
-    b.gpu->upload(cpu_grad.data(), t.grad.gpu);
-  }
-  b.cpu->adam_update(cpu_slots.data(), cpu_slots.size(), hyper);
-  b.gpu->adam_update(gpu_slots.data(), gpu_slots.size(), hyper);
-  b.gpu->synchronize();
-  MaxError err{"adam, mid-sized step, float", 0, 1e-5};
-  compare_slots(b, twins, err);
 }
 
 TEST_CASE("cuda: an absurd allocation throws DeviceError naming the size") {

@@ -90,7 +90,7 @@ TEST_CASE("each optimizer reset mode does what it says to A's and B's moments on
     Trainer<float> trainer(model, config);
     Tensor<float> X = to_backend<float>(*backend, task.X, "X"), Y = to_backend<float>(*backend, task.Y, "Y");
     for (int i = 0; i < 3; ++i) trainer.step(X, Y);
-    Adam<float>& adam = trainer.optimizer();
+    auto& adam = dynamic_cast<Adam<float>&>(trainer.optimizer());
     REQUIRE(adam.size() == 3);  // A, B, bias
     std::vector<HostMatrix<float>> m_before, v_before;
     for (std::size_t i = 0; i < adam.size(); ++i) {

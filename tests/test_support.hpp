@@ -1,8 +1,12 @@
 #pragma once
-// What several test files need: a scratch directory, and the CUDA skip with its reason.
+// What several test files need: a scratch directory, the CUDA skip with its reason, and the seed
+// of a randomised test.
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <random>
 #include <filesystem>
 #include <string>
 #include <system_error>
@@ -48,6 +52,14 @@ inline bool cuda_or_skip(const char* suite) {
   if (cuda_available(&why)) return true;
   MESSAGE(std::string(suite) << " skipped: " << why);
   return false;
+}
+
+// The seed of a randomised test: RELORA_TEST_SEED from the environment when it is set (to replay
+// a failure), else a fresh one. Callers INFO it, so that every failure prints the seed to replay.
+inline std::uint64_t test_seed() {
+  if (const char* text = std::getenv("RELORA_TEST_SEED")) return std::strtoull(text, nullptr, 10);
+  static std::random_device device;
+  return (std::uint64_t(device()) << 32) ^ device();
 }
 
 }  // namespace relora::testing

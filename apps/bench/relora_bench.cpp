@@ -332,13 +332,6 @@ class CountingBackend final : public relora::Backend<T> {
     in_->random_normal(key, mean, stddev, x);
   }
   void dropout_mask(relora::RngKey key, T p, relora::Tensor<T>& mask) override { in_->dropout_mask(key, p, mask); }
-  void adam_update(const relora::AdamSlot<T>* slots, std::size_t count, const relora::AdamHyper& hyper) override {
-    in_->adam_update(slots, count, hyper);
-  }
-  void prune(relora::PruneMode mode, double fraction, relora::RngKey key, relora::Tensor<T>& x,
-             relora::Tensor<T>* same_entries) override {
-    in_->prune(mode, fraction, key, x, same_entries);
-  }
 
  private:
   std::shared_ptr<relora::Backend<T>> in_;

@@ -1,4 +1,5 @@
 #include "cpu/cpu_backend.hpp"
+#include "cpu/cpu_parallel.hpp"
 #include "cpu/eigen_maps.hpp"
 
 #include <Eigen/Core>
@@ -7,7 +8,6 @@
 #include <cstring>
 #include <limits>
 #include <new>
-#include <numeric>
 #include <vector>
 
 #include "relora/core/elementwise_math.hpp"
@@ -81,35 +81,6 @@ void CpuBackend<T>::fill(Tensor<T>& x, T value) {
 }
 
 namespace {
-
-// Element-wise passes over more elements than this run on every OpenMP thread; below it the
-// threads' start costs more than the pass (a 256 KiB float pass takes about 10 us on one core).
-// An OpenMP `if` clause is not enough below it: GCC still opens a one-thread team (GOMP_parallel),
-// about a microsecond, which is most of a tiny step (seed_demo). So the loops branch instead.
-constexpr Index kParallelElements = 65536;
-
-// Whether a pass over size elements opens a parallel region: not on one thread either, where
-// libgomp would still allocate a one-thread team for every region.
-bool run_parallel(Index size) {
-#if defined(_OPENMP)
-  return size > kParallelElements && omp_get_max_threads() > 1;
-#else
-  (void)size;
-  return false;
-#endif
-}
-
-// f(i) for i in [0, size): on every thread above kParallelElements, else on this one.
-template <typename F>
-void for_each_element(Index size, F&& f) {
-  if (run_parallel(size)) {
-#pragma omp parallel for simd schedule(static)
-    for (Index i = 0; i < size; ++i) f(i);
-  } else {
-#pragma omp simd
-    for (Index i = 0; i < size; ++i) f(i);
-  }
-}
 
 // C = beta C over every element (beta = 0 ignores C's contents, NaN included, as BLAS does), in
 // parallel: Eigen's setZero and scaling run on one thread, which cost mlp4x2k several ms a step.
@@ -291,68 +262,6 @@ void CpuBackend<T>::dropout_mask(RngKey key, T p, Tensor<T>& mask) {
   T* data = mask.data();
   const T keep_scale = T(1) / (T(1) - p);
   for (Index i = 0; i < mask.size(); ++i) data[i] = uniform01(key, i) < double(p) ? T(0) : keep_scale;
-}
-
-template <typename T>
-void CpuBackend<T>::adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) {
-  // Refuse the whole step before touching anything if one gradient is not finite.
-  for (std::size_t s = 0; s < count; ++s) {
-    const AdamSlot<T>& slot = slots[s];
-    if (!ConstArrayMap<T>(slot.grad, slot.size).isFinite().all()) {
-      throw NonFiniteError(std::string("adam step refused: gradient of '") + slot.name +
-                           "' holds NaN or Inf; no parameter was updated");
-    }
-  }
-  // The slots mostly share one step count: the bias corrections are computed once per count
-  // (pow is most of Adam's time on a tiny model).
-  double t_corrected = -1, c1 = 0, c2 = 0;
-  for (std::size_t s = 0; s < count; ++s) {
-    const AdamSlot<T>& slot = slots[s];
-    const double t = double(*slot.step) + 1;
-    if (t != t_corrected) {
-      c1 = 1 - std::pow(hyper.beta1, t);
-      c2 = 1 - std::pow(hyper.beta2, t);
-      t_corrected = t;
-    }
-    const double lr = slot.lr * hyper.lr_factor;
-    T* p = slot.param;
-    const T* g = slot.grad;
-    T* m = slot.m;
-    T* v = slot.v;
-    for_each_element(slot.size,
-                     [&](Index i) { adam_element(p[i], g[i], m[i], v[i], lr, slot.weight_decay, hyper, c1, c2); });
-    *slot.step = T(t);
-  }
-}
-
-template <typename T>
-void CpuBackend<T>::prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) {
-  if (!(fraction >= 0 && fraction <= 1)) {
-    throw ConfigError("prune: fraction " + std::to_string(fraction) + " is outside [0, 1]");
-  }
-  if (same_entries != nullptr) require_same_shape(x, *same_entries, "prune");
-  const Index count = static_cast<Index>(std::llround(fraction * double(x.size())));
-  if (count == 0) return;
-  T* data = x.data();
-  std::vector<Index> order(static_cast<std::size_t>(x.size()));
-  std::iota(order.begin(), order.end(), Index(0));
-  if (mode == PruneMode::magnitude) {
-    // Ties broken by index so that the CPU and CUDA backends zero the same entries.
-    std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), [&](Index a, Index b) {
-      const T ma = std::abs(data[a]), mb = std::abs(data[b]);
-      return ma < mb || (ma == mb && a < b);
-    });
-  } else {
-    std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), [&](Index a, Index b) {
-      const std::uint64_t ra = random_bits(key, a), rb = random_bits(key, b);
-      return ra < rb || (ra == rb && a < b);
-    });
-  }
-  for (Index i = 0; i < count; ++i) data[order[i]] = T(0);
-  if (same_entries != nullptr) {
-    T* other = same_entries->data();
-    for (Index i = 0; i < count; ++i) other[order[i]] = T(0);
-  }
 }
 
 template class CpuBackend<float>;

@@ -39,8 +39,6 @@ class CpuBackend final : public Backend<T> {
   void random_normal(RngKey key, T mean, T stddev, Tensor<T>& x) override;
   void dropout_mask(RngKey key, T p, Tensor<T>& mask) override;
 
-  void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) override;
-  void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) override;
 
  private:
   MathMode math_ = MathMode::strict;

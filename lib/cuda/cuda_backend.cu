@@ -82,10 +82,8 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
 
   RELORA_CUDA_CHECK(cudaMalloc(&scratch_memory_.ptr, sizeof(Scratch)));
   RELORA_CUDA_CHECK(cudaMemsetAsync(scratch_memory_.ptr, 0, sizeof(Scratch), stream_.stream));
-  RELORA_CUDA_CHECK(cudaMemsetAsync(&scratch()->nonfinite, 0xff, sizeof(unsigned long long), stream_.stream));
-  RELORA_CUDA_CHECK(cudaMallocHost(&flag_host_.ptr, sizeof(unsigned long long)));
-  *flag_host() = kNoNonFinite;
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  nonfinite_ = std::make_unique<NonFiniteReport>(stream_.stream);  // synchronizes the stream
+  recorder_ = std::make_unique<StepRecorder>(stream_.stream);
   set_math_mode(options.math);
 }
 
@@ -209,36 +207,8 @@ void CudaBackend<T>::synchronize() {
 
 template <typename T>
 void CudaBackend<T>::raise_device_errors() {
-  // Called with the stream idle: the flag's read-back is the only copy the NaN guard costs.
-  RELORA_CUDA_CHECK(cudaMemcpy(flag_host(), &scratch()->nonfinite, sizeof(unsigned long long), cudaMemcpyDeviceToHost));
-  const unsigned long long flag = *flag_host();
-  if (flag == kNoNonFinite) {
-    // Nothing pending: forget the older name lists and restart the call tags.
-    if (slot_names_.size() > 1) slot_names_.erase(slot_names_.begin(), slot_names_.end() - 1);
-    if (!slot_names_.empty()) slot_names_.front().first = 0;
-    adam_calls_ = slot_names_.empty() ? 0 : 1;
-    return;
-  }
-  const std::uint32_t call = std::uint32_t(flag >> 32);
-  const std::uint32_t slot = std::uint32_t(flag & 0xffffffffu);
-  std::string name = "?";
-  for (auto it = slot_names_.rbegin(); it != slot_names_.rend(); ++it) {
-    if (it->first <= call) {
-      if (slot < it->second.size()) name = it->second[slot];
-      break;
-    }
-  }
-  const std::uint32_t later = adam_calls_ - 1 - call;  // updates skipped after the one that failed
-  // Reset the flag on the device and here, so that training may go on after the caller's decision.
-  RELORA_CUDA_CHECK(cudaMemsetAsync(&scratch()->nonfinite, 0xff, sizeof(unsigned long long), stream_.stream));
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
-  *flag_host() = kNoNonFinite;
-  if (slot_names_.size() > 1) slot_names_.erase(slot_names_.begin(), slot_names_.end() - 1);
-  if (!slot_names_.empty()) slot_names_.front().first = 0;
-  adam_calls_ = slot_names_.empty() ? 0 : 1;
-  throw NonFiniteError("adam step refused: gradient of '" + name +
-                       "' holds NaN or Inf; no parameter was updated" +
-                       (later > 0 ? " (nor by the " + std::to_string(later) + " adam step(s) queued after it)" : ""));
+  // Called with the stream idle: the flag's read-back is the only copy the NaN guards cost.
+  nonfinite_->raise(stream_.stream);
 }
 
 template <typename T>
@@ -275,120 +245,45 @@ void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>
 }
 
 template <typename T>
-cudaGraphNode_t CudaBackend<T>::last_captured_node() {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaGraphNode_t* deps = nullptr;
-  std::size_t count = 0;
-#if CUDART_VERSION >= 13000
-  const cudaError_t error = cudaStreamGetCaptureInfo(stream_.stream, &status, nullptr, nullptr, &deps, nullptr, &count);
-#else
-  const cudaError_t error = cudaStreamGetCaptureInfo(stream_.stream, &status, nullptr, nullptr, &deps, &count);
-#endif
-  if (error != cudaSuccess || status != cudaStreamCaptureStatusActive || count != 1 || deps == nullptr) {
-    (void)cudaGetLastError();
-    recording_spoiled_ = true;
-    return nullptr;
-  }
-  return deps[0];
-}
-
-template <typename T>
 bool CudaBackend<T>::begin_recording() {
-  if (recording_) throw ConfigError("cuda backend: begin_recording while a recording is in progress");
-  if (refreshing_) throw ConfigError("cuda backend: begin_recording inside a replay's refresh");
   activate();
-  // Relaxed: an allocation by this thread while recording is allowed (and spoils the recording,
-  // see end_recording) instead of failing the call that made it.
-  RELORA_CUDA_CHECK(cudaStreamBeginCapture(stream_.stream, cudaStreamCaptureModeRelaxed));
-  recording_ = true;
-  recording_spoiled_ = false;
+  recorder_->begin();
   allocations_at_begin_ = allocations_;
-  adam_calls_at_begin_ = adam_calls_;
-  slot_names_at_begin_ = slot_names_.size();
-  capturing_adam_.clear();
+  report_at_begin_ = nonfinite_->mark();
   return true;
 }
 
 template <typename T>
 std::uint64_t CudaBackend<T>::end_recording() {
-  if (!recording_) throw ConfigError("cuda backend: end_recording without begin_recording");
-  recording_ = false;
   activate();
-  cudaGraph_t captured = nullptr;
-  const cudaError_t end_status = cudaStreamEndCapture(stream_.stream, &captured);
-  Graph graph;
-  graph.reset(captured);
-  bool ok = end_status == cudaSuccess && captured != nullptr && !recording_spoiled_ &&
-            allocations_ == allocations_at_begin_;
-  cudaGraphExec_t instantiated = nullptr;
-  if (ok) ok = cudaGraphInstantiate(&instantiated, captured, 0) == cudaSuccess;
-  GraphExec exec;
-  exec.reset(instantiated);
-  if (ok) ok = cudaGraphLaunch(exec.exec, stream_.stream) == cudaSuccess;
-  if (!ok) {
-    (void)cudaGetLastError();
-    forget_capture();
+  // A tensor allocated while recording may have replaced a buffer the recording names.
+  const std::uint64_t id = recorder_->end(allocations_ == allocations_at_begin_);
+  if (id == 0) {
+    // Nothing of it ran: forget its guarded launches, so that the report's tags stay those of
+    // work that runs (the caller runs the operations eagerly, or gives up on them).
+    nonfinite_->rollback(report_at_begin_);
     return 0;
   }
-  // The previous graph may still be queued: CUDA defers destroying it until it is done.
-  exec_.reset(exec.exec);
-  exec.exec = nullptr;
-  graph_.reset(graph.graph);
-  graph.graph = nullptr;
-  recorded_adam_ = std::move(capturing_adam_);
-  capturing_adam_.clear();
+  recording_id_ = id;
   recorded_allocations_ = allocations_;
   recorded_math_ = math_;
-  recording_id_ = ++recordings_;
-  return recording_id_;
-}
-
-template <typename T>
-void CudaBackend<T>::forget_capture() {
-  // Nothing of it ran: forget its Adam calls, so that the NaN guard's call tags stay those of
-  // work that runs (the caller runs the operations eagerly, or gives up on them).
-  adam_calls_ = adam_calls_at_begin_;
-  slot_names_.resize(std::min(slot_names_.size(), slot_names_at_begin_));
-  capturing_adam_.clear();
+  return id;
 }
 
 template <typename T>
 bool CudaBackend<T>::replay(std::uint64_t id, const std::function<void()>& refresh) {
-  if (recording_) throw ConfigError("cuda backend: replay while recording");
   if (id == 0 || id != recording_id_ || allocations_ != recorded_allocations_ || math_ != recorded_math_) {
+    if (recorder_->recording()) throw ConfigError("cuda backend: replay while recording");
     return false;
   }
   activate();
-  refreshing_ = true;
-  refresh_next_ = 0;
-  try {
-    if (refresh) refresh();
-  } catch (...) {
-    refreshing_ = false;
-    throw;
-  }
-  refreshing_ = false;
-  if (refresh_next_ != recorded_adam_.size()) {
-    throw ConfigError("cuda backend replay: the refresh made " + std::to_string(refresh_next_) +
-                      " adam_update call(s) but the recording holds " + std::to_string(recorded_adam_.size()));
-  }
-  RELORA_CUDA_CHECK(cudaGraphLaunch(exec_.exec, stream_.stream));
-  return true;
+  return recorder_->replay(id, refresh);
 }
 
 template <typename T>
 void CudaBackend<T>::drop_recording() {
-  if (recording_) {
-    recording_ = false;
-    cudaGraph_t captured = nullptr;
-    (void)cudaStreamEndCapture(stream_.stream, &captured);
-    if (captured) (void)cudaGraphDestroy(captured);
-    (void)cudaGetLastError();
-    forget_capture();
-  }
-  exec_.reset();
-  graph_.reset();
-  recorded_adam_.clear();
+  if (recorder_->recording()) nonfinite_->rollback(report_at_begin_);
+  recorder_->drop();
   recording_id_ = 0;
 }
 

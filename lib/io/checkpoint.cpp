@@ -6,11 +6,13 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <type_traits>
+#include <variant>
 
 #include "relora/io/atomic_file.hpp"
 #include "relora/io/checksum.hpp"
 #include "relora/core/host_matrix.hpp"
 #include "relora/io/safetensors.hpp"
+#include "relora/core/state_dict.hpp"
 
 namespace relora {
 namespace {
@@ -65,7 +67,8 @@ constexpr Dtype scalar_dtype() {
 constexpr std::int64_t kMaxSteps = std::int64_t(1) << 53;
 
 std::string layer_key(const std::string& layer, const char* what) { return "model." + layer + "." + what; }
-std::string optim_key(const std::string& param, const char* what) { return "optim." + param + "." + what; }
+// The optimizer's tensors are stored under this prefix, named as its save_state names them.
+constexpr const char* kOptimizerPrefix = "optim.";
 
 // What set_steps_done(steps) will make train: the trainer's own rule (Trainer::target_at).
 template <typename T>
@@ -73,23 +76,6 @@ TrainTarget phase_at(Trainer<T>& trainer, std::int64_t steps) {
   if (trainer.config().method == TrainingMethod::full_finetune) return TrainTarget::base;
   if (trainer.controller() && trainer.controller()->in_warm_start(steps)) return TrainTarget::base;
   return TrainTarget::adapter;
-}
-
-// The optimizer's parameter names in `phase`, as LoraLinear::trainable_parameters names them.
-template <typename T>
-std::vector<std::string> parameter_names(Model<T>& model, TrainTarget phase) {
-  std::vector<std::string> names;
-  for (std::size_t i = 0; i < model.size(); ++i) {
-    const std::string& name = model.name(i);
-    if (phase == TrainTarget::adapter) {
-      names.push_back(name + ".lora_A");
-      names.push_back(name + ".lora_B");
-    } else {
-      names.push_back(name + ".weight");
-    }
-    if (model.lora(i).config().bias == BiasMode::trainable) names.push_back(name + ".bias");
-  }
-  return names;
 }
 
 json config_json(const LoraConfig& c) {
@@ -108,8 +94,16 @@ void add_tensor(SafetensorsWriter& writer, Backend<T>& backend, const std::strin
   writer.add(name, {t.rows(), t.cols()}, host.data());
 }
 
+// The optimizer's fields (StateDict) as JSON members.
 template <typename T>
-std::string state_json(Trainer<T>& trainer) {
+void add_fields(json& object, const StateDict<T>& state) {
+  for (const auto& [name, field] : state.fields()) {
+    std::visit([&, name = name](const auto& value) { object[name] = value; }, field);
+  }
+}
+
+template <typename T>
+std::string state_json(Trainer<T>& trainer, const StateDict<T>& optimizer_state) {
   Model<T>& model = trainer.model();
   json layers = json::array();
   for (std::size_t i = 0; i < model.size(); ++i) {
@@ -121,17 +115,18 @@ std::string state_json(Trainer<T>& trainer) {
                           {"training", layer.training()},
                           {"rng_stream", layer.rng_stream()}});
   }
-  Adam<T>& optimizer = trainer.optimizer();
+  Optimizer<T>& optimizer = trainer.optimizer();
   json params = json::array();
   for (std::size_t i = 0; i < optimizer.size(); ++i) params.push_back(optimizer.parameter(i).name);
+  json saved_optimizer{
+      {"phase", phase_text(model.size() > 0 ? model.layer(0).train_target() : phase_at(trainer, trainer.steps_done()))},
+      {"kind", optimizer.kind()},
+      {"params", params}};
+  add_fields(saved_optimizer, optimizer_state);
   json state{{"scalar", scalar_text<T>()},
              {"layers", layers},
              {"trainer", {{"method", method_text(trainer.config().method)}, {"steps_done", trainer.steps_done()}}},
-             {"optimizer",
-              {{"phase", phase_text(model.size() > 0 ? model.lora(0).train_target() : phase_at(trainer, trainer.steps_done()))},
-               {"steps_taken", optimizer.steps_taken()},
-               {"prune_draws", optimizer.prune_draws()},
-               {"params", params}}}};
+             {"optimizer", saved_optimizer}};
   if (Schedule* schedule = trainer.schedule()) {
     state["schedule"] = {{"describe", schedule->describe()}, {"restart_steps", schedule->save().restart_steps}};
   } else {
@@ -209,19 +204,13 @@ struct LayerPlan {
   std::uint64_t rng_stream = 0;
 };
 
-template <typename T>
-struct ParamPlan {
-  HostMatrix<T> m, v, step;
-};
 
 template <typename T>
 struct Plan {
   std::vector<LayerPlan<T>> layers;
   std::int64_t steps_done = 0;
   bool load_optimizer = false;  // false: the file's optimizer belongs to the phase just ended
-  std::map<std::string, ParamPlan<T>> params;
-  std::int64_t steps_taken = 0;
-  std::uint64_t prune_draws = 0;
+  StateDict<T> optimizer;       // its tensors ("optim." taken off their names) and fields
   std::optional<ScheduleState> schedule;
   std::int64_t restarts_done = 0;
 };
@@ -244,6 +233,41 @@ HostMatrix<T> read_tensor(const Reader& r, const SafetensorsFile& file, const st
   if (host.size() > 0) std::memcpy(host.data(), file.raw_data(name), file.raw_size(name));
   if (!host.allFinite()) r.fail("tensor '" + name + "' holds NaN or Inf");
   return host;
+}
+
+// A 2-D tensor of the file in the trainer's scalar type, of whatever shape (its owner checks it).
+template <typename T>
+HostMatrix<T> read_any_tensor(const Reader& r, const SafetensorsFile& file, const std::string& name) {
+  if (file.dtype(name) != scalar_dtype<T>()) {
+    r.fail(std::string("tensor '") + name + "' is " + dtype_name(file.dtype(name)) + ", expected " +
+           scalar_text<T>() + " (the trainer's scalar type)");
+  }
+  const std::vector<std::int64_t>& shape = file.shape(name);
+  if (shape.size() != 2) r.fail("tensor '" + name + "' has shape " + shape_text(shape) + ", not a matrix");
+  HostMatrix<T> host(shape[0], shape[1]);
+  if (host.size() > 0) std::memcpy(host.data(), file.raw_data(name), file.raw_size(name));
+  return host;
+}
+
+// The optimizer's saved fields: the members of state.optimizer other than the checkpoint's own.
+template <typename T>
+void read_fields(const Reader& r, const json& saved, StateDict<T>& state) {
+  for (const auto& [key, value] : saved.items()) {
+    if (key == "phase" || key == "kind" || key == "params") continue;
+    if (value.is_number_unsigned()) {
+      state.set(key, value.template get<std::uint64_t>());
+    } else if (value.is_number_integer()) {
+      state.set(key, value.template get<std::int64_t>());
+    } else if (value.is_number_float()) {
+      state.set(key, value.template get<double>());
+    } else if (value.is_boolean()) {
+      state.set(key, value.template get<bool>());
+    } else if (value.is_string()) {
+      state.set(key, value.template get<std::string>());
+    } else {
+      r.fail("state.optimizer." + key + " is not a number, a boolean or a string");
+    }
+  }
 }
 
 template <typename T>
@@ -422,40 +446,59 @@ Plan<T> make_plan(const Reader& r, const SafetensorsFile& file, Trainer<T>& trai
            std::to_string(plan.steps_done) + " steps this trainer trains the " + phase_text(resumed) + " weights");
   }
   if (plan.load_optimizer) {
-    plan.steps_taken = r.integer(saved_optimizer, "steps_taken", "state.optimizer");
-    if (plan.steps_taken > plan.steps_done) {
-      r.fail("state.optimizer.steps_taken " + std::to_string(plan.steps_taken) + " exceeds steps_done " +
-             std::to_string(plan.steps_done));
+    // The optimizer checks its own state when it restores it (apply_plan); the kind and the
+    // counter of steps are checked here.
+    const std::string kind = saved_optimizer.contains("kind") ? r.text(saved_optimizer, "kind", "state.optimizer")
+                                                              : std::string("adam");  // before kinds were saved
+    if (kind != trainer.optimizer().kind()) {
+      r.fail("the optimizer state is " + kind + "'s but the trainer's optimizer is " + trainer.optimizer().kind());
     }
-    plan.prune_draws = r.unsigned_integer(saved_optimizer, "prune_draws", "state.optimizer");
-    for (const std::string& name : parameter_names(model, resumed)) {
-      // The parameter's shape: found from its layer's tensors of the same name.
-      Index rows = 0, cols = 0;
-      for (std::size_t i = 0; i < model.size(); ++i) {
-        const LoraLinear<T>& layer = model.lora(i);
-        const std::string& ln = model.name(i);
-        if (name == ln + ".lora_A") rows = layer.rank(), cols = layer.in_features();
-        else if (name == ln + ".lora_B") rows = layer.out_features(), cols = layer.rank();
-        else if (name == ln + ".weight") rows = layer.out_features(), cols = layer.in_features();
-        else if (name == ln + ".bias") rows = 1, cols = layer.out_features();
-        else continue;
-        break;
+    read_fields(r, saved_optimizer, plan.optimizer);
+    if (saved_optimizer.contains("steps_taken")) {
+      const std::int64_t steps_taken = r.integer(saved_optimizer, "steps_taken", "state.optimizer");
+      if (steps_taken > plan.steps_done) {
+        r.fail("state.optimizer.steps_taken " + std::to_string(steps_taken) + " exceeds steps_done " +
+               std::to_string(plan.steps_done));
       }
-      ParamPlan<T> pp;
-      pp.m = read_tensor<T>(r, file, optim_key(name, "m"), rows, cols);
-      pp.v = read_tensor<T>(r, file, optim_key(name, "v"), rows, cols);
-      pp.step = read_tensor<T>(r, file, optim_key(name, "step"), 1, 1);
-      if ((pp.v.array() < T(0)).any()) r.fail("tensor '" + optim_key(name, "v") + "' holds a negative second moment");
-      plan.params.emplace(name, std::move(pp));
     }
+    for (const std::string& name : file.names()) {
+      if (name.rfind(kOptimizerPrefix, 0) != 0) continue;
+      plan.optimizer.set_tensor(name.substr(std::strlen(kOptimizerPrefix)), read_any_tensor<T>(r, file, name));
+    }
+    plan.optimizer.set_origin(kOptimizerPrefix);
   }
   return plan;
 }
 
+// Puts the trainer at the plan's step, which builds the optimizer the resumed step trains with,
+// and restores that optimizer's state. The optimizer checks its state as it restores it, and it
+// exists only once the trainer is at the step: so this goes before anything else changes, and if
+// the optimizer refuses, the trainer returns to its step and its optimizer to the state it had.
 template <typename T>
-void apply_plan(Plan<T>& plan, Trainer<T>& trainer) {
-  // The schedule's restore is the one step that may still refuse (unsorted restart steps): it
-  // goes first, and is undone if anything after it throws.
+void restore_trainer(Plan<T>& plan, Trainer<T>& trainer, const std::string& source) {
+  const std::int64_t old_steps = trainer.steps_done();
+  StateDict<T> old_state;
+  if (plan.load_optimizer) trainer.optimizer().save_state(old_state);
+  trainer.set_steps_done(plan.steps_done);  // sets what trains and builds a fresh optimizer
+  if (!plan.load_optimizer) return;
+  try {
+    trainer.optimizer().restore_state(plan.optimizer);
+  } catch (const Error& e) {
+    trainer.set_steps_done(old_steps);
+    // The old state fits unless it was saved as a warm start ended, where the next step builds
+    // a fresh optimizer anyway.
+    try {
+      trainer.optimizer().restore_state(old_state);
+    } catch (const IoError&) {
+    }
+    throw IoError(source + ": optimizer " + e.what());
+  }
+}
+
+template <typename T>
+void apply_plan(Plan<T>& plan, Trainer<T>& trainer, const std::string& source) {
+  // The schedule's restore may still refuse (unsorted restart steps), and so may the optimizer's:
+  // they go first, and are undone if anything after them throws.
   Schedule* schedule = trainer.schedule();
   ScheduleState old_schedule;
   if (schedule != nullptr && plan.schedule) {
@@ -463,6 +506,7 @@ void apply_plan(Plan<T>& plan, Trainer<T>& trainer) {
     schedule->restore(*plan.schedule);
   }
   try {
+    restore_trainer(plan, trainer, source);
     Model<T>& model = trainer.model();
     for (std::size_t i = 0; i < model.size(); ++i) {
       LoraLinear<T>& layer = model.lora(i);
@@ -478,26 +522,7 @@ void apply_plan(Plan<T>& plan, Trainer<T>& trainer) {
       state.set("rng_stream", lp.rng_stream);
       layer.restore_state(state);
     }
-    trainer.set_steps_done(plan.steps_done);  // sets what trains and builds a fresh optimizer
     if (ReloraController<T>* controller = trainer.controller()) controller->set_restarts_done(plan.restarts_done);
-    if (plan.load_optimizer) {
-      Adam<T>& optimizer = trainer.optimizer();
-      Backend<T>& backend = model.backend();
-      if (optimizer.size() != plan.params.size()) {
-        throw IoError("checkpoint: the optimizer has " + std::to_string(optimizer.size()) +
-                      " parameters, the checkpoint " + std::to_string(plan.params.size()));
-      }
-      for (std::size_t i = 0; i < optimizer.size(); ++i) {
-        const std::string& name = optimizer.parameter(i).name;
-        const auto it = plan.params.find(name);
-        if (it == plan.params.end()) throw IoError("checkpoint: no optimizer state for parameter '" + name + "'");
-        upload<T>(backend, it->second.m, optimizer.m(i), "Adam m of " + name);
-        upload<T>(backend, it->second.v, optimizer.v(i), "Adam v of " + name);
-        upload<T>(backend, it->second.step, optimizer.update_count(i), "Adam update count of " + name);
-      }
-      optimizer.set_steps_taken(plan.steps_taken);
-      optimizer.set_prune_draws(plan.prune_draws);
-    }
   } catch (...) {
     if (schedule != nullptr && plan.schedule) schedule->restore(old_schedule);
     throw;
@@ -519,14 +544,12 @@ std::vector<std::uint8_t> serialize_checkpoint(Trainer<T>& trainer) {
     add_tensor(writer, backend, layer_key(name, "lora_A"), layer.A());
     add_tensor(writer, backend, layer_key(name, "lora_B"), layer.B());
   }
-  Adam<T>& optimizer = trainer.optimizer();
-  for (std::size_t i = 0; i < optimizer.size(); ++i) {
-    const std::string& name = optimizer.parameter(i).name;
-    add_tensor(writer, backend, optim_key(name, "m"), optimizer.m(i));
-    add_tensor(writer, backend, optim_key(name, "v"), optimizer.v(i));
-    add_tensor(writer, backend, optim_key(name, "step"), optimizer.update_count(i));
+  StateDict<T> optimizer_state;
+  trainer.optimizer().save_state(optimizer_state);
+  for (const auto& [name, tensor] : optimizer_state.tensors()) {
+    writer.add(kOptimizerPrefix + name, {tensor.rows(), tensor.cols()}, tensor.data());
   }
-  const std::string state = state_json(trainer);
+  const std::string state = state_json(trainer, optimizer_state);
   writer.set_metadata("format", kCheckpointFormat);
   writer.set_metadata("version", kCheckpointVersion);
   writer.set_metadata("state", state);
@@ -553,7 +576,7 @@ void load_checkpoint_from_bytes(const std::uint8_t* data, std::size_t size, Trai
   const SafetensorsFile file = SafetensorsFile::parse(data, size, source);
   Plan<T> plan = make_plan(reader, file, trainer);
   try {
-    apply_plan(plan, trainer);
+    apply_plan(plan, trainer, source);
   } catch (const IoError&) {
     throw;
   } catch (const Error& e) {

@@ -3,6 +3,9 @@
 #include <cmath>
 #include <set>
 
+#include "optimizers/adam_kernels.hpp"
+#include "relora/core/host_matrix.hpp"
+
 namespace relora {
 namespace {
 
@@ -18,18 +21,9 @@ void validate(const AdamConfig& c) {
         "weight_decay " + std::to_string(c.weight_decay) + " must be >= 0");
 }
 
-}  // namespace
+std::string tensor_name(const std::string& param, const char* what) { return param + "." + what; }
 
-template <typename T>
-std::vector<ParamGroup<T>> lora_plus_groups(const std::vector<Parameter<T>>& params, double lr, double ratio) {
-  if (!(ratio > 0) || !std::isfinite(ratio)) {
-    throw ConfigError("lora_plus_groups: ratio " + std::to_string(ratio) + " must be positive");
-  }
-  ParamGroup<T> rest{"lora_A and others", {}, lr, -1};
-  ParamGroup<T> b_group{"lora_B", {}, lr * ratio, -1};
-  for (const Parameter<T>& p : params) (p.role == ParamRole::lora_B ? b_group : rest).params.push_back(p);
-  return {rest, b_group};
-}
+}  // namespace
 
 template <typename T>
 Adam<T>::Adam(std::shared_ptr<Backend<T>> backend, std::vector<Parameter<T>> params, const AdamConfig& config)
@@ -41,6 +35,7 @@ Adam<T>::Adam(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>> gr
   if (!backend_) throw ConfigError("Adam: no backend given");
   validate(config_);
   std::set<const Tensor<T>*> seen;
+  std::set<std::string> names;
   for (const ParamGroup<T>& group : groups_) {
     const double lr = group.lr < 0 ? config_.lr : group.lr;
     const double wd = group.weight_decay < 0 ? config_.weight_decay : group.weight_decay;
@@ -56,6 +51,9 @@ Adam<T>::Adam(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>> gr
       if (!seen.insert(p.value).second) {
         throw ConfigError("Adam: parameter '" + p.name + "' appears in more than one group");
       }
+      if (!names.insert(p.name).second) {
+        throw ConfigError("Adam: two parameters are named '" + p.name + "' (the saved state names them apart)");
+      }
       State state{&p, lr, wd, backend_->allocate(p.value->rows(), p.value->cols()),
                   backend_->allocate(p.value->rows(), p.value->cols()), backend_->allocate(1, 1)};
       backend_->fill(state.m, T(0));
@@ -64,6 +62,7 @@ Adam<T>::Adam(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>> gr
       states_.push_back(std::move(state));
     }
   }
+  std::vector<AdamSlot<T>> slots;
   for (State& s : states_) {
     AdamSlot<T> slot;
     slot.param = s.param->value->data();
@@ -75,9 +74,14 @@ Adam<T>::Adam(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>> gr
     slot.lr = s.lr;
     slot.weight_decay = s.weight_decay;
     slot.name = s.param->name.c_str();
-    slots_.push_back(slot);
+    slots.push_back(slot);
   }
+  // The slots' pointers stay valid: tensors never move their data, and groups_ is not resized.
+  kernels_ = make_adam_kernels(*backend_, std::move(slots));
 }
+
+template <typename T>
+Adam<T>::~Adam() = default;
 
 template <typename T>
 void Adam<T>::step(double lr_factor) {
@@ -90,12 +94,12 @@ void Adam<T>::step(double lr_factor) {
   hyper.beta2 = config_.beta2;
   hyper.eps = config_.eps;
   hyper.decoupled_weight_decay = config_.decoupled_weight_decay;
-  backend_->adam_update(slots_.data(), slots_.size(), hyper);
+  kernels_->update(hyper);
   ++steps_taken_;
 }
 
 template <typename T>
-void Adam<T>::reset_moments(const std::function<bool(const Parameter<T>&)>& which) {
+void Adam<T>::reset_state(const ParameterSelector<T>& which) {
   for (State& s : states_) {
     if (!which(*s.param)) continue;
     backend_->fill(s.m, T(0));
@@ -105,21 +109,71 @@ void Adam<T>::reset_moments(const std::function<bool(const Parameter<T>&)>& whic
 }
 
 template <typename T>
-void Adam<T>::prune_moments(const std::function<bool(const Parameter<T>&)>& which, double fraction, PruneMode mode,
-                            std::uint64_t seed) {
+void Adam<T>::prune_state(const ParameterSelector<T>& which, double fraction, PruneMode mode, std::uint64_t seed) {
   if (!(fraction >= 0 && fraction <= 1)) {
-    throw ConfigError("Adam prune_moments: fraction " + std::to_string(fraction) + " must be in [0, 1]");
+    throw ConfigError("Adam prune_state: fraction " + std::to_string(fraction) + " must be in [0, 1]");
   }
   for (State& s : states_) {
     if (!which(*s.param)) continue;
     // One mask for both moments, chosen by m: separate masks leave entries with m != 0 over v = 0,
     // whose next update divides an old momentum by a fresh, tiny v (that diverged in our tests).
-    backend_->prune(mode, fraction, RngKey{seed, prune_draws_++}, s.m, &s.v);
+    kernels_->prune(mode, fraction, RngKey{seed, prune_draws_++}, s.m, s.v);
   }
 }
 
-template std::vector<ParamGroup<float>> lora_plus_groups(const std::vector<Parameter<float>>&, double, double);
-template std::vector<ParamGroup<double>> lora_plus_groups(const std::vector<Parameter<double>>&, double, double);
+template <typename T>
+void Adam<T>::save_state(StateDict<T>& state) const {
+  for (const State& s : states_) {
+    const std::string& name = s.param->name;
+    state.set_tensor(tensor_name(name, "m"), to_host(*backend_, s.m));
+    state.set_tensor(tensor_name(name, "v"), to_host(*backend_, s.v));
+    state.set_tensor(tensor_name(name, "step"), to_host(*backend_, s.step));
+  }
+  state.set("steps_taken", std::int64_t(steps_taken_));
+  state.set("prune_draws", std::uint64_t(prune_draws_));
+}
+
+template <typename T>
+void Adam<T>::check_state(const StateDict<T>& state) const {
+  const std::int64_t steps = state.integer("steps_taken", 0);
+  state.unsigned_integer("prune_draws");
+  std::set<std::string> expected;
+  for (const State& s : states_) {
+    const std::string& name = s.param->name;
+    const Index rows = s.param->value->rows(), cols = s.param->value->cols();
+    state.tensor(tensor_name(name, "m"), rows, cols);
+    if ((state.tensor(tensor_name(name, "v"), rows, cols).array() < T(0)).any()) {
+      throw IoError("state: tensor '" + state.where(tensor_name(name, "v")) + "' holds a negative second moment");
+    }
+    const T count = state.tensor(tensor_name(name, "step"), 1, 1)(0, 0);
+    if (count < T(0) || std::floor(count) != count || double(count) > double(steps)) {
+      throw IoError("state: tensor '" + state.where(tensor_name(name, "step")) + "' holds update count " +
+                    std::to_string(double(count)) + ", not a whole number in [0, steps_taken = " +
+                    std::to_string(steps) + "]");
+    }
+    for (const char* what : {"m", "v", "step"}) expected.insert(tensor_name(name, what));
+  }
+  for (const auto& entry : state.tensors()) {
+    if (expected.count(entry.first) == 0) {
+      throw IoError("state: tensor '" + state.where(entry.first) + "' belongs to no parameter of this optimizer");
+    }
+  }
+}
+
+template <typename T>
+void Adam<T>::restore_state(const StateDict<T>& state) {
+  check_state(state);
+  for (State& s : states_) {
+    const std::string& name = s.param->name;
+    const Index rows = s.param->value->rows(), cols = s.param->value->cols();
+    upload<T>(*backend_, state.tensor(tensor_name(name, "m"), rows, cols), s.m, "Adam m of " + name);
+    upload<T>(*backend_, state.tensor(tensor_name(name, "v"), rows, cols), s.v, "Adam v of " + name);
+    upload<T>(*backend_, state.tensor(tensor_name(name, "step"), 1, 1), s.step, "Adam update count of " + name);
+  }
+  steps_taken_ = state.integer("steps_taken", 0);
+  prune_draws_ = state.unsigned_integer("prune_draws");
+}
+
 template class Adam<float>;
 template class Adam<double>;
 

@@ -41,7 +41,7 @@ bool ReloraController<T>::restart_due(std::int64_t steps_done) const {
 }
 
 template <typename T>
-void ReloraController<T>::restart(Model<T>& model, Adam<T>& optimizer, Schedule* schedule, std::int64_t steps_done) {
+void ReloraController<T>::restart(Model<T>& model, Optimizer<T>& optimizer, Schedule* schedule, std::int64_t steps_done) {
   // Every merge is checked before any layer changes: a refused one leaves the whole model as it was.
   for (std::size_t i = 0; i < model.size(); ++i) model.layer(i).check_merge();
   for (std::size_t i = 0; i < model.size(); ++i) {
@@ -53,12 +53,12 @@ void ReloraController<T>::restart(Model<T>& model, Adam<T>& optimizer, Schedule*
     return p.role == ParamRole::lora_A || p.role == ParamRole::lora_B;
   };
   switch (config_.reset) {
-    case OptimizerReset::full: optimizer.reset_moments(adapter); break;
+    case OptimizerReset::full: optimizer.reset_state(adapter); break;
     case OptimizerReset::magnitude_prune:
-      optimizer.prune_moments(adapter, config_.prune_fraction, PruneMode::magnitude);
+      optimizer.prune_state(adapter, config_.prune_fraction, PruneMode::magnitude);
       break;
     case OptimizerReset::random_prune:
-      optimizer.prune_moments(adapter, config_.prune_fraction, PruneMode::random, config_.seed);
+      optimizer.prune_state(adapter, config_.prune_fraction, PruneMode::random, config_.seed);
       break;
     case OptimizerReset::none: break;
   }

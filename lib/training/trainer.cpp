@@ -5,7 +5,11 @@ namespace relora {
 template <typename T>
 Trainer<T>::Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule,
                     std::shared_ptr<Loss<T>> loss)
-    : model_(&model), config_(config), schedule_(std::move(schedule)), loss_(std::move(loss)) {
+    : model_(&model),
+      config_(config),
+      schedule_(std::move(schedule)),
+      optimizer_factory_(config.optimizer ? config.optimizer : optimizer_factory<Adam>(config.adam)),
+      loss_(std::move(loss)) {
   if (!loss_) loss_ = std::make_shared<MseLoss<T>>(model.backend());
   if (config_.method == TrainingMethod::relora) {
     controller_ = std::make_unique<ReloraController<T>>(config_.relora);
@@ -29,14 +33,14 @@ TrainTarget Trainer<T>::target_at(std::int64_t step) const {
 template <typename T>
 void Trainer<T>::build_optimizer() {
   ++optimizer_generation_;  // a recorded step names the old optimizer's moments: record anew
-  const std::vector<Parameter<T>> params = model_->parameters();
+  std::vector<Parameter<T>> params = model_->parameters();
+  std::vector<ParamGroup<T>> groups;
   if (config_.lora_plus_ratio != 1) {
-    optimizer_ = std::make_unique<Adam<T>>(model_->backend_ptr(),
-                                           lora_plus_groups(params, config_.adam.lr, config_.lora_plus_ratio),
-                                           config_.adam);
+    groups = lora_plus_groups(params, optimizer_factory_->lr(), config_.lora_plus_ratio);
   } else {
-    optimizer_ = std::make_unique<Adam<T>>(model_->backend_ptr(), params, config_.adam);
+    groups.push_back(ParamGroup<T>{"all", std::move(params), -1, -1});
   }
+  optimizer_ = optimizer_factory_->make(model_->backend_ptr(), std::move(groups));
 }
 
 template <typename T>

@@ -23,30 +23,6 @@ enum class Activation { identity, relu, tanh, gelu };
 // Strict IEEE fp32 products, or TF32 tensor-core products (CUDA only; about 3e-4 relative error).
 enum class MathMode { strict, tf32 };
 
-enum class PruneMode { magnitude, random };
-
-// One parameter tensor as the fused Adam update sees it: flat buffers, no notion of layers.
-template <typename T>
-struct AdamSlot {
-  T* param = nullptr;
-  const T* grad = nullptr;
-  T* m = nullptr;     // first moment
-  T* v = nullptr;     // second moment
-  T* step = nullptr;  // this parameter's update count (one element, kept where the moments are)
-  Index size = 0;
-  double lr = 0;            // the group's learning rate, before the schedule's factor
-  double weight_decay = 0;  // the group's weight decay
-  const char* name = "";    // for error messages
-};
-
-struct AdamHyper {
-  double lr_factor = 1;  // the schedule's factor at this step, multiplying every group's lr
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  bool decoupled_weight_decay = true;  // AdamW; false adds weight_decay * param to the gradient (Adam with L2)
-};
-
 struct BackendOptions {
   MathMode math = MathMode::strict;
   int device_id = 0;  // CUDA device ordinal
@@ -99,15 +75,6 @@ class Backend {
   // Inverted dropout mask: 0 with probability p, else 1 / (1 - p).
   virtual void dropout_mask(RngKey key, T p, Tensor<T>& mask) = 0;
 
-  // ---- optimizer
-  // One Adam/AdamW update of every slot, as few launches as possible. If any gradient holds NaN
-  // or Inf nothing changes (steps included) and NonFiniteError names the parameter: at once on
-  // the CPU, at the next synchronize() on CUDA, so that no step waits for the device.
-  virtual void adam_update(const AdamSlot<T>* slots, std::size_t count, const AdamHyper& hyper) = 0;
-  // Zeroes round(fraction * size) entries of x: those of smallest magnitude, or chosen at random;
-  // and the same entries of `same_entries` (same shape) unless it is null.
-  virtual void prune(PruneMode mode, double fraction, RngKey key, Tensor<T>& x, Tensor<T>* same_entries) = 0;
-
   // ---- recorded steps (optional: CUDA graphs). A launch-bound step (tiny layers) costs mostly
   // host time per operation; a backend that can record a sequence of operations once and run it
   // again with one launch saves that. A backend that cannot (the CPU backend) keeps these
@@ -121,12 +88,13 @@ class Backend {
   // 0: it was discarded and nothing of it ran (a tensor was allocated while recording, or the
   // device refused an operation); the caller then runs the operations eagerly.
   virtual std::uint64_t end_recording() { return 0; }
-  // Queues recording `id` once more, on the same buffers. `refresh` runs first and must make the
-  // same adam_update calls as the recording, on the same slots, in the same order: those calls
-  // then set the recorded updates' hyper-parameters (the schedule's factor changes every step)
-  // and keep the NaN/Inf bookkeeping, instead of running. False (refresh not called, nothing
-  // queued) when `id` is not the backend's recording or it is stale: a tensor was allocated
-  // since it was made (a buffer may have moved) or the math mode changed.
+  // Queues recording `id` once more, on the same buffers. `refresh` runs first and must repeat
+  // the recorded work whose parameters change from step to step (an optimizer's step, whose
+  // learning-rate factor changes every step), on the same tensors, in the same order: the
+  // components' kernels then set those parameters on the recording and keep their NaN/Inf
+  // bookkeeping, instead of running. False (refresh not called, nothing queued) when `id` is not
+  // the backend's recording or it is stale: a tensor was allocated since it was made (a buffer
+  // may have moved) or the math mode changed.
   virtual bool replay(std::uint64_t id, const std::function<void()>& refresh) {
     (void)id;
     (void)refresh;

@@ -1,6 +1,6 @@
 #pragma once
-// Element-wise formulas (activations and their derivatives, the Adam update), shared by the CPU
-// loops and the CUDA kernels so that both backends compute the same thing.
+// Element-wise formulas (activations and their derivatives), shared by the CPU loops and the CUDA
+// kernels so that both backends compute the same thing.
 #include <cmath>
 
 #include "relora/core/backend.hpp"
@@ -42,24 +42,6 @@ RELORA_HOST_DEVICE inline T activation_derivative(Activation f, T y) {
     case Activation::identity: break;
   }
   return T(1);
-}
-
-// One Adam/AdamW update of one element; `c1`, `c2` are the bias corrections 1 - beta^t.
-// Shared by both backends so that they round identically.
-template <typename T>
-RELORA_HOST_DEVICE inline void adam_element(T& p, T g, T& m, T& v, double lr, double weight_decay,
-                                            const AdamHyper& h, double c1, double c2) {
-  if (!h.decoupled_weight_decay) g += T(weight_decay) * p;
-  m = T(h.beta1) * m + T(1 - h.beta1) * g;
-  v = T(h.beta2) * v + T(1 - h.beta2) * g * g;
-  const T m_hat = m / T(c1);
-  const T v_hat = v / T(c2);
-  if (h.decoupled_weight_decay) p -= T(lr * weight_decay) * p;
-  // std::sqrt's overload for T: an unqualified sqrt of a float finds C's double sqrt on the host
-  // (and float on the device), so the two backends would round this step differently, and the
-  // double call keeps the CPU loop from vectorising.
-  using std::sqrt;
-  p -= T(lr) * m_hat / (sqrt(v_hat) + T(h.eps));
 }
 
 }  // namespace relora

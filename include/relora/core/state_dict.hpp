@@ -6,7 +6,8 @@
 //
 // Readers check as they read: a missing entry, a tensor of another shape, a non-finite value or a
 // field out of range throws IoError naming the entry (and both shapes), so a component can check
-// everything it needs before it changes anything.
+// everything it needs before it changes anything. Messages name an entry as its store does: a
+// checkpoint that keeps a component's entries under a prefix ("optim.") sets it as the origin.
 #include <cstdint>
 #include <map>
 #include <string>
@@ -21,17 +22,22 @@ class StateDict {
  public:
   using Field = std::variant<std::int64_t, std::uint64_t, double, bool, std::string>;
 
+  // The prefix of every entry's name where the entries are stored, for messages only.
+  void set_origin(std::string prefix) { origin_ = std::move(prefix); }
+  // `name` as messages show it: "tensor '" + where(name) + "' ...".
+  std::string where(const std::string& name) const { return origin_ + name; }
+
   void set_tensor(const std::string& name, HostMatrix<T> value) { tensors_[name] = std::move(value); }
   bool has_tensor(const std::string& name) const { return tensors_.count(name) != 0; }
   // The tensor `name`, which must be rows x cols and finite.
   const HostMatrix<T>& tensor(const std::string& name, Index rows, Index cols) const {
     const auto it = tensors_.find(name);
-    if (it == tensors_.end()) throw IoError("state: tensor '" + name + "' is missing");
+    if (it == tensors_.end()) throw IoError("state: tensor '" + where(name) + "' is missing");
     if (it->second.rows() != rows || it->second.cols() != cols) {
-      throw IoError("state: tensor '" + name + "' has shape " + shape_string(it->second.rows(), it->second.cols()) +
+      throw IoError("state: tensor '" + where(name) + "' has shape " + shape_string(it->second.rows(), it->second.cols()) +
                     ", expected " + shape_string(rows, cols));
     }
-    if (!it->second.allFinite()) throw IoError("state: tensor '" + name + "' holds NaN or Inf");
+    if (!it->second.allFinite()) throw IoError("state: tensor '" + where(name) + "' holds NaN or Inf");
     return it->second;
   }
 
@@ -45,10 +51,10 @@ class StateDict {
     } else if (const auto* u = std::get_if<std::uint64_t>(&f); u && *u <= std::uint64_t(INT64_MAX)) {
       value = std::int64_t(*u);
     } else {
-      throw IoError("state: field '" + name + "' is not an integer");
+      throw IoError("state: field '" + where(name) + "' is not an integer");
     }
     if (value < min || value > max) {
-      throw IoError("state: field '" + name + "' is " + std::to_string(value) + ", outside [" + std::to_string(min) +
+      throw IoError("state: field '" + where(name) + "' is " + std::to_string(value) + ", outside [" + std::to_string(min) +
                     ", " + std::to_string(max) + "]");
     }
     return value;
@@ -57,24 +63,24 @@ class StateDict {
     const Field& f = field(name);
     if (const auto* u = std::get_if<std::uint64_t>(&f)) return *u;
     if (const auto* i = std::get_if<std::int64_t>(&f); i && *i >= 0) return std::uint64_t(*i);
-    throw IoError("state: field '" + name + "' is not a non-negative integer");
+    throw IoError("state: field '" + where(name) + "' is not a non-negative integer");
   }
   double number(const std::string& name) const {
     const Field& f = field(name);
     if (const auto* d = std::get_if<double>(&f)) return *d;
     if (const auto* i = std::get_if<std::int64_t>(&f)) return double(*i);
     if (const auto* u = std::get_if<std::uint64_t>(&f)) return double(*u);
-    throw IoError("state: field '" + name + "' is not a number");
+    throw IoError("state: field '" + where(name) + "' is not a number");
   }
   bool boolean(const std::string& name) const {
     const Field& f = field(name);
     if (const auto* b = std::get_if<bool>(&f)) return *b;
-    throw IoError("state: field '" + name + "' is not true or false");
+    throw IoError("state: field '" + where(name) + "' is not true or false");
   }
   const std::string& text(const std::string& name) const {
     const Field& f = field(name);
     if (const auto* s = std::get_if<std::string>(&f)) return *s;
-    throw IoError("state: field '" + name + "' is not a string");
+    throw IoError("state: field '" + where(name) + "' is not a string");
   }
 
   const std::map<std::string, HostMatrix<T>>& tensors() const { return tensors_; }
@@ -83,12 +89,13 @@ class StateDict {
  private:
   const Field& field(const std::string& name) const {
     const auto it = fields_.find(name);
-    if (it == fields_.end()) throw IoError("state: field '" + name + "' is missing");
+    if (it == fields_.end()) throw IoError("state: field '" + where(name) + "' is missing");
     return it->second;
   }
 
   std::map<std::string, HostMatrix<T>> tensors_;
   std::map<std::string, Field> fields_;
+  std::string origin_;
 };
 
 }  // namespace relora

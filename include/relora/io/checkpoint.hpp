@@ -5,19 +5,23 @@
 //
 // What the file holds:
 //   tensors    model.<layer>.weight / .bias / .lora_A / .lora_B    every layer's W, b, A, B
-//              optim.<parameter>.m / .v / .step                     Adam's moments and update counts
+//              optim.<name>      the optimizer's tensors, named as its save_state names them
+//                                (Adam: optim.<parameter>.m / .v / .step, its moments and update counts)
 //              in the trainer's scalar type (F32 for float, F64 for double), shapes as in memory.
 //   metadata   "format": "relora-checkpoint", "version": "1",
 //              "state":  JSON: per layer its name, activation, LoraConfig, merged flag, training
 //                        flag and rng stream; the trainer's method and steps_done; the optimizer's
-//                        phase (adapter or base), steps_taken and prune-draw counter; the
+//                        phase (adapter or base), kind ("adam"; absent in older files, which are
+//                        Adam's) and saved fields (Adam: steps_taken, prune_draws); the
 //                        schedule's restart steps; the controller's restarts_done,
 //              "checksum": FNV-1a 64 (16 hex digits) over the data section, then the state JSON.
 //
 // Loading validates everything first (format, version, checksum, the state's fields, every layer's
 // config against the model's, every tensor present with its dtype and shape, finite values) and
 // only then changes the model, the trainer, the optimizer and the schedule: a rejected file leaves
-// them as they were. Every rejection throws IoError naming the file and what was wrong.
+// them as they were. The optimizer's state is checked by the optimizer the resumed step trains
+// with, as it restores it; if it refuses, the trainer and the optimizer are put back as they were.
+// Every rejection throws IoError naming the file and what was wrong.
 //
 // The configs of the model, the trainer and the schedule are not restored, they are checked (the
 // layers' configs and the training method must match, the Adam hyper-parameters may change):

@@ -1,16 +1,21 @@
 #pragma once
 // Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019) as one update rule with a
-// weight-decay switch, over parameter groups with their own learning rates (LoRA+, Hayou et al.
-// 2024, gives B a larger one). The optimizer sees flat parameters, not layers: ReLoRA's restart
-// reaches it through reset_moments() and prune_moments().
+// weight-decay switch, over parameter groups with their own learning rates (LoRA+). Per parameter
+// it keeps the moments m and v and its own update count, so that a parameter whose state ReLoRA
+// reset is bias-corrected as a fresh one while the others are not.
+//
+// The update runs in Adam's own kernels, chosen from the backend's device: a CPU loop
+// (lib/optimizers/cpu/adam_cpu.cpp) or CUDA kernels (lib/optimizers/cuda/adam_cuda.cu), both
+// computing the rule of lib/optimizers/adam_rule.hpp.
+//
+// Saved state (save_state): tensors "<param>.m", "<param>.v" and "<param>.step" (1 x 1, the
+// update count), fields "steps_taken" and "prune_draws" (random-pruning streams used so far).
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "relora/core/backend.hpp"
-#include "relora/core/parameter.hpp"
+#include "relora/optimizers/optimizer.hpp"
 
 namespace relora {
 
@@ -24,49 +29,41 @@ struct AdamConfig {
 };
 
 template <typename T>
-struct ParamGroup {
-  std::string name;
-  std::vector<Parameter<T>> params;
-  double lr = -1;            // < 0: AdamConfig::lr
-  double weight_decay = -1;  // < 0: AdamConfig::weight_decay
-};
-
-// LoRA+ groups: B at lr * ratio (the paper suggests 16), everything else at lr.
-template <typename T>
-std::vector<ParamGroup<T>> lora_plus_groups(const std::vector<Parameter<T>>& params, double lr, double ratio = 16);
+class AdamKernels;  // the per-device update and pruning (lib/optimizers/adam_kernels.hpp)
 
 template <typename T>
-class Adam {
+class Adam final : public Optimizer<T> {
  public:
   Adam(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>> groups, const AdamConfig& config = {});
   Adam(std::shared_ptr<Backend<T>> backend, std::vector<Parameter<T>> params, const AdamConfig& config = {});
+  ~Adam() override;
+  Adam(const Adam&) = delete;
+  Adam& operator=(const Adam&) = delete;
 
-  // One update of every parameter with lr = group lr * lr_factor (the schedule's factor). If a
-  // gradient holds NaN or Inf the step is refused and nothing changes (NonFiniteError: at once
-  // on the CPU, at the backend's next synchronize on CUDA).
-  void step(double lr_factor = 1);
+  const char* kind() const override { return "adam"; }
+  void step(double lr_factor = 1) override;
+  // Zeroes m, v and the update count: the next update is bias-corrected as a first one.
+  void reset_state(const ParameterSelector<T>& which) override;
+  // Zeroes the fraction of the entries of m of smallest |m| (or at random) and the same entries
+  // of v, keeping the update counts, as ReLoRA's optimizer pruning does.
+  void prune_state(const ParameterSelector<T>& which, double fraction, PruneMode mode,
+                   std::uint64_t seed = 0) override;
 
-  // Zeroes m, v and the update count of the parameters `which` selects: the next update is then
-  // bias-corrected as a first one.
-  void reset_moments(const std::function<bool(const Parameter<T>&)>& which);
-  // Zeroes the given fraction of the entries of m and the same entries of v (those of smallest |m|,
-  // or at random), keeping the update counts, as ReLoRA's optimizer pruning does.
-  void prune_moments(const std::function<bool(const Parameter<T>&)>& which, double fraction, PruneMode mode,
-                     std::uint64_t seed = 0);
+  std::size_t size() const override { return states_.size(); }
+  const Parameter<T>& parameter(std::size_t i) const override { return *states_.at(i).param; }
+  std::int64_t steps_taken() const override { return steps_taken_; }
+  void set_steps_taken(std::int64_t steps) override { steps_taken_ = steps; }
+
+  void save_state(StateDict<T>& state) const override;
+  void check_state(const StateDict<T>& state) const override;
+  void restore_state(const StateDict<T>& state) override;
 
   const AdamConfig& config() const { return config_; }
   const std::vector<ParamGroup<T>>& groups() const { return groups_; }
-  std::size_t size() const { return states_.size(); }
-  const Parameter<T>& parameter(std::size_t i) const { return *states_.at(i).param; }
-  // Per-parameter state, for checkpoints: m, v and the update count (1 x 1).
-  Tensor<T>& m(std::size_t i) { return states_.at(i).m; }
-  Tensor<T>& v(std::size_t i) { return states_.at(i).v; }
-  Tensor<T>& update_count(std::size_t i) { return states_.at(i).step; }
-  std::int64_t steps_taken() const { return steps_taken_; }
-  void set_steps_taken(std::int64_t steps) { steps_taken_ = steps; }
-  // Random-pruning draws so far (each prune_moments call takes the next streams), for checkpoints.
-  std::uint64_t prune_draws() const { return prune_draws_; }
-  void set_prune_draws(std::uint64_t draws) { prune_draws_ = draws; }
+  // Parameter i's state on the backend: m, v and the update count (1 x 1).
+  const Tensor<T>& m(std::size_t i) const { return states_.at(i).m; }
+  const Tensor<T>& v(std::size_t i) const { return states_.at(i).v; }
+  const Tensor<T>& update_count(std::size_t i) const { return states_.at(i).step; }
 
  private:
   struct State {
@@ -77,10 +74,10 @@ class Adam {
   };
 
   std::shared_ptr<Backend<T>> backend_;
+  std::unique_ptr<AdamKernels<T>> kernels_;
   AdamConfig config_;
   std::vector<ParamGroup<T>> groups_;
   std::vector<State> states_;
-  std::vector<AdamSlot<T>> slots_;  // built once; the pointers stay valid as tensors never move their data
   std::int64_t steps_taken_ = 0;
   std::uint64_t prune_draws_ = 0;
 };

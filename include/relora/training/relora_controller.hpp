@@ -7,17 +7,17 @@
 #include <cstdint>
 #include <string>
 
-#include "relora/optimizers/adam.hpp"
+#include "relora/optimizers/optimizer.hpp"
 #include "relora/training/model.hpp"
 #include "relora/training/schedule.hpp"
 
 namespace relora {
 
 enum class OptimizerReset {
-  full,             // zero m, v and the update counts of A and B (default)
-  magnitude_prune,  // zero prune_fraction of the entries of m and v of smallest magnitude
-  random_prune,     // zero prune_fraction of the entries of m and v chosen at random
-  none,             // keep the moments (shown in the demo to fail)
+  full,             // forget the optimizer's state of A and B (Adam: m, v, update counts) (default)
+  magnitude_prune,  // zero prune_fraction of the entries of that state of smallest magnitude
+  random_prune,     // zero prune_fraction of the entries of that state chosen at random
+  none,             // keep the state (shown in the demo to fail)
 };
 
 struct ReloraConfig {
@@ -46,9 +46,9 @@ class ReloraController {
   // Whether a restart follows once `steps_done` steps have been taken.
   bool restart_due(std::int64_t steps_done) const;
 
-  // Merges every adapter into W, re-initialises it, applies the optimizer reset to the moments
-  // of A and B, and tells the schedule (if any) that step `steps_done` starts fresh adapters.
-  void restart(Model<T>& model, Adam<T>& optimizer, Schedule* schedule, std::int64_t steps_done);
+  // Merges every adapter into W, re-initialises it, applies the optimizer reset to the state of
+  // A and B, and tells the schedule (if any) that step `steps_done` starts fresh adapters.
+  void restart(Model<T>& model, Optimizer<T>& optimizer, Schedule* schedule, std::int64_t steps_done);
 
   const ReloraConfig& config() const { return config_; }
   std::int64_t restarts_done() const { return restarts_; }

@@ -1,12 +1,14 @@
 #pragma once
-// The training loop's one step, put together: forward, the loss, backward, Adam with the
-// schedule's factor, and ReLoRA's restart when it is due. It owns the optimizer because ReLoRA's warm start
-// changes what trains (W first, then the adapters) and so needs a fresh one.
+// The training loop's one step, put together: forward, the loss, backward, the optimizer's step
+// with the schedule's factor, and ReLoRA's restart when it is due. It owns the optimizer, built from
+// TrainerConfig's factory, because ReLoRA's warm start changes what trains (W first, then the
+// adapters) and so needs a fresh one.
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "relora/optimizers/adam.hpp"
+#include "relora/optimizers/optimizer.hpp"
 #include "relora/training/model.hpp"
 #include "relora/losses/mse_loss.hpp"
 #include "relora/training/relora_controller.hpp"
@@ -22,7 +24,9 @@ enum class TrainingMethod {
 
 struct TrainerConfig {
   TrainingMethod method = TrainingMethod::lora;
-  AdamConfig adam;
+  AdamConfig adam;  // the optimizer's config when `optimizer` is null
+  // Builds the optimizer, e.g. optimizer_factory<Adam>(AdamConfig{...}); null: Adam with `adam`.
+  std::shared_ptr<const OptimizerFactory> optimizer;
   double lora_plus_ratio = 1;  // B's learning rate over A's (LoRA+, Hayou et al. 2024, suggests 16)
   ReloraConfig relora;         // for TrainingMethod::relora
   // Record the steady step (forward, loss, backward, Adam) once and replay it (CUDA graphs),
@@ -49,7 +53,7 @@ class Trainer {
   void set_steps_done(std::int64_t steps);
 
   Model<T>& model() { return *model_; }
-  Adam<T>& optimizer() { return *optimizer_; }
+  Optimizer<T>& optimizer() { return *optimizer_; }
   Loss<T>& loss_function() { return *loss_; }
   Schedule* schedule() { return schedule_.get(); }
   ReloraController<T>* controller() { return controller_ ? controller_.get() : nullptr; }
@@ -87,7 +91,8 @@ class Trainer {
   TrainerConfig config_;
   std::shared_ptr<Schedule> schedule_;
   std::unique_ptr<ReloraController<T>> controller_;
-  std::unique_ptr<Adam<T>> optimizer_;
+  std::shared_ptr<const OptimizerFactory> optimizer_factory_;  // config_.optimizer, or Adam's
+  std::unique_ptr<Optimizer<T>> optimizer_;
   std::shared_ptr<Loss<T>> loss_;
   std::int64_t steps_done_ = 0;
 

@@ -30,6 +30,7 @@
 #include <limits>
 
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_context.cuh"
 #include "layers/cuda/cuda_adapter_common.cuh"
 #include "layers/cuda/cuda_lora_linear.hpp"
 #include "cuda/cuda_launch.cuh"
@@ -487,12 +488,12 @@ void CudaAdapterLoraLinear<T>::project_beside_product(const Tensor<T>& X) {
   const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
   // U = X A^T on the side stream while cuBLAS runs X W^T here: neither reads what the other
   // writes, and X W^T leaves SMs and issue slots to spare (docs/PERFORMANCE.md).
-  CudaBackend<T>& be = cuda();
+  CudaContext& be = cuda();
   be.fork_side();
   RowPass<T> project{X.data(), this->A_.data(), nullptr, nullptr, this->U_.data(), nullptr, T(1), T(0),
                      n, int(k), int(d), int(r), int(k), 1, 0, 0};  // G(j, p) = A[j, p]
   row_pass(project, be.side_stream(), /*overlapped=*/false);
-  be.gemm(Trans::no, Trans::yes, T(1), X, this->W_, T(0), this->Y_);  // Y = X W^T
+  this->backend_->gemm(Trans::no, Trans::yes, T(1), X, this->W_, T(0), this->Y_);  // Y = X W^T
   be.join_side();
 }
 
@@ -519,7 +520,7 @@ template <typename T>
 bool CudaAdapterLoraLinear<T>::adapter_backward(const Tensor<T>& dY, Tensor<T>* dX) {
   const Index n = this->batch_rows(), k = this->in_features(), d = this->out_features(), r = this->rank();
   if (!this->plain_backward() || !adapter_passes_apply(n, k, d, r)) return false;
-  CudaBackend<T>& be = cuda();
+  CudaContext& be = cuda();
 
   // Chunks of rows for the column pass: about two blocks per SM in all (with one, each SM's
   // warps stall on their own multiply-add chains), each chunk at least a tile of rows; the
@@ -534,7 +535,7 @@ bool CudaAdapterLoraLinear<T>::adapter_backward(const Tensor<T>& dY, Tensor<T>* 
 
   const Tensor<T>& X = this->input();
   const bool dU_ready = dU_ready_for_ != nullptr && dU_ready_for_ == dY.data();
-  if (dX) be.gemm(Trans::no, Trans::no, T(1), dY, this->W_, T(0), *dX);  // dX = dY W
+  if (dX) this->backend_->gemm(Trans::no, Trans::no, T(1), dY, this->W_, T(0), *dX);  // dX = dY W
   if (dX || !dU_ready) {  // dX += dU A needs the row pass anyway (it recomputes dU, the same bits)
     RowPass<T> rows{dY.data(), this->B_.data(), this->A_.data(), nullptr, this->dU_.data(),
                     dX ? dX->data() : nullptr, this->scale_, T(1), n, int(d), int(k), int(r),
@@ -571,8 +572,8 @@ bool CudaAdapterLoraLinear<T>::reserve_workspace(std::size_t bytes) {
   // Growing frees the old buffer, which a queued step or a recorded graph may still name: not
   // while recording (the separate products run instead), and a ready recording goes stale (the
   // backend counts allocations).
-  if (cuda().recording()) return false;
-  cuda().synchronize();
+  if (cuda().recorder().recording()) return false;
+  this->backend_->synchronize();
   workspace_ = Tensor<T>();
   workspace_ = this->backend_->allocate(1, Index(elements));
   return true;

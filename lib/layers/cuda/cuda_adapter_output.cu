@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_context.cuh"
 #include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_launch.cuh"
 #include "layers/cuda/cuda_adapter_common.cuh"
@@ -184,7 +185,7 @@ void CudaAdapterLoraLinear<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& lo
   if (!target.same_shape(n, d)) {
     throw ShapeError("MseLoss: prediction is " + shape_string(n, d) + " but target is " + target.shape());
   }
-  CudaBackend<T>& be = cuda();
+  CudaContext& be = cuda();
   Tensor<T>& dY = mse->gradient_buffer(target);
   Tensor<T>& value = mse->value_buffer();
   const T* B = this->B_.data();

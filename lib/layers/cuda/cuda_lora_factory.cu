@@ -1,5 +1,5 @@
 // The CUDA part of make_lora_linear: which CUDA sibling suits a layer.
-#include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_context.cuh"
 #include "layers/cuda/cuda_lora_linear.hpp"
 
 namespace relora {
@@ -8,7 +8,7 @@ template <typename T>
 std::unique_ptr<LoraLinear<T>> make_cuda_lora_linear(Backend<T>& backend, const LoraConfig& config,
                                                      const Eigen::Ref<const HostMatrix<T>>* W,
                                                      const Eigen::Ref<const HostVector<T>>* b) {
-  auto* cuda = dynamic_cast<CudaBackend<T>*>(&backend.underlying());
+  auto* cuda = dynamic_cast<cuda_detail::CudaContext*>(&backend.underlying());
   if (cuda == nullptr) return nullptr;
   const auto build = [&](auto* tag) -> std::unique_ptr<LoraLinear<T>> {
     using Layer = std::remove_pointer_t<decltype(tag)>;

@@ -16,15 +16,17 @@
 
 namespace relora {
 
-template <typename T>
-class CudaBackend;
+namespace cuda_detail {
+class CudaContext;
+}
 
 template <typename T>
 class CudaAdapterLoraLinear : public LoraLinear<T> {
  public:
-  // `args` are LoraLinear's constructor arguments after the backend; `cuda` is backend.underlying().
+  // `args` are LoraLinear's constructor arguments after the backend; `cuda` is the backend's CUDA
+  // context (cuda_context(backend)).
   template <typename... Args>
-  explicit CudaAdapterLoraLinear(CudaBackend<T>& cuda, Backend<T>& backend, Args&&... args)
+  explicit CudaAdapterLoraLinear(cuda_detail::CudaContext& cuda, Backend<T>& backend, Args&&... args)
       : LoraLinear<T>(backend, std::forward<Args>(args)...), cuda_(&cuda) {}
 
   // Whether the passes take a layer of this config (at some batch size).
@@ -38,7 +40,7 @@ class CudaAdapterLoraLinear : public LoraLinear<T> {
   using LoraLinear<T>::backward;
 
  protected:
-  CudaBackend<T>& cuda() const { return *cuda_; }
+  cuda_detail::CudaContext& cuda() const { return *cuda_; }
   // The passes for a batch of n rows, or false having queued nothing.
   bool adapter_forward(const Tensor<T>& X);
   bool adapter_backward(const Tensor<T>& dY, Tensor<T>* dX);
@@ -49,7 +51,7 @@ class CudaAdapterLoraLinear : public LoraLinear<T> {
   // Makes workspace_ hold at least `bytes`; false when it cannot grow now (while recording).
   bool reserve_workspace(std::size_t bytes);
 
-  CudaBackend<T>* cuda_;
+  cuda_detail::CudaContext* cuda_;
   Tensor<T> workspace_;  // the column pass's partial sums
   // The loss gradient whose s dY B the output pass (forward_with_loss) left in dU_, while it is valid.
   const T* dU_ready_for_ = nullptr;
@@ -79,7 +81,7 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
 };
 
 // The CUDA sibling that suits `config` on `backend` (null when none does, or when
-// backend.underlying() is not a CudaBackend), built with LoraLinear's constructor arguments `W`
+// backend.underlying() is not relora's CUDA backend), built with LoraLinear's constructor arguments `W`
 // (null: drawn) and `b` (null: none).
 template <typename T>
 std::unique_ptr<LoraLinear<T>> make_cuda_lora_linear(Backend<T>& backend, const LoraConfig& config,

@@ -24,6 +24,7 @@
 #include <limits>
 
 #include "cuda/cuda_backend_impl.cuh"
+#include "cuda/cuda_context.cuh"
 #include "cuda/cuda_launch.cuh"
 #include "layers/cuda/cuda_adapter_common.cuh"
 #include "layers/cuda/cuda_lora_linear.hpp"
@@ -275,7 +276,7 @@ bool CudaTinyLoraLinear<T>::tiny_forward(const Tensor<T>& X) {
   ForwardArgs<T> args{X.data(), this->W_.data(), this->A_.data(), this->B_.data(),
                       this->has_bias() ? this->b_.data() : nullptr, this->U_.data(), this->Y_.data(), this->scale_, n,
                       int(k), int(d), int(r)};
-  CudaBackend<T>& be = this->cuda();
+  CudaContext& be = this->cuda();
   be.activate();
   launch_overlapped(&fused_lora_forward_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), shared, be.stream(),
                     "launch of fused_lora_forward_kernel", args);
@@ -311,7 +312,7 @@ bool CudaTinyLoraLinear<T>::tiny_backward(const Tensor<T>& dY, Tensor<T>* dX) {
                        dY.data(), this->dU_.data(), this->dA_.data(), this->dB_.data(),
                        db ? this->db_.data() : nullptr, dX ? dX->data() : nullptr,
                        this->scale_, int(n), int(k), int(d), int(r), tile_rows, slices};
-  CudaBackend<T>& be = this->cuda();
+  CudaContext& be = this->cuda();
   be.activate();
   const std::size_t shared = std::size_t(weights + tile) * sizeof(T);
   launch_overlapped(&fused_lora_backward_kernel<T>, dim3(1), dim3(kBackwardThreads), shared, be.stream(),

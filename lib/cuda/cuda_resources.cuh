@@ -1,0 +1,101 @@
+#pragma once
+// Owners of raw CUDA resources (device and pinned memory, streams, events, graphs, a cuBLAS
+// handle), so that a constructor that throws half-way leaks nothing, and the launch geometry of
+// grid-stride loops. Shared by the CUDA backend and the components' CUDA kernels.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace relora {
+namespace cuda_detail {
+
+constexpr int kThreads = 256;  // threads per block of the element-wise kernels
+
+// Blocks for a grid-stride loop over n elements: enough to fill the device, never more than needed.
+inline int grid_for(std::int64_t n, int sm_count, int blocks_per_sm = 8) {
+  const std::int64_t needed = (n + kThreads - 1) / kThreads;
+  const std::int64_t cap = std::int64_t(sm_count) * blocks_per_sm;
+  return int(needed < 1 ? 1 : (needed < cap ? needed : cap));
+}
+
+struct DeviceMemory {
+  void* ptr = nullptr;
+  DeviceMemory() = default;
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory() {
+    if (ptr) (void)cudaFree(ptr);
+  }
+};
+
+struct PinnedMemory {
+  void* ptr = nullptr;
+  PinnedMemory() = default;
+  PinnedMemory(const PinnedMemory&) = delete;
+  PinnedMemory& operator=(const PinnedMemory&) = delete;
+  ~PinnedMemory() {
+    if (ptr) (void)cudaFreeHost(ptr);
+  }
+};
+
+struct Stream {
+  cudaStream_t stream = nullptr;
+  Stream() = default;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream() {
+    if (stream) {
+      (void)cudaStreamSynchronize(stream);
+      (void)cudaStreamDestroy(stream);
+    }
+  }
+};
+
+struct Event {
+  cudaEvent_t event = nullptr;
+  Event() = default;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() {
+    if (event) (void)cudaEventDestroy(event);
+  }
+};
+
+struct Graph {
+  cudaGraph_t graph = nullptr;
+  Graph() = default;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  ~Graph() { reset(); }
+  void reset(cudaGraph_t g = nullptr) {
+    if (graph) (void)cudaGraphDestroy(graph);
+    graph = g;
+  }
+};
+
+// An instantiated graph. Destroying one still in flight is allowed: CUDA frees it on completion.
+struct GraphExec {
+  cudaGraphExec_t exec = nullptr;
+  GraphExec() = default;
+  GraphExec(const GraphExec&) = delete;
+  GraphExec& operator=(const GraphExec&) = delete;
+  ~GraphExec() { reset(); }
+  void reset(cudaGraphExec_t e = nullptr) {
+    if (exec) (void)cudaGraphExecDestroy(exec);
+    exec = e;
+  }
+};
+
+struct BlasHandle {
+  cublasHandle_t handle = nullptr;
+  BlasHandle() = default;
+  BlasHandle(const BlasHandle&) = delete;
+  BlasHandle& operator=(const BlasHandle&) = delete;
+  ~BlasHandle() {
+    if (handle) (void)cublasDestroy(handle);
+  }
+};
+
+}  // namespace cuda_detail
+}  // namespace relora
