@@ -260,8 +260,8 @@ TEST_CASE("Adam: restore_state refuses a bad state, naming the entry, and change
   refused(with_tensor("A.step", count), "tensor 'optim.A.step' holds update count 2.5");
   refused(with_tensor("A.step", large_count), "not a whole number in [0, steps_taken = 2]");
   refused(with_tensor("B.m", wrong_shape), "tensor 'optim.B.m' belongs to no parameter of this optimizer");
-  refused([](StateDict<double>& s) { s.set("steps_taken", std::int64_t(-1)); }, "field 'optim.steps_taken' is -1");
-  refused([](StateDict<double>& s) { s.set("prune_draws", std::string("x")); }, "field 'optim.prune_draws'");
+  refused([](StateDict<double>& s) { s.set("steps_taken", std::int64_t(-1)); }, "field 'steps_taken' is -1");
+  refused([](StateDict<double>& s) { s.set("prune_draws", std::string("x")); }, "field 'prune_draws'");
   {
     StateDict<double> missing;
     missing.set("steps_taken", std::int64_t(2));

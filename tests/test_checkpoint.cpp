@@ -303,7 +303,7 @@ TEST_CASE("checkpoint file: format, version, state JSON and checksum in the meta
   Saved saved;
   const SafetensorsFile file = SafetensorsFile::parse(saved.bytes.data(), saved.bytes.size());
   CHECK(file.metadata_value("format") == std::string("relora-checkpoint"));
-  CHECK(file.metadata_value("version") == std::string("1"));
+  CHECK(file.metadata_value("version") == std::string("2"));
   const auto state = nlohmann::json::parse(*file.metadata_value("state"));
   CHECK(state["trainer"]["steps_done"] == 60);
   CHECK(state["controller"]["restarts_done"] == 1);
@@ -370,8 +370,8 @@ TEST_CASE("checkpoint: a flipped byte anywhere in the file is rejected and leave
 TEST_CASE("checkpoint: wrong format, wrong or missing version, missing or bad checksum") {
   Saved saved;
   Target target;
-  target.require_rejected(rewrite(saved.bytes, [](auto& m) { m["version"] = "2"; }),
-                          "checkpoint version '2' is not supported: this build reads version '1'");
+  target.require_rejected(rewrite(saved.bytes, [](auto& m) { m["version"] = "3"; }),
+                          "checkpoint version '3' is not supported: this build reads versions '1' to '2'");
   target.require_rejected(rewrite(saved.bytes, [](auto& m) { m.erase("version"); }), "version absent");
   target.require_rejected(rewrite(saved.bytes, [](auto& m) { m["format"] = "pt"; }), "not a relora checkpoint");
   target.require_rejected(rewrite(saved.bytes, [](auto& m) { m.erase("checksum"); }, nullptr, false),
@@ -459,7 +459,7 @@ TEST_CASE("checkpoint: missing tensors, wrong shapes, non-finite values and bad 
     writer.add_raw("model.fc1.lora_A", Dtype::F32, {2, 6}, file.raw_data("model.fc1.lora_A"));
     for (const auto& [k, v] : partial.metadata()) writer.set_metadata(k, v);
     target.require_rejected(rewrite(writer.serialize(), [](auto&) {}),
-                            "tensor 'model.fc1.lora_A' has shape [2 x 6], the model needs [3 x 6]");
+                            "layer 0 ('fc1'): tensor 'model.fc1.lora_A' has shape [2 x 6], expected [3 x 6]");
   }
   {  // a NaN in W
     std::vector<std::uint8_t> bad = saved.bytes;
@@ -476,7 +476,7 @@ TEST_CASE("checkpoint: missing tensors, wrong shapes, non-finite values and bad 
   target.require_rejected(edit_state(saved.bytes, [](auto& s) { s["layers"].erase(2); }),
                           "the checkpoint has 2 layers, the model 3");
   target.require_rejected(edit_state(saved.bytes, [](auto& s) { s["layers"][0]["rng_stream"] = -1; }),
-                          "rng_stream is not a non-negative integer");
+                          "layer 0 ('fc1'): field 'rng_stream' is not a non-negative integer");
   target.require_rejected(edit_state(saved.bytes, [](auto& s) { s["trainer"]["steps_done"] = -5; }),
                           "steps_done is -5, below 0");
   target.require_rejected(edit_state(saved.bytes, [](auto& s) { s["trainer"].erase("steps_done"); }),

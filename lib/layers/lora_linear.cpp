@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
+#include <string>
 
 namespace relora {
 
@@ -254,6 +256,20 @@ std::vector<Parameter<T>> LoraLinear<T>::parameters(const std::string& prefix) {
 
 namespace {
 
+// The shortest decimal that reads back as x, with ".0" on whole numbers, as JSON writes it.
+std::string number_text(double x) {
+  std::string text;
+  for (int digits = 15; digits <= 17; ++digits) {
+    std::ostringstream out;
+    out.precision(digits);
+    out << x;
+    text = out.str();
+    if (std::stod(text) == x) break;
+  }
+  if (std::isfinite(x) && text.find_first_of(".eE") == std::string::npos) text += ".0";
+  return text;
+}
+
 const char* init_text(LoraInit i) { return i == LoraInit::kaiming_uniform ? "kaiming_uniform" : "gaussian"; }
 
 const char* bias_text(BiasMode b) {
@@ -300,7 +316,7 @@ void LoraLinear<T>::check_state(const StateDict<T>& state) const {
   };
   const auto same_number = [&](const char* field, double mine) {
     const double saved = state.number(std::string("config.") + field);
-    if (saved != mine) mismatch(field, std::to_string(saved), std::to_string(mine));
+    if (saved != mine) mismatch(field, number_text(saved), number_text(mine));
   };
   const auto same_text = [&](const char* field, const std::string& mine) {
     const std::string& saved = state.text(std::string("config.") + field);

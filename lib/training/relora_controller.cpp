@@ -66,6 +66,37 @@ void ReloraController<T>::restart(Model<T>& model, Optimizer<T>& optimizer, Sche
   ++restarts_;
 }
 
+template <typename T>
+void ReloraController<T>::save_state(StateDict<T>& state) const {
+  state.set("restarts_done", std::int64_t(restarts_));
+  state.set("restart_every", std::int64_t(config_.restart_every));
+  state.set("warm_start_steps", std::int64_t(config_.warm_start_steps));
+}
+
+template <typename T>
+void ReloraController<T>::check_state(const StateDict<T>& state, std::int64_t steps_done) const {
+  const auto same = [&](const char* field, std::int64_t mine) {
+    const std::int64_t saved = state.integer(field);
+    if (saved != mine) {
+      throw IoError(std::string("ReLoRA config field '") + field + "' is " + std::to_string(saved) +
+                    " in the checkpoint but " + std::to_string(mine) + " in the trainer");
+    }
+  };
+  same("restart_every", config_.restart_every);
+  same("warm_start_steps", config_.warm_start_steps);
+  const std::int64_t restarts = state.integer("restarts_done", 0);
+  if (restarts > steps_done) {
+    throw IoError("state.controller.restarts_done " + std::to_string(restarts) + " exceeds steps_done " +
+                  std::to_string(steps_done));
+  }
+}
+
+template <typename T>
+void ReloraController<T>::restore_state(const StateDict<T>& state, std::int64_t steps_done) {
+  check_state(state, steps_done);
+  restarts_ = state.integer("restarts_done", 0);
+}
+
 template class ReloraController<float>;
 template class ReloraController<double>;
 

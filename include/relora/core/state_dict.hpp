@@ -22,9 +22,9 @@ class StateDict {
  public:
   using Field = std::variant<std::int64_t, std::uint64_t, double, bool, std::string>;
 
-  // The prefix of every entry's name where the entries are stored, for messages only.
+  // The prefix of every tensor's name where the tensors are stored, for messages only.
   void set_origin(std::string prefix) { origin_ = std::move(prefix); }
-  // `name` as messages show it: "tensor '" + where(name) + "' ...".
+  // A tensor's `name` as messages show it: "tensor '" + where(name) + "' ...".
   std::string where(const std::string& name) const { return origin_ + name; }
 
   void set_tensor(const std::string& name, HostMatrix<T> value) { tensors_[name] = std::move(value); }
@@ -51,10 +51,10 @@ class StateDict {
     } else if (const auto* u = std::get_if<std::uint64_t>(&f); u && *u <= std::uint64_t(INT64_MAX)) {
       value = std::int64_t(*u);
     } else {
-      throw IoError("state: field '" + where(name) + "' is not an integer");
+      throw IoError("state: field '" + name + "' is not an integer");
     }
     if (value < min || value > max) {
-      throw IoError("state: field '" + where(name) + "' is " + std::to_string(value) + ", outside [" + std::to_string(min) +
+      throw IoError("state: field '" + name + "' is " + std::to_string(value) + ", outside [" + std::to_string(min) +
                     ", " + std::to_string(max) + "]");
     }
     return value;
@@ -63,24 +63,24 @@ class StateDict {
     const Field& f = field(name);
     if (const auto* u = std::get_if<std::uint64_t>(&f)) return *u;
     if (const auto* i = std::get_if<std::int64_t>(&f); i && *i >= 0) return std::uint64_t(*i);
-    throw IoError("state: field '" + where(name) + "' is not a non-negative integer");
+    throw IoError("state: field '" + name + "' is not a non-negative integer");
   }
   double number(const std::string& name) const {
     const Field& f = field(name);
     if (const auto* d = std::get_if<double>(&f)) return *d;
     if (const auto* i = std::get_if<std::int64_t>(&f)) return double(*i);
     if (const auto* u = std::get_if<std::uint64_t>(&f)) return double(*u);
-    throw IoError("state: field '" + where(name) + "' is not a number");
+    throw IoError("state: field '" + name + "' is not a number");
   }
   bool boolean(const std::string& name) const {
     const Field& f = field(name);
     if (const auto* b = std::get_if<bool>(&f)) return *b;
-    throw IoError("state: field '" + where(name) + "' is not true or false");
+    throw IoError("state: field '" + name + "' is not true or false");
   }
   const std::string& text(const std::string& name) const {
     const Field& f = field(name);
     if (const auto* s = std::get_if<std::string>(&f)) return *s;
-    throw IoError("state: field '" + where(name) + "' is not a string");
+    throw IoError("state: field '" + name + "' is not a string");
   }
 
   const std::map<std::string, HostMatrix<T>>& tensors() const { return tensors_; }
@@ -89,7 +89,7 @@ class StateDict {
  private:
   const Field& field(const std::string& name) const {
     const auto it = fields_.find(name);
-    if (it == fields_.end()) throw IoError("state: field '" + where(name) + "' is missing");
+    if (it == fields_.end()) throw IoError("state: field '" + name + "' is missing");
     return it->second;
   }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "relora/optimizers/optimizer.hpp"
+#include "relora/core/state_dict.hpp"
 #include "relora/training/model.hpp"
 #include "relora/training/schedule.hpp"
 
@@ -53,6 +54,14 @@ class ReloraController {
   const ReloraConfig& config() const { return config_; }
   std::int64_t restarts_done() const { return restarts_; }
   void set_restarts_done(std::int64_t restarts) { restarts_ = restarts; }
+
+  // The restarts done, and the period and warm start they were counted with (checked, not
+  // restored: a resumed run must restart where the first one would have).
+  void save_state(StateDict<T>& state) const;
+  // IoError naming the field if `state` does not fit this controller after `steps_done` steps;
+  // changes nothing.
+  void check_state(const StateDict<T>& state, std::int64_t steps_done) const;
+  void restore_state(const StateDict<T>& state, std::int64_t steps_done);
 
  private:
   ReloraConfig config_;
