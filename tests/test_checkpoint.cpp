@@ -5,9 +5,11 @@
 #include <doctest/doctest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -521,4 +523,56 @@ TEST_CASE("checkpoint: CPU and CUDA write the same file, and a CPU checkpoint re
   Trainer<float> trainer(*model, run.config, run.schedule());
   load_checkpoint_from_bytes(saved.bytes.data(), saved.bytes.size(), trainer, "cpu.ckpt");
   CHECK(serialize_checkpoint(trainer) == saved.bytes);
+}
+
+// The fuzzers' seed files were written by version 1 (6ad3727 and before: no component kinds).
+// This build reads them, and what it writes from them reads back into a fresh trainer bit for bit.
+TEST_CASE("checkpoint: version 1 files still load, train on, and save as version 2") {
+  auto make = [] {
+    struct Fixture {
+      std::unique_ptr<Model<float>> model;
+      std::unique_ptr<Trainer<float>> trainer;
+    } f;
+    auto backend = make_backend<float>(Device::cpu);
+    f.model = std::make_unique<Model<float>>(backend);
+    HostMatrix<float> W1(4, 3), W2(2, 4);
+    for (Index i = 0; i < W1.size(); ++i) W1.data()[i] = 0.1f * float(i % 5) - 0.2f;
+    for (Index i = 0; i < W2.size(); ++i) W2.data()[i] = 0.05f * float(i % 3) - 0.05f;
+    f.model->add(LoraConfig{.in_features = 3, .out_features = 4, .rank = 2, .alpha = 4, .dropout = 0.25,
+                            .bias = BiasMode::trainable, .seed = 1},
+                 Activation::relu, W1, "0");
+    f.model->add(LoraConfig{.in_features = 4, .out_features = 2, .rank = 1, .alpha = 1, .rslora = true, .seed = 2},
+                 Activation::identity, W2, "2");
+    TrainerConfig config{.method = TrainingMethod::relora,
+                         .adam = {.lr = 1e-2},
+                         .relora = {.restart_every = 4,
+                                    .reset = OptimizerReset::random_prune,
+                                    .prune_fraction = 0.5,
+                                    .restart_warmup_steps = 2,
+                                    .warm_start_steps = 2}};
+    auto schedule = std::make_shared<JaggedCosineSchedule>(jagged_schedule(config.relora, 40, 1));
+    f.trainer = std::make_unique<Trainer<float>>(*f.model, config, schedule);
+    return f;
+  };
+  HostMatrix<float> x(5, 3), y(5, 2);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = float(i % 7) * 0.3f - 1.0f;
+  for (Index i = 0; i < y.size(); ++i) y.data()[i] = float(i % 4) * 0.25f;
+  int loaded = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(RELORA_CHECKPOINT_CORPUS)) {
+    CAPTURE(entry.path().string());
+    const std::vector<std::uint8_t> bytes = read_file_bytes(entry.path().string());
+    const SafetensorsFile file = SafetensorsFile::parse(bytes.data(), bytes.size());
+    REQUIRE(file.metadata_value("version") == std::string("1"));
+    auto first = make();
+    load_checkpoint_from_bytes(bytes.data(), bytes.size(), *first.trainer, entry.path().string());
+    Tensor<float> X = to_backend<float>(first.model->backend(), x, "X"), Y = to_backend<float>(first.model->backend(), y, "Y");
+    for (int step = 0; step < 3; ++step) first.trainer->step(X, Y);
+    CHECK(std::isfinite(first.trainer->loss()));
+    const std::vector<std::uint8_t> resaved = serialize_checkpoint(*first.trainer);
+    auto second = make();
+    load_checkpoint_from_bytes(resaved.data(), resaved.size(), *second.trainer, "resaved");
+    CHECK(serialize_checkpoint(*second.trainer) == resaved);
+    ++loaded;
+  }
+  CHECK(loaded >= 6);
 }
