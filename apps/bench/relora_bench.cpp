@@ -742,7 +742,7 @@ int main(int argc, char** argv) {
                       ", \"math\": " + json_string(math_name) + ", \"device\": " + json_string(backend->description()) +
                       ",\n \"threads\": " + std::to_string(threads) + ", \"fma_peak_gflops\": " + json_number(fma_peak) +
                       ", \"scaling\": " + (o.scaling ? "true" : "false") +
-                      ", \"fused_small_layers\": " + (o.fused ? "true" : "false") +
+                      ", \"fast_layers\": " + (o.fused ? "true" : "false") +
                       ",\n \"alpha_over_r\": 2, \"dropout\": 0, \"bias\": \"frozen\", \"adam_lr\": 0.001,\n \"results\": [\n";
       for (std::size_t i = 0; i < results.size(); ++i) {
         j += "  " + json_case(results[i], backend_name, math_name) + (i + 1 < results.size() ? ",\n" : "\n");

@@ -316,9 +316,4 @@ std::shared_ptr<Backend<T>> make_cuda_backend(const BackendOptions& options) {
 template std::shared_ptr<Backend<float>> make_cuda_backend<float>(const BackendOptions&);
 template std::shared_ptr<Backend<double>> make_cuda_backend<double>(const BackendOptions&);
 
-void cuda_memory_info(int device_id, std::size_t* free_bytes, std::size_t* total_bytes) {
-  RELORA_CUDA_CHECK(cudaSetDevice(device_id));
-  RELORA_CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
-}
-
 }  // namespace relora

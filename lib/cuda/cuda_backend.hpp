@@ -22,7 +22,4 @@ std::shared_ptr<Backend<T>> make_cuda_backend(const BackendOptions& options);
 extern template std::shared_ptr<Backend<float>> make_cuda_backend<float>(const BackendOptions&);
 extern template std::shared_ptr<Backend<double>> make_cuda_backend<double>(const BackendOptions&);
 
-// Free and total bytes of the device's memory (cudaMemGetInfo), for leak checks.
-void cuda_memory_info(int device_id, std::size_t* free_bytes, std::size_t* total_bytes);
-
 }  // namespace relora
