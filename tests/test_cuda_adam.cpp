@@ -244,7 +244,8 @@ TEST_CASE("cuda adam: a NaN gradient changes nothing and synchronize names the p
   twin.gpu.adam->step();
   gpu.upload(good.data(), twin.gpu.grads[7]);
   twin.gpu.adam->step();
-  std::vector<float> host(1);
+  // download() copies the whole tensor before it reports: the buffer holds all of it.
+  std::vector<float> host(std::size_t(twin.gpu.values[0].size()));
   try {
     gpu.download(twin.gpu.values[0], host.data());
     FAIL("download() did not report the non-finite gradient");
