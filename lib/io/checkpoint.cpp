@@ -82,7 +82,8 @@ void add_fields(json& object, const StateDict<T>& state) {
       at = &(*at)[name.substr(begin, dot - begin)];
       begin = dot + 1;
     }
-    std::visit([&](const auto& value) { (*at)[name.substr(begin)] = value; }, field);
+    const std::string leaf = name.substr(begin);
+    std::visit([&](const auto& value) { (*at)[leaf] = value; }, field);
   }
 }
 
