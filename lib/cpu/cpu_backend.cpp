@@ -83,7 +83,8 @@ void CpuBackend<T>::fill(Tensor<T>& x, T value) {
 namespace {
 
 // C = beta C over every element (beta = 0 ignores C's contents, NaN included, as BLAS does), in
-// parallel: Eigen's setZero and scaling run on one thread, which cost mlp4x2k several ms a step.
+// parallel: Eigen's setZero and scaling run on one thread, which for large layers costs more than
+// the products' share of a step would suggest.
 template <typename T>
 void scale_in_place(T beta, Tensor<T>& C) {
   T* c = C.data();
@@ -183,9 +184,8 @@ namespace {
 
 // dy = grad_scale (y - t) over [begin, end), and the sum of the squared differences. The sum
 // accumulates in double so that the loss of a large float batch keeps its digits, in 32 partial
-// sums: written as one reduction (omp simd included) GCC left the float-to-double loop scalar,
-// 0.8 us of seed_demo's step for 1000 elements, and 8 partial sums (two AVX registers of
-// doubles) made it wait on the adds' latency.
+// sums: written as one reduction (omp simd included) GCC leaves the float-to-double loop scalar,
+// and 8 partial sums (two AVX registers of doubles) wait on the adds' latency.
 template <typename T>
 double squared_errors(const T* y, const T* t, T grad_scale, T* dy, Index begin, Index end) {
   constexpr Index kLanes = 32;

@@ -10,7 +10,7 @@
 namespace relora {
 
 // Element-wise passes over more elements than this run on every OpenMP thread; below it the
-// threads' start costs more than the pass (a 256 KiB float pass takes about 10 us on one core).
+// threads' start costs more than the pass (a 256 KiB pass is a few microseconds on one core).
 // An OpenMP `if` clause is not enough below it: GCC still opens a one-thread team (GOMP_parallel),
 // about a microsecond, which is most of a tiny step. So the loops branch instead.
 constexpr Index kParallelElements = 65536;
