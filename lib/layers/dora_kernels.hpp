@@ -16,6 +16,8 @@ class DoraKernels {
   virtual ~DoraKernels() = default;
   // wsq_i = ||W_i||^2 (summed in double).
   virtual void row_squared_norms(const Tensor<T>& W, Tensor<T>& wsq) = 0;
+  // m_i = sqrt(wsq_i), computed in double and rounded as norms() rounds n_i when B = 0.
+  virtual void row_norms(const Tensor<T>& wsq, Tensor<T>& m) = 0;
   // n_i = sqrt(max(0, wsq_i + sum_j B_ij (2 s P_ij + s^2 BG_ij))) (summed in double),
   // g_i = m_i / max(n_i, eps).
   virtual void norms(const Tensor<T>& wsq, const Tensor<T>& P, const Tensor<T>& B, const Tensor<T>& BG,

@@ -128,9 +128,7 @@ void DoraLinear<T>::reinit() {
   backend_->fill(B_, T(0));
   // m = the row norms of W, rounded as the forward's n is when B = 0, so that g = m / max(n, eps)
   // is exactly 1 wherever the norm is >= eps.
-  HostMatrix<T> m = to_host(*backend_, wsq_);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = T(std::sqrt(std::max(double(m.data()[i]), 0.0)));
-  upload(*backend_, m, m_, name() + " magnitude m");
+  kernels_->row_norms(wsq_, m_);
   merged_ = false;
 }
 

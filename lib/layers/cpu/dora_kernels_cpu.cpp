@@ -37,6 +37,10 @@ class CpuDoraKernels final : public DoraKernels<T> {
     });
   }
 
+  void row_norms(const Tensor<T>& wsq, Tensor<T>& m) override {
+    for (Index i = 0; i < wsq.size(); ++i) m.data()[i] = T(std::sqrt(std::max(double(wsq.data()[i]), 0.0)));
+  }
+
   void norms(const Tensor<T>& wsq, const Tensor<T>& P, const Tensor<T>& B, const Tensor<T>& BG, const Tensor<T>& m,
              T s, T eps, Tensor<T>& n, Tensor<T>& g) override {
     const Index r = B.cols();

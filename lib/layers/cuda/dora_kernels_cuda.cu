@@ -35,6 +35,15 @@ __global__ void row_squared_norms_kernel(std::int64_t rows, std::int64_t cols, c
   }
 }
 
+template <typename T>
+__global__ void row_norms_kernel(std::int64_t rows, const T* __restrict__ wsq, T* __restrict__ m) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < rows;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const double sum = double(wsq[i]);
+    m[i] = T(sqrt(sum > 0 ? sum : 0.0));
+  }
+}
+
 // One thread per row: r is small.
 template <typename T>
 __global__ void norms_kernel(std::int64_t rows, std::int64_t r, const T* __restrict__ wsq, const T* __restrict__ P,
@@ -149,6 +158,12 @@ class CudaDoraKernels final : public DoraKernels<T> {
     const unsigned grid = unsigned(W.rows() < 65535 ? W.rows() : 65535);
     row_squared_norms_kernel<T><<<grid, kThreads, 0, context_.stream()>>>(W.rows(), W.cols(), W.data(), wsq.data());
     RELORA_CHECK_LAUNCH("row_squared_norms_kernel");
+  }
+
+  void row_norms(const Tensor<T>& wsq, Tensor<T>& m) override {
+    context_.activate();
+    row_norms_kernel<T><<<grid(wsq.size()), kThreads, 0, context_.stream()>>>(wsq.size(), wsq.data(), m.data());
+    RELORA_CHECK_LAUNCH("row_norms_kernel");
   }
 
   void norms(const Tensor<T>& wsq, const Tensor<T>& P, const Tensor<T>& B, const Tensor<T>& BG, const Tensor<T>& m,
