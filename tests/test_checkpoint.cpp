@@ -39,6 +39,8 @@ struct Setup {
   double dropout = 0.1;
   bool rslora = false;
   std::uint64_t lora_seed = 7;
+  bool dora = false;  // DoraLinear layers of the same LoRA configs
+  DoraGradient dora_gradient = DoraGradient::detached;
 };
 
 template <typename T>
@@ -50,6 +52,22 @@ std::unique_ptr<Model<T>> build_model(const Setup& s, std::uint64_t weights_seed
     return LoraConfig{.in_features = k, .out_features = d, .rank = r, .alpha = s.alpha, .rslora = s.rslora,
                       .dropout = dropout, .bias = bias, .seed = seed};
   };
+  if (s.dora) {
+    const auto dora = [&](const LoraConfig& lora) { return DoraConfig{.lora = lora, .gradient = s.dora_gradient}; };
+    const HostMatrix<T> W1 = normal_matrix<T>(s.hidden, 6, gen, 0.4), b1 = normal_matrix<T>(s.hidden, 1, gen, 0.1);
+    const HostMatrix<T> W2 = normal_matrix<T>(8, s.hidden, gen, 0.3), b2 = normal_matrix<T>(8, 1, gen, 0.1);
+    const HostMatrix<T> W3 = normal_matrix<T>(4, 8, gen, 0.3);
+    model->add(std::make_unique<DoraLinear<T>>(*backend, dora(cfg(6, s.hidden, s.rank, BiasMode::trainable, s.dropout,
+                                                                  s.lora_seed)),
+                                               W1, b1.col(0)),
+               Activation::relu, "fc1");
+    model->add(std::make_unique<DoraLinear<T>>(
+                   *backend, dora(cfg(s.hidden, 8, 2, BiasMode::frozen, s.dropout, s.lora_seed + 1)), W2, b2.col(0)),
+               Activation::tanh, "fc2");
+    model->add(std::make_unique<DoraLinear<T>>(*backend, dora(cfg(8, 4, 2, BiasMode::none, 0.0, s.lora_seed + 2)), W3),
+               Activation::identity, "head");
+    return model;
+  }
   model->add(cfg(6, s.hidden, s.rank, BiasMode::trainable, s.dropout, s.lora_seed), Activation::relu,
              normal_matrix<T>(s.hidden, 6, gen, 0.4), normal_matrix<T>(s.hidden, 1, gen, 0.1).col(0), "fc1");
   model->add(cfg(s.hidden, 8, 2, BiasMode::frozen, s.dropout, s.lora_seed + 1), Activation::tanh,
@@ -141,7 +159,7 @@ void check_resume(const Run& run, std::int64_t split, std::int64_t total = 300, 
                                << (first_difference < resumed_losses.size() ? resumed_losses[first_difference] : 0));
   CHECK(first_difference == straight_losses.size());
   Backend<T>& be = straight_model->backend();
-  for (std::size_t i = 0; i < straight_model->size(); ++i) {
+  for (std::size_t i = 0; i < straight_model->size() && !setup.dora; ++i) {  // DoRA's tensors: in the bytes below
     CAPTURE(straight_model->name(i));
     const LoraLinear<T>& a = straight_model->lora(i);
     const LoraLinear<T>& b = fresh_model->lora(i);
@@ -293,6 +311,16 @@ TEST_CASE("checkpoint resume is bit for bit: ReLoRA with a full-rank warm start"
   SUBCASE("right as the warm start ends") { check_resume<float>(run, 30); }
   SUBCASE("at a restart") { check_resume<float>(run, 130); }
   SUBCASE("in a re-warmup") { check_resume<float>(run, 145); }
+}
+
+TEST_CASE("checkpoint resume is bit for bit: DoRA layers, LoRA and ReLoRA, both gradient modes") {
+  const Setup dora{.dora = true};
+  const Setup exact{.dora = true, .dora_gradient = DoraGradient::exact};
+  SUBCASE("LoRA-style training, dropout") { check_resume<float>(lora_run(), 150, 300, dora); }
+  SUBCASE("exact gradient, double precision") { check_resume<double>(lora_run(), 120, 200, exact); }
+  SUBCASE("ReLoRA, saved right at a restart") { check_resume<float>(relora_run(), 150, 300, dora); }
+  SUBCASE("ReLoRA, saved in a re-warmup") { check_resume<float>(relora_run(OptimizerReset::magnitude_prune), 160, 300, exact); }
+  SUBCASE("ReLoRA with a full-rank warm start") { check_resume<float>(relora_run(OptimizerReset::full, 30), 15, 150, dora); }
 }
 
 TEST_CASE("checkpoint resume is bit for bit: full fine-tuning, no schedule") {

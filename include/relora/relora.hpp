@@ -6,6 +6,7 @@
 #include "relora/io/checkpoint.hpp"
 #include "relora/core/errors.hpp"
 #include "relora/core/host_matrix.hpp"
+#include "relora/layers/dora_linear.hpp"
 #include "relora/layers/lora_config.hpp"
 #include "relora/layers/lora_linear.hpp"
 #include "relora/training/model.hpp"

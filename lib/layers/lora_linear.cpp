@@ -1,9 +1,10 @@
 #include "relora/layers/lora_linear.hpp"
 
+#include "layers/lora_config_state.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
 #include <string>
 
 namespace relora {
@@ -254,51 +255,13 @@ std::vector<Parameter<T>> LoraLinear<T>::parameters(const std::string& prefix) {
   return params;
 }
 
-namespace {
-
-// The shortest decimal that reads back as x, with ".0" on whole numbers, as JSON writes it.
-std::string number_text(double x) {
-  std::string text;
-  for (int digits = 15; digits <= 17; ++digits) {
-    std::ostringstream out;
-    out.precision(digits);
-    out << x;
-    text = out.str();
-    if (std::stod(text) == x) break;
-  }
-  if (std::isfinite(x) && text.find_first_of(".eE") == std::string::npos) text += ".0";
-  return text;
-}
-
-const char* init_text(LoraInit i) { return i == LoraInit::kaiming_uniform ? "kaiming_uniform" : "gaussian"; }
-
-const char* bias_text(BiasMode b) {
-  switch (b) {
-    case BiasMode::none: return "none";
-    case BiasMode::frozen: return "frozen";
-    case BiasMode::trainable: return "trainable";
-  }
-  return "?";
-}
-
-}  // namespace
-
 template <typename T>
 void LoraLinear<T>::save_state(StateDict<T>& state) const {
   state.set_tensor("weight", to_host(*backend_, W_));
   if (has_bias()) state.set_tensor("bias", to_host(*backend_, b_));
   state.set_tensor("lora_A", to_host(*backend_, A_));
   state.set_tensor("lora_B", to_host(*backend_, B_));
-  state.set("config.in_features", std::int64_t(config_.in_features));
-  state.set("config.out_features", std::int64_t(config_.out_features));
-  state.set("config.rank", std::int64_t(config_.rank));
-  state.set("config.alpha", config_.alpha);
-  state.set("config.rslora", config_.rslora);
-  state.set("config.dropout", config_.dropout);
-  state.set("config.init", std::string(init_text(config_.init)));
-  state.set("config.init_std", config_.init_std);
-  state.set("config.bias", std::string(bias_text(config_.bias)));
-  state.set("config.seed", std::uint64_t(config_.seed));
+  config_state::save(config_, state);
   state.set("merged", merged_);
   state.set("training", training_);
   state.set("rng_stream", std::uint64_t(rng_stream_));
@@ -306,36 +269,7 @@ void LoraLinear<T>::save_state(StateDict<T>& state) const {
 
 template <typename T>
 void LoraLinear<T>::check_state(const StateDict<T>& state) const {
-  const auto mismatch = [](const char* field, const std::string& saved, const std::string& mine) {
-    throw IoError(std::string("config field '") + field + "' is " + saved + " in the checkpoint but " + mine +
-                  " in the model");
-  };
-  const auto same_int = [&](const char* field, std::int64_t mine) {
-    const std::int64_t saved = state.integer(std::string("config.") + field);
-    if (saved != mine) mismatch(field, std::to_string(saved), std::to_string(mine));
-  };
-  const auto same_number = [&](const char* field, double mine) {
-    const double saved = state.number(std::string("config.") + field);
-    if (saved != mine) mismatch(field, number_text(saved), number_text(mine));
-  };
-  const auto same_text = [&](const char* field, const std::string& mine) {
-    const std::string& saved = state.text(std::string("config.") + field);
-    if (saved != mine) mismatch(field, "'" + saved + "'", "'" + mine + "'");
-  };
-  same_int("in_features", config_.in_features);
-  same_int("out_features", config_.out_features);
-  same_int("rank", config_.rank);
-  same_number("alpha", config_.alpha);
-  if (state.boolean("config.rslora") != config_.rslora) {
-    mismatch("rslora", state.boolean("config.rslora") ? "true" : "false", config_.rslora ? "true" : "false");
-  }
-  same_number("dropout", config_.dropout);
-  same_text("init", init_text(config_.init));
-  same_number("init_std", config_.init_std);
-  same_text("bias", bias_text(config_.bias));
-  if (state.unsigned_integer("config.seed") != config_.seed) {
-    mismatch("seed", std::to_string(state.unsigned_integer("config.seed")), std::to_string(config_.seed));
-  }
+  config_state::check(config_, state);
   const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
   state.tensor("weight", d, k);
   state.tensor("lora_A", r, k);

@@ -46,11 +46,13 @@ void ReloraController<T>::restart(Model<T>& model, Optimizer<T>& optimizer, Sche
   for (std::size_t i = 0; i < model.size(); ++i) model.layer(i).check_merge();
   for (std::size_t i = 0; i < model.size(); ++i) {
     Layer<T>& layer = model.layer(i);
-    layer.merge();   // W += s B A
-    layer.reinit();  // a fresh A, B = 0: the output is unchanged
+    layer.merge();   // the adapter into W (LoRA: W += s B A)
+    layer.reinit();  // a fresh adapter (A drawn, B = 0): the output is unchanged
   }
+  // The adapter's state: A and B, and DoRA's magnitude m, which keeps its value through the
+  // restart but whose moments follow the same reset mode as the rest of the adapter's.
   const auto adapter = [](const Parameter<T>& p) {
-    return p.role == ParamRole::lora_A || p.role == ParamRole::lora_B;
+    return p.role == ParamRole::lora_A || p.role == ParamRole::lora_B || p.role == ParamRole::magnitude;
   };
   switch (config_.reset) {
     case OptimizerReset::full: optimizer.reset_state(adapter); break;

@@ -7,7 +7,8 @@
 
 namespace relora {
 
-enum class ParamRole { lora_A, lora_B, bias, base_weight };
+// magnitude: DoRA's per-row magnitude m, part of the adapter (reset with it at a ReLoRA restart).
+enum class ParamRole { lora_A, lora_B, magnitude, bias, base_weight };
 
 template <typename T>
 struct Parameter {

@@ -2,8 +2,9 @@
 // ReLoRA's restart controller (Lialin et al. 2023, "ReLoRA: High-Rank Training Through Low-Rank
 // Updates"). A sum of low-rank updates can reach a high-rank change: every T steps each adapter
 // is merged into its frozen W, a fresh adapter starts (A re-drawn, B = 0, so the model's output
-// does not move), the optimizer forgets or prunes what it knew about the old A and B, and the
-// schedule re-warms. It talks to the model, the optimizer and the schedule, and belongs to none.
+// does not move), the optimizer forgets or prunes what it knew about the old adapter (A, B, and a
+// DoRA layer's magnitude m), and the schedule re-warms. It talks to the model, the optimizer and
+// the schedule, and belongs to none.
 #include <cstdint>
 #include <string>
 
@@ -15,7 +16,7 @@
 namespace relora {
 
 enum class OptimizerReset {
-  full,             // forget the optimizer's state of A and B (Adam: m, v, update counts) (default)
+  full,             // forget the optimizer's state of A, B and DoRA's m (Adam: m, v, update counts) (default)
   magnitude_prune,  // zero prune_fraction of the entries of that state of smallest magnitude
   random_prune,     // zero prune_fraction of the entries of that state chosen at random
   none,             // keep the state (shown in the demo to fail)
@@ -48,7 +49,7 @@ class ReloraController {
   bool restart_due(std::int64_t steps_done) const;
 
   // Merges every adapter into W, re-initialises it, applies the optimizer reset to the state of
-  // A and B, and tells the schedule (if any) that step `steps_done` starts fresh adapters.
+  // A, B and DoRA's m, and tells the schedule (if any) that step `steps_done` starts fresh adapters.
   void restart(Model<T>& model, Optimizer<T>& optimizer, Schedule* schedule, std::int64_t steps_done);
 
   const ReloraConfig& config() const { return config_; }

@@ -1,0 +1,167 @@
+// DoRA's CPU kernels: plain loops over host buffers, row- or column-parallel on every OpenMP
+// thread when the pass is large (cpu_parallel.hpp). Sums over a row or a column accumulate in
+// double, as the CUDA kernels do.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu_parallel.hpp"
+#include "layers/dora_kernels.hpp"
+
+namespace relora {
+namespace {
+
+// f(i) for every row i of a pass of `work` elements in all.
+template <typename F>
+void for_each_row(Index rows, Index work, F&& f) {
+  if (run_parallel(work)) {
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < rows; ++i) f(i);
+  } else {
+    for (Index i = 0; i < rows; ++i) f(i);
+  }
+}
+
+template <typename T>
+class CpuDoraKernels final : public DoraKernels<T> {
+ public:
+  void row_squared_norms(const Tensor<T>& W, Tensor<T>& wsq) override {
+    const Index k = W.cols();
+    const T* w = W.data();
+    T* out = wsq.data();
+    for_each_row(W.rows(), W.size(), [&](Index i) {
+      double sum = 0;
+      const T* row = w + i * k;
+      for (Index j = 0; j < k; ++j) sum += double(row[j]) * double(row[j]);
+      out[i] = T(sum);
+    });
+  }
+
+  void row_norms(const Tensor<T>& wsq, Tensor<T>& m) override {
+    for (Index i = 0; i < wsq.size(); ++i) m.data()[i] = T(std::sqrt(std::max(double(wsq.data()[i]), 0.0)));
+  }
+
+  void norms(const Tensor<T>& wsq, const Tensor<T>& P, const Tensor<T>& B, const Tensor<T>& BG, const Tensor<T>& m,
+             T s, T eps, Tensor<T>& n, Tensor<T>& g) override {
+    const Index r = B.cols();
+    const double s1 = 2 * double(s), s2 = double(s) * double(s);
+    for_each_row(B.rows(), B.size(), [&](Index i) {
+      double sum = double(wsq.data()[i]);
+      const T* b = B.data() + i * r;
+      const T* p = P.data() + i * r;
+      const T* bg = BG.data() + i * r;
+      for (Index j = 0; j < r; ++j) sum += double(b[j]) * (s1 * double(p[j]) + s2 * double(bg[j]));
+      const T norm = T(std::sqrt(std::max(sum, 0.0)));
+      n.data()[i] = norm;
+      g.data()[i] = m.data()[i] / std::max(norm, eps);
+    });
+  }
+
+  void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate,
+                         Tensor<T>& Y) override {
+    const Index d = Z.cols();
+    const T* z = Z.data();
+    const T* gv = g.data();
+    const T* bv = b ? b->data() : nullptr;
+    T* y = Y.data();
+    for_each_row(Z.rows(), Z.size(), [&](Index t) {
+      const T* zr = z + t * d;
+      T* yr = y + t * d;
+      if (accumulate) {
+        if (bv) {
+#pragma omp simd
+          for (Index i = 0; i < d; ++i) yr[i] += zr[i] * gv[i] + bv[i];
+        } else {
+#pragma omp simd
+          for (Index i = 0; i < d; ++i) yr[i] += zr[i] * gv[i];
+        }
+      } else if (bv) {
+#pragma omp simd
+        for (Index i = 0; i < d; ++i) yr[i] = zr[i] * gv[i] + bv[i];
+      } else {
+#pragma omp simd
+        for (Index i = 0; i < d; ++i) yr[i] = zr[i] * gv[i];
+      }
+    });
+  }
+
+  void scale_columns(const Tensor<T>& X, const Tensor<T>& g, T shift, Tensor<T>& out) override {
+    const Index d = X.cols();
+    const T* x = X.data();
+    const T* gv = g.data();
+    T* o = out.data();
+    for_each_row(X.rows(), X.size(), [&](Index t) {
+#pragma omp simd
+      for (Index i = 0; i < d; ++i) o[t * d + i] = x[t * d + i] * (gv[i] + shift);
+    });
+  }
+
+  void magnitude_gradient(const Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& n, T eps,
+                          Tensor<T>& dm) override {
+    // Columns in blocks, each block's sums in double over all rows: the rows are read in order.
+    const Index rows = dY.rows(), d = dY.cols();
+    constexpr Index kBlock = 256;
+    const Index blocks = (d + kBlock - 1) / kBlock;
+    for_each_row(blocks, dY.size(), [&](Index block) {
+      const Index first = block * kBlock, last = std::min(d, first + kBlock);
+      double sums[kBlock] = {};
+      for (Index t = 0; t < rows; ++t) {
+        const T* a = dY.data() + t * d;
+        const T* z = Z.data() + t * d;
+        for (Index i = first; i < last; ++i) sums[i - first] += double(a[i]) * double(z[i]);
+      }
+      for (Index i = first; i < last; ++i) dm.data()[i] = T(sums[i - first] / double(std::max(n.data()[i], eps)));
+    });
+  }
+
+  void norm_factors(const Tensor<T>& dm, const Tensor<T>& m, const Tensor<T>& n, T eps, Tensor<T>& q) override {
+    for (Index i = 0; i < n.size(); ++i) {
+      const T norm = n.data()[i];
+      q.data()[i] = norm > eps ? -dm.data()[i] * m.data()[i] / (norm * norm) : T(0);
+    }
+  }
+
+  void scale_rows(const Tensor<T>& q, const Tensor<T>& M, bool accumulate, Tensor<T>& out) override {
+    const Index cols = M.cols();
+    for_each_row(M.rows(), M.size(), [&](Index i) {
+      const T f = q.data()[i];
+      const T* mr = M.data() + i * cols;
+      T* o = out.data() + i * cols;
+      if (accumulate) {
+#pragma omp simd
+        for (Index j = 0; j < cols; ++j) o[j] += f * mr[j];
+      } else {
+#pragma omp simd
+        for (Index j = 0; j < cols; ++j) o[j] = f * mr[j];
+      }
+    });
+  }
+
+  void add_norm_gradient_B(const Tensor<T>& q, const Tensor<T>& P, const Tensor<T>& BG, T s, Tensor<T>& dB) override {
+    const Index r = dB.cols();
+    const T s2 = s * s;
+    for_each_row(dB.rows(), dB.size(), [&](Index i) {
+      const T f = q.data()[i];
+      for (Index j = 0; j < r; ++j) dB.data()[i * r + j] += f * (s * P.data()[i * r + j] + s2 * BG.data()[i * r + j]);
+    });
+  }
+
+  void difference(const Tensor<T>& a, const Tensor<T>& b, Tensor<T>& out) override {
+    const T* x = a.data();
+    const T* y = b.data();
+    T* o = out.data();
+    for_each_element(a.size(), [&](Index i) { o[i] = x[i] - y[i]; });
+  }
+};
+
+}  // namespace
+
+template <typename T>
+std::unique_ptr<DoraKernels<T>> make_cpu_dora_kernels() {
+  return std::make_unique<CpuDoraKernels<T>>();
+}
+
+template std::unique_ptr<DoraKernels<float>> make_cpu_dora_kernels();
+template std::unique_ptr<DoraKernels<double>> make_cpu_dora_kernels();
+
+}  // namespace relora

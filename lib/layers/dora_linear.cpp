@@ -1,0 +1,467 @@
+#include "relora/layers/dora_linear.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "layers/dora_kernels.hpp"
+#include "layers/lora_config_state.hpp"
+
+namespace relora {
+
+void validate(const DoraConfig& c) {
+  try {
+    validate(c.lora);
+  } catch (const ConfigError& e) {
+    // LoraConfig's checks, named for this layer.
+    std::string message = e.what();
+    if (message.rfind("LoraLinear", 0) == 0) message.replace(0, 10, "DoraLinear");
+    throw ConfigError(message);
+  }
+  if (!(c.eps > 0) || !std::isfinite(c.eps)) {
+    throw ConfigError("DoraLinear " + std::to_string(c.lora.in_features) + " -> " +
+                      std::to_string(c.lora.out_features) + ": eps " + std::to_string(c.eps) +
+                      " must be positive and finite");
+  }
+}
+
+namespace {
+
+const char* gradient_text(DoraGradient g) { return g == DoraGradient::detached ? "detached" : "exact"; }
+
+}  // namespace
+
+template <typename T>
+DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W)
+    : backend_(&backend), config_(config), scale_(T(0)), eps_(T(0)) {
+  validate(config_);
+  scale_ = T(lora_scale(config_.lora));
+  eps_ = T(config_.eps);
+  if (!(eps_ > 0)) {
+    throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
+  }
+  kernels_ = make_dora_kernels<T>(backend);
+  allocate_parameters();
+  set_W(W);
+  if (has_bias()) backend_->fill(b_, T(0));
+  reinit();
+}
+
+template <typename T>
+DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W,
+                          const Eigen::Ref<const HostVector<T>>& b)
+    : DoraLinear(backend, config, W) {
+  if (!has_bias()) {
+    throw ConfigError(name() + ": a bias of " + std::to_string(b.size()) + " values was given but config.bias is none");
+  }
+  set_b(b);
+}
+
+template <typename T>
+DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config)
+    : backend_(&backend), config_(config), scale_(T(0)), eps_(T(0)) {
+  validate(config_);
+  scale_ = T(lora_scale(config_.lora));
+  eps_ = T(config_.eps);
+  if (!(eps_ > 0)) {
+    throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
+  }
+  kernels_ = make_dora_kernels<T>(backend);
+  allocate_parameters();
+  const T bound = T(1) / std::sqrt(T(config_.lora.in_features));
+  backend_->random_uniform(next_key(), -bound, bound, W_);
+  refresh_W_norms();
+  if (has_bias()) backend_->random_uniform(next_key(), -bound, bound, b_);
+  reinit();
+}
+
+template <typename T>
+DoraLinear<T>::~DoraLinear() = default;
+
+template <typename T>
+std::string DoraLinear<T>::name() const {
+  return "DoraLinear " + std::to_string(config_.lora.in_features) + " -> " + std::to_string(config_.lora.out_features);
+}
+
+template <typename T>
+void DoraLinear<T>::allocate_parameters() {
+  const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
+  Backend<T>& be = *backend_;
+  W_ = be.allocate(d, k);
+  A_ = be.allocate(r, k);
+  B_ = be.allocate(d, r);
+  m_ = be.allocate(1, d);
+  dA_ = be.allocate(r, k);
+  dB_ = be.allocate(d, r);
+  dm_ = be.allocate(1, d);
+  if (has_bias()) {
+    b_ = be.allocate(1, d);
+    db_ = be.allocate(1, d);
+  }
+  wsq_ = be.allocate(1, d);
+  P_ = be.allocate(d, r);
+  G_ = be.allocate(r, r);
+  BG_ = be.allocate(d, r);
+  n_ = be.allocate(1, d);
+  g_ = be.allocate(1, d);
+  q_ = be.allocate(1, d);
+  Bq_ = be.allocate(d, r);
+  H_ = be.allocate(r, r);
+  merge_g_ = be.allocate(1, d);
+  be.fill(merge_g_, T(1));  // saved with the state: finite before any merge
+}
+
+template <typename T>
+void DoraLinear<T>::draw_A() {
+  if (config_.lora.init == LoraInit::kaiming_uniform) {
+    const T bound = T(1) / std::sqrt(T(config_.lora.in_features));  // Kaiming uniform, a = sqrt(5), as LoraLinear
+    backend_->random_uniform(next_key(), -bound, bound, A_);
+  } else {
+    backend_->random_normal(next_key(), T(0), T(config_.lora.init_std), A_);
+  }
+}
+
+template <typename T>
+void DoraLinear<T>::reinit() {
+  draw_A();
+  backend_->fill(B_, T(0));
+  // m = the row norms of W, rounded as the forward's n is when B = 0, so that g = m / max(n, eps)
+  // is exactly 1 wherever the norm is >= eps.
+  kernels_->row_norms(wsq_, m_);
+  merged_ = false;
+}
+
+template <typename T>
+void DoraLinear<T>::refresh_W_norms() {
+  kernels_->row_squared_norms(W_, wsq_);
+}
+
+template <typename T>
+void DoraLinear<T>::refresh_factors() {
+  Backend<T>& be = *backend_;
+  be.gemm(Trans::no, Trans::yes, T(1), W_, A_, T(0), P_);   // P = W A^T   (d x r)
+  be.gemm(Trans::no, Trans::yes, T(1), A_, A_, T(0), G_);   // G = A A^T   (r x r)
+  be.gemm(Trans::no, Trans::no, T(1), B_, G_, T(0), BG_);   // B G         (d x r)
+  kernels_->norms(wsq_, P_, B_, BG_, m_, scale_, eps_, n_, g_);
+}
+
+template <typename T>
+void DoraLinear<T>::set_train_target(TrainTarget target) {
+  // Leaving full fine-tuning: W changed in the optimizer's last step, after the last forward.
+  if (target != target_ && target_ == TrainTarget::base) refresh_W_norms();
+  target_ = target;
+  if (target_ == TrainTarget::base && dW_.empty()) {
+    dW_ = backend_->allocate(config_.lora.out_features, config_.lora.in_features);
+  }
+}
+
+template <typename T>
+std::uint32_t DoraLinear<T>::step_signature() const {
+  return (target_ == TrainTarget::base ? 1u : 0u) | (training_ ? 2u : 0u) | (merged_ ? 4u : 0u) |
+         (dropout_in_use() ? 8u : 0u);
+}
+
+template <typename T>
+void DoraLinear<T>::resize_batch(Index n) {
+  if (n == batch_rows_) return;
+  const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
+  Backend<T>& be = *backend_;
+  Y_ = be.allocate(n, d);
+  Z_ = be.allocate(n, d);
+  dZ_ = be.allocate(n, d);
+  U_ = be.allocate(n, r);
+  dU_ = be.allocate(n, r);
+  dX_ = Tensor<T>();  // sized by the first backward that needs it
+  dX_view_ = Tensor<T>();
+  if (config_.lora.dropout > 0) {
+    mask_ = be.allocate(n, k);
+    X_dropped_ = be.allocate(n, k);
+    E_ = be.allocate(n, k);
+    dX_lora_ = be.allocate(n, k);
+  }
+  batch_rows_ = n;
+}
+
+template <typename T>
+void DoraLinear<T>::require_not_merged(const char* operation) const {
+  if (merged_) {
+    throw ConfigError(name() + ": cannot " + operation + " while the adapter is merged into W; unmerge() or reinit() first");
+  }
+}
+
+template <typename T>
+const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
+  if (X.cols() != config_.lora.in_features || X.rows() <= 0) {
+    throw ShapeError(name() + " forward: X is " + X.shape() + " but the layer takes [n x " +
+                     std::to_string(config_.lora.in_features) + "] with n >= 1");
+  }
+  resize_batch(X.rows());
+  X_ = &X;
+  dropout_active_ = dropout_in_use();
+  Backend<T>& be = *backend_;
+  if (merged_) {  // W = diag(g) V already
+    be.gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y_);
+    if (has_bias()) be.add_row_vector(b_, Y_);
+    return Y_;
+  }
+  if (target_ == TrainTarget::base) refresh_W_norms();  // W trains: it changed since the last step
+  refresh_factors();
+
+  const Tensor<T>* input = &X;
+  if (dropout_active_) {
+    be.dropout_mask(next_key(), T(config_.lora.dropout), mask_);
+    be.multiply(X, mask_, X_dropped_);
+    kernels_->difference(X, X_dropped_, E_);
+    be.gemm(Trans::no, Trans::yes, T(1), E_, W_, T(0), Y_);  // Y = E W^T, the base output PEFT adds
+    input = &X_dropped_;
+  }
+  // Most of the time goes here and into the backward's products with W.
+  be.gemm(Trans::no, Trans::yes, T(1), *input, W_, T(0), Z_);  // Z = Xd W^T
+  be.gemm(Trans::no, Trans::yes, T(1), *input, A_, T(0), U_);  // U = Xd A^T
+  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Z_);    // Z += s U B^T
+  kernels_->scale_columns_add(Z_, g_, has_bias() ? &b_ : nullptr, dropout_active_, Y_);  // Y (+)= Z diag(g) + b
+  return Y_;
+}
+
+template <typename T>
+Tensor<T>& DoraLinear<T>::own_dX() {
+  if (!dX_.same_shape(batch_rows_, config_.lora.in_features)) {
+    dX_ = backend_->allocate(batch_rows_, config_.lora.in_features);
+  }
+  return dX_;
+}
+
+template <typename T>
+void DoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
+  if (X_ == nullptr) throw ConfigError(name() + " backward: forward was not called");
+  require_not_merged("train");
+  require_shape(dY, batch_rows_, config_.lora.out_features, "DoraLinear backward dY");
+  if (dX) require_shape(*dX, batch_rows_, config_.lora.in_features, "DoraLinear backward dX");
+  Backend<T>& be = *backend_;
+  DoraKernels<T>& kern = *kernels_;
+  const Tensor<T>& input = dropout_active_ ? X_dropped_ : *X_;
+  const bool adapter = target_ == TrainTarget::adapter;
+
+  kern.scale_columns(dY, g_, T(0), dZ_);  // dZ = dY diag(g)
+  if (adapter || exact()) kern.magnitude_gradient(dY, Z_, n_, eps_, dm_);
+  if (adapter) be.gemm(Trans::yes, Trans::no, scale_, dZ_, U_, T(0), dB_);           // dB = s dZ^T U
+  if (adapter || dX) be.gemm(Trans::no, Trans::no, scale_, dZ_, B_, T(0), dU_);      // dU = s dZ B
+  if (adapter) be.gemm(Trans::yes, Trans::no, T(1), dU_, input, T(0), dA_);         // dA = dU^T Xd
+  if (!adapter) be.gemm(Trans::yes, Trans::no, T(1), dZ_, *X_, T(0), dW_);          // dW = dZ^T X
+  if (exact()) {
+    // The path through n: q_i = dL/dn_i / n_i, Bq = diag(q) B.
+    kern.norm_factors(dm_, m_, n_, eps_, q_);
+    kern.scale_rows(q_, B_, false, Bq_);
+    if (adapter) {
+      kern.add_norm_gradient_B(q_, P_, BG_, scale_, dB_);                // dB += diag(q) (s P + s^2 B G)
+      be.gemm(Trans::yes, Trans::no, scale_, Bq_, W_, T(1), dA_);        // dA += s Bq^T W
+      be.gemm(Trans::yes, Trans::no, T(1), Bq_, B_, T(0), H_);           // H = Bq^T B
+      be.gemm(Trans::no, Trans::no, scale_ * scale_, H_, A_, T(1), dA_);  // dA += s^2 H A
+    } else {
+      kern.scale_rows(q_, W_, true, dW_);                          // dW += diag(q) W
+      be.gemm(Trans::no, Trans::no, scale_, Bq_, A_, T(1), dW_);  // dW += s Bq A
+    }
+  }
+  if (bias_trains()) be.column_sums(dY, T(0), db_);
+
+  if (dX) {
+    if (dropout_active_) {
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);   // dU A
+      kern.scale_columns(dY, g_, T(-1), dZ_);                         // dZ is done with: dY diag(g - 1)
+      be.gemm(Trans::no, Trans::no, T(1), dZ_, W_, T(1), dX_lora_);   // + dY diag(g - 1) W
+      be.multiply(dX_lora_, mask_, *dX);                              // M .* (...)
+      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(1), *dX);         // + dY W
+    } else {
+      be.gemm(Trans::no, Trans::no, T(1), dZ_, W_, T(0), *dX);   // dX = dZ W
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);   // dX += dU A
+    }
+  }
+  if (dX == nullptr || dX == &dX_) {
+    dX_view_ = Tensor<T>();
+  } else {
+    dX_view_ = Tensor<T>(dX->data(), dX->rows(), dX->cols(), dX->device(), [](T*) {});  // non-owning
+  }
+}
+
+template <typename T>
+void DoraLinear<T>::check_merge() {
+  require_not_merged("merge");
+  // diag(g) (W + s B A) must be finite before W changes. Every entry is at most
+  // max|g| (max|W| + |s| r max|B| max|A|) in magnitude: where that bound is finite with room to
+  // spare the merge is safe; otherwise the rows are formed a block at a time and checked.
+  const Index d = config_.lora.out_features, k = config_.lora.in_features, r = config_.lora.rank;
+  Backend<T>& be = *backend_;
+  const auto refuse = [&](const std::string& where) {
+    throw ConfigError(name() + ": merge refused, diag(g) (W + s B A) would hold NaN or Inf (" + where +
+                      "); W is unchanged");
+  };
+  const double a = double(be.max_abs(A_)), b = double(be.max_abs(B_));
+  const double w = double(be.max_abs(W_)), m = double(be.max_abs(m_));
+  if (!std::isfinite(a)) refuse("lora_A holds NaN or Inf");
+  if (!std::isfinite(b)) refuse("lora_B holds NaN or Inf");
+  if (!std::isfinite(m)) refuse("lora_magnitude_vector holds NaN or Inf");
+  if (!std::isfinite(w)) refuse("W holds NaN or Inf");
+  refresh_factors();
+  const double g = double(be.max_abs(g_));
+  if (!std::isfinite(g)) refuse("the factors m / max(n, eps) hold NaN or Inf");
+  const double bound = g * (w + std::abs(double(scale_)) * double(r) * b * a);
+  if (!(bound <= 0.5 * double(std::numeric_limits<T>::max()))) {
+    const Index block_rows = std::max<Index>(1, std::min<Index>(d, (Index(1) << 22) / std::max<Index>(k, 1)));
+    Tensor<T> block = be.allocate(block_rows, k);
+    for (Index first = 0; first < d; first += block_rows) {
+      const Index rows = std::min(block_rows, d - first);
+      const Tensor<T> W_rows(W_.data() + first * k, rows, k, W_.device(), [](T*) {});
+      const Tensor<T> B_rows(B_.data() + first * r, rows, r, B_.device(), [](T*) {});
+      const Tensor<T> g_rows(g_.data() + first, 1, rows, g_.device(), [](T*) {});
+      Tensor<T> merged(block.data(), rows, k, block.device(), [](T*) {});
+      be.copy(W_rows, merged);
+      be.gemm(Trans::no, Trans::no, scale_, B_rows, A_, T(1), merged);
+      kernels_->scale_rows(g_rows, merged, false, merged);
+      if (!std::isfinite(double(be.max_abs(merged)))) {
+        refuse("in rows [" + std::to_string(first) + ", " + std::to_string(first + rows) + ")");
+      }
+    }
+  }
+}
+
+template <typename T>
+void DoraLinear<T>::merge() {
+  check_merge();  // also computes g for the current A, B and m
+  Backend<T>& be = *backend_;
+  be.gemm(Trans::no, Trans::no, scale_, B_, A_, T(1), W_);  // W = V = W + s B A
+  kernels_->scale_rows(g_, W_, false, W_);                  // W = diag(g) V
+  be.copy(g_, merge_g_);
+  refresh_W_norms();
+  merged_ = true;
+}
+
+template <typename T>
+void DoraLinear<T>::unmerge() {
+  if (!merged_) throw ConfigError(name() + " unmerge: the adapter is not merged");
+  HostMatrix<T> inverse = to_host(*backend_, merge_g_);
+  for (Index i = 0; i < inverse.size(); ++i) {
+    const T g = inverse.data()[i];
+    if (g == T(0)) {
+      throw ConfigError(name() + " unmerge: row " + std::to_string(i) +
+                        " was merged with factor g = 0 (m = 0), so its direction is lost; W is unchanged");
+    }
+    inverse.data()[i] = T(1) / g;
+    if (!std::isfinite(inverse.data()[i])) {
+      throw ConfigError(name() + " unmerge: row " + std::to_string(i) + "'s merge factor " + std::to_string(g) +
+                        " has no finite inverse; W is unchanged");
+    }
+  }
+  upload(*backend_, inverse, q_, name() + " inverse merge factors");
+  kernels_->scale_rows(q_, W_, false, W_);                             // W = diag(1/g) W = V
+  backend_->gemm(Trans::no, Trans::no, -scale_, B_, A_, T(1), W_);      // W = V - s B A
+  refresh_W_norms();
+  merged_ = false;
+}
+
+template <typename T>
+std::vector<Parameter<T>> DoraLinear<T>::parameters(const std::string& prefix) {
+  std::vector<Parameter<T>> params;
+  if (target_ == TrainTarget::adapter) {
+    params.push_back({prefix + ".lora_A", ParamRole::lora_A, &A_, &dA_});
+    params.push_back({prefix + ".lora_B", ParamRole::lora_B, &B_, &dB_});
+    params.push_back({prefix + ".lora_magnitude_vector", ParamRole::magnitude, &m_, &dm_});
+  } else {
+    params.push_back({prefix + ".weight", ParamRole::base_weight, &W_, &dW_});
+  }
+  if (bias_trains()) params.push_back({prefix + ".bias", ParamRole::bias, &b_, &db_});
+  return params;
+}
+
+template <typename T>
+void DoraLinear<T>::save_state(StateDict<T>& state) const {
+  state.set_tensor("weight", to_host(*backend_, W_));
+  if (has_bias()) state.set_tensor("bias", to_host(*backend_, b_));
+  state.set_tensor("lora_A", to_host(*backend_, A_));
+  state.set_tensor("lora_B", to_host(*backend_, B_));
+  state.set_tensor("lora_magnitude_vector", to_host(*backend_, m_));
+  state.set_tensor("merge_factors", to_host(*backend_, merge_g_));
+  config_state::save(config_.lora, state);
+  state.set("config.gradient", std::string(gradient_text(config_.gradient)));
+  state.set("config.eps", config_.eps);
+  state.set("merged", merged_);
+  state.set("training", training_);
+  state.set("rng_stream", std::uint64_t(rng_stream_));
+}
+
+template <typename T>
+void DoraLinear<T>::check_state(const StateDict<T>& state) const {
+  config_state::check(config_.lora, state);
+  config_state::same_text(state, "gradient", gradient_text(config_.gradient));
+  config_state::same_number(state, "eps", config_.eps);
+  const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
+  state.tensor("weight", d, k);
+  state.tensor("lora_A", r, k);
+  state.tensor("lora_B", d, r);
+  state.tensor("lora_magnitude_vector", 1, d);
+  state.tensor("merge_factors", 1, d);
+  if (has_bias()) state.tensor("bias", 1, d);
+  if (!has_bias() && state.has_tensor("bias")) throw IoError("the layer has no bias, but the checkpoint holds one");
+  state.boolean("merged");
+  state.boolean("training");
+  state.unsigned_integer("rng_stream");
+}
+
+template <typename T>
+void DoraLinear<T>::restore_state(const StateDict<T>& state) {
+  check_state(state);
+  // Everything checked: from here on only uploads of checked values.
+  const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
+  set_W(state.tensor("weight", d, k));
+  if (has_bias()) set_b(state.tensor("bias", 1, d));
+  set_A(state.tensor("lora_A", r, k));
+  set_B(state.tensor("lora_B", d, r));
+  set_m(state.tensor("lora_magnitude_vector", 1, d));
+  upload(*backend_, state.tensor("merge_factors", 1, d), merge_g_, name() + " merge factors");
+  merged_ = state.boolean("merged");
+  training_ = state.boolean("training");
+  rng_stream_ = state.unsigned_integer("rng_stream");
+}
+
+template <typename T>
+void DoraLinear<T>::upload_vector(const Eigen::Ref<const HostMatrix<T>>& v, Tensor<T>& dst, const char* what) {
+  if (v.size() != config_.lora.out_features || (v.rows() != 1 && v.cols() != 1)) {
+    throw ShapeError(name() + " " + what + ": expected " + std::to_string(config_.lora.out_features) +
+                     " values, got " + shape_string(v.rows(), v.cols()));
+  }
+  const HostMatrix<T> packed = v;  // a row or a column: the same values in the same order
+  const HostMatrix<T> row = Eigen::Map<const HostMatrix<T>>(packed.data(), 1, packed.size());
+  upload(*backend_, row, dst, name() + " " + what);
+}
+
+template <typename T>
+void DoraLinear<T>::set_W(const Eigen::Ref<const HostMatrix<T>>& W) {
+  upload(*backend_, W, W_, name() + " base weight W (out x in)");
+  refresh_W_norms();
+}
+
+template <typename T>
+void DoraLinear<T>::set_b(const Eigen::Ref<const HostMatrix<T>>& b) {
+  if (!has_bias()) throw ConfigError(name() + " set_b: config.bias is none");
+  upload_vector(b, b_, "bias b");
+}
+
+template <typename T>
+void DoraLinear<T>::set_A(const Eigen::Ref<const HostMatrix<T>>& A) {
+  upload(*backend_, A, A_, name() + " lora_A (rank x in)");
+}
+
+template <typename T>
+void DoraLinear<T>::set_B(const Eigen::Ref<const HostMatrix<T>>& B) {
+  upload(*backend_, B, B_, name() + " lora_B (out x rank)");
+}
+
+template <typename T>
+void DoraLinear<T>::set_m(const Eigen::Ref<const HostMatrix<T>>& m) {
+  upload_vector(m, m_, "lora_magnitude_vector m");
+}
+
+template class DoraLinear<float>;
+template class DoraLinear<double>;
+
+}  // namespace relora
