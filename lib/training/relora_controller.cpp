@@ -52,7 +52,7 @@ void ReloraController<T>::restart(Model<T>& model, Optimizer<T>& optimizer, Sche
   // The adapter's state: A and B, and DoRA's magnitude m, which keeps its value through the
   // restart but whose moments follow the same reset mode as the rest of the adapter's.
   const auto adapter = [](const Parameter<T>& p) {
-    return p.role == ParamRole::lora_A || p.role == ParamRole::lora_B || p.role == ParamRole::magnitude;
+    return is_adapter_role(p.role);
   };
   switch (config_.reset) {
     case OptimizerReset::full: optimizer.reset_state(adapter); break;
