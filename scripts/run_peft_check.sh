@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # relora <-> PyTorch + PEFT in one run (needs python3 with torch, peft and safetensors; no GPU):
 # builds relora_peft_check (CPU only), then scripts/peft_roundtrip.py runs both directions with
-# use_rslora false and true. Logs go to $OUT (default ./out/peft), the exchanged files to $WORK.
+# use_rslora false and true, LoRA and DoRA (use_dora). Logs go to $OUT (default ./out/peft), the exchanged files to $WORK.
 #
 #   scripts/run_peft_check.sh            # from the repository root
 set -euo pipefail

@@ -7,10 +7,12 @@
 #include <optional>
 #include <regex>
 #include <set>
+#include <type_traits>
 
 #include "relora/io/atomic_file.hpp"
 #include "relora/core/host_matrix.hpp"
 #include "relora/io/safetensors.hpp"
+#include "relora/layers/dora_linear.hpp"
 
 namespace relora {
 namespace {
@@ -26,6 +28,42 @@ std::string join(const std::string& dir, const char* file) { return (std::filesy
 
 std::string key_A(const std::string& module) { return kPeftPrefix + module + ".lora_A.weight"; }
 std::string key_B(const std::string& module) { return kPeftPrefix + module + ".lora_B.weight"; }
+// DoRA's magnitude m, 1-D of out_features. PEFT (0.20 and later; LoraModel._get_adapter_state_dict)
+// holds it as lora_magnitude_vector.<adapter>.weight and saves it without ".<adapter>.weight", the
+// pre-refactor key it keeps for compatibility; loading appends ".weight" again.
+const std::string kMagnitudeSuffix = ".lora_magnitude_vector";
+std::string key_m(const std::string& module) { return kPeftPrefix + module + kMagnitudeSuffix; }
+
+// The layers these files know: LoraLinear (and its faster implementations, which derive from it)
+// and DoraLinear, which is a Layer of its own. `f` is called with the layer as the one or the other
+// (const where the model is); any other kind is a ConfigError naming the layer.
+template <typename ModelT, typename F>
+decltype(auto) visit_adapter_layer(ModelT& model, std::size_t i, const char* who, F&& f) {
+  using LayerT = std::remove_reference_t<decltype(model.layer(i))>;
+  constexpr bool is_const = std::is_const_v<LayerT>;
+  using Lora = std::conditional_t<is_const, const LoraLinear<float>, LoraLinear<float>>;
+  using Dora = std::conditional_t<is_const, const DoraLinear<float>, DoraLinear<float>>;
+  LayerT& layer = model.layer(i);
+  if (auto* lora = dynamic_cast<Lora*>(&layer)) return f(*lora);
+  if (auto* dora = dynamic_cast<Dora*>(&layer)) return f(*dora);
+  throw ConfigError(std::string(who) + ": layer '" + model.name(i) + "' is of kind \"" + layer.kind() +
+                    "\"; PEFT adapters are read and written for LoRA (\"lora\") and DoRA (\"dora\") layers");
+}
+
+const LoraConfig& lora_config_of(const LoraLinear<float>& layer) { return layer.config(); }
+const LoraConfig& lora_config_of(const DoraLinear<float>& layer) { return layer.lora_config(); }
+constexpr bool is_dora(const LoraLinear<float>&) { return false; }
+constexpr bool is_dora(const DoraLinear<float>&) { return true; }
+const char* kind_text(bool dora) { return dora ? "a DoRA layer (kind \"dora\")" : "a LoRA layer (kind \"lora\")"; }
+
+// DoRA's m as PEFT initialises it when it wraps a Linear: the row norms of V = W + s B A (computed
+// in double, rounded once to float).
+HostMatrix<float> magnitude_init(Backend<float>& backend, const DoraLinear<float>& layer) {
+  const Eigen::MatrixXd V = to_host(backend, layer.W()).cast<double>() +
+                            static_cast<double>(layer.scale()) * to_host(backend, layer.B()).cast<double>() *
+                                to_host(backend, layer.A()).cast<double>();
+  return V.rowwise().norm().transpose().cast<float>();
+}
 
 // A number as JSON: integral values as integers (PEFT's r and lora_alpha are ints).
 json number(double x) {
@@ -49,16 +87,26 @@ bool pattern_matches(const std::string& key, const std::string& module) {
 void export_peft_adapter(const Model<float>& model, const std::string& dir, const PeftExportOptions& options) {
   if (model.size() == 0) throw ConfigError("export_peft_adapter: the model has no layers");
   Backend<float>& backend = *model.backend_ptr();
-  const LoraConfig& first = model.lora(0).config();
+  const char* const who = "export_peft_adapter";
+  const LoraConfig first = visit_adapter_layer(model, 0, who, [](const auto& l) { return lora_config_of(l); });
+  // PEFT's use_dora is one flag for the whole adapter (LoraConfig has no per-module pattern for it),
+  // so every layer must be of the first one's kind.
+  const bool dora = visit_adapter_layer(model, 0, who, [](const auto& l) { return is_dora(l); });
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   ordered_json rank_pattern = ordered_json::object(), alpha_pattern = ordered_json::object();
   json target_modules = json::array();
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<float>& layer = model.lora(i);
     const std::string& name = model.name(i);
-    const LoraConfig& c = layer.config();
-    if (layer.merged()) {
+    const bool layer_dora = visit_adapter_layer(model, i, who, [](const auto& l) { return is_dora(l); });
+    if (layer_dora != dora) {
+      throw ConfigError("export_peft_adapter: layer '" + name + "' is " + kind_text(layer_dora) + " but layer '" +
+                        model.name(0) + "' is " + kind_text(dora) +
+                        ": PEFT's use_dora is one flag for the whole adapter, so one adapter cannot mix them");
+    }
+    const LoraConfig c = visit_adapter_layer(model, i, who, [](const auto& l) { return lora_config_of(l); });
+    const bool merged = visit_adapter_layer(model, i, who, [](const auto& l) { return l.merged(); });
+    if (merged) {
       throw ConfigError("export_peft_adapter: layer '" + name +
                         "' is merged (its adapter is already in W); unmerge() it first, or export W with "
                         "save_base_weights and a fresh adapter");
@@ -71,10 +119,15 @@ void export_peft_adapter(const Model<float>& model, const std::string& dir, cons
     if (c.rank != first.rank) rank_pattern[name] = c.rank;
     if (c.alpha != first.alpha) alpha_pattern[name] = number(c.alpha);
     target_modules.push_back(name);
-    const HostMatrix<float> A = to_host(backend, layer.A());
-    const HostMatrix<float> B = to_host(backend, layer.B());
+    const HostMatrix<float> A = visit_adapter_layer(model, i, who, [&](const auto& l) { return to_host(backend, l.A()); });
+    const HostMatrix<float> B = visit_adapter_layer(model, i, who, [&](const auto& l) { return to_host(backend, l.B()); });
     writer.add(key_A(name), {A.rows(), A.cols()}, A.data());
     writer.add(key_B(name), {B.rows(), B.cols()}, B.data());
+    if (dora) {
+      // m is 1 x d here; PEFT's parameter is 1-D, [out_features].
+      const HostMatrix<float> m = to_host(backend, dynamic_cast<const DoraLinear<float>&>(model.layer(i)).m());
+      writer.add(key_m(name), {c.out_features}, m.data());
+    }
   }
   // LoraConfig's fields as PEFT 0.21 writes them, at its defaults where relora has no say.
   ordered_json config = ordered_json::object();
@@ -105,7 +158,7 @@ void export_peft_adapter(const Model<float>& model, const std::string& dir, cons
   config["loftq_config"] = ordered_json::object();
   config["eva_config"] = nullptr;
   config["corda_config"] = nullptr;
-  config["use_dora"] = false;
+  config["use_dora"] = dora;
   config["alora_invocation_tokens"] = nullptr;
   config["use_qalora"] = false;
   config["qalora_group_size"] = 16;
@@ -165,7 +218,11 @@ PeftImportResult import_peft_adapter(Model<float>& model, const std::string& dir
   if (const json* v = get("bias"); v && *v != "none") {
     fail("bias is " + v->dump() + ": relora reads adapters with bias \"none\" (load trained biases with load_base_weights)");
   }
-  require_false("use_dora", "DoRA adapters are not LoRA's forward");
+  bool use_dora = false;
+  if (const json* v = get("use_dora")) {
+    if (!v->is_boolean()) fail("use_dora is " + v->dump() + ", expected true or false");
+    use_dora = v->get<bool>();
+  }
   require_false("lora_bias", "relora's adapters have no bias of their own");
   require_false("fan_in_fan_out", "relora stores W as out x in, as nn.Linear does");
   if (get("layers_to_transform")) fail("layers_to_transform is set; relora reads adapters without it");
@@ -224,22 +281,31 @@ PeftImportResult import_peft_adapter(Model<float>& model, const std::string& dir
 
   struct Pending {
     std::size_t layer;
-    HostMatrix<float> A, B;
+    HostMatrix<float> A, B, m;  // m: DoRA's magnitude, 1 x d (empty for a LoRA layer)
   };
   std::vector<Pending> pending;
   PeftImportResult result;
   std::set<std::string> expected_keys;
+  const char* const who = "import_peft_adapter";
   for (std::size_t i = 0; i < model.size(); ++i) {
     const std::string& name = model.name(i);
-    const LoraLinear<float>& layer = model.lora(i);
-    if (layer.merged()) {
+    const bool merged = visit_adapter_layer(model, i, who, [](const auto& l) { return l.merged(); });
+    if (merged) {
       throw ConfigError("import_peft_adapter: layer '" + name + "' is merged; unmerge() it before importing an adapter");
     }
     if (!targeted(name)) {
       result.zeroed.push_back(name);
       continue;
     }
-    const LoraConfig& c = layer.config();
+    // PEFT makes every targeted module a DoRA layer when use_dora is true and a LoRA layer when not;
+    // a layer of the other kind would compute another function from the same tensors.
+    const bool layer_dora = visit_adapter_layer(model, i, who, [](const auto& l) { return is_dora(l); });
+    if (layer_dora != use_dora) {
+      fail(std::string("use_dora is ") + (use_dora ? "true" : "false") + " but module '" + name + "' is " +
+           kind_text(layer_dora) + ": build the layer as " + (use_dora ? "DoraLinear" : "LoraLinear") +
+           " to import this adapter (PEFT's use_dora applies to every target module)");
+    }
+    const LoraConfig c = visit_adapter_layer(model, i, who, [](const auto& l) { return lora_config_of(l); });
     std::int64_t module_r = r;
     if (const json* p = pattern("rank_pattern", name)) {
       if (!p->is_number_integer() || p->get<std::int64_t>() < 1) fail("rank_pattern for '" + name + "' is " + p->dump());
@@ -272,11 +338,34 @@ PeftImportResult import_peft_adapter(Model<float>& model, const std::string& dir
     };
     expected_keys.insert(key_A(name));
     expected_keys.insert(key_B(name));
-    Pending p{i, read(key_A(name), c.rank, c.in_features), read(key_B(name), c.out_features, c.rank)};
+    Pending p{i, read(key_A(name), c.rank, c.in_features), read(key_B(name), c.out_features, c.rank), {}};
+    if (use_dora) {
+      // 1-D [out_features], as PEFT saves it (a [1 x d] tensor would not load into PEFT either).
+      const std::string key = key_m(name);
+      if (!file.contains(key)) {
+        fail_weights("tensor '" + key + "' (the DoRA magnitude of module '" + name + "') is missing; use_dora is true");
+      }
+      const std::vector<std::int64_t> expected{c.out_features};
+      if (file.shape(key) != expected) {
+        fail_weights("tensor '" + key + "' has shape " + shape_text(file.shape(key)) + ", module '" + name +
+                     "' needs " + shape_text(expected));
+      }
+      const std::vector<float> values = file.to_float(key);
+      p.m = Eigen::Map<const HostMatrix<float>>(values.data(), 1, c.out_features);
+      if (!p.m.allFinite()) fail_weights("tensor '" + key + "' holds NaN or Inf");
+      expected_keys.insert(key);
+    }
     pending.push_back(std::move(p));
     result.loaded.push_back(name);
   }
   for (const std::string& key : file.names()) {
+    const bool magnitude =
+        key.size() > kMagnitudeSuffix.size() && key.compare(key.size() - kMagnitudeSuffix.size(), std::string::npos,
+                                                            kMagnitudeSuffix) == 0;
+    if (!use_dora && magnitude) {
+      fail_weights("tensor '" + key + "' is a DoRA magnitude, but " + config_path +
+                   " has use_dora false: the two files do not belong together");
+    }
     if (expected_keys.count(key) == 0) {
       fail_weights("tensor '" + key + "' belongs to no target module of this model (its layers: " +
                    [&] {
@@ -289,12 +378,21 @@ PeftImportResult import_peft_adapter(Model<float>& model, const std::string& dir
   }
 
   for (const Pending& p : pending) {
-    model.lora(p.layer).set_A(p.A);
-    model.lora(p.layer).set_B(p.B);
+    visit_adapter_layer(model, p.layer, who, [&](auto& l) {
+      l.set_A(p.A);
+      l.set_B(p.B);
+    });
+    if (p.m.size() != 0) dynamic_cast<DoraLinear<float>&>(model.layer(p.layer)).set_m(p.m);
   }
   for (std::size_t i = 0; i < model.size(); ++i) {
     for (const std::string& name : result.zeroed) {
-      if (model.name(i) == name) {
+      if (model.name(i) != name) continue;
+      if (auto* dora = dynamic_cast<DoraLinear<float>*>(&model.layer(i))) {
+        // B = 0 and m = the row norms of W, so that g = 1 and the layer gives W's output, as the
+        // plain Linear PEFT leaves there does. reinit() sets m as the forward rounds n (g exactly 1);
+        // it also re-draws A, which does not matter while B = 0.
+        dora->reinit();
+      } else {
         LoraLinear<float>& layer = model.lora(i);
         layer.set_B(HostMatrix<float>::Zero(layer.out_features(), layer.rank()));
       }
@@ -312,11 +410,13 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
   std::vector<Pending> pending;
   for (std::size_t i = 0; i < model.size(); ++i) {
     const std::string& name = model.name(i);
-    const LoraLinear<float>& layer = model.lora(i);
-    if (layer.merged()) {
+    const char* const who = "load_base_weights";
+    const bool merged = visit_adapter_layer(model, i, who, [](const auto& l) { return l.merged(); });
+    if (merged) {
       throw ConfigError("load_base_weights: layer '" + name + "' is merged; unmerge() it before setting W");
     }
-    const Index k = layer.in_features(), d = layer.out_features();
+    const bool has_bias = visit_adapter_layer(model, i, who, [](const auto& l) { return l.has_bias(); });
+    const Index k = model.layer(i).in_features(), d = model.layer(i).out_features();
     // `shapes`: the shapes accepted, the first one named in the message (a bias may be [d] or [1 x d]).
     const auto read = [&](const std::string& key, const std::vector<std::vector<std::int64_t>>& shapes, Index rows,
                           Index cols) {
@@ -336,7 +436,7 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
     const std::string w_key = prefix + name + ".weight", b_key = prefix + name + ".bias";
     if (!file.contains(w_key)) fail("tensor '" + w_key + "' (the weight of layer '" + name + "') is missing");
     p.W = read(w_key, {{d, k}}, d, k);
-    if (layer.has_bias()) {
+    if (has_bias) {
       if (!file.contains(b_key)) {
         fail("tensor '" + b_key + "' is missing, but layer '" + name + "' has a bias (build it with BiasMode::none "
              "for a Linear without one)");
@@ -349,8 +449,15 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
     pending.push_back(std::move(p));
   }
   for (std::size_t i = 0; i < model.size(); ++i) {
-    model.lora(i).set_W(pending[i].W);
-    if (model.lora(i).has_bias()) model.lora(i).set_b(pending[i].b);
+    visit_adapter_layer(model, i, "load_base_weights", [&](auto& l) {
+      l.set_W(pending[i].W);
+      if (l.has_bias()) l.set_b(pending[i].b);
+    });
+    if (auto* dora = dynamic_cast<DoraLinear<float>*>(&model.layer(i))) {
+      // m was initialised from the W the layer was built with; a new W needs its own, as PEFT
+      // initialises m from the base weights it wraps.
+      dora->set_m(magnitude_init(*model.backend_ptr(), *dora));
+    }
   }
 }
 
@@ -359,13 +466,14 @@ void save_base_weights(const Model<float>& model, const std::string& safetensors
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const LoraLinear<float>& layer = model.lora(i);
-    const HostMatrix<float> W = to_host(backend, layer.W());
-    writer.add(prefix + model.name(i) + ".weight", {W.rows(), W.cols()}, W.data());
-    if (layer.has_bias()) {
-      const HostMatrix<float> b = to_host(backend, layer.b());
-      writer.add(prefix + model.name(i) + ".bias", {layer.out_features()}, b.data());
-    }
+    visit_adapter_layer(model, i, "save_base_weights", [&](const auto& layer) {
+      const HostMatrix<float> W = to_host(backend, layer.W());
+      writer.add(prefix + model.name(i) + ".weight", {W.rows(), W.cols()}, W.data());
+      if (layer.has_bias()) {
+        const HostMatrix<float> b = to_host(backend, layer.b());
+        writer.add(prefix + model.name(i) + ".bias", {layer.out_features()}, b.data());
+      }
+    });
   }
   writer.write_atomically(safetensors_path);
 }
