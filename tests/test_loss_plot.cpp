@@ -103,6 +103,10 @@ TEST_CASE("loss CSV: exact content for a tiny input") {
 
   write_loss_csv({}, path);
   CHECK(read_text(path) == "step\n");
+
+  // Header names of their own for the CSV, as the demo's DoRA columns; the legend keeps `names`.
+  write_loss_csv({{"LoRA", "DoRA"}, {{1}, {2}}, {"LoRA", "dora"}}, path);
+  CHECK(read_text(path) == "step,LoRA,dora\n0,1,2\n");
 }
 
 TEST_CASE("loss SVG: well formed, one polyline per method, legend, title, axis labels") {
@@ -211,5 +215,7 @@ TEST_CASE("loss CSV and SVG: errors name the path and leave no temporary file") 
 
   CHECK_THROWS_WITH_AS(write_loss_csv({{"a", "b"}, {{1}}}, dir.file("x.csv")),
                        "LossCurves: 2 names but 1 loss curves", relora::ShapeError);
+  CHECK_THROWS_WITH_AS(write_loss_csv({{"a"}, {{1}}, {"a", "b"}}, dir.file("x.csv")),
+                       "LossCurves: 2 CSV columns but 1 loss curves", relora::ShapeError);
   CHECK_THROWS_AS(write_loss_svg({{}, {{1}}}, dir.file("x.svg"), "t"), relora::ShapeError);
 }

@@ -84,6 +84,8 @@ TEST_CASE("regression options: --methods keeps the order given, drops repeats, t
   CHECK(parse_options({"--methods", "seed,full,seed"}).methods ==
         std::vector<Method>{Method::seed_relora, Method::full_finetune});
   CHECK(parse_options({"--methods", "all"}).methods == relora::demo::all_methods());
+  CHECK(parse_options({"--methods", "relora_dora,dora"}).methods ==
+        std::vector<Method>{Method::relora_dora, Method::dora});
   check_refused({"--methods", "lora,qlora"}, "--methods", "qlora");
   CHECK(error_of({"--methods", ""}).find("--methods") != std::string::npos);
   CHECK(error_of({"--methods", ","}).find("names no method") != std::string::npos);
@@ -102,6 +104,19 @@ TEST_CASE("regression options: --help, alone or among other flags") {
     INFO("flag: ", flag);
     CHECK(usage.find(flag) != std::string::npos);
   }
+}
+
+TEST_CASE("regression options: every method's key parses back; the DoRA methods' CSV columns") {
+  const std::vector<Method> all = relora::demo::all_methods();
+  CHECK(all.size() == 6);
+  for (const Method m : all) {
+    CHECK(parse_options({"--methods", relora::demo::method_key(m)}).methods == std::vector<Method>{m});
+  }
+  // The first four keep the CSV header they had (their labels); the DoRA ones take their keys.
+  CHECK(std::string(relora::demo::method_column(Method::lora)) == "LoRA");
+  CHECK(std::string(relora::demo::method_column(Method::seed_relora)) == relora::demo::method_label(Method::seed_relora));
+  CHECK(std::string(relora::demo::method_column(Method::dora)) == "dora");
+  CHECK(std::string(relora::demo::method_column(Method::relora_dora)) == "relora_dora");
 }
 
 TEST_CASE("regression options: an unknown flag is refused by name") {

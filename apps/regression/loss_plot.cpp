@@ -312,8 +312,13 @@ class Chart {
 
 void write_loss_csv(const LossCurves& curves, const std::string& path) {
   require_matching_names(curves);
+  if (!curves.columns.empty() && curves.columns.size() != curves.losses.size()) {
+    throw ShapeError("LossCurves: " + std::to_string(curves.columns.size()) + " CSV columns but " +
+                     std::to_string(curves.losses.size()) + " loss curves");
+  }
+  const std::vector<std::string>& header = curves.columns.empty() ? curves.names : curves.columns;
   std::string csv = "step";
-  for (const auto& name : curves.names) csv.append(1, ',').append(csv_field(name));
+  for (const auto& name : header) csv.append(1, ',').append(csv_field(name));
   csv += "\n";
   const std::size_t steps = longest_curve(curves);
   for (std::size_t step = 0; step < steps; ++step) {

@@ -9,12 +9,15 @@ namespace relora::demo {
 
 // One training-loss curve per method: losses[m][step] is method m's loss at that step.
 // Curves may differ in length (a method stopped early); names.size() must equal losses.size().
+// columns: the CSV header's name of each curve, when it differs from the legend's; empty means
+// the names, else its size must equal losses.size() too.
 struct LossCurves {
   std::vector<std::string> names;
   std::vector<std::vector<double>> losses;
+  std::vector<std::string> columns;
 };
 
-// Columns: step, then one per method (named in the header row); one row per step, values with
+// Columns: step, then one per method (named in the header row by `columns`, else `names`); one row per step, values with
 // 9 significant digits (%.9g), enough to read back a float exactly. A curve shorter than the
 // longest leaves its cells empty. Written to a temporary file and renamed over `path`, so a
 // reader never sees half a file. Throws IoError naming `path`, ShapeError on mismatched names.

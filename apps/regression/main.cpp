@@ -6,7 +6,10 @@
 //   ReLoRA             the adapter merged into W every T steps, A re-drawn, B = 0, Adam's
 //                      moments of A and B cleared (relora::ReloraController, via the Trainer),
 //   the seed's ReLoRA  merged every T steps too, but A and B re-drawn N(0, 0.01) and the moments
-//                      kept, as the seed's merge_lora() does.
+//                      kept, as the seed's merge_lora() does,
+//   DoRA               the same adapter on a DoraLinear: W's rows re-scaled by a trainable
+//                      magnitude m (relora::DoraLinear), never merged,
+//   ReLoRA with DoRA   ReLoRA's restarts on that layer.
 // The residual W_true - W0 has rank min(k, d) = 5 > r = 4, so LoRA stalls at its rank ceiling; a
 // sum of rank-4 updates can reach it, which is ReLoRA's point. PyTorch gives the same picture on
 // the same task: ../shared/anchors/README.md and seed_relora_variants.py.
@@ -121,23 +124,37 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
                           std::size_t index, Progress& progress) {
   relora::Model<float> model(backend);
   // alpha = r: scale s = 1, the reference's W + B A. One layer, no activation, no bias: the
-  // model is exactly X (W + s B A)^T.
-  relora::LoraLinear<float>& layer = model.add(
-      relora::LoraConfig{.in_features = o.in_features,
-                         .out_features = o.out_features,
-                         .rank = o.rank,
-                         .alpha = static_cast<double>(o.rank),
-                         .seed = o.seed},
-      relora::Activation::identity, data.W0, "proj");
+  // model is exactly X (W + s B A)^T, or X (diag(g) (W + s B A))^T for DoRA.
+  const relora::LoraConfig lora_config{.in_features = o.in_features,
+                                       .out_features = o.out_features,
+                                       .rank = o.rank,
+                                       .alpha = static_cast<double>(o.rank),
+                                       .seed = o.seed};
+  const bool dora = method == Method::dora || method == Method::relora_dora;
+  // The LoRA layer, which the seed's restart re-draws by hand; null for DoRA.
+  relora::LoraLinear<float>* lora_layer = nullptr;
+  if (dora) {
+    // The same adapter config and seed as LoRA's, so A starts the same; m starts at W0's row
+    // norms. The detached-norm gradient, as the paper and PEFT train it.
+    model.add(std::make_unique<relora::DoraLinear<float>>(*backend, relora::DoraConfig{.lora = lora_config}, data.W0),
+              relora::Activation::identity, "proj");
+  } else {
+    lora_layer = &model.add(lora_config, relora::Activation::identity, data.W0, "proj");
+  }
 
   relora::TrainerConfig config;
   config.adam.lr = o.lr;  // PyTorch's Adam defaults otherwise: betas (0.9, 0.999), eps 1e-8, no decay
   std::shared_ptr<relora::Schedule> schedule;
   switch (method) {
     case Method::full_finetune: config.method = relora::TrainingMethod::full_finetune; break;
-    case Method::lora: config.method = relora::TrainingMethod::lora; break;
+    case Method::lora:
+    case Method::dora: config.method = relora::TrainingMethod::lora; break;
     case Method::seed_relora: config.method = relora::TrainingMethod::lora; break;  // restarts below, by hand
     case Method::relora:
+    case Method::relora_dora:
+      // On the DoRA layer a restart merges W <- diag(g) (W + s B A), re-draws A, sets B = 0 and
+      // m = the merged rows' norms, so the output carries on unchanged; Adam's moments of A, B
+      // and m are cleared.
       config.method = relora::TrainingMethod::relora;
       config.relora = {.restart_every = o.restart_every,
                        .reset = relora::OptimizerReset::full,
@@ -154,8 +171,8 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
   std::mt19937_64 seed_rng(o.seed + 1);
   if (method == Method::seed_relora) {
     // The seed starts from A, B ~ N(0, 0.01), not from LoRA's Kaiming A and zero B.
-    layer.set_A(seed_draw(seed_rng, o.rank, o.in_features));
-    layer.set_B(seed_draw(seed_rng, o.out_features, o.rank));
+    lora_layer->set_A(seed_draw(seed_rng, o.rank, o.in_features));
+    lora_layer->set_B(seed_draw(seed_rng, o.out_features, o.rank));
   }
 
   relora::Trainer<float> trainer(model, config, schedule);
@@ -169,10 +186,10 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
     if (method == Method::seed_relora && (step + 1) % o.restart_every == 0) {
       // The seed's merge_lora(): W += B A, then A and B re-drawn non-zero (so the output jumps)
       // while Adam keeps the moments of the old A and B. reinit() clears the merged flag.
-      layer.merge();
-      layer.reinit();
-      layer.set_A(seed_draw(seed_rng, o.rank, o.in_features));
-      layer.set_B(seed_draw(seed_rng, o.out_features, o.rank));
+      lora_layer->merge();
+      lora_layer->reinit();
+      lora_layer->set_A(seed_draw(seed_rng, o.rank, o.in_features));
+      lora_layer->set_B(seed_draw(seed_rng, o.out_features, o.rank));
     }
     progress.update(relora::demo::method_label(method), index, step);
   }
@@ -274,6 +291,7 @@ int run(const Options& o) {
     curves.losses.push_back(train(method, backend, data, X, y, o, m, progress));
     seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
     curves.names.push_back(relora::demo::method_label(method));
+    curves.columns.push_back(relora::demo::method_column(method));
   }
   progress.done();
 

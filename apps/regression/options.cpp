@@ -16,6 +16,8 @@ const char* method_key(Method method) {
     case Method::lora: return "lora";
     case Method::relora: return "relora";
     case Method::seed_relora: return "seed";
+    case Method::dora: return "dora";
+    case Method::relora_dora: return "relora_dora";
   }
   return "?";
 }
@@ -26,12 +28,23 @@ const char* method_label(Method method) {
     case Method::lora: return "LoRA";
     case Method::relora: return "ReLoRA";
     case Method::seed_relora: return "seed's ReLoRA (B re-drawn, moments kept)";
+    case Method::dora: return "DoRA";
+    case Method::relora_dora: return "ReLoRA with DoRA";
   }
   return "?";
 }
 
+const char* method_column(Method method) {
+  switch (method) {
+    case Method::dora:
+    case Method::relora_dora: return method_key(method);
+    default: return method_label(method);
+  }
+}
+
 std::vector<Method> all_methods() {
-  return {Method::full_finetune, Method::lora, Method::relora, Method::seed_relora};
+  return {Method::full_finetune, Method::lora,        Method::relora,
+          Method::seed_relora,   Method::dora, Method::relora_dora};
 }
 
 namespace {
@@ -80,7 +93,7 @@ std::vector<Method> parse_methods(const std::string& flag, const std::string& va
     const std::vector<Method> all = all_methods();
     const auto it = std::find_if(all.begin(), all.end(), [&](Method m) { return key == method_key(m); });
     if (it == all.end()) {
-      throw ConfigError(flag + ": unknown method '" + key + "' in '" + value + "' (known: full, lora, relora, seed, all)");
+      throw ConfigError(flag + ": unknown method '" + key + "' in '" + value + "' (known: full, lora, relora, seed, dora, relora_dora, all)");
     }
     if (std::find(methods.begin(), methods.end(), *it) == methods.end()) methods.push_back(*it);
   }
@@ -161,7 +174,8 @@ std::string usage_text() {
   s << "usage: relora_regression [flags]\n"
        "\n"
        "Seed 000's regression task: y = X W_true^T + noise, fitted from a base weight W0 by full\n"
-       "fine-tuning, LoRA, ReLoRA and the seed's own (faulty) restart, from the same data and W0.\n"
+       "fine-tuning, LoRA, ReLoRA, the seed's own (faulty) restart, DoRA and ReLoRA with DoRA, from the\n"
+       "same data and W0.\n"
        "Prints a loss table, writes losses.csv and losses.svg into --out.\n"
        "\n"
        "  --steps N            training steps per method, full batch (default "
@@ -180,7 +194,8 @@ std::string usage_text() {
     << "  --out DIR            folder for losses.csv and losses.svg, created if missing (default \""
     << d.out_dir << "\")\n"
     << "  --backend cpu|cuda   where the training runs (default cpu)\n"
-    << "  --methods LIST       comma list of full, lora, relora, seed; or all (default all)\n"
+    << "  --methods LIST       comma list of full, lora, relora, seed, dora, relora_dora; or all\n"
+    << "                       (default all)\n"
     << "  --save-adapter DIR   write LoRA's trained adapter there as a PEFT adapter (adapter_model.safetensors,\n"
     << "                       adapter_config.json) with the base weight (base_model.safetensors, module 'proj')\n"
     << "  --help               this text\n"

@@ -15,12 +15,17 @@ enum class Method {
   lora,           // a rank-r adapter, never merged: stuck at its rank ceiling
   relora,         // merged and restarted every T steps: B = 0, Adam moments cleared
   seed_relora,    // seed 000's own restart: A and B re-drawn N(0, 0.01), Adam moments kept
+  dora,           // DoRA (DoraLinear): LoRA's adapter plus a trainable row magnitude m, never merged
+  relora_dora,    // ReLoRA's restarts on the DoRA layer: W <- diag(g) (W + s B A), m = row norms
 };
 
-// The name --methods takes ("full", "lora", "relora", "seed").
+// The name --methods takes ("full", "lora", "relora", "seed", "dora", "relora_dora").
 const char* method_key(Method method);
-// The name in the table, the CSV header and the plot's legend.
+// The name in the table and the plot's legend.
 const char* method_label(Method method);
+// The method's column in losses.csv: the label for the first four methods, as the CSV has always
+// had them, and the short key for the DoRA methods ("dora", "relora_dora").
+const char* method_column(Method method);
 std::vector<Method> all_methods();
 
 struct Options {
