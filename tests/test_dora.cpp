@@ -59,12 +59,12 @@ HostMatrix<double> numeric(HostMatrix<double>& x, const std::function<double()>&
   return grad;
 }
 
-// Relative error, against at least 1e-3: a gradient that is zero in truth (the exact mode of a
+// Relative error, against at least 1e-2: a gradient that is zero in truth (the exact mode of a
 // layer with k = 1, whose output does not depend on the adapter's scale) compares by the finite
-// differences' own noise, about 1e-9 here.
+// differences' own noise, eps L / h, about 1e-9 here (and 4e-9 seen in a build without FMA).
 void expect_close(const HostMatrix<double>& analytic, const HostMatrix<double>& numeric_grad, const char* name,
                   double tolerance = 1e-6) {
-  const double err = (analytic - numeric_grad).norm() / std::max(numeric_grad.norm(), 1e-3);
+  const double err = (analytic - numeric_grad).norm() / std::max(numeric_grad.norm(), 1e-2);
   INFO(std::string(name) << ": relative error " << err << " (|analytic| " << analytic.norm() << ")");
   CHECK(err < tolerance);
 }
