@@ -19,6 +19,7 @@
 #include "test_support.hpp"
 
 using namespace relora;
+using relora::testing::what_of;
 
 namespace {
 
@@ -171,15 +172,6 @@ void set_entry(Backend<T>& backend, Tensor<T>& t, Index i, T value) {
   auto host = fetch(backend, t);
   host[std::size_t(i)] = value;
   backend.upload(host.data(), t);
-}
-
-std::string what_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
 }
 
 }  // namespace

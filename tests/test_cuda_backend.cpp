@@ -21,6 +21,7 @@
 #include "test_support.hpp"
 
 using namespace relora;
+using relora::testing::what_of;
 
 namespace {
 
@@ -129,15 +130,6 @@ struct MaxError {
   double bound;
   ~MaxError() { MESSAGE(what << ": max rel error " << max << " (bound " << bound << ")"); }
 };
-
-std::string what_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
 
 }  // namespace
 

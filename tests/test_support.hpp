@@ -1,11 +1,13 @@
 #pragma once
-// What several test files need: a scratch directory, the CUDA skip with its reason, and the seed
-// of a randomised test.
+// What several test files need: a scratch directory, the CUDA skip with its reason, the seed of a
+// randomised test, and the message of an exception.
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
+#include <functional>
 #include <random>
 #include <filesystem>
 #include <string>
@@ -15,6 +17,16 @@
 #include "relora/core/backend.hpp"
 
 namespace relora::testing {
+
+// The message of the exception f throws, or "(no exception)".
+inline std::string what_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
 
 // A fresh directory under the system temp directory, removed with everything in it at the end.
 class TempDir {
