@@ -256,3 +256,28 @@ TEST_CASE("merge refuses an adapter that would put NaN or Inf into W, and leaves
     }
   }
 }
+
+// The merge check's reduction: the largest magnitude, and +Inf when any entry is NaN or Inf, on
+// tensors small enough for one pass and large enough to be split over threads.
+TEST_CASE("Backend::max_abs: the largest magnitude, +Inf for a NaN or Inf anywhere") {
+  std::mt19937 gen(23);
+  for (Device device : {Device::cpu, Device::cuda}) {
+    if (device == Device::cuda && !relora::testing::cuda_or_skip("cuda max_abs")) continue;
+    auto backend = make_backend<float>(device);
+    for (Index cols : {Index(7), Index(300000)}) {
+      CAPTURE(cols);
+      HostMatrix<float> host = normal_matrix<float>(2, cols, gen);
+      host(1, cols - 3) = -1e6f;  // the largest, negative, late in the tensor
+      Tensor<float> x = to_backend<float>(*backend, host, "x");
+      CHECK(backend->max_abs(x) == 1e6f);
+      for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+        HostMatrix<float> with_bad = host;
+        with_bad(1, cols - 1) = bad;
+        backend->upload(with_bad.data(), x);
+        CHECK(backend->max_abs(x) == std::numeric_limits<float>::infinity());
+      }
+    }
+    Tensor<float> empty = backend->allocate(0, 3);
+    CHECK(backend->max_abs(empty) == 0.0f);
+  }
+}

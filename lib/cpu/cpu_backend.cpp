@@ -212,11 +212,28 @@ double squared_errors(const T* y, const T* t, T grad_scale, T* dy, Index begin, 
 
 template <typename T>
 T CpuBackend<T>::max_abs(const Tensor<T>& x) {
+  // The largest |x_i| of [begin, end), +Inf at the first NaN or Inf (NaN fails <=).
   const T* p = x.data();
+  const auto block_max = [p](Index begin, Index end) {
+    T largest = T(0);
+    for (Index i = begin; i < end; ++i) {
+      const T a = std::abs(p[i]);
+      if (!(a <= largest)) {
+        if (!std::isfinite(a)) return std::numeric_limits<T>::infinity();
+        largest = a;
+      }
+    }
+    return largest;
+  };
+  const Index size = x.size();
+  if (!run_parallel(size)) return block_max(Index(0), size);
+  // A merge checks all of W: in blocks on every thread, as the other passes over large tensors.
+  constexpr Index kBlock = 65536;
+  const Index blocks = (size + kBlock - 1) / kBlock;
   T largest = T(0);
-  for (Index i = 0; i < x.size(); ++i) {
-    const T a = std::abs(p[i]);
-    if (!(a <= largest)) largest = std::isfinite(a) ? a : std::numeric_limits<T>::infinity();  // NaN fails <=
+#pragma omp parallel for reduction(max : largest) schedule(static)
+  for (Index block = 0; block < blocks; ++block) {
+    largest = std::max(largest, block_max(block * kBlock, std::min(size, (block + 1) * kBlock)));
   }
   return largest;
 }
