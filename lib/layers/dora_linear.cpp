@@ -7,6 +7,7 @@
 
 #include "layers/dora_kernels.hpp"
 #include "layers/lora_config_state.hpp"
+#include "layers/merge_check.hpp"
 
 namespace relora {
 
@@ -287,42 +288,22 @@ void DoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
 template <typename T>
 void DoraLinear<T>::check_merge() {
   require_not_merged("merge");
-  // diag(g) (W + s B A) must be finite before W changes. Every entry is at most
-  // max|g| (max|W| + |s| r max|B| max|A|) in magnitude: where that bound is finite with room to
-  // spare the merge is safe; otherwise the rows are formed a block at a time and checked.
-  const Index d = config_.lora.out_features, k = config_.lora.in_features, r = config_.lora.rank;
-  Backend<T>& be = *backend_;
+  // diag(g) (W + s B A) must be finite before W changes (merge_check.hpp, with F = diag(g)).
   const auto refuse = [&](const std::string& where) {
     throw ConfigError(name() + ": merge refused, diag(g) (W + s B A) would hold NaN or Inf (" + where +
                       "); W is unchanged");
   };
-  const double a = double(be.max_abs(A_)), b = double(be.max_abs(B_));
-  const double w = double(be.max_abs(W_)), m = double(be.max_abs(m_));
-  if (!std::isfinite(a)) refuse("lora_A holds NaN or Inf");
-  if (!std::isfinite(b)) refuse("lora_B holds NaN or Inf");
-  if (!std::isfinite(m)) refuse("lora_magnitude_vector holds NaN or Inf");
-  if (!std::isfinite(w)) refuse("W holds NaN or Inf");
-  refresh_factors();
-  const double g = double(be.max_abs(g_));
-  if (!std::isfinite(g)) refuse("the factors m / max(n, eps) hold NaN or Inf");
-  const double bound = g * (w + std::abs(double(scale_)) * double(r) * b * a);
-  if (!(bound <= 0.5 * double(std::numeric_limits<T>::max()))) {
-    const Index block_rows = std::max<Index>(1, std::min<Index>(d, (Index(1) << 22) / std::max<Index>(k, 1)));
-    Tensor<T> block = be.allocate(block_rows, k);
-    for (Index first = 0; first < d; first += block_rows) {
-      const Index rows = std::min(block_rows, d - first);
-      const Tensor<T> W_rows(W_.data() + first * k, rows, k, W_.device(), [](T*) {});
-      const Tensor<T> B_rows(B_.data() + first * r, rows, r, B_.device(), [](T*) {});
-      const Tensor<T> g_rows(g_.data() + first, 1, rows, g_.device(), [](T*) {});
-      Tensor<T> merged(block.data(), rows, k, block.device(), [](T*) {});
-      be.copy(W_rows, merged);
-      be.gemm(Trans::no, Trans::no, scale_, B_rows, A_, T(1), merged);
-      kernels_->scale_rows(g_rows, merged, false, merged);
-      if (!std::isfinite(double(be.max_abs(merged)))) {
-        refuse("in rows [" + std::to_string(first) + ", " + std::to_string(first + rows) + ")");
-      }
-    }
-  }
+  const auto largest_factor = [&] {
+    if (!std::isfinite(double(backend_->max_abs(m_)))) refuse("lora_magnitude_vector holds NaN or Inf");
+    refresh_factors();
+    const double g = double(backend_->max_abs(g_));
+    if (!std::isfinite(g)) refuse("the factors m / max(n, eps) hold NaN or Inf");
+    return g;
+  };
+  check_merge_finite(*backend_, W_, scale_, B_, A_, refuse, largest_factor, [&](Index first, Tensor<T>& rows) {
+    const Tensor<T> g_rows(g_.data() + first, 1, rows.rows(), g_.device(), [](T*) {});
+    kernels_->scale_rows(g_rows, rows, false, rows);
+  });
 }
 
 template <typename T>

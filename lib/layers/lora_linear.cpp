@@ -1,6 +1,7 @@
 #include "relora/layers/lora_linear.hpp"
 
 #include "layers/lora_config_state.hpp"
+#include "layers/merge_check.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -204,35 +205,13 @@ void LoraLinear<T>::merge() {
 template <typename T>
 void LoraLinear<T>::check_merge() {
   require_not_merged("merge");
-  // A NaN, an Inf or an overflow in the adapter must not reach W, so W + s B A is known to be
-  // finite before W changes. Every entry is at most max|W| + |s| r max|B| max|A| in magnitude:
-  // where that bound is finite with room to spare (always, in practice) the merge is safe and
-  // needs no memory; otherwise the sums are formed a block of rows at a time and checked.
-  const Index d = config_.out_features, k = config_.in_features, r = config_.rank;
-  const double w = double(backend_->max_abs(W_)), a = double(backend_->max_abs(A_)), b = double(backend_->max_abs(B_));
+  // A NaN, an Inf or an overflow in the adapter must not reach W (merge_check.hpp).
   const auto refuse = [&](const std::string& where) {
-    throw ConfigError("LoraLinear " + std::to_string(k) + " -> " + std::to_string(d) + ": merge refused, W + s B A" +
-                      " would hold NaN or Inf (" + where + "); W is unchanged");
+    throw ConfigError("LoraLinear " + std::to_string(config_.in_features) + " -> " +
+                      std::to_string(config_.out_features) + ": merge refused, W + s B A would hold NaN or Inf (" +
+                      where + "); W is unchanged");
   };
-  if (!std::isfinite(a)) refuse("lora_A holds NaN or Inf");
-  if (!std::isfinite(b)) refuse("lora_B holds NaN or Inf");
-  if (!std::isfinite(w)) refuse("W holds NaN or Inf");
-  const double bound = w + std::abs(double(scale_)) * double(r) * b * a;
-  if (!(bound <= 0.5 * double(std::numeric_limits<T>::max()))) {
-    const Index block_rows = std::max<Index>(1, std::min<Index>(d, (Index(1) << 22) / std::max<Index>(k, 1)));
-    Tensor<T> block = backend_->allocate(block_rows, k);
-    for (Index first = 0; first < d; first += block_rows) {
-      const Index rows = std::min(block_rows, d - first);
-      const Tensor<T> W_rows(W_.data() + first * k, rows, k, W_.device(), [](T*) {});
-      const Tensor<T> B_rows(B_.data() + first * r, rows, r, B_.device(), [](T*) {});
-      Tensor<T> sum(block.data(), rows, k, block.device(), [](T*) {});
-      backend_->copy(W_rows, sum);
-      backend_->gemm(Trans::no, Trans::no, scale_, B_rows, A_, T(1), sum);
-      if (!std::isfinite(double(backend_->max_abs(sum)))) {
-        refuse("in rows [" + std::to_string(first) + ", " + std::to_string(first + rows) + ")");
-      }
-    }
-  }
+  check_merge_finite(*backend_, W_, scale_, B_, A_, refuse, [] { return 1.0; }, [](Index, Tensor<T>&) {});
 }
 
 template <typename T>
