@@ -4,11 +4,17 @@
 // Counted twice: operator new, and (on glibc) malloc itself, which Eigen and libgomp call directly.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <sstream>
+#include <string>
+
+#include <dlfcn.h>
+#include <pthread.h>
 
 #include "relora/relora.hpp"
 
@@ -40,6 +46,25 @@
 namespace {
 std::atomic<long> g_allocations{0};  // operator new
 std::atomic<long> g_mallocs{0};      // malloc, calloc, realloc and the aligned ones
+
+// Who called malloc while a count is armed: the return addresses of the first few calls and
+// whether each came from the thread that armed it, named afterwards through dladdr, so that a
+// failing count says which library and function allocated.
+constexpr int kCallersKept = 8;
+std::atomic<bool> g_keep_callers{false};
+std::atomic<int> g_callers_seen{0};
+void* g_callers[kCallersKept];
+bool g_caller_on_main[kCallersKept];
+pthread_t g_main_thread;
+
+[[maybe_unused]] void count_malloc(void* caller) {
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  if (!g_keep_callers.load(std::memory_order_relaxed)) return;
+  const int slot = g_callers_seen.fetch_add(1, std::memory_order_relaxed);
+  if (slot >= kCallersKept) return;
+  g_callers[slot] = caller;
+  g_caller_on_main[slot] = pthread_equal(pthread_self(), g_main_thread) != 0;
+}
 }  // namespace
 
 #if RELORA_COUNT_ALLOCATIONS
@@ -61,28 +86,28 @@ void* __libc_memalign(std::size_t alignment, std::size_t size);
 void __libc_free(void* p);
 
 void* malloc(std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_malloc(size);
 }
 void* calloc(std::size_t count, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_calloc(count, size);
 }
 void* realloc(void* p, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_realloc(p, size);
 }
 void free(void* p) noexcept { __libc_free(p); }
 void* memalign(std::size_t alignment, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_memalign(alignment, size);
 }
 void* aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_memalign(alignment, size);
 }
 int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   if (alignment % sizeof(void*) != 0 || (alignment & (alignment - 1)) != 0) return EINVAL;
   void* p = __libc_memalign(alignment, size);
   if (p == nullptr) return ENOMEM;
@@ -113,6 +138,36 @@ void with_threads(int threads, F&& f) {
 #endif
 }
 
+// Starts keeping malloc's callers (see count_malloc).
+void keep_malloc_callers() {
+  g_main_thread = pthread_self();
+  g_callers_seen.store(0);
+  g_keep_callers.store(true);
+}
+
+// Stops keeping them and names each kept caller: its library, and its function where exported.
+std::string kept_malloc_callers() {
+  g_keep_callers.store(false);
+  const int kept = std::min(g_callers_seen.load(), kCallersKept);
+  std::ostringstream out;
+  for (int i = 0; i < kept; ++i) {
+    out << "\n  malloc called from " << (g_caller_on_main[i] ? "the stepping thread" : "another thread") << ": ";
+    Dl_info info{};
+    if (dladdr(g_callers[i], &info) != 0 && info.dli_fname != nullptr) {
+      const char* at = static_cast<const char*>(g_callers[i]);
+      out << info.dli_fname;
+      if (info.dli_sname != nullptr) {
+        out << " " << info.dli_sname << "+" << (at - static_cast<const char*>(info.dli_saddr));
+      } else {
+        out << " +" << (at - static_cast<const char*>(info.dli_fbase));
+      }
+    } else {
+      out << g_callers[i];
+    }
+  }
+  return out.str();
+}
+
 }  // namespace
 
 TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing") {
@@ -134,11 +189,13 @@ TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing")
   Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
   for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
   const long before = g_allocations.load(), mallocs = g_mallocs.load();
+  keep_malloc_callers();
   for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
   const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
+  const std::string callers = kept_malloc_callers();
   MESSAGE("operator new calls in 12 steady steps: " << during << ", malloc calls: " << malloc_calls);
   CHECK(during == 0);
-  CHECK(malloc_calls == 0);
+  CHECK_MESSAGE(malloc_calls == 0, callers);
 }
 
 TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restarts included, allocates nothing") {
@@ -163,11 +220,13 @@ TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restart
   Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
   for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
   const long before = g_allocations.load(), mallocs = g_mallocs.load();
+  keep_malloc_callers();
   for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
   const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
+  const std::string callers = kept_malloc_callers();
   MESSAGE("operator new calls in 12 steady DoRA steps: " << during << ", malloc calls: " << malloc_calls);
   CHECK(during == 0);
-  CHECK(malloc_calls == 0);
+  CHECK_MESSAGE(malloc_calls == 0, callers);
 }
 
 TEST_CASE("a steady step with products above Eigen's stack limit allocates nothing, on 1 and 2 threads") {
@@ -192,12 +251,14 @@ TEST_CASE("a steady step with products above Eigen's stack limit allocates nothi
       Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "Y");
       for (int i = 0; i < 5; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
       const long news = g_allocations.load(), mallocs = g_mallocs.load();
+      keep_malloc_callers();
       for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // two more restarts in here
       const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
+      const std::string callers = kept_malloc_callers();
       MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: " << new_calls
                       << ", malloc calls: " << malloc_calls);
       CHECK(new_calls == 0);
-      CHECK(malloc_calls == 0);
+      CHECK_MESSAGE(malloc_calls == 0, callers);
     });
   }
 }

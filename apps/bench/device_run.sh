@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is needed for, in one command (one device call):
 #   1. build this tree with CUDA (tests, apps, bench) and, beside it, a baseline tree's bench;
-#   2. the whole test suite, CPU and CUDA cases (TESTS=1), and compute-sanitizer over the CUDA
-#      cases (SANITIZE=memcheck, racecheck or both, comma-separated; 1 means memcheck);
+#   2. the whole test suite, CPU and CUDA cases (TESTS=1), and compute-sanitizer over every CUDA
+#      case (SANITIZE: comma-separated of memcheck, racecheck, synccheck, initcheck; 1 means all
+#      four; scripts/sanitize_cuda.sh runs them);
 #   3. old against new (BENCH=1): the baseline's relora_bench and this tree's, alternating in
 #      every round, on GPU seed_demo, layer1k, mlp4x4k (strict and TF32) and CPU seed_demo and
 #      mlp4x2k, with PyTorch + PEFT's CPU seed_demo in the same rounds; the table gives each
 #      side's median over the rounds, new/old and the PEFT ratio;
 #   4. relora against PyTorch + PEFT on every anchor case, CUDA strict and TF32 and the CPU
-#      (SIDE=1, side_by_side.py's table; off by default: with it, set TESTS=0 BENCH=0).
+#      (SIDE=1, side_by_side.py's table; off by default: with it, set TESTS=0 BENCH=0);
+#   5. DoRA (DORA=1): relora's LoRA and DoRA steps against PEFT's, alternating, CUDA strict;
+#   6. the CPU thread sweep (SWEEP=1): relora_bench --thread-sweep.
 # Nothing stops at a failure: a baseline that does not build leaves the old column empty, a
 # failing test is reported and the benchmark still runs.
 #
@@ -19,6 +22,7 @@
 #   env: BASE (none: no old column)  ROUNDS (5)  THREADS (16: the CPU cases' threads)
 #        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k)
 #        TESTS (1)  SANITIZE (none)  BENCH (1)  SIDE (0)  PEFT (1: PEFT's CPU seed_demo per round)
+#        DORA (0)  DORA_CASES (layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp)  SWEEP (0)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
 #        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
 #        ARCH (90)  JOBS (nproc)  TEST_TIMEOUT (300 s)  DEADLINE (540 s: no round starts that
@@ -42,6 +46,9 @@ TESTS=${TESTS:-1}
 SANITIZE=${SANITIZE:-}
 BENCH=${BENCH:-1}
 SIDE=${SIDE:-0}
+DORA=${DORA:-0}
+DORA_CASES=${DORA_CASES:-layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp}
+SWEEP=${SWEEP:-0}
 PEFT=${PEFT:-1}
 PORTABLE=${PORTABLE:-0}
 ARCH=${ARCH:-90}
@@ -54,7 +61,7 @@ PORTABLE_BUILD=$ROOT/build-device-portable
 WORK=$OUT/results
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
-[ "$SANITIZE" = 1 ] && SANITIZE=memcheck
+[ "$SANITIZE" = 1 ] && SANITIZE=memcheck,racecheck,synccheck,initcheck
 [ "$SANITIZE" = 0 ] && SANITIZE=
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -136,23 +143,15 @@ if [ "$TESTS" = 1 ] && [ "$built" = 1 ]; then
   cp "$WORK/tests.log" "$OUT/tests.log"
 fi
 
-# ---- compute-sanitizer over the CUDA cases, less the one that fails an allocation on purpose
-# (an API error to the sanitizer), the leak loop and the 300-step demo (slow when instrumented;
-# the shorter cases run the same kernels)
+# ---- compute-sanitizer: every CUDA case in a process of its own under each tool, many at once
+# (scripts/sanitize_cuda.sh); the table of cases against tools goes to summary.txt
 if [ -n "$SANITIZE" ] && [ "$gpu" = 0 ]; then note "== SANITIZE=$SANITIZE: no GPU answers, skipped"; fi
 if [ -n "$SANITIZE" ] && [ "$built" = 1 ] && [ "$gpu" = 1 ]; then
-  filter=(-tc="*cuda*" -tce="*absurd*,*leak*,*300-step*")
-  for tool in ${SANITIZE//,/ }; do
-    case $tool in
-      memcheck) args=(--tool memcheck --leak-check full) ;;
-      racecheck) args=(--tool racecheck --racecheck-report all) ;;
-      *) note "== SANITIZE: unknown tool '$tool'"; continue ;;
-    esac
-    timeout 240 compute-sanitizer "${args[@]}" --error-exitcode 99 "$BUILD/tests/relora_tests" "${filter[@]}" \
-      >"$WORK/sanitizer_$tool.log" 2>&1
-    rc=$?
-    note "== $tool (rc $rc, $(elapsed) s): $(grep -E '(ERROR|RACECHECK) SUMMARY' "$WORK/sanitizer_$tool.log" | tail -n 1) | $(grep -E '^\[doctest\] test cases' "$WORK/sanitizer_$tool.log" | tail -n 1)"
-  done
+  CASE_TIMEOUT=${CASE_TIMEOUT:-300} bash scripts/sanitize_cuda.sh "$BUILD/tests/relora_tests" "$WORK/sanitize" \
+    "$SANITIZE" >"$WORK/sanitize_summary.txt" 2>&1
+  note "== sanitizers ($SANITIZE, $(elapsed) s):"
+  cat "$WORK/sanitize_summary.txt" >>"$OUT/summary.txt"
+  cp "$WORK/sanitize/sanitize.md" "$OUT/sanitize.md" 2>/dev/null
 fi
 
 # ---- old against new, alternating
@@ -298,4 +297,29 @@ if [ "$SIDE" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
   fi
   python3 apps/bench/side_by_side.py --relora "${rel[@]}" --peft "${pef[@]}" --md "$OUT/side_by_side.md" |
     tee -a "$OUT/summary.txt"
+fi
+
+# ---- DoRA: relora's LoRA and DoRA steps and PEFT's LoRA and DoRA, alternating in every round, on
+# the GPU in strict fp32 (issue 14's table and targets, side_by_side.py's DoRA section)
+if [ "$DORA" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  rel=(); pef=()
+  for round in $(seq 1 "$ROUNDS"); do
+    for layer in lora dora; do
+      "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --layer $layer --cases "$DORA_CASES" \
+        --no-floor --repeats 9 --json "$WORK/dora_relora_${layer}_$round.json" >>"$WORK/dora.log" 2>&1 &&
+        rel+=("$WORK/dora_relora_${layer}_$round.json")
+    done
+    python3 apps/bench/peft_reference.py --device cuda --math strict --cases "$DORA_CASES" --modes peft,peft_dora \
+      --json "$WORK/dora_peft_$round.json" >>"$WORK/dora.log" 2>&1 && pef+=("$WORK/dora_peft_$round.json")
+    echo "   DoRA round $round done ($(elapsed) s)"
+  done
+  python3 apps/bench/side_by_side.py --relora "${rel[@]}" --peft "${pef[@]}" --md "$OUT/dora.md" |
+    tee -a "$OUT/summary.txt"
+fi
+
+# ---- the CPU's thread sweep (issue 18): every size at 1 thread, the default and every core
+if [ "$SWEEP" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  "$BUILD/apps/bench/relora_bench" --backend cpu --thread-sweep --repeats 5 --max-seconds 2 --warmup 2 \
+    --json "$WORK/thread_sweep.json" 2>&1 | tee "$OUT/thread_sweep.txt" >>"$OUT/summary.txt"
+  note "== thread sweep done ($(elapsed) s)"
 fi
