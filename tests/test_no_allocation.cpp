@@ -1,9 +1,7 @@
-// A steady training step allocates nothing on the heap: the layers, model,
-// loss, optimizer, schedule and controller size their buffers once, and the CPU
-// backend keeps Eigen's GEMM packing buffers (which Eigen itself mallocs on
-// every product above 128 KB) in a workspace of its own. Counted twice:
-// operator new, and (on glibc) malloc itself, which Eigen and libgomp call
-// directly.
+// A steady training step allocates nothing on the heap: the layers, model, loss, optimizer,
+// schedule and controller size their buffers once, and the CPU backend keeps Eigen's GEMM packing
+// buffers (which Eigen itself mallocs on every product above 128 KB) in a workspace of its own.
+// Counted twice: operator new, and (on glibc) malloc itself, which Eigen and libgomp call directly.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -24,23 +22,21 @@
 #include <omp.h>
 #endif
 
-// AddressSanitizer replaces operator new and malloc itself and flags a malloc'd
-// block freed by its delete: under it (or another sanitizer that owns malloc)
-// the count is not taken (the release build, which CI runs too, takes it).
+// AddressSanitizer replaces operator new and malloc itself and flags a malloc'd block freed by its
+// delete: under it (or another sanitizer that owns malloc) the count is not taken (the release
+// build, which CI runs too, takes it).
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define RELORA_COUNT_ALLOCATIONS 0
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) ||     \
-    __has_feature(memory_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
 #define RELORA_COUNT_ALLOCATIONS 0
 #endif
 #endif
 #ifndef RELORA_COUNT_ALLOCATIONS
 #define RELORA_COUNT_ALLOCATIONS 1
 #endif
-// malloc is counted by defining it in this executable, which takes precedence
-// over libc's for every caller (libgomp and libstdc++ included), and passing on
-// to glibc's own entry points.
+// malloc is counted by defining it in this executable, which takes precedence over libc's for every
+// caller (libgomp and libstdc++ included), and passing on to glibc's own entry points.
 #if RELORA_COUNT_ALLOCATIONS && defined(__GLIBC__)
 #define RELORA_COUNT_MALLOC 1
 #else
@@ -48,31 +44,27 @@
 #endif
 
 namespace {
-std::atomic<long> g_allocations{0}; // operator new
-std::atomic<long> g_mallocs{0}; // malloc, calloc, realloc and the aligned ones
+std::atomic<long> g_allocations{0};  // operator new
+std::atomic<long> g_mallocs{0};      // malloc, calloc, realloc and the aligned ones
 
-// While a count is armed, only the threads that run the step count: the one
-// that armed it (and calls Trainer::step) and OpenMP's workers inside a
-// parallel region. The process's other threads are counted apart: the CUDA
-// driver runs threads of its own, which allocate on their own schedule once an
-// earlier test in this process has used the GPU. The first few counted calls
-// keep their return address and thread, named afterwards through dladdr, so
-// that a failing count says which library and function allocated.
+// While a count is armed, only the threads that run the step count: the one that armed it (and
+// calls Trainer::step) and OpenMP's workers inside a parallel region. The process's other threads
+// are counted apart: the CUDA driver runs threads of its own, which allocate on their own schedule
+// once an earlier test in this process has used the GPU. The first few counted calls keep their
+// return address and thread, named afterwards through dladdr, so that a failing count says which
+// library and function allocated.
 constexpr int kCallersKept = 8;
 std::atomic<bool> g_armed{false};
 std::atomic<long> g_other_thread_mallocs{0};
 std::atomic<int> g_callers_seen{0};
-void *g_callers[kCallersKept];
+void* g_callers[kCallersKept];
 bool g_caller_on_main[kCallersKept];
 pthread_t g_stepping_thread;
 
-bool on_stepping_thread() {
-  return pthread_equal(pthread_self(), g_stepping_thread) != 0;
-}
+bool on_stepping_thread() { return pthread_equal(pthread_self(), g_stepping_thread) != 0; }
 
 bool runs_the_step() {
-  if (on_stepping_thread())
-    return true;
+  if (on_stepping_thread()) return true;
 #if defined(_OPENMP)
   return omp_in_parallel() != 0;
 #else
@@ -80,7 +72,7 @@ bool runs_the_step() {
 #endif
 }
 
-[[maybe_unused]] void count_malloc(void *caller) {
+[[maybe_unused]] void count_malloc(void* caller) {
   if (!g_armed.load(std::memory_order_relaxed)) {
     g_mallocs.fetch_add(1, std::memory_order_relaxed);
     return;
@@ -91,61 +83,56 @@ bool runs_the_step() {
   }
   g_mallocs.fetch_add(1, std::memory_order_relaxed);
   const int slot = g_callers_seen.fetch_add(1, std::memory_order_relaxed);
-  if (slot >= kCallersKept)
-    return;
+  if (slot >= kCallersKept) return;
   g_callers[slot] = caller;
   g_caller_on_main[slot] = on_stepping_thread();
 }
-} // namespace
+}  // namespace
 
 #if RELORA_COUNT_ALLOCATIONS
-void *operator new(std::size_t size) {
+void* operator new(std::size_t size) {
   g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void *p = std::malloc(size ? size : 1))
-    return p;
+  if (void* p = std::malloc(size ? size : 1)) return p;
   throw std::bad_alloc();
 }
-void operator delete(void *p) noexcept { std::free(p); }
-void operator delete(void *p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 #endif
 
 #if RELORA_COUNT_MALLOC
 extern "C" {
-void *__libc_malloc(std::size_t size);
-void *__libc_calloc(std::size_t count, std::size_t size);
-void *__libc_realloc(void *p, std::size_t size);
-void *__libc_memalign(std::size_t alignment, std::size_t size);
-void __libc_free(void *p);
+void* __libc_malloc(std::size_t size);
+void* __libc_calloc(std::size_t count, std::size_t size);
+void* __libc_realloc(void* p, std::size_t size);
+void* __libc_memalign(std::size_t alignment, std::size_t size);
+void __libc_free(void* p);
 
-void *malloc(std::size_t size) noexcept {
+void* malloc(std::size_t size) noexcept {
   count_malloc(__builtin_return_address(0));
   return __libc_malloc(size);
 }
-void *calloc(std::size_t count, std::size_t size) noexcept {
+void* calloc(std::size_t count, std::size_t size) noexcept {
   count_malloc(__builtin_return_address(0));
   return __libc_calloc(count, size);
 }
-void *realloc(void *p, std::size_t size) noexcept {
+void* realloc(void* p, std::size_t size) noexcept {
   count_malloc(__builtin_return_address(0));
   return __libc_realloc(p, size);
 }
-void free(void *p) noexcept { __libc_free(p); }
-void *memalign(std::size_t alignment, std::size_t size) noexcept {
+void free(void* p) noexcept { __libc_free(p); }
+void* memalign(std::size_t alignment, std::size_t size) noexcept {
   count_malloc(__builtin_return_address(0));
   return __libc_memalign(alignment, size);
 }
-void *aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
+void* aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
   count_malloc(__builtin_return_address(0));
   return __libc_memalign(alignment, size);
 }
-int posix_memalign(void **out, std::size_t alignment,
-                   std::size_t size) noexcept {
+int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept {
   count_malloc(__builtin_return_address(0));
-  if (alignment % sizeof(void *) != 0 || (alignment & (alignment - 1)) != 0)
-    return EINVAL;
-  void *p = __libc_memalign(alignment, size);
-  if (p == nullptr)
-    return ENOMEM;
+  if (alignment % sizeof(void*) != 0 || (alignment & (alignment - 1)) != 0) return EINVAL;
+  void* p = __libc_memalign(alignment, size);
+  if (p == nullptr) return ENOMEM;
   *out = p;
   return 0;
 }
@@ -156,16 +143,17 @@ using namespace relora;
 
 namespace {
 
-// Runs the loop on `threads` OpenMP threads (and as many for Eigen, as
-// relora_bench does), then restores the thread counts it found.
-template <typename F> void with_threads(int threads, F &&f) {
+// Runs the loop on `threads` OpenMP threads (and as many for Eigen, as relora_bench does), then
+// restores the thread counts it found.
+template <typename F>
+void with_threads(int threads, F&& f) {
 #if defined(_OPENMP)
   const int omp_before = omp_get_max_threads();
   omp_set_num_threads(threads);
   Eigen::setNbThreads(threads);
   f();
   omp_set_num_threads(omp_before);
-  Eigen::setNbThreads(0); // back to following OpenMP
+  Eigen::setNbThreads(0);  // back to following OpenMP
 #else
   (void)threads;
   f();
@@ -180,195 +168,140 @@ void keep_malloc_callers() {
   g_armed.store(true);
 }
 
-// Disarms it and names each kept caller (its library, and its function where
-// exported), and how many calls came from threads that do not run the step.
+// Disarms it and names each kept caller (its library, and its function where exported), and how
+// many calls came from threads that do not run the step.
 std::string kept_malloc_callers() {
   g_armed.store(false);
   const int kept = std::min(g_callers_seen.load(), kCallersKept);
   std::ostringstream out;
   for (int i = 0; i < kept; ++i) {
-    out << "\n  malloc called from "
-        << (g_caller_on_main[i] ? "the stepping thread" : "an OpenMP worker")
-        << ": ";
+    out << "\n  malloc called from " << (g_caller_on_main[i] ? "the stepping thread" : "an OpenMP worker") << ": ";
     Dl_info info{};
     if (dladdr(g_callers[i], &info) != 0 && info.dli_fname != nullptr) {
-      const char *at = static_cast<const char *>(g_callers[i]);
+      const char* at = static_cast<const char*>(g_callers[i]);
       out << info.dli_fname;
       if (info.dli_sname != nullptr) {
-        out << " " << info.dli_sname << "+"
-            << (at - static_cast<const char *>(info.dli_saddr));
+        out << " " << info.dli_sname << "+" << (at - static_cast<const char*>(info.dli_saddr));
       } else {
-        out << " +" << (at - static_cast<const char *>(info.dli_fbase));
+        out << " +" << (at - static_cast<const char*>(info.dli_fbase));
       }
     } else {
       out << g_callers[i];
     }
   }
-  out << "\n  (" << g_other_thread_mallocs.load()
-      << " malloc calls from threads that do not run the step, not counted)";
+  out << "\n  (" << g_other_thread_mallocs.load() << " malloc calls from threads that do not run the step, not counted)";
   return out.str();
 }
 
-} // namespace
+}  // namespace
 
-TEST_CASE(
-    "a steady training step, ReLoRA restarts included, allocates nothing") {
+TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing") {
   if (!RELORA_COUNT_ALLOCATIONS) {
-    MESSAGE("allocation count skipped under a sanitizer (it owns operator new "
-            "and malloc)");
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
     return;
   }
   auto backend = make_backend<float>(Device::cpu);
   Model<float> model(backend);
-  model.add(LoraConfig{.in_features = 10,
-                       .out_features = 12,
-                       .rank = 4,
-                       .bias = BiasMode::trainable},
+  model.add(LoraConfig{.in_features = 10, .out_features = 12, .rank = 4, .bias = BiasMode::trainable},
             Activation::relu);
-  model.add(LoraConfig{.in_features = 12, .out_features = 5, .rank = 4},
-            Activation::identity);
-  TrainerConfig config{
-      .method = TrainingMethod::relora,
-      .adam = {.lr = 1e-3},
-      .lora_plus_ratio = 4,
-      .relora = {.restart_every = 5, .restart_warmup_steps = 2}};
-  // No schedule here: the jagged schedule keeps every restart step in a growing
-  // list (for its checkpointed state), an amortised allocation once per
-  // restart, not per step.
+  model.add(LoraConfig{.in_features = 12, .out_features = 5, .rank = 4}, Activation::identity);
+  TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3}, .lora_plus_ratio = 4,
+                       .relora = {.restart_every = 5, .restart_warmup_steps = 2}};
+  // No schedule here: the jagged schedule keeps every restart step in a growing list (for its
+  // checkpointed state), an amortised allocation once per restart, not per step.
   Trainer<float> trainer(model, config);
-  Tensor<float> X =
-      to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
-  Tensor<float> Y =
-      to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
-  for (int i = 0; i < 6; ++i)
-    trainer.step(X, Y); // sizes every buffer, passes one restart
+  Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
+  Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
+  for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
   const long before = g_allocations.load(), mallocs = g_mallocs.load();
   keep_malloc_callers();
-  for (int i = 0; i < 12; ++i)
-    trainer.step(X, Y); // two more restarts in here
-  const long during = g_allocations.load() - before,
-             malloc_calls = g_mallocs.load() - mallocs;
+  for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
+  const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
   const std::string callers = kept_malloc_callers();
-  MESSAGE("operator new calls in 12 steady steps: "
-          << during << ", malloc calls: " << malloc_calls << " (and "
-          << g_other_thread_mallocs.load() << " on threads outside the step)");
+  MESSAGE("operator new calls in 12 steady steps: " << during << ", malloc calls: " << malloc_calls
+          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
   CHECK(during == 0);
   CHECK_MESSAGE(malloc_calls == 0, callers);
 }
 
-TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA "
-          "restarts included, allocates nothing") {
+TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restarts included, allocates nothing") {
   if (!RELORA_COUNT_ALLOCATIONS) {
-    MESSAGE("allocation count skipped under a sanitizer (it owns operator new "
-            "and malloc)");
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
     return;
   }
   auto backend = make_backend<float>(Device::cpu);
   Model<float> model(backend);
   model.add(std::make_unique<DoraLinear<float>>(
-                *backend, DoraConfig{.lora = {.in_features = 10,
-                                              .out_features = 12,
-                                              .rank = 4,
-                                              .dropout = 0.1,
+                *backend, DoraConfig{.lora = {.in_features = 10, .out_features = 12, .rank = 4, .dropout = 0.1,
                                               .bias = BiasMode::trainable}}),
             Activation::relu);
-  model.add(
-      std::make_unique<DoraLinear<float>>(
-          *backend,
-          DoraConfig{.lora = {.in_features = 12, .out_features = 5, .rank = 4},
-                     .gradient = DoraGradient::exact}),
-      Activation::identity);
-  TrainerConfig config{
-      .method = TrainingMethod::relora,
-      .adam = {.lr = 1e-3},
-      .relora = {.restart_every = 5, .restart_warmup_steps = 2}};
+  model.add(std::make_unique<DoraLinear<float>>(
+                *backend, DoraConfig{.lora = {.in_features = 12, .out_features = 5, .rank = 4},
+                                     .gradient = DoraGradient::exact}),
+            Activation::identity);
+  TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
+                       .relora = {.restart_every = 5, .restart_warmup_steps = 2}};
   Trainer<float> trainer(model, config);
-  Tensor<float> X =
-      to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
-  Tensor<float> Y =
-      to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
-  for (int i = 0; i < 6; ++i)
-    trainer.step(X, Y); // sizes every buffer, passes one restart
+  Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
+  Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
+  for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
   const long before = g_allocations.load(), mallocs = g_mallocs.load();
   keep_malloc_callers();
-  for (int i = 0; i < 12; ++i)
-    trainer.step(X, Y); // two more restarts in here
-  const long during = g_allocations.load() - before,
-             malloc_calls = g_mallocs.load() - mallocs;
+  for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
+  const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
   const std::string callers = kept_malloc_callers();
-  MESSAGE("operator new calls in 12 steady DoRA steps: "
-          << during << ", malloc calls: " << malloc_calls << " (and "
-          << g_other_thread_mallocs.load() << " on threads outside the step)");
+  MESSAGE("operator new calls in 12 steady DoRA steps: " << during << ", malloc calls: " << malloc_calls
+          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
   CHECK(during == 0);
   CHECK_MESSAGE(malloc_calls == 0, callers);
 }
 
-TEST_CASE("a steady step with products above Eigen's stack limit allocates "
-          "nothing, on 1 and 2 threads") {
+TEST_CASE("a steady step with products above Eigen's stack limit allocates nothing, on 1 and 2 threads") {
   if (!RELORA_COUNT_ALLOCATIONS) {
-    MESSAGE("allocation count skipped under a sanitizer (it owns operator new "
-            "and malloc)");
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
     return;
   }
-  if (!RELORA_COUNT_MALLOC)
-    MESSAGE("malloc not counted here (not glibc): operator new only");
-  // 512 wide at n = 256: every base product's packing blocks pass Eigen's 128
-  // KB stack limit.
+  if (!RELORA_COUNT_MALLOC) MESSAGE("malloc not counted here (not glibc): operator new only");
+  // 512 wide at n = 256: every base product's packing blocks pass Eigen's 128 KB stack limit.
   for (int threads : {1, 2}) {
     CAPTURE(threads);
     with_threads(threads, [&] {
       auto backend = make_backend<float>(Device::cpu);
       Model<float> model(backend);
-      model.add(LoraConfig{.in_features = 512,
-                           .out_features = 512,
-                           .rank = 8,
-                           .bias = BiasMode::trainable},
+      model.add(LoraConfig{.in_features = 512, .out_features = 512, .rank = 8, .bias = BiasMode::trainable},
                 Activation::relu);
-      model.add(LoraConfig{.in_features = 512, .out_features = 512, .rank = 8},
-                Activation::identity);
-      TrainerConfig config{
-          .method = TrainingMethod::relora,
-          .adam = {.lr = 1e-3},
-          .relora = {.restart_every = 4, .restart_warmup_steps = 1}};
+      model.add(LoraConfig{.in_features = 512, .out_features = 512, .rank = 8}, Activation::identity);
+      TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
+                           .relora = {.restart_every = 4, .restart_warmup_steps = 1}};
       Trainer<float> trainer(model, config);
-      Tensor<float> X =
-          to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "X");
-      Tensor<float> Y =
-          to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "Y");
-      for (int i = 0; i < 5; ++i)
-        trainer.step(X,
-                     Y); // sizes every buffer and workspace, passes a restart
+      Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "X");
+      Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "Y");
+      for (int i = 0; i < 5; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
       const long news = g_allocations.load(), mallocs = g_mallocs.load();
       keep_malloc_callers();
-      for (int i = 0; i < 8; ++i)
-        trainer.step(X, Y); // two more restarts in here
-      const long new_calls = g_allocations.load() - news,
-                 malloc_calls = g_mallocs.load() - mallocs;
+      for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // two more restarts in here
+      const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
       const std::string callers = kept_malloc_callers();
-      MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: "
-                      << new_calls << ", malloc calls: " << malloc_calls
-                      << " (and " << g_other_thread_mallocs.load()
-                      << " on threads outside the step)");
+      MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: " << new_calls
+                      << ", malloc calls: " << malloc_calls
+          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
       CHECK(new_calls == 0);
       CHECK_MESSAGE(malloc_calls == 0, callers);
     });
   }
 }
 
-TEST_CASE(
-    "gemm on the backend's packing workspace is Eigen's product to the bit") {
-  // The same blocking, thread split and kernels as C.noalias() += alpha * op(A)
-  // * op(B). Shapes outside the backend's slab split (a LoRA-rank side with
-  // much work), where that holds for any thread count; on 1 thread the slab
-  // split is off and every shape compares.
+TEST_CASE("gemm on the backend's packing workspace is Eigen's product to the bit") {
+  // The same blocking, thread split and kernels as C.noalias() += alpha * op(A) * op(B). Shapes
+  // outside the backend's slab split (a LoRA-rank side with much work), where that holds for any
+  // thread count; on 1 thread the slab split is off and every shape compares.
   auto backend = make_backend<float>(Device::cpu);
   struct Shape {
     Index m, n, k;
   };
   for (int threads : {1, 2}) {
     with_threads(threads, [&] {
-      for (const Shape s : {Shape{300, 520, 264}, Shape{512, 300, 700},
-                            Shape{5, 7, 3}, Shape{1, 300, 400}}) {
+      for (const Shape s : {Shape{300, 520, 264}, Shape{512, 300, 700}, Shape{5, 7, 3}, Shape{1, 300, 400}}) {
         for (const Trans ta : {Trans::no, Trans::yes}) {
           for (const Trans tb : {Trans::no, Trans::yes}) {
             CAPTURE(threads);
@@ -377,30 +310,22 @@ TEST_CASE(
             CAPTURE(s.k);
             CAPTURE(int(ta));
             CAPTURE(int(tb));
-            const HostMatrix<float> A =
-                ta == Trans::no ? HostMatrix<float>::Random(s.m, s.k)
-                                : HostMatrix<float>::Random(s.k, s.m);
-            const HostMatrix<float> B =
-                tb == Trans::no ? HostMatrix<float>::Random(s.k, s.n)
-                                : HostMatrix<float>::Random(s.n, s.k);
+            const HostMatrix<float> A = ta == Trans::no ? HostMatrix<float>::Random(s.m, s.k)
+                                                        : HostMatrix<float>::Random(s.k, s.m);
+            const HostMatrix<float> B = tb == Trans::no ? HostMatrix<float>::Random(s.k, s.n)
+                                                        : HostMatrix<float>::Random(s.n, s.k);
             HostMatrix<float> expected = HostMatrix<float>::Random(s.m, s.n);
-            Tensor<float> tA = to_backend<float>(*backend, A, "A"),
-                          tB = to_backend<float>(*backend, B, "B");
+            Tensor<float> tA = to_backend<float>(*backend, A, "A"), tB = to_backend<float>(*backend, B, "B");
             Tensor<float> tC = to_backend<float>(*backend, expected, "C");
             const float alpha = 0.37f;
-            if (ta == Trans::no && tb == Trans::no)
-              expected.noalias() += alpha * A * B;
-            if (ta == Trans::no && tb == Trans::yes)
-              expected.noalias() += alpha * A * B.transpose();
-            if (ta == Trans::yes && tb == Trans::no)
-              expected.noalias() += alpha * A.transpose() * B;
-            if (ta == Trans::yes && tb == Trans::yes)
-              expected.noalias() += alpha * A.transpose() * B.transpose();
+            if (ta == Trans::no && tb == Trans::no) expected.noalias() += alpha * A * B;
+            if (ta == Trans::no && tb == Trans::yes) expected.noalias() += alpha * A * B.transpose();
+            if (ta == Trans::yes && tb == Trans::no) expected.noalias() += alpha * A.transpose() * B;
+            if (ta == Trans::yes && tb == Trans::yes) expected.noalias() += alpha * A.transpose() * B.transpose();
             backend->gemm(ta, tb, alpha, tA, tB, 1.0f, tC);
             const HostMatrix<float> got = to_host(*backend, tC);
             const float max_diff = (got - expected).cwiseAbs().maxCoeff();
-            CHECK_MESSAGE(std::memcmp(got.data(), expected.data(),
-                                      sizeof(float) * got.size()) == 0,
+            CHECK_MESSAGE(std::memcmp(got.data(), expected.data(), sizeof(float) * got.size()) == 0,
                           "max |difference| " << max_diff);
           }
         }
