@@ -139,6 +139,23 @@ int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept
 }
 #endif
 
+// Threads started, counted by defining pthread_create in this executable (libgomp's calls reach it
+// first) and passing on to the C library's: a steady step must start none.
+#if RELORA_COUNT_ALLOCATIONS && defined(__GLIBC__)
+#define RELORA_COUNT_THREADS 1
+namespace {
+std::atomic<long> g_threads_started{0};
+}
+extern "C" int pthread_create(pthread_t* thread, const pthread_attr_t* attr, void* (*start)(void*), void* arg) {
+  using Create = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
+  static const Create next = reinterpret_cast<Create>(dlsym(RTLD_NEXT, "pthread_create"));
+  g_threads_started.fetch_add(1, std::memory_order_relaxed);
+  return next(thread, attr, start, arg);
+}
+#else
+#define RELORA_COUNT_THREADS 0
+#endif
+
 using namespace relora;
 
 namespace {
@@ -289,6 +306,33 @@ TEST_CASE("a steady step with products above Eigen's stack limit allocates nothi
       CHECK_MESSAGE(malloc_calls == 0, callers);
     });
   }
+}
+
+TEST_CASE("a steady CPU step starts no thread: every parallel region opens the same team") {
+  if (!RELORA_COUNT_THREADS) {
+    MESSAGE("thread count skipped (a sanitizer owns pthread_create, or not glibc)");
+    return;
+  }
+  // Three layers of width 64 at n = 256, rank 16, on 8 threads: products of about 1M and 262k
+  // multiply-adds, which want different numbers of threads. libgomp ends the threads a smaller
+  // team leaves out and starts them again for the next larger team, so a region sized by its work
+  // would start threads in every step.
+  with_threads(8, [&] {
+    auto backend = make_backend<float>(Device::cpu);
+    Model<float> model(backend);
+    model.add(LoraConfig{.in_features = 64, .out_features = 64, .rank = 16}, Activation::relu);
+    model.add(LoraConfig{.in_features = 64, .out_features = 64, .rank = 16}, Activation::relu);
+    model.add(LoraConfig{.in_features = 64, .out_features = 64, .rank = 16}, Activation::identity);
+    Trainer<float> trainer(model, TrainerConfig{.method = TrainingMethod::lora, .adam = {.lr = 1e-3}});
+    Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(256, 64), "X");
+    Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 64), "Y");
+    for (int i = 0; i < 3; ++i) trainer.step(X, Y);
+    const long before = g_threads_started.load();
+    for (int i = 0; i < 5; ++i) trainer.step(X, Y);
+    const long started = g_threads_started.load() - before;
+    MESSAGE("threads started in 5 steady steps on 8 threads: " << started);
+    CHECK(started == 0);
+  });
 }
 
 TEST_CASE("gemm on the backend's packing workspace is Eigen's product to the bit") {
