@@ -313,26 +313,34 @@ TEST_CASE("a steady CPU step starts no thread: every parallel region opens the s
     MESSAGE("thread count skipped (a sanitizer owns pthread_create, or not glibc)");
     return;
   }
-  // Three layers of width 64 at n = 256, rank 16, on 8 threads: products of about 1M and 262k
-  // multiply-adds, which want different numbers of threads. libgomp ends the threads a smaller
-  // team leaves out and starts them again for the next larger team, so a region sized by its work
-  // would start threads in every step.
-  with_threads(8, [&] {
-    auto backend = make_backend<float>(Device::cpu);
-    Model<float> model(backend);
-    model.add(LoraConfig{.in_features = 64, .out_features = 64, .rank = 16}, Activation::relu);
-    model.add(LoraConfig{.in_features = 64, .out_features = 64, .rank = 16}, Activation::relu);
-    model.add(LoraConfig{.in_features = 64, .out_features = 64, .rank = 16}, Activation::identity);
-    Trainer<float> trainer(model, TrainerConfig{.method = TrainingMethod::lora, .adam = {.lr = 1e-3}});
-    Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(256, 64), "X");
-    Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 64), "Y");
-    for (int i = 0; i < 3; ++i) trainer.step(X, Y);
-    const long before = g_threads_started.load();
-    for (int i = 0; i < 5; ++i) trainer.step(X, Y);
-    const long started = g_threads_started.load() - before;
-    MESSAGE("threads started in 5 steady steps on 8 threads: " << started);
-    CHECK(started == 0);
-  });
+  // Three layers of width w at batch n on 8 threads, sizes whose products want different numbers
+  // of threads (at n 256, w 64: about 1M and 262k multiply-adds). libgomp ends the threads a
+  // smaller team leaves out and starts them again for the next larger team, so regions sized by
+  // their work would start threads in every step.
+  struct Size {
+    Index n, w;
+  };
+  for (const Size size : {Size{256, 64}, Size{4096, 16}, Size{1024, 128}, Size{64, 512}}) {
+    CAPTURE(size.n);
+    CAPTURE(size.w);
+    with_threads(8, [&] {
+      auto backend = make_backend<float>(Device::cpu);
+      Model<float> model(backend);
+      const LoraConfig layer{.in_features = size.w, .out_features = size.w, .rank = std::min<Index>(16, size.w / 4)};
+      model.add(layer, Activation::relu);
+      model.add(layer, Activation::relu);
+      model.add(layer, Activation::identity);
+      Trainer<float> trainer(model, TrainerConfig{.method = TrainingMethod::lora, .adam = {.lr = 1e-3}});
+      Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(size.n, size.w), "X");
+      Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(size.n, size.w), "Y");
+      for (int i = 0; i < 3; ++i) trainer.step(X, Y);
+      const long before = g_threads_started.load();
+      for (int i = 0; i < 5; ++i) trainer.step(X, Y);
+      const long started = g_threads_started.load() - before;
+      MESSAGE("n " << size.n << ", width " << size.w << ": threads started in 5 steady steps on 8 threads: " << started);
+      CHECK(started == 0);
+    });
+  }
 }
 
 TEST_CASE("gemm on the backend's packing workspace is Eigen's product to the bit") {
