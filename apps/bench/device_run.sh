@@ -23,6 +23,7 @@
 #        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k)
 #        TESTS (1)  SANITIZE (none)  BENCH (1)  SIDE (0)  PEFT (1: PEFT's CPU seed_demo per round)
 #        DORA (0)  DORA_CASES (layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp)  SWEEP (0)
+#        TEST_FILTER (doctest -tc filter of the test cases; default every case)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
 #        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
 #        ARCH (90)  JOBS (nproc)  TEST_TIMEOUT (300 s)  DEADLINE (540 s: no round starts that
@@ -133,7 +134,7 @@ fi
 
 # ---- tests: every case in one process (the CUDA cases one after the other), then the examples
 if [ "$TESTS" = 1 ] && [ "$built" = 1 ]; then
-  timeout "$TEST_TIMEOUT" "$BUILD/tests/relora_tests" >"$WORK/tests.log" 2>&1
+  timeout "$TEST_TIMEOUT" "$BUILD/tests/relora_tests" ${TEST_FILTER:+-tc="$TEST_FILTER"} >"$WORK/tests.log" 2>&1
   rc=$?
   note "== tests (rc $rc$([ $rc = 124 ] && echo ", timed out after $TEST_TIMEOUT s"), $(elapsed) s): $(grep -E '^\[doctest\] (test cases|assertions)' "$WORK/tests.log" | tr -s ' ' | tr '\n' ' ')"
   grep -B2 -A10 -E '^.*ERROR|FATAL' "$WORK/tests.log" | head -n 40 | tee -a "$OUT/summary.txt"
@@ -321,5 +322,13 @@ fi
 if [ "$SWEEP" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
   "$BUILD/apps/bench/relora_bench" --backend cpu --thread-sweep --repeats 5 --max-seconds 2 --warmup 2 \
     --json "$WORK/thread_sweep.json" 2>&1 | tee "$OUT/thread_sweep.txt" >>"$OUT/summary.txt"
+  # The regression demo on a mid-size model, every method, at 1 thread and at the default.
+  for threads in 1 default; do
+    flag=; [ "$threads" = 1 ] && flag="--threads 1"
+    start=$(date +%s.%N)
+    "$BUILD/apps/regression/relora_regression" --samples 1000 --in-features 64 --out-features 32 --rank 8 \
+      --steps 300 $flag --out "$WORK/demo_$threads" >"$WORK/demo_$threads.log" 2>&1
+    note "   regression demo, n 1000, 64 -> 32, rank 8, 300 steps x 6 methods, threads $threads: rc $?, $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s"
+  done
   note "== thread sweep done ($(elapsed) s)"
 fi
