@@ -11,7 +11,9 @@
 #   4. relora against PyTorch + PEFT on every anchor case, CUDA strict and TF32 and the CPU
 #      (SIDE=1, side_by_side.py's table; off by default: with it, set TESTS=0 BENCH=0);
 #   5. DoRA (DORA=1): relora's LoRA and DoRA steps against PEFT's, alternating, CUDA strict;
-#   6. the CPU thread sweep (SWEEP=1): relora_bench --thread-sweep.
+#   6. a bf16 base (HALF=1): relora_bench --precision bf16 against PEFT on a bf16 base model;
+#   7. GaLore (GALORE=1): relora_bench --galore and apps/bench/galore_reference.py;
+#   8. the CPU thread sweep (SWEEP=1): relora_bench --thread-sweep, and the demo at 1 thread.
 # Nothing stops at a failure: a baseline that does not build leaves the old column empty, a
 # failing test is reported and the benchmark still runs.
 #
@@ -23,6 +25,8 @@
 #        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k)
 #        TESTS (1)  SANITIZE (none)  BENCH (1)  SIDE (0)  PEFT (1: PEFT's CPU seed_demo per round)
 #        DORA (0)  DORA_CASES (layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp)  SWEEP (0)
+#        HALF (0)  HALF_CASES (layer4k,mlp4x2k,mlp4x4k,llm_mlp)  GALORE (0)
+#        GALORE_CASES (mlp4x2k,mlp4x4k,llm_mlp)
 #        TEST_FILTER (doctest -tc filter of the test cases; default every case)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
 #        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
@@ -50,6 +54,10 @@ SIDE=${SIDE:-0}
 DORA=${DORA:-0}
 DORA_CASES=${DORA_CASES:-layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp}
 SWEEP=${SWEEP:-0}
+HALF=${HALF:-0}
+HALF_CASES=${HALF_CASES:-layer4k,mlp4x2k,mlp4x4k,llm_mlp}
+GALORE=${GALORE:-0}
+GALORE_CASES=${GALORE_CASES:-mlp4x2k,mlp4x4k,llm_mlp}
 PEFT=${PEFT:-1}
 PORTABLE=${PORTABLE:-0}
 ARCH=${ARCH:-90}
@@ -316,6 +324,31 @@ if [ "$DORA" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ];
   done
   python3 apps/bench/side_by_side.py --relora "${rel[@]}" --peft "${pef[@]}" --md "$OUT/dora.md" |
     tee -a "$OUT/summary.txt"
+fi
+
+# ---- a 16-bit frozen base (HALF=1, issue 16): relora with --precision bf16 against PEFT on a bf16
+# base model, alternating, CUDA strict (the LoRA products and the optimizer stay fp32 on both)
+if [ "$HALF" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision bf16 --cases "$HALF_CASES" \
+      --repeats 9 --json "$WORK/half_relora_$round.json" 2>&1 | tee -a "$WORK/half.log" | grep -v '^wrote' >>"$OUT/summary.txt"
+    python3 apps/bench/peft_reference.py --device cuda --math strict --precision bf16 --cases "$HALF_CASES" \
+      --json "$WORK/half_peft_$round.json" 2>&1 | tee -a "$WORK/half.log" | grep '"step_ms"' |
+      python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print("   PEFT bf16 %s: %.4g ms, peak %.1f MiB" % (r["case"], r["step_ms"], (r["peak_bytes"] or 0) / 2**20))' >>"$OUT/summary.txt"
+  done
+  note "== bf16 base done ($(elapsed) s)"
+fi
+
+# ---- GaLore (GALORE=1, issue 15): relora_bench --galore (GaLore and our full Adam) and the
+# PyTorch GaLore-Adam reference, CUDA
+if [ "$GALORE" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  "$BUILD/apps/bench/relora_bench" --galore --backend cuda --cases "$GALORE_CASES" 2>&1 | tee "$WORK/galore.log" >>"$OUT/summary.txt"
+  python3 apps/bench/galore_reference.py --device cuda --cases "$GALORE_CASES" --json "$WORK/galore_torch.json" \
+    2>&1 | tee -a "$WORK/galore.log" | tail -n 12 >>"$OUT/summary.txt"
+  note "== GaLore done ($(elapsed) s)"
 fi
 
 # ---- the CPU's thread sweep (issue 18): every size at 1 thread, the default and every core
