@@ -147,7 +147,7 @@ class CpuDoraKernels final : public DoraKernels<T> {
           abs_product[i] += std::abs(product);
           abs_dY[i] += std::abs(ai);
           column_sum[i] += ai;
-          a[i] = a[i] * factor[i];
+          if (scale_dY) a[i] = a[i] * factor[i];  // loop-invariant: the compiler splits the loop
         }
       }
       for (Index i = 0; i < width; ++i) {
