@@ -5,8 +5,10 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
 
 #include "gradient_check.hpp"
 #include "relora/relora.hpp"
@@ -132,8 +134,9 @@ TEST_CASE("DoRA: the model's in-place ReLU over Y leaves dm as it was (dY is 0 w
 
   // The model: fc1 then ReLU in place over fc1's Y, then fc2.
   Model<double> model(backend);
-  auto& fc1 = static_cast<DoraLinear<double>&>(model.add(std::make_unique<DoraLinear<double>>(*backend, config(k, h), W1),
-                                                         Activation::relu, "fc1"));
+  auto owned = std::make_unique<DoraLinear<double>>(*backend, config(k, h), W1);
+  DoraLinear<double>& fc1 = *owned;
+  model.add(std::move(owned), Activation::relu, "fc1");
   model.add(std::make_unique<DoraLinear<double>>(*backend, config(h, d), W2), Activation::identity, "fc2");
   fc1.set_b(b1);
   fc1.set_B(B1);
