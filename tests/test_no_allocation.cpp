@@ -141,11 +141,11 @@ int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept
 
 // Threads started, counted by defining pthread_create in this executable (libgomp's calls reach it
 // first) and passing on to the C library's: a steady step must start none.
-#if RELORA_COUNT_ALLOCATIONS && defined(__GLIBC__)
-#define RELORA_COUNT_THREADS 1
 namespace {
 std::atomic<long> g_threads_started{0};
 }
+#if RELORA_COUNT_ALLOCATIONS && defined(__GLIBC__)
+#define RELORA_COUNT_THREADS 1
 extern "C" int pthread_create(pthread_t* thread, const pthread_attr_t* attr, void* (*start)(void*), void* arg) {
   using Create = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
   static const Create next = reinterpret_cast<Create>(dlsym(RTLD_NEXT, "pthread_create"));
