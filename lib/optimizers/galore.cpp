@@ -302,8 +302,10 @@ void Galore<T>::make_recordings_stale() {
   // before one as stale (Backend::replay): the SVD step then runs eagerly, and a recording in
   // progress is discarded and run eagerly. The CPU backend never records.
   if (backend_->device() == Device::cpu) return;
-  stale_marker_ = Tensor<T>();
-  stale_marker_ = backend_->allocate(1, 1);
+  // The markers made so far are freed only outside a recording (freeing waits for the device,
+  // which a stream capture does not allow): at most two are alive.
+  if (!kernels_->recording()) stale_markers_.clear();
+  stale_markers_.push_back(backend_->allocate(1, 1));
 }
 
 template <typename T>

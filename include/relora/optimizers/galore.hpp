@@ -175,7 +175,7 @@ class Galore final : public Optimizer<T> {
   Tensor<T> scratch_;                // two-sided products and re-projection, sized for the largest weight
   Tensor<T> old_p_, old_q_;          // the previous bases (MomentsAtRefresh::reproject)
   Tensor<T> rotation_, rotation_sq_;  // C = P_new^T P_old and C.C (r x r)
-  Tensor<T> stale_marker_;  // re-allocated to make a recorded step stale before an SVD step
+  std::vector<Tensor<T>> stale_markers_;  // allocated to make a recorded step stale before an SVD step
   std::int64_t steps_taken_ = 0;
   std::uint64_t prune_draws_ = 0;
   std::int64_t refreshes_ = 0;
