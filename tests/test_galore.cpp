@@ -546,3 +546,28 @@ TEST_CASE("galore: CUDA graphs (recorded steps) train exactly as eager steps, SV
     CHECK(eager.second == recorded.second);
   }
 }
+
+TEST_CASE("galore: reset_state and prune_state act on the projected moments") {
+  std::mt19937_64 gen(12);
+  auto backend = make_backend<float>(Device::cpu);
+  Weight<float> w(backend, normal_matrix<float>(8, 12, gen));
+  Galore<float> galore(backend, std::vector<Parameter<float>>{w.param}, GaloreConfig{.rank = 4, .update_gap = 100});
+  for (int i = 0; i < 3; ++i) {
+    w.set_gradient(normal_matrix<float>(8, 12, gen));
+    galore.step();
+  }
+  const auto all = [](const Parameter<float>&) { return true; };
+  galore.prune_state(all, 0.5, PruneMode::magnitude);
+  const Mat<float> m = to_host(*backend, galore.m(0)), v = to_host(*backend, galore.v(0));
+  CHECK((m.array() == 0).count() == 24);  // half of the 4 x 12 moment entries
+  CHECK((v.array() == 0).count() == 24);
+  CHECK(to_host(*backend, galore.update_count(0))(0, 0) == 3);
+  // A reset forgets the moments and takes a new subspace at the next step (not due until 100).
+  const std::int64_t refreshes = galore.refreshes();
+  galore.reset_state(all);
+  CHECK(to_host(*backend, galore.m(0)).isZero());
+  w.set_gradient(normal_matrix<float>(8, 12, gen));
+  galore.step();
+  CHECK(galore.refreshes() == refreshes + 1);
+  CHECK(to_host(*backend, galore.update_count(0))(0, 0) == 1);
+}

@@ -16,11 +16,14 @@
 //   amortised  step + (svd_step - step) / T, the mean step at T = --gap (200 by default);
 //   refresh    the SVDs' own share of svd_step, as GaLore measures it (Galore::refresh_seconds);
 //   state      the optimizer's state in MiB (moments, update counts, P or Q), beside Adam's;
-//   workspace  GaLore's reused buffers (R, N, the SVD's or range finder's) in MiB.
+//   workspace  GaLore's reused buffers (R, N, the SVD's or range finder's) in MiB;
+//   distance   the randomized finder's subspace against the exact SVD's, of the same gradient.
 #include "galore_cases.hpp"
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -212,6 +215,7 @@ int run_galore_cases(int argc, char** argv) {
                     "-", "-", mib(adam_state), "-");
         std::fflush(stdout);
       }
+      relora::HostMatrix<T> exact_basis;
       for (relora::SubspaceMethod method : o.methods) {
         const relora::GaloreConfig config{.lr = 1e-3, .rank = c.rank, .update_gap = o.gap, .scale = 0.25,
                                           .subspace = method};
@@ -219,6 +223,18 @@ int run_galore_cases(int argc, char** argv) {
         auto& galore = dynamic_cast<relora::Galore<T>&>(run.trainer->optimizer());
         // The first step takes the subspaces; the next ones (fewer than T) are steady steps.
         run.trainer->step(run.X, run.target);
+        // The first weight's subspace, of the same first gradient in every run: the randomized
+        // finder's distance from the exact SVD's, ||B B^T - E E^T||_F / sqrt(2 r) (0: the same
+        // subspace, 1: orthogonal ones).
+        const bool uses_p = c.dims[1] <= c.dims[0];  // W is dims[1] x dims[0]: P when m <= n
+        const relora::HostMatrix<T> basis = relora::to_host(*backend, uses_p ? galore.P(0) : galore.Q(0));
+        double distance = -1;
+        if (method == relora::SubspaceMethod::exact) {
+          exact_basis = basis;
+        } else if (exact_basis.size() == basis.size()) {
+          const Eigen::MatrixXd b = basis.template cast<double>(), e = exact_basis.template cast<double>();
+          distance = (b * b.transpose() - e * e.transpose()).norm() / std::sqrt(2.0 * double(c.rank));
+        }
         for (int i = 0; i < 3; ++i) run.trainer->step(run.X, run.target);
         backend->synchronize();
         const int steady_budget = int(o.gap) - 5;
@@ -244,10 +260,11 @@ int run_galore_cases(int argc, char** argv) {
                     (std::string("galore/") + (method == relora::SubspaceMethod::exact ? "svd" : "rsvd")).c_str(),
                     static_cast<long long>(c.rank), step, svd_step, amortised, refresh_ms,
                     mib(double(galore.state_bytes())), mib(adam_state), mib(double(galore.workspace_bytes())));
-        if (adam_step > 0) {
-          std::printf("%-8s %-11s        amortised / Adam step = %.3f, refreshes %lld\n", "", "",
-                      amortised / adam_step, static_cast<long long>(galore.refreshes() - refreshes_before));
-        }
+        std::printf("%-8s %-11s        refreshes %lld", "", "",
+                    static_cast<long long>(galore.refreshes() - refreshes_before));
+        if (adam_step > 0) std::printf(", amortised / Adam step = %.3f", amortised / adam_step);
+        if (distance >= 0) std::printf(", subspace distance from the exact SVD's = %.2e", distance);
+        std::printf("\n");
         std::fflush(stdout);
       }
     }

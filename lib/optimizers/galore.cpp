@@ -230,7 +230,8 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
       rotation_sq_ = backend_->allocate(r, r);
     }
     if (config_.subspace == SubspaceMethod::randomized) {
-      range_finder_ = std::make_unique<RangeFinder<T>>(*backend_, max_rows, max_cols, r + config_.oversample);
+      range_finder_ =
+          std::make_unique<RangeFinder<T>>(*backend_, *kernels_, max_rows, max_cols, r + config_.oversample);
     }
   }
 }
@@ -288,7 +289,8 @@ template <typename T>
 std::size_t Galore<T>::workspace_bytes() const {
   Index elements = scratch_.size() + old_p_.size() + old_q_.size() + rotation_.size() + rotation_sq_.size();
   for (const auto& x : projected_) elements += x->R.size() + x->N.size();
-  return std::size_t(elements) * sizeof(T) + (range_finder_ ? range_finder_->workspace_bytes() : 0);
+  return std::size_t(elements) * sizeof(T) + (range_finder_ ? range_finder_->workspace_bytes() : 0) +
+         kernels_->workspace_bytes();
 }
 
 template <typename T>

@@ -26,6 +26,12 @@ class GaloreKernels {
   // The top-r singular vectors of G (m x n): U (m x r) left and V (n x r) right, either null when
   // not wanted, columns in order of decreasing singular value, signs not fixed. Exact (a full SVD).
   virtual void top_singular_vectors(const Tensor<T>& G, Tensor<T>* U, Tensor<T>* V) = 0;
+  // X (rows x k, rows >= k) <- the Q factor of its thin Householder QR: orthonormal columns that
+  // span X's columns (and complete them where X is rank-deficient). The randomized range
+  // finder's step between two products.
+  virtual void orthonormalize(Tensor<T>& X) = 0;
+  // Bytes of device workspace the SVD keeps between refreshes (the CPU's lives only during one).
+  virtual std::size_t workspace_bytes() const = 0;
 };
 
 // The kernels for `backend`'s device; `max_rows`, `max_cols`: the largest weight they will see

@@ -1,7 +1,6 @@
 #include "optimizers/galore_subspace.hpp"
 
 #include <Eigen/Eigenvalues>
-#include <Eigen/QR>
 #include <algorithm>
 #include <cmath>
 
@@ -24,8 +23,9 @@ Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
 }
 
 template <typename T>
-RangeFinder<T>::RangeFinder(Backend<T>& backend, Index max_rows, Index max_cols, Index max_width)
-    : backend_(backend) {
+RangeFinder<T>::RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_rows, Index max_cols,
+                            Index max_width)
+    : backend_(backend), kernels_(kernels) {
   const Index longest = std::max(max_rows, max_cols);
   sketch_ = backend_.allocate(longest, max_width);
   other_ = backend_.allocate(longest, max_width);
@@ -35,15 +35,6 @@ RangeFinder<T>::RangeFinder(Backend<T>& backend, Index max_rows, Index max_cols,
 template <typename T>
 std::size_t RangeFinder<T>::workspace_bytes() const {
   return sizeof(T) * std::size_t(sketch_.size() + other_.size() + small_.size());
-}
-
-template <typename T>
-void RangeFinder<T>::orthonormalize(Tensor<T>& X) {
-  const HostMatrixD x = to_host(backend_, X).template cast<double>();
-  Eigen::HouseholderQR<HostMatrixD> qr(x);
-  const HostMatrixD q = qr.householderQ() * HostMatrixD::Identity(x.rows(), x.cols());
-  const HostMatrix<T> rounded = q.template cast<T>();
-  backend_.upload(rounded.data(), X);
 }
 
 template <typename T>
@@ -59,12 +50,12 @@ void RangeFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Index 
   Tensor<T> Z = view_of(other_, b, k);   // op(G)^T's
   backend_.random_normal(key, T(0), T(1), Z);
   backend_.gemm(op, Trans::no, T(1), G, Z, T(0), Y);  // Y = op(G) Omega
-  orthonormalize(Y);
+  kernels_.orthonormalize(Y);
   for (int q = 0; q < power_iterations; ++q) {
     backend_.gemm(op_t, Trans::no, T(1), G, Y, T(0), Z);  // Z = op(G)^T Y
-    orthonormalize(Z);
+    kernels_.orthonormalize(Z);
     backend_.gemm(op, Trans::no, T(1), G, Z, T(0), Y);  // Y = op(G) Z
-    orthonormalize(Y);
+    kernels_.orthonormalize(Y);
   }
   // Rayleigh-Ritz: with B = Y^T op(G) (k x b), the left singular vectors of B are the
   // eigenvectors of B B^T (k x k, formed on the device, solved on the host in double).

@@ -20,22 +20,23 @@ Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols);
 template <typename T>
 class RangeFinder {
  public:
-  // Workspace for weights up to max_rows x max_cols and sketches up to max_width columns.
-  RangeFinder(Backend<T>& backend, Index max_rows, Index max_cols, Index max_width);
+  // Workspace for weights up to max_rows x max_cols and sketches up to max_width columns; the
+  // QRs run in `kernels` (the device's).
+  RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_rows, Index max_cols, Index max_width);
 
   // The top U.cols() left singular vectors of op(G) (op(G) = G, or G^T when `transpose`) into U,
   // in order of decreasing singular value, signs not fixed. `power_iterations` passes of
-  // subspace iteration, each orthonormalised by a Householder QR (on the host, in double: a
-  // gradient's sketch is often rank-deficient, which Cholesky QR in float cannot take).
+  // subspace iteration, each orthonormalised by a Householder QR (GaloreKernels::orthonormalize;
+  // Householder because a gradient's sketch is often rank-deficient, which Cholesky QR in float
+  // cannot take). The Rayleigh-Ritz step's k x k eigenproblem is solved on the host, in double.
   void top_left_vectors(const Tensor<T>& G, bool transpose, Index oversample, int power_iterations, RngKey key,
                         Tensor<T>& U);
 
   std::size_t workspace_bytes() const;
 
  private:
-  void orthonormalize(Tensor<T>& X);
-
   Backend<T>& backend_;
+  GaloreKernels<T>& kernels_;
   Tensor<T> sketch_, other_, small_;  // a x k, b x k, k x k at most
 };
 

@@ -37,6 +37,17 @@
 // positive, ties to the lower index. The CPU and CUDA backends, and a run and its resumed copy,
 // then hold the same P.
 //
+// Recorded steps (CUDA graphs, Trainer's use_graphs): a step without an SVD is a fixed sequence
+// of GEMMs and Adam's kernels and is recorded and replayed like Adam's. An SVD cannot be
+// recorded: before a step that takes a new subspace GaLore allocates a one-element marker
+// tensor, which makes the backend's recording stale (Backend::replay), so that step runs
+// eagerly and the next one is recorded anew, once every T steps.
+//
+// NaN or Inf in a gradient refuses the whole step: on the CPU before anything changes; on CUDA
+// Adam's device guard refuses the update of every parameter (the projected R of a non-finite G
+// is not finite), and before an SVD the gradients are checked on the host, so that a refused
+// step never changes a subspace either.
+//
 // Saved state (save_state): per projected parameter "<param>.m", "<param>.v", "<param>.step"
 // (the update count, 1 x 1), "<param>.P" and/or "<param>.Q", field "<param>.refreshed_at" (the
 // step of its last SVD, -1 before the first: P and Q are then not saved); the plain-Adam

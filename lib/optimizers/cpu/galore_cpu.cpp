@@ -1,8 +1,9 @@
-// GaLore's CPU kernels: the decoupled decay as one loop, and the exact SVD through Eigen's BDCSVD
-// in double. Double because a gradient's singular values cluster (many near-equal small ones);
+// GaLore's CPU kernels: the decoupled decay as one loop, the exact SVD through Eigen's BDCSVD in
+// double, and the range finder's Householder QR (in double too). Double because a gradient's singular values cluster (many near-equal small ones);
 // in float the trailing vectors of the top r, where the spectrum is flat, would be noise, and the
 // float result would differ from CUDA's by more than the sign convention can repair. The SVD runs
 // once every T steps, so its cost in double is amortised.
+#include <Eigen/QR>
 #include <Eigen/SVD>
 
 #include "cpu/cpu_parallel.hpp"
@@ -18,11 +19,20 @@ class CpuGaloreKernels final : public GaloreKernels<T> {
   bool recording() const override { return false; }
   bool refreshing() const override { return false; }
   bool checks_on_host() const override { return true; }
+  std::size_t workspace_bytes() const override { return 0; }
 
   void decay(Tensor<T>& W, double factor) override {
     T* w = W.data();
     const T f = T(factor);
     for_each_element(W.size(), [&](Index i) { w[i] -= f * w[i]; });
+  }
+
+  void orthonormalize(Tensor<T>& X) override {
+    // In double, as the SVD: a sketch of a gradient is often nearly rank-deficient.
+    const Eigen::MatrixXd x = as_matrix(X).template cast<double>();
+    Eigen::HouseholderQR<Eigen::MatrixXd> qr(x);
+    const Eigen::MatrixXd q = qr.householderQ() * Eigen::MatrixXd::Identity(x.rows(), x.cols());
+    as_matrix(X) = q.template cast<T>();
   }
 
   void top_singular_vectors(const Tensor<T>& G, Tensor<T>* U, Tensor<T>* V) override {

@@ -1,5 +1,6 @@
 // GaLore's CUDA kernels: AdamW's decoupled decay of a projected weight (guarded by the step's
-// NaN/Inf flag, refreshable in a recorded step) and the exact SVD through cuSOLVER's gesvd.
+// NaN/Inf flag, refreshable in a recorded step), the exact SVD through cuSOLVER's gesvd, and the
+// range finder's Householder QR through cuSOLVER's geqrf and orgqr (on a column-major copy).
 //
 // gesvd is column-major and wants rows >= cols. A row-major G (m x n) is the column-major G^T
 // (n x m): when n >= m it is handed over as it is (copied, since gesvd overwrites its input), and
@@ -57,6 +58,34 @@ int grid_for(std::int64_t size, int sm_count) {
   return int(std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, std::int64_t(sm_count) * 8)));
 }
 
+cusolverStatus_t geqrf_size(cusolverDnHandle_t h, int m, int n, float* A, int* lwork) {
+  return cusolverDnSgeqrf_bufferSize(h, m, n, A, m, lwork);
+}
+cusolverStatus_t geqrf_size(cusolverDnHandle_t h, int m, int n, double* A, int* lwork) {
+  return cusolverDnDgeqrf_bufferSize(h, m, n, A, m, lwork);
+}
+cusolverStatus_t orgqr_size(cusolverDnHandle_t h, int m, int n, const float* A, const float* tau, int* lwork) {
+  return cusolverDnSorgqr_bufferSize(h, m, n, n, A, m, tau, lwork);
+}
+cusolverStatus_t orgqr_size(cusolverDnHandle_t h, int m, int n, const double* A, const double* tau, int* lwork) {
+  return cusolverDnDorgqr_bufferSize(h, m, n, n, A, m, tau, lwork);
+}
+cusolverStatus_t geqrf(cusolverDnHandle_t h, int m, int n, float* A, float* tau, float* work, int lwork, int* info) {
+  return cusolverDnSgeqrf(h, m, n, A, m, tau, work, lwork, info);
+}
+cusolverStatus_t geqrf(cusolverDnHandle_t h, int m, int n, double* A, double* tau, double* work, int lwork,
+                       int* info) {
+  return cusolverDnDgeqrf(h, m, n, A, m, tau, work, lwork, info);
+}
+cusolverStatus_t orgqr(cusolverDnHandle_t h, int m, int n, float* A, const float* tau, float* work, int lwork,
+                       int* info) {
+  return cusolverDnSorgqr(h, m, n, n, A, m, tau, work, lwork, info);
+}
+cusolverStatus_t orgqr(cusolverDnHandle_t h, int m, int n, double* A, const double* tau, double* work, int lwork,
+                       int* info) {
+  return cusolverDnDorgqr(h, m, n, n, A, m, tau, work, lwork, info);
+}
+
 cusolverStatus_t gesvd_size(cusolverDnHandle_t h, int m, int n, int* lwork, float) {
   return cusolverDnSgesvd_bufferSize(h, m, n, lwork);
 }
@@ -78,6 +107,7 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
   CudaGaloreKernels(Backend<T>& backend, Index max_rows, Index max_cols)
       : backend_(backend), context_(cuda_context(backend)) {
     context_.activate();
+    if (max_rows < 2 || max_cols < 2) return;  // no projected weight (ReLoRA's adapters): no SVD
     RELORA_CUSOLVER_CHECK(cusolverDnCreate(&solver_));
     RELORA_CUSOLVER_CHECK(cusolverDnSetStream(solver_, context_.stream()));
     const Index longer = std::max(max_rows, max_cols), shorter = std::min(max_rows, max_cols);
@@ -99,6 +129,10 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
   bool recording() const override { return context_.recorder().recording(); }
   bool refreshing() const override { return context_.recorder().refreshing(); }
   bool checks_on_host() const override { return false; }
+  std::size_t workspace_bytes() const override {
+    return sizeof(T) * std::size_t(input_.size() + singular_values_.size() + tall_.size() + square_.size() +
+                                   info_.size() + work_.size() + qr_matrix_.size() + qr_tau_.size());
+  }
 
   void decay(Tensor<T>& W, double factor) override {
     T* data = W.data();
@@ -111,11 +145,50 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
                                "galore_decay_kernel");
   }
 
+  void orthonormalize(Tensor<T>& X) override {
+    context_.activate();
+    if (solver_ == nullptr) throw ConfigError("GaLore: orthonormalize on kernels made for no projected weight");
+    const Index a = X.rows(), k = X.cols();
+    cudaStream_t stream = context_.stream();
+    const int sms = context_.sm_count();
+    // Workspace for the largest sketch, made at the first range finder's QR (once).
+    if (qr_matrix_.size() < a * k || qr_tau_.size() < k) {
+      backend_.synchronize();
+      qr_matrix_ = Tensor<T>();
+      qr_tau_ = Tensor<T>();
+      qr_matrix_ = backend_.allocate(capacity_long_, std::max(k, capacity_width_));
+      qr_tau_ = backend_.allocate(1, std::max(k, capacity_width_));
+      capacity_width_ = std::max(k, capacity_width_);
+    }
+    int lwork_qr = 0, lwork_q = 0;
+    RELORA_CUSOLVER_CHECK(geqrf_size(solver_, int(a), int(k), qr_matrix_.data(), &lwork_qr));
+    RELORA_CUSOLVER_CHECK(orgqr_size(solver_, int(a), int(k), qr_matrix_.data(), qr_tau_.data(), &lwork_q));
+    const Index lwork = std::max(lwork_qr, lwork_q);
+    if (lwork > work_.size()) {
+      backend_.synchronize();
+      work_ = Tensor<T>();
+      work_ = backend_.allocate(1, lwork);
+    }
+    // Row-major X (a x k) to column-major A (a x k): A(i, j) at i + j a.
+    launch_plain(&galore_gather_kernel<T>, dim3(grid_for(a * k, sms)), dim3(kThreads), 0, stream,
+                 "galore_gather_kernel", static_cast<const T*>(X.data()), std::int64_t(k), std::int64_t(k),
+                 std::int64_t(a), qr_matrix_.data(), false);
+    int* info = reinterpret_cast<int*>(info_.data());
+    RELORA_CUSOLVER_CHECK(geqrf(solver_, int(a), int(k), qr_matrix_.data(), qr_tau_.data(), work_.data(),
+                                int(work_.size()), info));
+    RELORA_CUSOLVER_CHECK(orgqr(solver_, int(a), int(k), qr_matrix_.data(), qr_tau_.data(), work_.data(),
+                                int(work_.size()), info));
+    // And back: X(i, j) = A(i, j).
+    launch_plain(&galore_gather_kernel<T>, dim3(grid_for(a * k, sms)), dim3(kThreads), 0, stream,
+                 "galore_gather_kernel", static_cast<const T*>(qr_matrix_.data()), std::int64_t(a), std::int64_t(a),
+                 std::int64_t(k), X.data(), false);
+  }
+
   void top_singular_vectors(const Tensor<T>& G, Tensor<T>* U, Tensor<T>* V) override {
     context_.activate();
     const Index m = G.rows(), n = G.cols();
     const Index longer = std::max(m, n), shorter = std::min(m, n);
-    if (longer > capacity_long_ || shorter > capacity_short_) {
+    if (solver_ == nullptr || longer > capacity_long_ || shorter > capacity_short_) {
       throw ShapeError("GaLore SVD: gradient " + G.shape() + " exceeds the workspace's " +
                        shape_string(capacity_long_, capacity_short_));
     }
@@ -180,8 +253,9 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
   Backend<T>& backend_;
   CudaContext& context_;
   cusolverDnHandle_t solver_ = nullptr;
-  Index capacity_long_ = 0, capacity_short_ = 0;
+  Index capacity_long_ = 0, capacity_short_ = 0, capacity_width_ = 0;
   Tensor<T> input_, singular_values_, tall_, square_, info_, work_;
+  Tensor<T> qr_matrix_, qr_tau_;  // the range finder's QR (column-major sketch, Householder scalars)
 };
 
 }  // namespace
