@@ -206,7 +206,10 @@ TEST_CASE("galore: with scale 1 on the demo's regression it follows full fine-tu
   const double full = demo_final_loss(TrainerConfig{.method = TrainingMethod::full_finetune, .adam = {.lr = 1e-2}});
   // What limits it: W - W0 must travel along all 5 directions of the true weight; a rank-r
   // subspace moves r of them per T steps, and Adam's moments kept across a change of subspace
-  // point partly the wrong way. Rank 4 of 5 with frequent refreshes is close to full training.
+  // (GaLore's default) point partly the wrong way. Measured (300 steps, full fine-tuning 0.2024):
+  // r 4: 1.44x at T 10, 1.28x at T 50; r 2: 11.4x at T 10, 4.3x at T 50, but 1.23x at T 10 when
+  // the moments are reset at each refresh (1.36x re-projected): with frequent changes of a small
+  // subspace the kept moments are what holds it back.
   for (Index rank : {Index(2), Index(4)}) {
     for (std::int64_t gap : {std::int64_t(10), std::int64_t(50)}) {
       const GaloreConfig galore{.lr = 1e-2, .rank = rank, .update_gap = gap, .scale = 1.0};
@@ -215,9 +218,18 @@ TEST_CASE("galore: with scale 1 on the demo's regression it follows full fine-tu
       MESSAGE("regression demo, 300 steps: full fine-tuning " << full << ", GaLore r = " << rank << " T = " << gap
                                                              << ": " << loss << " (ratio " << loss / full << ")");
       CHECK(std::isfinite(loss));
-      CHECK(loss < 0.5 * 6.9);  // it trains (the loss starts near 6.9)
-      if (rank == 4 && gap == 10) CHECK(loss / full < 3);
+      CHECK(loss < 0.5 * 12.49);  // it trains (the loss starts at 12.49)
+      if (rank == 4) CHECK(loss / full < 2);
     }
+  }
+  // The moments across a change of subspace, where changes are frequent (r 2, T 10).
+  for (MomentsAtRefresh moments : {MomentsAtRefresh::reset, MomentsAtRefresh::reproject}) {
+    const GaloreConfig galore{.lr = 1e-2, .rank = 2, .update_gap = 10, .scale = 1.0, .moments = moments};
+    const double loss = demo_final_loss(
+        TrainerConfig{.method = TrainingMethod::full_finetune, .optimizer = optimizer_factory<Galore>(galore)});
+    MESSAGE("regression demo, GaLore r = 2 T = 10, moments " << std::string(moments_name(moments)) << ": " << loss
+                                                            << " (ratio " << loss / full << ")");
+    CHECK(std::isfinite(loss));
   }
 }
 
@@ -536,14 +548,24 @@ TEST_CASE("galore: CUDA graphs (recorded steps) train exactly as eager steps, SV
     }
     MESSAGE("graphs " << graphs << ": recorded " << trainer.recorded_steps() << ", replayed "
                       << trainer.replayed_steps() << " of 40 steps");
-    if (graphs) CHECK(trainer.replayed_steps() > 20);
+    // SVDs at steps 0, 7, ..., 35 run eagerly and the step after each is recorded: 28 replays.
+    if (graphs) CHECK(trainer.replayed_steps() >= 25);
     return std::make_pair(losses, Mat<float>(to_host(*backend, model.lora(0).W())));
   };
   for (MomentsAtRefresh moments : {MomentsAtRefresh::keep, MomentsAtRefresh::reproject}) {
     const auto eager = train(false, moments);
     const auto recorded = train(true, moments);
-    CHECK(eager.first == recorded.first);
-    CHECK(eager.second == recorded.second);
+    // A recorded step may take the layers' separate products where an eager one fuses them
+    // (cuda_adapter_lora_linear.cu), hence rounding, as test_cuda_graph.cpp allows.
+    double worst = 0;
+    for (std::size_t i = 0; i < eager.first.size(); ++i) {
+      worst = std::max(worst, std::abs(double(eager.first[i]) - recorded.first[i]) / std::abs(double(eager.first[i])));
+    }
+    const double w_diff = (eager.second - recorded.second).cwiseAbs().maxCoeff();
+    MESSAGE("moments " << std::string(moments_name(moments)) << ": worst relative loss difference " << worst
+                       << ", max |W eager - W recorded| " << w_diff);
+    CHECK(worst <= 1e-5);
+    CHECK(w_diff <= 1e-5);
   }
 }
 

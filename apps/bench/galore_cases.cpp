@@ -17,7 +17,8 @@
 //   refresh    the SVDs' own share of svd_step, as GaLore measures it (Galore::refresh_seconds);
 //   state      the optimizer's state in MiB (moments, update counts, P or Q), beside Adam's;
 //   workspace  GaLore's reused buffers (R, N, the SVD's or range finder's) in MiB;
-//   distance   the randomized finder's subspace against the exact SVD's, of the same gradient.
+//   distance   the randomized finder's subspace against the exact SVD's, of the same gradient,
+//              and the share of that gradient's energy it captures against the exact one's.
 #include "galore_cases.hpp"
 
 #include <Eigen/Core>
@@ -216,6 +217,7 @@ int run_galore_cases(int argc, char** argv) {
         std::fflush(stdout);
       }
       relora::HostMatrix<T> exact_basis;
+      double exact_energy = 0;
       for (relora::SubspaceMethod method : o.methods) {
         const relora::GaloreConfig config{.lr = 1e-3, .rank = c.rank, .update_gap = o.gap, .scale = 0.25,
                                           .subspace = method};
@@ -228,12 +230,19 @@ int run_galore_cases(int argc, char** argv) {
         // subspace, 1: orthogonal ones).
         const bool uses_p = c.dims[1] <= c.dims[0];  // W is dims[1] x dims[0]: P when m <= n
         const relora::HostMatrix<T> basis = relora::to_host(*backend, uses_p ? galore.P(0) : galore.Q(0));
-        double distance = -1;
+        // And the share of the gradient's energy ||P^T G||^2 (||G Q||^2) it captures, against the
+        // exact SVD's (the best any rank-r subspace can do).
+        const Eigen::MatrixXd g = relora::to_host(*backend, *galore.parameter(0).grad).template cast<double>();
+        const Eigen::MatrixXd b = basis.template cast<double>();
+        const double energy = (uses_p ? Eigen::MatrixXd(b.transpose() * g) : Eigen::MatrixXd(g * b)).squaredNorm();
+        double distance = -1, energy_ratio = -1;
         if (method == relora::SubspaceMethod::exact) {
           exact_basis = basis;
+          exact_energy = energy;
         } else if (exact_basis.size() == basis.size()) {
-          const Eigen::MatrixXd b = basis.template cast<double>(), e = exact_basis.template cast<double>();
+          const Eigen::MatrixXd e = exact_basis.template cast<double>();
           distance = (b * b.transpose() - e * e.transpose()).norm() / std::sqrt(2.0 * double(c.rank));
+          energy_ratio = energy / exact_energy;
         }
         for (int i = 0; i < 3; ++i) run.trainer->step(run.X, run.target);
         backend->synchronize();
@@ -263,7 +272,10 @@ int run_galore_cases(int argc, char** argv) {
         std::printf("%-8s %-11s        refreshes %lld", "", "",
                     static_cast<long long>(galore.refreshes() - refreshes_before));
         if (adam_step > 0) std::printf(", amortised / Adam step = %.3f", amortised / adam_step);
-        if (distance >= 0) std::printf(", subspace distance from the exact SVD's = %.2e", distance);
+        if (distance >= 0) {
+          std::printf(", subspace distance from the exact SVD's = %.2e, energy captured / exact's = %.4f", distance,
+                      energy_ratio);
+        }
         std::printf("\n");
         std::fflush(stdout);
       }

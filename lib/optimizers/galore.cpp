@@ -426,6 +426,9 @@ void Galore<T>::step(double lr_factor) {
     throw ConfigError("GaLore step: an SVD is due at step " + std::to_string(steps_taken_) +
                       " but the backend is replaying a recorded step");
   }
+  // An error of an earlier step that the device found (a refused step on CUDA) is raised here,
+  // before this step changes anything, rather than after its SVD.
+  if (any_due) backend_->synchronize();
   // Refuse a step with a NaN or Inf gradient before anything changes: on the host where the
   // kernels cannot, and always before an SVD (which would take the bad gradient's subspace).
   if (kernels_->checks_on_host() || any_due) {
