@@ -100,7 +100,9 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
   // Every check before the first allocation: a refused configuration allocates nothing.
   std::set<const Tensor<T>*> seen;
   std::set<std::string> names;
-  Index max_rows = 1, max_cols = 1, max_moment = 1, max_two_sided = 1, max_basis = 1;
+  // The longest and the shortest side of the projected weights (the SVD's workspace), the
+  // largest moment and two-sided product, the largest basis (re-projection's copy of it).
+  Index max_long = 1, max_short = 1, max_moment = 1, max_two_sided = 1, max_basis = 1;
   for (const ParamGroup<T>& group : groups_) {
     const double lr = group.lr < 0 ? config_.lr : group.lr;
     const double wd = group.weight_decay < 0 ? config_.weight_decay : group.weight_decay;
@@ -131,8 +133,8 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
                           std::to_string(wd) + " coupled to the gradient (decoupled_weight_decay = false), which " +
                           "a projected weight cannot take; use the decoupled decay");
       }
-      max_rows = std::max(max_rows, m);
-      max_cols = std::max(max_cols, n);
+      max_long = std::max(max_long, std::max(m, n));
+      max_short = std::max(max_short, std::min(m, n));
       const bool two = config_.projection == GaloreProjection::two_sided;
       const Index moment = two ? r * r : (m <= n ? r * n : m * r);
       max_moment = std::max(max_moment, moment);
@@ -220,7 +222,7 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
     slots.push_back(slot);
   }
   adam_ = make_adam_kernels(*backend_, std::move(slots));
-  kernels_ = make_galore_kernels(*backend_, max_rows, max_cols);
+  kernels_ = make_galore_kernels(*backend_, max_long, max_short);
   if (!projected_.empty()) {
     scratch_ = backend_->allocate(1, std::max(max_two_sided, max_moment));
     if (config_.moments == MomentsAtRefresh::reproject) {
@@ -231,7 +233,7 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
     }
     if (config_.subspace == SubspaceMethod::randomized) {
       range_finder_ =
-          std::make_unique<RangeFinder<T>>(*backend_, *kernels_, max_rows, max_cols, r + config_.oversample);
+          std::make_unique<RangeFinder<T>>(*backend_, *kernels_, max_long, r + config_.oversample);
     }
   }
 }

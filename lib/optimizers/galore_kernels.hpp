@@ -34,16 +34,17 @@ class GaloreKernels {
   virtual std::size_t workspace_bytes() const = 0;
 };
 
-// The kernels for `backend`'s device; `max_rows`, `max_cols`: the largest weight they will see
-// (the SVD's workspace is sized once, for it).
+// The kernels for `backend`'s device; `max_long`, `max_short`: the longest and the shortest side
+// of the weights they will see (the SVD's workspace is sized once, for max_long x max_short);
+// below 2, no weight is projected and no SVD will be asked for.
 template <typename T>
-std::unique_ptr<GaloreKernels<T>> make_galore_kernels(Backend<T>& backend, Index max_rows, Index max_cols);
+std::unique_ptr<GaloreKernels<T>> make_galore_kernels(Backend<T>& backend, Index max_long, Index max_short);
 
 template <typename T>
 std::unique_ptr<GaloreKernels<T>> make_cpu_galore_kernels();
 #if defined(RELORA_WITH_CUDA)
 template <typename T>
-std::unique_ptr<GaloreKernels<T>> make_cuda_galore_kernels(Backend<T>& backend, Index max_rows, Index max_cols);
+std::unique_ptr<GaloreKernels<T>> make_cuda_galore_kernels(Backend<T>& backend, Index max_long, Index max_short);
 #endif
 
 }  // namespace relora

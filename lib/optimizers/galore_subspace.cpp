@@ -23,12 +23,10 @@ Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
 }
 
 template <typename T>
-RangeFinder<T>::RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_rows, Index max_cols,
-                            Index max_width)
+RangeFinder<T>::RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_long, Index max_width)
     : backend_(backend), kernels_(kernels) {
-  const Index longest = std::max(max_rows, max_cols);
-  sketch_ = backend_.allocate(longest, max_width);
-  other_ = backend_.allocate(longest, max_width);
+  sketch_ = backend_.allocate(max_long, max_width);
+  other_ = backend_.allocate(max_long, max_width);
   small_ = backend_.allocate(max_width, max_width);
 }
 

@@ -20,9 +20,9 @@ Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols);
 template <typename T>
 class RangeFinder {
  public:
-  // Workspace for weights up to max_rows x max_cols and sketches up to max_width columns; the
-  // QRs run in `kernels` (the device's).
-  RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_rows, Index max_cols, Index max_width);
+  // Workspace for weights whose longer side is at most max_long and sketches of up to max_width
+  // columns; the QRs run in `kernels` (the device's).
+  RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_long, Index max_width);
 
   // The top U.cols() left singular vectors of op(G) (op(G) = G, or G^T when `transpose`) into U,
   // in order of decreasing singular value, signs not fixed. `power_iterations` passes of

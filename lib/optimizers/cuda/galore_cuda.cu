@@ -7,8 +7,8 @@
 // G's left vectors are then gesvd's right ones; when m > n a transposing copy makes it the
 // column-major G (m x n), whose right vectors are G's. One-sided GaLore needs only the vectors
 // of the short side, which gesvd returns in the small min x min factor: the tall factor (jobu)
-// is computed only for the two-sided projection. The workspace is sized once, for the largest
-// weight.
+// is computed only for the two-sided projection. The workspace is made once, at the first SVD
+// (or QR), for the largest weight.
 #include <cusolverDn.h>
 
 #include <algorithm>
@@ -104,23 +104,17 @@ cusolverStatus_t gesvd(cusolverDnHandle_t h, signed char jobu, signed char jobvt
 template <typename T>
 class CudaGaloreKernels final : public GaloreKernels<T> {
  public:
-  CudaGaloreKernels(Backend<T>& backend, Index max_rows, Index max_cols)
+  CudaGaloreKernels(Backend<T>& backend, Index max_long, Index max_short)
       : backend_(backend), context_(cuda_context(backend)) {
     context_.activate();
-    if (max_rows < 2 || max_cols < 2) return;  // no projected weight (ReLoRA's adapters): no SVD
+    if (max_long < 2 || max_short < 2) return;  // no projected weight (ReLoRA's adapters): no SVD
     RELORA_CUSOLVER_CHECK(cusolverDnCreate(&solver_));
     RELORA_CUSOLVER_CHECK(cusolverDnSetStream(solver_, context_.stream()));
-    const Index longer = std::max(max_rows, max_cols), shorter = std::min(max_rows, max_cols);
+    const Index longer = max_long, shorter = max_short;
     if (longer > Index(1) << 30) throw ConfigError("GaLore: a weight of " + std::to_string(longer) + " rows is too large for gesvd");
     capacity_long_ = longer;
     capacity_short_ = shorter;
-    input_ = backend_.allocate(longer, shorter);
-    singular_values_ = backend_.allocate(1, shorter);
-    square_ = backend_.allocate(shorter, shorter);
     info_ = backend_.allocate(1, 1);  // an int fits in T's bytes
-    int lwork = 0;
-    RELORA_CUSOLVER_CHECK(gesvd_size(solver_, int(longer), int(shorter), &lwork, T(0)));
-    work_ = backend_.allocate(1, std::max(1, lwork));
   }
   ~CudaGaloreKernels() override {
     if (solver_) cusolverDnDestroy(solver_);
@@ -194,6 +188,14 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
     }
     cudaStream_t stream = context_.stream();
     const int sms = context_.sm_count();
+    if (input_.empty()) {
+      // The exact SVD's workspace, for the largest weight, made at the first SVD (a run with the
+      // randomized finder never makes it).
+      backend_.synchronize();
+      input_ = backend_.allocate(capacity_long_, capacity_short_);
+      singular_values_ = backend_.allocate(1, capacity_short_);
+      square_ = backend_.allocate(capacity_short_, capacity_short_);
+    }
     // A: the column-major longer x shorter matrix gesvd factors.
     const bool wide = n >= m;  // G^T (n x m) column-major is G's own buffer
     if (wide) {
@@ -220,13 +222,14 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
     }
     if (long_side && tall_.size() < longer * shorter) {
       // Only the two-sided projection wants the tall factor: its buffer is made at its first SVD.
+      backend_.synchronize();
       tall_ = Tensor<T>();
       tall_ = backend_.allocate(capacity_long_, capacity_short_);
     }
     int* info = reinterpret_cast<int*>(info_.data());
     RELORA_CUSOLVER_CHECK(gesvd(solver_, jobu, jobvt, int(longer), int(shorter), input_.data(), int(longer),
-                                singular_values_.data(), long_side ? tall_.data() : nullptr, int(longer), square_.data(), int(shorter),
-                                work_.data(), int(work_.size()), info));
+                                singular_values_.data(), long_side ? tall_.data() : nullptr, int(longer),
+                                square_.data(), int(shorter), work_.data(), int(work_.size()), info));
     int host_info = 0;
     RELORA_CUDA_CHECK(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, stream));
     RELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -262,8 +265,8 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
 }  // namespace cuda_detail
 
 template <typename T>
-std::unique_ptr<GaloreKernels<T>> make_cuda_galore_kernels(Backend<T>& backend, Index max_rows, Index max_cols) {
-  return std::make_unique<cuda_detail::CudaGaloreKernels<T>>(backend, max_rows, max_cols);
+std::unique_ptr<GaloreKernels<T>> make_cuda_galore_kernels(Backend<T>& backend, Index max_long, Index max_short) {
+  return std::make_unique<cuda_detail::CudaGaloreKernels<T>>(backend, max_long, max_short);
 }
 
 template std::unique_ptr<GaloreKernels<float>> make_cuda_galore_kernels(Backend<float>&, Index, Index);
