@@ -233,6 +233,16 @@ TEST_CASE("galore: with scale 1 on the demo's regression it follows full fine-tu
   }
 }
 
+namespace {
+
+// Before and after a step that takes a new subspace.
+struct Refresh {
+  Mat<double> P_old, m_old, v_old, P_new, R, m_new, v_new;
+  double count;
+};
+
+}  // namespace
+
 TEST_CASE("galore: moments at a subspace change: keep, reset, reproject") {
   std::mt19937_64 gen(8);
   auto backend = make_backend<double>(Device::cpu);
@@ -252,30 +262,31 @@ TEST_CASE("galore: moments at a subspace change: keep, reset, reproject") {
     const Mat<double> R = P_new.transpose() * second;
     const Mat<double> m_new = to_host(*backend, galore->m(0)), v_new = to_host(*backend, galore->v(0));
     const double count = to_host(*backend, galore->update_count(0))(0, 0);
-    return std::make_tuple(P_old, m_old, v_old, P_new, R, m_new, v_new, count);
+    return Refresh{P_old, m_old, v_old, P_new, R, m_new, v_new, count};
   };
   SUBCASE("keep: the old coordinates carry on in the new basis (GaLore's code)") {
-    const auto [P_old, m_old, v_old, P_new, R, m_new, v_new, count] = run(MomentsAtRefresh::keep, G2);
-    CHECK(max_abs_diff(m_new, 0.9 * m_old + 0.1 * R) < 1e-14);
-    CHECK(count == 2);
+    const Refresh x = run(MomentsAtRefresh::keep, G2);
+    CHECK(max_abs_diff(x.m_new, 0.9 * x.m_old + 0.1 * x.R) < 1e-14);
+    CHECK(x.count == 2);
   }
   SUBCASE("reset: the second step is bias-corrected as a first one") {
-    const auto [P_old, m_old, v_old, P_new, R, m_new, v_new, count] = run(MomentsAtRefresh::reset, G2);
-    CHECK(max_abs_diff(m_new, 0.1 * R) < 1e-14);
-    CHECK(count == 1);
+    const Refresh x = run(MomentsAtRefresh::reset, G2);
+    CHECK(max_abs_diff(x.m_new, 0.1 * x.R) < 1e-14);
+    CHECK(x.count == 1);
   }
   SUBCASE("reproject: m through C = P_new^T P_old, v through C.C") {
-    const auto [P_old, m_old, v_old, P_new, R, m_new, v_new, count] = run(MomentsAtRefresh::reproject, G2);
-    const Mat<double> C = P_new.transpose() * P_old;
-    CHECK(max_abs_diff(m_new, 0.9 * C * m_old + 0.1 * R) < 1e-13);
+    const Refresh x = run(MomentsAtRefresh::reproject, G2);
+    const Mat<double> C = x.P_new.transpose() * x.P_old;
+    CHECK(max_abs_diff(x.m_new, 0.9 * C * x.m_old + 0.1 * x.R) < 1e-13);
     const Mat<double> C2 = C.cwiseProduct(C);
-    CHECK(max_abs_diff(v_new, Mat<double>(0.999 * C2 * v_old + 0.001 * Mat<double>(R.cwiseProduct(R)))) < 1e-13);
-    CHECK((v_new.array() >= 0).all());
+    CHECK(max_abs_diff(x.v_new, Mat<double>(0.999 * C2 * x.v_old + 0.001 * Mat<double>(x.R.cwiseProduct(x.R)))) <
+          1e-13);
+    CHECK((x.v_new.array() >= 0).all());
   }
   SUBCASE("reproject with an unchanged subspace is keep") {
-    const auto [P_old, m_old, v_old, P_new, R, m_new, v_new, count] = run(MomentsAtRefresh::reproject, 2.0 * G);
-    CHECK(max_abs_diff(P_new, P_old) < 1e-13);
-    CHECK(max_abs_diff(m_new, 0.9 * m_old + 0.1 * R) < 1e-13);
+    const Refresh x = run(MomentsAtRefresh::reproject, 2.0 * G);
+    CHECK(max_abs_diff(x.P_new, x.P_old) < 1e-13);
+    CHECK(max_abs_diff(x.m_new, 0.9 * x.m_old + 0.1 * x.R) < 1e-13);
   }
 }
 
@@ -301,10 +312,10 @@ TEST_CASE("galore: the randomized range finder finds the exact SVD's subspace") 
         const Mat<double> B = to_host(*backend, use_p ? galore.P(0) : galore.Q(0));
         return std::make_pair(Mat<double>(B * B.transpose()), B);
       };
-      const auto [exact_proj, exact_basis] = projector(SubspaceMethod::exact);
-      const auto [fast_proj, fast_basis] = projector(SubspaceMethod::randomized);
-      const double proj_diff = max_abs_diff(exact_proj, fast_proj);
-      const double vec_diff = max_abs_diff(exact_basis, fast_basis);
+      const auto exact = projector(SubspaceMethod::exact);
+      const auto fast = projector(SubspaceMethod::randomized);
+      const double proj_diff = max_abs_diff(exact.first, fast.first);
+      const double vec_diff = max_abs_diff(exact.second, fast.second);
       INFO("two-sided " << (projection == GaloreProjection::two_sided) << ", tall " << tall << ": |PP^T - PP^T| "
                         << proj_diff << ", |P - P| " << vec_diff);
       // Subspace iteration converges as (s_{k+1} / s_r)^(2 q + 1): 0.8^8 ^ 5, about 1e-4, at worst.
@@ -516,10 +527,10 @@ TEST_CASE("galore: CPU and CUDA agree (P P^T and the applied update)") {
         const Mat<float> P = to_host(*backend, galore.P(0));
         return std::make_pair(Mat<float>(P * P.transpose()), Mat<float>(w.value() - W0));
       };
-      const auto [cpu_proj, cpu_update] = run(Device::cpu);
-      const auto [cuda_proj, cuda_update] = run(Device::cuda);
-      const float proj_diff = (cpu_proj - cuda_proj).cwiseAbs().maxCoeff();
-      const float update_diff = (cpu_update - cuda_update).cwiseAbs().maxCoeff() / cpu_update.cwiseAbs().maxCoeff();
+      const auto cpu = run(Device::cpu);
+      const auto cuda = run(Device::cuda);
+      const float proj_diff = (cpu.first - cuda.first).cwiseAbs().maxCoeff();
+      const float update_diff = (cpu.second - cuda.second).cwiseAbs().maxCoeff() / cpu.second.cwiseAbs().maxCoeff();
       MESSAGE(projection_name(projection) << ", " << subspace_name(subspace) << ": max |PP^T cpu - cuda| "
                                           << proj_diff << ", relative update difference " << update_diff);
       CHECK(proj_diff < 1e-4f);
