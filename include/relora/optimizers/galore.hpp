@@ -52,7 +52,7 @@
 // (the update count, 1 x 1), "<param>.P" and/or "<param>.Q", field "<param>.refreshed_at" (the
 // step of its last SVD, -1 before the first: P and Q are then not saved); the plain-Adam
 // parameters' "<param>.m", "<param>.v", "<param>.step" as Adam names them; fields "steps_taken",
-// "prune_draws".
+// "prune_draws", and "rank" and "projection" (a state of another rank or mode is refused).
 // The SVD schedule is a function of steps_taken and refreshed_at, so a resumed run refreshes at
 // the same steps and continues bit for bit.
 #include <cstdint>
