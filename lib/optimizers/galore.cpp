@@ -346,13 +346,20 @@ void Galore<T>::refresh(Projected& x) {
   }
   if (x.uses_p && x.uses_q && config_.subspace == SubspaceMethod::randomized) {
     // The two range finders fix each vector's sign on their own; u_j^T G v_j > 0 pairs them as
-    // an SVD does (computed once per refresh, on the host).
-    const HostMatrix<T> p = to_host(*backend_, x.P), q = to_host(*backend_, x.Q), g = to_host(*backend_, G);
-    HostMatrix<T> flipped = q;
+    // an SVD does: the diagonal of P^T G Q (r x r, formed on the device in R's buffer).
+    Tensor<T> tmp = view_of(scratch_, r, x.cols);
+    backend_->gemm(Trans::yes, Trans::no, T(1), x.P, G, T(0), tmp);
+    backend_->gemm(Trans::no, Trans::no, T(1), tmp, x.Q, T(0), x.R);
+    const HostMatrix<T> pairing = to_host(*backend_, x.R);
+    HostMatrix<T> q = to_host(*backend_, x.Q);
+    bool flipped = false;
     for (Index j = 0; j < r; ++j) {
-      if ((p.col(j).transpose() * g * q.col(j))(0, 0) < T(0)) flipped.col(j) = -q.col(j);
+      if (pairing(j, j) < T(0)) {
+        q.col(j) = -q.col(j);
+        flipped = true;
+      }
     }
-    backend_->upload(flipped.data(), x.Q);
+    if (flipped) backend_->upload(q.data(), x.Q);
   }
   if (config_.moments == MomentsAtRefresh::reset) {
     backend_->fill(x.m, T(0));
