@@ -66,6 +66,7 @@ struct GaloreOptions {
   std::vector<std::string> cases;
   std::vector<relora::SubspaceMethod> methods{relora::SubspaceMethod::exact, relora::SubspaceMethod::randomized};
   std::int64_t gap = 200;
+  int power_iterations = 4;  // the randomized finder's passes (GaloreConfig's default)
   int repeats = 5;
   int batch = 5;
   int svd_repeats = 2;
@@ -77,7 +78,8 @@ struct GaloreOptions {
   if (why) std::fprintf(stderr, "relora_bench --galore: %s\n\n", why);
   std::fprintf(stderr,
                "usage: relora_bench --galore [--backend cpu|cuda] [--cases a,b,...] [--svd exact|randomized|both]\n"
-               "                             [--gap T] [--repeats R] [--batch K] [--svd-repeats S] [--threads N]\n"
+               "                             [--gap T] [--power-iterations Q] [--repeats R] [--batch K]\n"
+               "                             [--svd-repeats S] [--threads N]\n"
                "                             [--no-adam]\n"
                "cases: mlp4x1k mlp4x2k mlp4x4k llm_mlp (default: mlp4x2k,mlp4x4k,llm_mlp on cuda, mlp4x1k on the cpu)\n");
   std::exit(why ? 2 : 0);
@@ -123,6 +125,7 @@ GaloreOptions parse(int argc, char** argv) {
       if (v == "both") o.methods = {relora::SubspaceMethod::exact, relora::SubspaceMethod::randomized};
       else o.methods = {relora::parse_subspace(v)};
     } else if (a == "--gap") o.gap = integer(1);
+    else if (a == "--power-iterations") o.power_iterations = int(integer(0));
     else if (a == "--repeats") o.repeats = int(integer(1));
     else if (a == "--batch") o.batch = int(integer(1));
     else if (a == "--svd-repeats") o.svd_repeats = int(integer(1));
@@ -220,7 +223,7 @@ int run_galore_cases(int argc, char** argv) {
       double exact_energy = 0;
       for (relora::SubspaceMethod method : o.methods) {
         const relora::GaloreConfig config{.lr = 1e-3, .rank = c.rank, .update_gap = o.gap, .scale = 0.25,
-                                          .subspace = method};
+                                          .subspace = method, .power_iterations = o.power_iterations};
         Run run = build(c, backend, relora::optimizer_factory<relora::Galore>(config));
         auto& galore = dynamic_cast<relora::Galore<T>&>(run.trainer->optimizer());
         // The first step takes the subspaces; the next ones (fewer than T) are steady steps.

@@ -94,7 +94,9 @@ struct GaloreConfig {
   MomentsAtRefresh moments = MomentsAtRefresh::keep;
   SubspaceMethod subspace = SubspaceMethod::exact;
   Index oversample = 8;                                  // randomized: extra columns of the sketch
-  int power_iterations = 2;                              // randomized: passes of subspace iteration
+  int power_iterations = 4;                              // randomized: passes of subspace iteration
+                                                         // (each two GEMMs and two QRs; more passes,
+                                                         // closer to the exact subspace)
   std::uint64_t seed = 0;                                // randomized: the sketch's random streams
   Index min_elements = 0;                                // weights with fewer entries get plain Adam
 };
