@@ -7,13 +7,12 @@
 
 #include "optimizers/adam_kernels.hpp"
 #include "optimizers/galore_kernels.hpp"
+#include "optimizers/galore_projected.hpp"
 #include "optimizers/galore_subspace.hpp"
 #include "relora/core/host_matrix.hpp"
 
 namespace relora {
 namespace {
-
-std::string tensor_name(const std::string& param, const char* what) { return param + "." + what; }
 
 void validate(const GaloreConfig& c) {
   auto check = [](bool ok, const std::string& what) {
@@ -68,23 +67,6 @@ SubspaceMethod parse_subspace(const std::string& text) {
   if (text == "randomized") return SubspaceMethod::randomized;
   throw ConfigError("GaLore: unknown subspace method '" + text + "' (exact or randomized)");
 }
-
-// One projected weight W (m x n). Moments, R and N have the moment shape: r x n (P only),
-// m x r (Q only) or r x r (both).
-template <typename T>
-struct Galore<T>::Projected {
-  const Parameter<T>* param = nullptr;
-  std::size_t index = 0;  // among the projected weights: the range finder's stream
-  Index rows = 0, cols = 0;
-  bool uses_p = false, uses_q = false;
-  double lr = 0, weight_decay = 0;
-  Tensor<T> P, Q;     // m x r, n x r (empty when not used)
-  Tensor<T> R, N;     // the projected gradient; the direction -lr alpha N that Adam's kernels leave
-  Tensor<T> m, v, step;
-  std::int64_t refreshed_at = -1;  // step of the last SVD; -1: none yet (or reset): refresh at the next step
-  Index moment_rows() const { return uses_p ? P.cols() : rows; }
-  Index moment_cols() const { return uses_q ? Q.cols() : cols; }
-};
 
 template <typename T>
 Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<Parameter<T>> params, const GaloreConfig& config)
@@ -514,107 +496,6 @@ void Galore<T>::prune_state(const ParameterSelector<T>& which, double fraction, 
       adam_->prune(mode, fraction, RngKey{seed, prune_draws_++}, dense_m_[e.index], dense_v_[e.index]);
     }
   }
-}
-
-template <typename T>
-void Galore<T>::save_state(StateDict<T>& state) const {
-  for (std::size_t i = 0; i < dense_params_.size(); ++i) {
-    const std::string& name = dense_params_[i]->name;
-    state.set_tensor(tensor_name(name, "m"), to_host(*backend_, dense_m_[i]));
-    state.set_tensor(tensor_name(name, "v"), to_host(*backend_, dense_v_[i]));
-    state.set_tensor(tensor_name(name, "step"), to_host(*backend_, dense_step_[i]));
-  }
-  for (const auto& x : projected_) {
-    const std::string& name = x->param->name;
-    state.set_tensor(tensor_name(name, "m"), to_host(*backend_, x->m));
-    state.set_tensor(tensor_name(name, "v"), to_host(*backend_, x->v));
-    state.set_tensor(tensor_name(name, "step"), to_host(*backend_, x->step));
-    state.set(tensor_name(name, "refreshed_at"), std::int64_t(x->refreshed_at));
-    if (x->refreshed_at < 0) continue;
-    if (x->uses_p) state.set_tensor(tensor_name(name, "P"), to_host(*backend_, x->P));
-    if (x->uses_q) state.set_tensor(tensor_name(name, "Q"), to_host(*backend_, x->Q));
-  }
-  state.set("steps_taken", std::int64_t(steps_taken_));
-  state.set("prune_draws", std::uint64_t(prune_draws_));
-  state.set("rank", std::int64_t(config_.rank));
-  state.set("projection", std::string(projection_name(config_.projection)));
-}
-
-template <typename T>
-void Galore<T>::check_state(const StateDict<T>& state) const {
-  const std::int64_t steps = state.integer("steps_taken", 0);
-  state.unsigned_integer("prune_draws");
-  const std::int64_t rank = state.integer("rank", 1);
-  if (rank != config_.rank) {
-    throw IoError("state: field 'rank' is " + std::to_string(rank) + " but this GaLore has rank " +
-                  std::to_string(config_.rank));
-  }
-  if (state.text("projection") != projection_name(config_.projection)) {
-    throw IoError("state: field 'projection' is '" + state.text("projection") + "' but this GaLore is " +
-                  projection_name(config_.projection));
-  }
-  std::set<std::string> expected;
-  auto check_moments = [&](const std::string& name, Index rows, Index cols) {
-    state.tensor(tensor_name(name, "m"), rows, cols);
-    if ((state.tensor(tensor_name(name, "v"), rows, cols).array() < T(0)).any()) {
-      throw IoError("state: tensor '" + state.where(tensor_name(name, "v")) + "' holds a negative second moment");
-    }
-    const T count = state.tensor(tensor_name(name, "step"), 1, 1)(0, 0);
-    if (count < T(0) || std::floor(count) != count || double(count) > double(steps)) {
-      throw IoError("state: tensor '" + state.where(tensor_name(name, "step")) + "' holds update count " +
-                    std::to_string(double(count)) + ", not a whole number in [0, steps_taken = " +
-                    std::to_string(steps) + "]");
-    }
-    for (const char* what : {"m", "v", "step"}) expected.insert(tensor_name(name, what));
-  };
-  for (std::size_t i = 0; i < dense_params_.size(); ++i) {
-    check_moments(dense_params_[i]->name, dense_params_[i]->value->rows(), dense_params_[i]->value->cols());
-  }
-  for (const auto& x : projected_) {
-    const std::string& name = x->param->name;
-    check_moments(name, x->m.rows(), x->m.cols());
-    const std::int64_t at = state.integer(tensor_name(name, "refreshed_at"), -1, steps);
-    if (at < 0) continue;
-    if (x->uses_p) {
-      state.tensor(tensor_name(name, "P"), x->rows, config_.rank);
-      expected.insert(tensor_name(name, "P"));
-    }
-    if (x->uses_q) {
-      state.tensor(tensor_name(name, "Q"), x->cols, config_.rank);
-      expected.insert(tensor_name(name, "Q"));
-    }
-  }
-  for (const auto& entry : state.tensors()) {
-    if (expected.count(entry.first) == 0) {
-      throw IoError("state: tensor '" + state.where(entry.first) + "' belongs to no parameter of this optimizer");
-    }
-  }
-}
-
-template <typename T>
-void Galore<T>::restore_state(const StateDict<T>& state) {
-  check_state(state);
-  for (std::size_t i = 0; i < dense_params_.size(); ++i) {
-    const std::string& name = dense_params_[i]->name;
-    const Index rows = dense_m_[i].rows(), cols = dense_m_[i].cols();
-    upload<T>(*backend_, state.tensor(tensor_name(name, "m"), rows, cols), dense_m_[i], "GaLore m of " + name);
-    upload<T>(*backend_, state.tensor(tensor_name(name, "v"), rows, cols), dense_v_[i], "GaLore v of " + name);
-    upload<T>(*backend_, state.tensor(tensor_name(name, "step"), 1, 1), dense_step_[i], "GaLore count of " + name);
-  }
-  for (const auto& x : projected_) {
-    const std::string& name = x->param->name;
-    const Index rows = x->m.rows(), cols = x->m.cols();
-    upload<T>(*backend_, state.tensor(tensor_name(name, "m"), rows, cols), x->m, "GaLore m of " + name);
-    upload<T>(*backend_, state.tensor(tensor_name(name, "v"), rows, cols), x->v, "GaLore v of " + name);
-    upload<T>(*backend_, state.tensor(tensor_name(name, "step"), 1, 1), x->step, "GaLore count of " + name);
-    x->refreshed_at = state.integer(tensor_name(name, "refreshed_at"), -1);
-    if (x->refreshed_at < 0) continue;
-    if (x->uses_p) upload<T>(*backend_, state.tensor(tensor_name(name, "P"), x->rows, config_.rank), x->P, "GaLore P");
-    if (x->uses_q) upload<T>(*backend_, state.tensor(tensor_name(name, "Q"), x->cols, config_.rank), x->Q, "GaLore Q");
-  }
-  steps_taken_ = state.integer("steps_taken", 0);
-  prune_draws_ = state.unsigned_integer("prune_draws");
-  make_recordings_stale();
 }
 
 template class Galore<float>;
