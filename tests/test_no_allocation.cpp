@@ -389,3 +389,31 @@ TEST_CASE("gemm on the backend's packing workspace is Eigen's product to the bit
     });
   }
 }
+
+TEST_CASE("a steady GaLore step (full fine-tuning, between two SVDs) allocates nothing") {
+  if (!RELORA_COUNT_ALLOCATIONS) {
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
+    return;
+  }
+  auto backend = make_backend<float>(Device::cpu);
+  Model<float> model(backend);
+  model.add(LoraConfig{.in_features = 10, .out_features = 12, .rank = 2, .bias = BiasMode::trainable},
+            Activation::relu);
+  model.add(LoraConfig{.in_features = 12, .out_features = 5, .rank = 2}, Activation::identity);
+  for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
+    const GaloreConfig galore{.lr = 1e-3, .weight_decay = 0.01, .rank = 3, .update_gap = 8,
+                              .projection = projection, .moments = MomentsAtRefresh::reproject};
+    Trainer<float> trainer(model, TrainerConfig{.method = TrainingMethod::full_finetune,
+                                                .optimizer = optimizer_factory<Galore>(galore)});
+    Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
+    Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
+    for (int i = 0; i < 9; ++i) trainer.step(X, Y);  // SVDs at steps 0 and 8 (they may allocate)
+    const long before = g_allocations.load(), mallocs = g_mallocs.load();
+    for (int i = 9; i < 16; ++i) trainer.step(X, Y);  // the next SVD is at step 16
+    const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
+    MESSAGE(std::string(projection_name(projection)) << ": operator new calls in 7 GaLore steps: " << during
+                                        << ", malloc calls: " << malloc_calls);
+    CHECK(during == 0);
+    CHECK(malloc_calls == 0);
+  }
+}

@@ -100,15 +100,15 @@ TEST_CASE("regression options: --help, alone or among other flags") {
   const std::string usage = relora::demo::usage_text();
   for (const char* flag : {"--steps", "--rank", "--restart-every", "--restart-warmup", "--lr", "--samples",
                            "--in-features", "--out-features", "--noise", "--seed", "--threads", "--out",
-                           "--backend", "--methods", "--help"}) {
+                           "--backend", "--methods", "--galore-rank", "--galore-gap", "--galore-scale", "--help"}) {
     INFO("flag: ", flag);
     CHECK(usage.find(flag) != std::string::npos);
   }
 }
 
-TEST_CASE("regression options: every method's key parses back; the DoRA methods' CSV columns") {
+TEST_CASE("regression options: every method's key parses back; the DoRA and GaLore methods' CSV columns") {
   const std::vector<Method> all = relora::demo::all_methods();
-  CHECK(all.size() == 6);
+  CHECK(all.size() == 7);
   for (const Method m : all) {
     CHECK(parse_options({"--methods", relora::demo::method_key(m)}).methods == std::vector<Method>{m});
   }
@@ -117,6 +117,19 @@ TEST_CASE("regression options: every method's key parses back; the DoRA methods'
   CHECK(std::string(relora::demo::method_column(Method::seed_relora)) == relora::demo::method_label(Method::seed_relora));
   CHECK(std::string(relora::demo::method_column(Method::dora)) == "dora");
   CHECK(std::string(relora::demo::method_column(Method::relora_dora)) == "relora_dora");
+  CHECK(std::string(relora::demo::method_column(Method::galore)) == "galore");
+}
+
+TEST_CASE("regression options: GaLore's rank, gap and scale") {
+  const Options o = parse_options({"--galore-rank", "3", "--galore-gap=20", "--galore-scale", "0.5"});
+  CHECK(o.galore_rank == 3);
+  CHECK(o.galore_gap == 20);
+  CHECK(o.galore_scale == 0.5);
+  CHECK(parse_options({"--methods", "galore"}).methods == std::vector<Method>{Method::galore});
+  check_refused({"--galore-rank", "0"}, "--galore-rank", "0");
+  check_refused({"--galore-rank", "6"}, "--galore-rank", "6");
+  check_refused({"--galore-gap", "0"}, "--galore-gap", "0");
+  check_refused({"--galore-scale", "-1"}, "--galore-scale", "-1");
 }
 
 TEST_CASE("regression options: an unknown flag is refused by name") {

@@ -42,6 +42,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "galore_cases.hpp"
 #include "relora/relora.hpp"
 
 #if defined(_OPENMP)
@@ -762,6 +763,7 @@ std::string now_utc() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (relora_bench::galore_requested(argc, argv)) return relora_bench::run_galore_cases(argc, argv);
   Options o = parse(argc, argv);
   try {
 #if defined(_OPENMP)

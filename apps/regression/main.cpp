@@ -147,6 +147,13 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
   std::shared_ptr<relora::Schedule> schedule;
   switch (method) {
     case Method::full_finetune: config.method = relora::TrainingMethod::full_finetune; break;
+    case Method::galore:
+      // All of W trains, as in full fine-tuning, with Adam's moments in a rank-r subspace of its
+      // gradient that is taken anew every --galore-gap steps.
+      config.method = relora::TrainingMethod::full_finetune;
+      config.optimizer = relora::optimizer_factory<relora::Galore>(relora::GaloreConfig{
+          .lr = o.lr, .rank = o.galore_rank, .update_gap = o.galore_gap, .scale = o.galore_scale});
+      break;
     case Method::lora:
     case Method::dora: config.method = relora::TrainingMethod::lora; break;
     case Method::seed_relora: config.method = relora::TrainingMethod::lora; break;  // restarts below, by hand

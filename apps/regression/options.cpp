@@ -18,6 +18,7 @@ const char* method_key(Method method) {
     case Method::seed_relora: return "seed";
     case Method::dora: return "dora";
     case Method::relora_dora: return "relora_dora";
+    case Method::galore: return "galore";
   }
   return "?";
 }
@@ -30,6 +31,7 @@ const char* method_label(Method method) {
     case Method::seed_relora: return "seed's ReLoRA (B re-drawn, moments kept)";
     case Method::dora: return "DoRA";
     case Method::relora_dora: return "ReLoRA with DoRA";
+    case Method::galore: return "GaLore";
   }
   return "?";
 }
@@ -37,14 +39,15 @@ const char* method_label(Method method) {
 const char* method_column(Method method) {
   switch (method) {
     case Method::dora:
-    case Method::relora_dora: return method_key(method);
+    case Method::relora_dora:
+    case Method::galore: return method_key(method);
     default: return method_label(method);
   }
 }
 
 std::vector<Method> all_methods() {
-  return {Method::full_finetune, Method::lora,        Method::relora,
-          Method::seed_relora,   Method::dora, Method::relora_dora};
+  return {Method::full_finetune, Method::lora, Method::relora,      Method::seed_relora,
+          Method::dora,          Method::relora_dora, Method::galore};
 }
 
 namespace {
@@ -93,7 +96,7 @@ std::vector<Method> parse_methods(const std::string& flag, const std::string& va
     const std::vector<Method> all = all_methods();
     const auto it = std::find_if(all.begin(), all.end(), [&](Method m) { return key == method_key(m); });
     if (it == all.end()) {
-      throw ConfigError(flag + ": unknown method '" + key + "' in '" + value + "' (known: full, lora, relora, seed, dora, relora_dora, all)");
+      throw ConfigError(flag + ": unknown method '" + key + "' in '" + value + "' (known: full, lora, relora, seed, dora, relora_dora, galore, all)");
     }
     if (std::find(methods.begin(), methods.end(), *it) == methods.end()) methods.push_back(*it);
   }
@@ -147,6 +150,9 @@ Options parse_options(const std::vector<std::string>& args) {
       else bad_value(flag, v, "cpu or cuda");
     } else if (flag == "--restart-warmup") o.restart_warmup = parse_integer(flag, value(), 0);
     else if (flag == "--methods") o.methods = parse_methods(flag, value());
+    else if (flag == "--galore-rank") o.galore_rank = parse_integer(flag, value(), 1);
+    else if (flag == "--galore-gap") o.galore_gap = parse_integer(flag, value(), 1);
+    else if (flag == "--galore-scale") o.galore_scale = parse_real(flag, value(), true);
     else if (flag == "--save-adapter") {
       o.save_adapter = value();
       if (o.save_adapter.empty()) throw ConfigError(flag + ": '' is not a folder name");
@@ -161,6 +167,10 @@ Options parse_options(const std::vector<std::string>& args) {
     throw ConfigError("--rank: '" + std::to_string(o.rank) + "' is above min(--in-features, --out-features) = " +
                       std::to_string(max_rank));
   }
+  if (o.galore_rank > max_rank) {
+    throw ConfigError("--galore-rank: '" + std::to_string(o.galore_rank) +
+                      "' is above min(--in-features, --out-features) = " + std::to_string(max_rank));
+  }
   if (o.restart_warmup > o.restart_every) {
     throw ConfigError("--restart-warmup: '" + std::to_string(o.restart_warmup) +
                       "' is longer than --restart-every = " + std::to_string(o.restart_every));
@@ -174,8 +184,8 @@ std::string usage_text() {
   s << "usage: relora_regression [flags]\n"
        "\n"
        "Seed 000's regression task: y = X W_true^T + noise, fitted from a base weight W0 by full\n"
-       "fine-tuning, LoRA, ReLoRA, the seed's own (faulty) restart, DoRA and ReLoRA with DoRA, from the\n"
-       "same data and W0.\n"
+       "fine-tuning, LoRA, ReLoRA, the seed's own (faulty) restart, DoRA, ReLoRA with DoRA and GaLore,\n"
+       "from the same data and W0.\n"
        "Prints a loss table, writes losses.csv and losses.svg into --out.\n"
        "\n"
        "  --steps N            training steps per method, full batch (default "
@@ -194,7 +204,10 @@ std::string usage_text() {
     << "  --out DIR            folder for losses.csv and losses.svg, created if missing (default \""
     << d.out_dir << "\")\n"
     << "  --backend cpu|cuda   where the training runs (default cpu)\n"
-    << "  --methods LIST       comma list of full, lora, relora, seed, dora, relora_dora; or all\n"
+    << "  --galore-rank R      GaLore's projection rank, 1 <= R <= min(in, out) (default " << d.galore_rank << ")\n"
+    << "  --galore-gap T       GaLore's steps between two SVDs of the gradient (default " << d.galore_gap << ")\n"
+    << "  --galore-scale A     GaLore's scale alpha of the projected update (default " << d.galore_scale << ")\n"
+    << "  --methods LIST       comma list of full, lora, relora, seed, dora, relora_dora, galore; or all\n"
     << "                       (default all)\n"
     << "  --save-adapter DIR   write LoRA's trained adapter there as a PEFT adapter (adapter_model.safetensors,\n"
     << "                       adapter_config.json) with the base weight (base_model.safetensors, module 'proj')\n"

@@ -17,14 +17,15 @@ enum class Method {
   seed_relora,    // seed 000's own restart: A and B re-drawn N(0, 0.01), Adam moments kept
   dora,           // DoRA (DoraLinear): LoRA's adapter plus a trainable row magnitude m, never merged
   relora_dora,    // ReLoRA's restarts on the DoRA layer: W <- diag(g) (W + s B A), m = row norms
+  galore,         // W itself trains with GaLore: Adam's state in a rank --galore-rank gradient subspace
 };
 
-// The name --methods takes ("full", "lora", "relora", "seed", "dora", "relora_dora").
+// The name --methods takes ("full", "lora", "relora", "seed", "dora", "relora_dora", "galore").
 const char* method_key(Method method);
 // The name in the table and the plot's legend.
 const char* method_label(Method method);
 // The method's column in losses.csv: the label for the first four methods, as the CSV has always
-// had them, and the short key for the DoRA methods ("dora", "relora_dora").
+// had them, and the short key for the later ones ("dora", "relora_dora", "galore").
 const char* method_column(Method method);
 std::vector<Method> all_methods();
 
@@ -42,6 +43,9 @@ struct Options {
   std::string out_dir = ".";         // where losses.csv and losses.svg go
   Device backend = Device::cpu;
   std::int64_t restart_warmup = 0;   // ReLoRA's linear re-warmup after each restart, 0 <= w <= T
+  Index galore_rank = 4;             // GaLore's projection rank, 1 <= r <= min(in_features, out_features)
+  std::int64_t galore_gap = 50;      // GaLore's T: steps between two SVDs of W's gradient
+  double galore_scale = 1;           // GaLore's alpha (its paper's 0.25 is for large models' lr)
   std::vector<Method> methods = all_methods();
   std::string save_adapter;          // when set: LoRA's trained adapter as a PEFT adapter folder
   bool help = false;                 // --help was given: print usage_text() and stop
@@ -50,7 +54,7 @@ struct Options {
 // Parses the arguments after the program name. Accepts "--flag value" and "--flag=value".
 // Throws ConfigError naming the flag and the value for an unknown flag, a missing value, a value
 // that is not a number of the right kind, a count that is zero or negative, or a combination out
-// of range (rank above min(in, out), re-warmup longer than the restart period).
+// of range (rank or GaLore rank above min(in, out), re-warmup longer than the restart period).
 Options parse_options(const std::vector<std::string>& args);
 
 // The --help text: every flag with its default.

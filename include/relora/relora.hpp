@@ -1,6 +1,7 @@
 #pragma once
 // Everything relora offers, in one include.
 #include "relora/optimizers/adam.hpp"
+#include "relora/optimizers/galore.hpp"
 #include "relora/optimizers/optimizer.hpp"
 #include "relora/core/backend.hpp"
 #include "relora/io/checkpoint.hpp"
