@@ -132,7 +132,11 @@ TEST_CASE("galore: two projected steps equal the formulas computed by hand, in e
     }
     const double diff = max_abs_diff(w.value(), W);
     INFO("max |W - W_by_hand| = " << diff);
-    CHECK(diff < 1e-12);
+    // Looser than the moments' 1e-12: Adam's first step is R / (|R| + eps), so an entry of R near
+    // zero turns the projection's last-bit rounding (which differs with the compiler's contraction
+    // of products into FMAs: a native build computes R in another order) into a larger change of N.
+    // Here the worst is about 2e-11 in a -march=native build.
+    CHECK(diff < 1e-10);
     CHECK(max_abs_diff(to_host(*backend, galore.m(0)), m) < 1e-12);
     CHECK(max_abs_diff(to_host(*backend, galore.v(0)), v) < 1e-12);
     if (left) CHECK(max_abs_diff(to_host(*backend, galore.P(0)), P) < 1e-12);
