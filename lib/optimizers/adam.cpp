@@ -3,6 +3,7 @@
 #include <cmath>
 #include <set>
 
+#include "optimizers/adam_hyperparameters.hpp"
 #include "optimizers/adam_kernels.hpp"
 #include "relora/core/host_matrix.hpp"
 
@@ -10,15 +11,7 @@ namespace relora {
 namespace {
 
 void validate(const AdamConfig& c) {
-  auto check = [](bool ok, const std::string& what) {
-    if (!ok) throw ConfigError("Adam: " + what);
-  };
-  check(std::isfinite(c.lr) && c.lr >= 0, "lr " + std::to_string(c.lr) + " must be finite and >= 0");
-  check(c.beta1 >= 0 && c.beta1 < 1, "beta1 " + std::to_string(c.beta1) + " must be in [0, 1)");
-  check(c.beta2 >= 0 && c.beta2 < 1, "beta2 " + std::to_string(c.beta2) + " must be in [0, 1)");
-  check(std::isfinite(c.eps) && c.eps > 0, "eps " + std::to_string(c.eps) + " must be > 0");
-  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
-        "weight_decay " + std::to_string(c.weight_decay) + " must be >= 0");
+  check_adam_hyperparameters("Adam", c.lr, c.beta1, c.beta2, c.eps, c.weight_decay);
 }
 
 std::string tensor_name(const std::string& param, const char* what) { return param + "." + what; }

@@ -7,6 +7,7 @@
 
 #include "optimizers/adam_kernels.hpp"
 #include "optimizers/galore_kernels.hpp"
+#include "optimizers/adam_hyperparameters.hpp"
 #include "optimizers/galore_projected.hpp"
 #include "optimizers/galore_subspace.hpp"
 #include "relora/core/host_matrix.hpp"
@@ -15,15 +16,10 @@ namespace relora {
 namespace {
 
 void validate(const GaloreConfig& c) {
+  check_adam_hyperparameters("GaLore", c.lr, c.beta1, c.beta2, c.eps, c.weight_decay);
   auto check = [](bool ok, const std::string& what) {
     if (!ok) throw ConfigError("GaLore: " + what);
   };
-  check(std::isfinite(c.lr) && c.lr >= 0, "lr " + std::to_string(c.lr) + " must be finite and >= 0");
-  check(c.beta1 >= 0 && c.beta1 < 1, "beta1 " + std::to_string(c.beta1) + " must be in [0, 1)");
-  check(c.beta2 >= 0 && c.beta2 < 1, "beta2 " + std::to_string(c.beta2) + " must be in [0, 1)");
-  check(std::isfinite(c.eps) && c.eps > 0, "eps " + std::to_string(c.eps) + " must be > 0");
-  check(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
-        "weight_decay " + std::to_string(c.weight_decay) + " must be >= 0");
   check(c.rank >= 1, "rank " + std::to_string(c.rank) + " must be >= 1");
   check(c.update_gap >= 1, "update_gap (T) " + std::to_string(c.update_gap) + " must be >= 1");
   check(std::isfinite(c.scale) && c.scale > 0, "scale " + std::to_string(c.scale) + " must be finite and > 0");
