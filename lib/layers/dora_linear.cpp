@@ -20,6 +20,13 @@ void validate(const DoraConfig& c) {
     if (message.rfind("LoraLinear", 0) == 0) message.replace(0, 10, "DoraLinear");
     throw ConfigError(message);
   }
+  if (c.lora.base_precision != BasePrecision::fp32) {
+    // DoRA reads W in more products than X W^T and dY W (W A^T, its row norms, diag(q) W), which
+    // FrozenBase does not offer yet.
+    throw ConfigError("DoraLinear " + std::to_string(c.lora.in_features) + " -> " +
+                      std::to_string(c.lora.out_features) + ": base_precision " +
+                      precision_name(c.lora.base_precision) + " is not supported for DoRA yet; use fp32");
+  }
   if (!(c.eps > 0) || !std::isfinite(c.eps)) {
     throw ConfigError("DoraLinear " + std::to_string(c.lora.in_features) + " -> " +
                       std::to_string(c.lora.out_features) + ": eps " + std::to_string(c.eps) +
