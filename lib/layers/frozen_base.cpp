@@ -184,10 +184,11 @@ void FrozenBase<T>::add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A) {
     const RngKey key{rounding_key_.seed, rounding_stream_};
     if (mode == HalfRounding::stochastic) ++rounding_stream_;
     const Index block_rows = merge_block_rows(d_, k_);
-    Tensor<T> block = be.allocate(block_rows, k_);
+    // Kept from the first merge on, so that a restart in a steady run allocates nothing.
+    if (merge_block_.empty()) merge_block_ = be.allocate(block_rows, k_);
     for (Index first = 0; first < d_; first += block_rows) {
       const Index rows = std::min(block_rows, d_ - first);
-      Tensor<T> sum(block.data(), rows, k_, block.device(), [](T*) {});
+      Tensor<T> sum(merge_block_.data(), rows, k_, merge_block_.device(), [](T*) {});
       kernels_->widen(bits() + first * k_, rows * k_, precision_, sum.data());
       be.gemm(Trans::no, Trans::no, s, row_view(B, first, rows), A, T(1), sum);
       // element index first * k + i: the same draws whatever the block size
@@ -298,7 +299,7 @@ void FrozenBase<T>::random_bias(RngKey key, T low, T high) {
 
 template <typename T>
 std::size_t FrozenBase<T>::weight_bytes() const {
-  return std::size_t(W_.size() + master_.size()) * sizeof(T);
+  return std::size_t(W_.size() + master_.size() + merge_block_.size()) * sizeof(T);
 }
 
 template class FrozenBase<float>;

@@ -90,7 +90,8 @@ class FrozenBase {
   std::uint64_t rounding_stream() const { return rounding_stream_; }
   void set_rounding_stream(std::uint64_t stream) { rounding_stream_ = stream; }
 
-  // Bytes of the base on the device: W, its master and scratch (for benchmarks and docs).
+  // Bytes of the base on the device: W, its master, and the merge scratch of a 16-bit W without
+  // one (at most 16 MiB, kept from the first merge on) (for benchmarks and docs).
   std::size_t weight_bytes() const;
 
  private:
@@ -113,6 +114,7 @@ class FrozenBase {
   Tensor<T> W_;        // fp32 W, or (16-bit) raw storage of d * k 16-bit values
   Tensor<T> master_;   // fp32 master of a 16-bit W (BaseMerge::fp32_master, or W trains)
   Tensor<T> b_;        // 1 x d
+  Tensor<T> merge_block_;  // rows of W + s B A in fp32 while a merge without a master rounds them
   std::unique_ptr<FrozenBaseKernels> kernels_;
 };
 
