@@ -72,13 +72,19 @@ void FrozenBase<T>::require_half(const char* operation) const {
 }
 
 template <typename T>
-void FrozenBase<T>::forward(const Tensor<T>& X, Tensor<T>& Y) {
+void FrozenBase<T>::product(const Tensor<T>& X, Tensor<T>& Y) {
   if (!low_precision()) {
     backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y);
   } else if constexpr (std::is_same<T, float>::value) {
-    require_shape(Y, X.rows(), d_, "FrozenBase forward Y");
+    require_shape(X, X.rows(), k_, "FrozenBase product X");
+    require_shape(Y, X.rows(), d_, "FrozenBase product Y");
     kernels_->forward_product(X, bits(), precision_, Y);
   }
+}
+
+template <typename T>
+void FrozenBase<T>::forward(const Tensor<T>& X, Tensor<T>& Y) {
+  product(X, Y);
   if (has_bias()) backend_->add_row_vector(b_, Y);
 }
 

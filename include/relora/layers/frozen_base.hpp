@@ -47,6 +47,8 @@ class FrozenBase {
 
   // Y = X W^T (+ b).
   void forward(const Tensor<T>& X, Tensor<T>& Y);
+  // Y = X W^T, without the bias (for a layer that adds it in a pass of its own).
+  void product(const Tensor<T>& X, Tensor<T>& Y);
   // dX = dY W + beta dX.
   void input_gradient(const Tensor<T>& dY, T beta, Tensor<T>& dX);
 
