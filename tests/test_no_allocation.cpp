@@ -230,7 +230,8 @@ TEST_CASE("a steady step of a bf16 or fp16 base, ReLoRA restarts included, alloc
         const long news = g_allocations.load(), mallocs = g_mallocs.load();
         for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // two more restarts in here
         const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
-        MESSAGE(std::string(precision_name(precision)) << " " << base_merge_name(merge) << ", " << threads
+        const std::string what = std::string(precision_name(precision)) + " " + base_merge_name(merge);
+        MESSAGE(what << ", " << threads
                                           << " thread(s): operator new calls in 6 steady steps: " << new_calls
                                           << ", malloc calls: " << malloc_calls);
         CHECK(new_calls == 0);
