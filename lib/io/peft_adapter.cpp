@@ -437,23 +437,24 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
     Pending p;
     const std::string w_key = prefix + name + ".weight", b_key = prefix + name + ".bias";
     if (!file.contains(w_key)) fail("tensor '" + w_key + "' (the weight of layer '" + name + "') is missing");
-    const auto* lora = dynamic_cast<const LoraLinear<float>*>(&model.layer(i));
-    const bool same_format = lora && lora->base().low_precision() &&
-                             file.dtype(w_key) == (lora->base().precision() == BasePrecision::bf16 ? Dtype::BF16
-                                                                                                  : Dtype::F16);
+    const FrozenBase<float>& base =
+        visit_adapter_layer(model, i, who, [](const auto& l) -> const FrozenBase<float>& { return l.base(); });
+    const bool same_format =
+        base.low_precision() &&
+        file.dtype(w_key) == (base.precision() == BasePrecision::bf16 ? Dtype::BF16 : Dtype::F16);
     if (same_format) {
       const std::vector<std::int64_t> got = file.shape(w_key);
       if (got != std::vector<std::int64_t>{d, k}) {
         fail("tensor '" + w_key + "' has shape " + shape_text(got) + ", layer '" + name + "' (" + std::to_string(k) +
              " -> " + std::to_string(d) + ") needs " + shape_text({d, k}));
       }
-      HalfHostMatrix h{lora->base().precision(), d, k, std::vector<std::uint16_t>(std::size_t(d * k))};
+      HalfHostMatrix h{base.precision(), d, k, std::vector<std::uint16_t>(std::size_t(d * k))};
       const std::uint8_t* bytes = file.raw_data(w_key);
       for (std::size_t j = 0; j < h.bits.size(); ++j) {
         h.bits[j] = std::uint16_t(bytes[2 * j] | (std::uint16_t(bytes[2 * j + 1]) << 8));
       }
       try {
-        lora->base().check_weight_bits(h, "tensor '" + w_key + "'");
+        base.check_weight_bits(h, "tensor '" + w_key + "'");
       } catch (const IoError& e) {
         fail(e.what());
       }
@@ -475,14 +476,12 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
     pending.push_back(std::move(p));
   }
   for (std::size_t i = 0; i < model.size(); ++i) {
-    if (pending[i].keeps_format) {
-      auto& lora = dynamic_cast<LoraLinear<float>&>(model.layer(i));
-      lora.base().set_weight_bits(pending[i].W_bits);
-      if (lora.has_bias()) lora.set_b(pending[i].b);
-      continue;
-    }
     visit_adapter_layer(model, i, "load_base_weights", [&](auto& l) {
-      l.set_W(pending[i].W);
+      if (pending[i].keeps_format) {
+        l.set_W_bits(pending[i].W_bits);
+      } else {
+        l.set_W(pending[i].W);
+      }
       if (l.has_bias()) l.set_b(pending[i].b);
     });
     if (auto* dora = dynamic_cast<DoraLinear<float>*>(&model.layer(i))) {
@@ -498,9 +497,10 @@ void save_base_weights(const Model<float>& model, const std::string& safetensors
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   for (std::size_t i = 0; i < model.size(); ++i) {
-    const auto* lora = dynamic_cast<const LoraLinear<float>*>(&model.layer(i));
-    if (lora && lora->base().low_precision()) {  // a 16-bit W in its own format, bit for bit
-      const HalfHostMatrix W = lora->base().weight_bits();
+    const FrozenBase<float>& base = visit_adapter_layer(
+        model, i, "save_base_weights", [](const auto& l) -> const FrozenBase<float>& { return l.base(); });
+    if (base.low_precision()) {  // a 16-bit W in its own format, bit for bit
+      const HalfHostMatrix W = base.weight_bits();
       std::vector<std::uint8_t> bytes(W.bits.size() * 2);
       for (std::size_t j = 0; j < W.bits.size(); ++j) {
         bytes[2 * j] = std::uint8_t(W.bits[j] & 0xFF);
@@ -508,9 +508,9 @@ void save_base_weights(const Model<float>& model, const std::string& safetensors
       }
       writer.add_raw(prefix + model.name(i) + ".weight", W.format == BasePrecision::bf16 ? Dtype::BF16 : Dtype::F16,
                      {W.rows, W.cols}, bytes.data());
-      if (lora->has_bias()) {
-        const HostMatrix<float> b = to_host(backend, lora->b());
-        writer.add(prefix + model.name(i) + ".bias", {lora->out_features()}, b.data());
+      if (base.has_bias()) {
+        const HostMatrix<float> b = to_host(backend, base.bias());
+        writer.add(prefix + model.name(i) + ".bias", {base.out_features()}, b.data());
       }
       continue;
     }

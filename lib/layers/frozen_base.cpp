@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "layers/frozen_base_kernels.hpp"
+#include "layers/merge_check.hpp"
 
 namespace relora {
 namespace {
@@ -138,51 +139,53 @@ void FrozenBase<T>::round_into_weight(const Tensor<T>& src, HalfRounding mode) {
 
 template <typename T>
 void FrozenBase<T>::check_add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A,
-                                       const std::function<void(const std::string&)>& refuse) {
-  Backend<T>& be = *backend_;
-  const double a = double(be.max_abs(A)), b = double(be.max_abs(B));
-  if (!std::isfinite(a)) refuse("lora_A holds NaN or Inf");
-  if (!std::isfinite(b)) refuse("lora_B holds NaN or Inf");
-  const Tensor<T>& fp32 = low_precision() && has_master() ? master_ : W_;
-  double w = 0;
+                                       const std::function<void(const std::string&)>& refuse,
+                                       const std::function<double()>& row_factor, const RowBlock& finish) {
+  const auto factor = [&] { return row_factor ? row_factor() : 1.0; };
+  const auto apply = [&](Index first, Tensor<T>& rows) {
+    if (finish) finish(first, rows);
+  };
+  // An fp32 W, or the master a 16-bit W is rounded from. (A 16-bit W saturates at its format's
+  // largest value, so fp32 finiteness is all a merge needs.)
   if (!low_precision() || has_master()) {
-    w = double(be.max_abs(fp32));
-  } else if constexpr (std::is_same<T, float>::value) {
-    w = kernels_->max_abs(bits(), d_ * k_, precision_);
+    check_merge_finite(*backend_, low_precision() ? master_ : W_, s, B, A, refuse, factor, apply);
+    return;
   }
-  if (!std::isfinite(w)) refuse("W holds NaN or Inf");
-  // Every entry is at most max|W| + |s| r max|B| max|A|: finite with room to spare, nothing more
-  // to check. Otherwise the sums are formed a block of rows at a time. (A 16-bit W saturates at
-  // its format's largest value, so fp32 finiteness is all a merge needs.)
-  const double bound = w + std::abs(double(s)) * double(A.rows()) * b * a;
-  if (bound <= 0.5 * double(std::numeric_limits<T>::max())) return;
-  const Index block_rows = merge_block_rows(d_, k_);
-  Tensor<T> block = be.allocate(block_rows, k_);  // a merge, not a training step
-  for (Index first = 0; first < d_; first += block_rows) {
-    const Index rows = std::min(block_rows, d_ - first);
-    Tensor<T> sum(block.data(), rows, k_, block.device(), [](T*) {});
-    if (!low_precision() || has_master()) {
-      be.copy(row_view(fp32, first, rows), sum);
-    } else if constexpr (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value) {
+    Backend<T>& be = *backend_;
+    const double a = double(be.max_abs(A)), b = double(be.max_abs(B));
+    if (!std::isfinite(a)) refuse("lora_A holds NaN or Inf");
+    if (!std::isfinite(b)) refuse("lora_B holds NaN or Inf");
+    const double w = kernels_->max_abs(bits(), d_ * k_, precision_);
+    if (!std::isfinite(w)) refuse("W holds NaN or Inf");
+    // As merge_check.hpp: every entry is at most factor (max|W| + |s| r max|B| max|A|).
+    const double bound = factor() * (w + std::abs(double(s)) * double(A.rows()) * b * a);
+    if (bound <= 0.5 * double(std::numeric_limits<T>::max())) return;
+    const Index block_rows = merge_block_rows(d_, k_);
+    Tensor<T> block = be.allocate(block_rows, k_);  // a merge, not a training step, and rare
+    for (Index first = 0; first < d_; first += block_rows) {
+      const Index rows = std::min(block_rows, d_ - first);
+      Tensor<T> sum(block.data(), rows, k_, block.device(), [](T*) {});
       kernels_->widen(bits() + first * k_, rows * k_, precision_, sum.data());
-    }
-    be.gemm(Trans::no, Trans::no, s, row_view(B, first, rows), A, T(1), sum);
-    if (!std::isfinite(double(be.max_abs(sum)))) {
-      refuse("in rows [" + std::to_string(first) + ", " + std::to_string(first + rows) + ")");
+      be.gemm(Trans::no, Trans::no, s, row_view(B, first, rows), A, T(1), sum);
+      apply(first, sum);
+      if (!std::isfinite(double(be.max_abs(sum)))) {
+        refuse("in rows [" + std::to_string(first) + ", " + std::to_string(first + rows) + ")");
+      }
     }
   }
 }
 
 template <typename T>
-void FrozenBase<T>::add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A) {
+void FrozenBase<T>::add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A, const RowBlock& before,
+                                 const RowBlock& after) {
   Backend<T>& be = *backend_;
-  if (!low_precision()) {
-    be.gemm(Trans::no, Trans::no, s, B, A, T(1), W_);
-    return;
-  }
-  if (has_master()) {
-    be.gemm(Trans::no, Trans::no, s, B, A, T(1), master_);  // exact to fp32 rounding
-    round_into_weight(master_, HalfRounding::nearest);
+  if (!low_precision() || has_master()) {
+    Tensor<T>& W = low_precision() ? master_ : W_;  // exact to fp32 rounding
+    if (before) before(0, W);
+    be.gemm(Trans::no, Trans::no, s, B, A, T(1), W);
+    if (after) after(0, W);
+    if (low_precision()) round_into_weight(master_, HalfRounding::nearest);
     return;
   }
   if constexpr (std::is_same<T, float>::value) {
@@ -196,9 +199,29 @@ void FrozenBase<T>::add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A) {
       const Index rows = std::min(block_rows, d_ - first);
       Tensor<T> sum(merge_block_.data(), rows, k_, merge_block_.device(), [](T*) {});
       kernels_->widen(bits() + first * k_, rows * k_, precision_, sum.data());
+      if (before) before(first, sum);
       be.gemm(Trans::no, Trans::no, s, row_view(B, first, rows), A, T(1), sum);
+      if (after) after(first, sum);
       // element index first * k + i: the same draws whatever the block size
       kernels_->round(sum.data(), rows * k_, first * k_, precision_, mode, key, bits() + first * k_);
+    }
+  }
+}
+
+template <typename T>
+void FrozenBase<T>::for_each_row_block(const RowBlock& f) {
+  if (!low_precision()) {
+    f(0, W_);
+    return;
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    const Index block_rows = merge_block_rows(d_, k_);
+    if (merge_block_.empty()) merge_block_ = backend_->allocate(block_rows, k_);
+    for (Index first = 0; first < d_; first += block_rows) {
+      const Index rows = std::min(block_rows, d_ - first);
+      Tensor<T> block(merge_block_.data(), rows, k_, merge_block_.device(), [](T*) {});
+      kernels_->widen(bits() + first * k_, rows * k_, precision_, block.data());
+      f(first, block);
     }
   }
 }

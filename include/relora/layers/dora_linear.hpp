@@ -72,6 +72,7 @@
 
 #include "relora/core/host_matrix.hpp"
 #include "relora/layers/layer.hpp"
+#include "relora/layers/frozen_base.hpp"
 #include "relora/layers/lora_config.hpp"
 
 namespace relora {
@@ -146,8 +147,10 @@ class DoraLinear : public Layer<T> {
   Index rank() const { return config_.lora.rank; }
   bool has_bias() const { return config_.lora.bias != BiasMode::none; }
 
-  const Tensor<T>& W() const { return W_; }
-  const Tensor<T>& b() const { return b_; }
+  // W as fp32 (a 16-bit W's master; ConfigError for a 16-bit W without one: use base()).
+  const Tensor<T>& W() const { return base_.weight(); }
+  const Tensor<T>& b() const { return base_.bias(); }
+  const FrozenBase<T>& base() const { return base_; }
   const Tensor<T>& A() const { return A_; }
   const Tensor<T>& B() const { return B_; }
   const Tensor<T>& m() const { return m_; }
@@ -164,6 +167,8 @@ class DoraLinear : public Layer<T> {
 
   // Host-side setters, shapes checked.
   void set_W(const Eigen::Ref<const HostMatrix<T>>& W);
+  // A 16-bit W's bits, kept as they are (format and shape must be the layer's).
+  void set_W_bits(const HalfHostMatrix& W);
   void set_b(const Eigen::Ref<const HostMatrix<T>>& b);  // 1 x d or d x 1
   void set_A(const Eigen::Ref<const HostMatrix<T>>& A);
   void set_B(const Eigen::Ref<const HostMatrix<T>>& B);
@@ -194,7 +199,8 @@ class DoraLinear : public Layer<T> {
   DoraConfig config_;
   T scale_;
   T eps_;
-  Tensor<T> W_, b_, A_, B_, m_;
+  FrozenBase<T> base_;  // W and b, in fp32, bf16 or fp16
+  Tensor<T> A_, B_, m_;
   Tensor<T> dW_, db_, dA_, dB_, dm_;
   // Parameter-sized work: ||W_i||^2, P = W A^T, G = A A^T, B G, n, g, the exact mode's q,
   // diag(q) B and (diag(q) B)^T B, and the g of the last merge.

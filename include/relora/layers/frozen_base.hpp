@@ -64,12 +64,22 @@ class FrozenBase {
   Tensor<T>& bias() { return b_; }
   const Tensor<T>& bias() const { return b_; }
 
-  // Throws what add_low_rank() would refuse (refuse(where) throws, naming the layer): W + s B A
-  // holding NaN or Inf. Changes nothing.
+  // A block of W's rows as fp32: first_row, and the rows (a view of W itself for fp32, one block
+  // holding all of W; a widened copy, valid during the call, for 16-bit).
+  using RowBlock = std::function<void(Index first_row, Tensor<T>& rows)>;
+
+  // Throws what add_low_rank() would refuse (refuse(where) throws, naming the layer): F (W + s B A)
+  // holding NaN or Inf, where F scales rows (merge_check.hpp): row_factor() returns F's largest
+  // factor (1 without F) and finish(first, rows) applies F to a block of the sums. Changes nothing.
   void check_add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A,
-                          const std::function<void(const std::string&)>& refuse);
-  // W += s B A, landing in a 16-bit W as merge_mode() says (into the master when there is one).
-  void add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A);
+                          const std::function<void(const std::string&)>& refuse,
+                          const std::function<double()>& row_factor = {}, const RowBlock& finish = {});
+  // W = after(before(W) + s B A), `before` and `after` (optional) transforming blocks of rows in
+  // place, landing in a 16-bit W as merge_mode() says (into the master when there is one).
+  void add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A, const RowBlock& before = {},
+                    const RowBlock& after = {});
+  // f(first, rows) over W's rows as fp32, in blocks, in order (norms of rows, W A^T, Bq^T W).
+  void for_each_row_block(const RowBlock& f);
 
   // W as fp32 on the host (a 16-bit W widened, exact).
   HostMatrix<T> weight_host() const;

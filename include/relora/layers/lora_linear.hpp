@@ -105,6 +105,8 @@ class LoraLinear : public Layer<T> {
 
   // Host-side setters, shapes checked (for loading checkpoints, adapters and base weights).
   void set_W(const Eigen::Ref<const HostMatrix<T>>& W);
+  // A 16-bit W's bits, kept as they are (format and shape must be the layer's).
+  void set_W_bits(const HalfHostMatrix& W) { base_.set_weight_bits(W); }
   void set_b(const Eigen::Ref<const HostMatrix<T>>& b);  // 1 x d or d x 1
   void set_A(const Eigen::Ref<const HostMatrix<T>>& A);
   void set_B(const Eigen::Ref<const HostMatrix<T>>& B);
