@@ -8,7 +8,9 @@
 
 #include <random>
 
+#include "options.hpp"
 #include "relora/relora.hpp"
+#include "test_support.hpp"
 
 using namespace relora;
 
@@ -76,4 +78,15 @@ TEST_CASE("bf16 regression demo: ReLoRA with 20 restarts ends within 10% of fp32
   CHECK(stochastic <= 1.10 * fp32);
   CHECK(master <= 1.10 * fp32);
   CHECK(full16 <= 1.10 * full32);
+}
+
+TEST_CASE("relora_regression --precision and --base-merge") {
+  const demo::Options o = demo::parse_options({"--precision", "bf16", "--base-merge=master"});
+  CHECK(o.precision == BasePrecision::bf16);
+  CHECK(o.base_merge == BaseMerge::fp32_master);
+  CHECK(demo::parse_options({}).precision == BasePrecision::fp32);
+  const std::string message = relora::testing::what_of([] { demo::parse_options({"--precision", "fp8"}); });
+  MESSAGE(message);
+  CHECK(message.find("fp8") != std::string::npos);
+  CHECK(demo::usage_text().find("--precision") != std::string::npos);
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "relora/core/tensor.hpp"
+#include "relora/layers/lora_config.hpp"
 
 namespace relora::demo {
 
@@ -44,6 +45,8 @@ struct Options {
   std::int64_t restart_warmup = 0;   // ReLoRA's linear re-warmup after each restart, 0 <= w <= T
   std::vector<Method> methods = all_methods();
   std::string save_adapter;          // when set: LoRA's trained adapter as a PEFT adapter folder
+  BasePrecision precision = BasePrecision::fp32;  // how W is stored (full fine-tuning: an fp32 master)
+  BaseMerge base_merge = BaseMerge::stochastic;   // how a merge lands in a bf16 or fp16 W
   bool help = false;                 // --help was given: print usage_text() and stop
 };
 
