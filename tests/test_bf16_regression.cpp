@@ -39,16 +39,16 @@ Data make_data() {
 }
 
 double final_loss(const Data& data, TrainingMethod method, BasePrecision precision, BaseMerge merge,
-                  std::int64_t steps) {
+                  std::int64_t steps, std::int64_t restart_every = 50, double lr = 1e-2) {
   auto backend = make_backend<float>(Device::cpu);
   Model<float> model(backend);
   const LoraConfig config{.in_features = 10, .out_features = 5, .rank = 4, .alpha = 4, .seed = 42,
                           .base_precision = precision, .base_merge = merge};
   model.add(config, Activation::identity, data.W0, "proj");
   TrainerConfig trainer_config;
-  trainer_config.adam.lr = 1e-2;
+  trainer_config.adam.lr = lr;
   trainer_config.method = method;
-  trainer_config.relora = {.restart_every = 50, .reset = OptimizerReset::full};
+  trainer_config.relora = {.restart_every = restart_every, .reset = OptimizerReset::full};
   Trainer<float> trainer(model, trainer_config);
   Tensor<float> X = to_backend<float>(*backend, data.X, "X"), y = to_backend<float>(*backend, data.y, "y");
   for (std::int64_t step = 0; step < steps; ++step) trainer.step(X, y);
@@ -78,6 +78,28 @@ TEST_CASE("bf16 regression demo: ReLoRA with 20 restarts ends within 10% of fp32
   CHECK(stochastic <= 1.10 * fp32);
   CHECK(master <= 1.10 * fp32);
   CHECK(full16 <= 1.10 * full32);
+}
+
+TEST_CASE("bf16 regression demo with small merges (a restart every 2 steps, lr 3e-4): nearest falls behind") {
+  // 2000 restarts, each merging two small Adam steps: most updates are below half a unit in the
+  // last place of W, which round-to-nearest drops at every merge.
+  const Data data = make_data();
+  const std::int64_t steps = 4000, every = 2;
+  const double lr = 3e-4;
+  const double fp32 = final_loss(data, TrainingMethod::relora, BasePrecision::fp32, BaseMerge::stochastic, steps, every, lr);
+  const double stochastic =
+      final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::stochastic, steps, every, lr);
+  const double master =
+      final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::fp32_master, steps, every, lr);
+  const double nearest =
+      final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::nearest, steps, every, lr);
+  MESSAGE("ReLoRA, 2000 restarts, lr 3e-4, final loss: fp32 " << fp32 << "; bf16 stochastic " << stochastic << " ("
+                                                               << stochastic / fp32 << "x), fp32 master " << master
+                                                               << " (" << master / fp32 << "x), nearest " << nearest
+                                                               << " (" << nearest / fp32 << "x)");
+  CHECK(stochastic <= 1.02 * fp32);
+  CHECK(master <= 1.02 * fp32);
+  CHECK(nearest >= 1.10 * fp32);  // what stochastic rounding and the master are for
 }
 
 TEST_CASE("relora_regression --precision and --base-merge") {
