@@ -1,7 +1,7 @@
 // A bf16 or fp16 base on CUDA: X W^T and dY W on tensor cores (cublasGemmEx, 16-bit inputs, fp32
 // accumulation and output). cuBLAS takes both inputs in one format, so the fp32 operand (X, dY)
-// is first rounded to nearest into a 16-bit buffer kept by this object (allocated through the
-// backend, grown only when a larger batch appears: a steady step allocates nothing). That cast
+// is first rounded to nearest into a 16-bit buffer shared by the backend's layers (allocated
+// through the backend, grown only when a larger batch appears: a steady step allocates nothing). That cast
 // reads 4 and writes 2 bytes per element, beside the product's 2 d flops per element.
 // Rounding and widening are grid-stride loops over the same functions the CPU uses
 // (half_precision.hpp), so both devices give the same bits.
@@ -10,6 +10,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
@@ -60,9 +64,35 @@ __global__ void max_abs_kernel(std::int64_t count, const std::uint16_t* __restri
 
 cudaDataType_t cuda_type(BasePrecision format) { return format == BasePrecision::bf16 ? CUDA_R_16BF : CUDA_R_16F; }
 
+// The 16-bit copy of a product's fp32 operand, one per backend: the layers of a model run their
+// products one after the other on the backend's stream, so they can share it (a model of L
+// layers then holds one buffer of the largest n x max(k, d), not L). Grown through the backend
+// (so its allocation count, which a recorded step checks, sees the change); released with the
+// last layer that uses it.
+struct SharedCast {
+  Tensor<float> storage;
+  Index capacity = 0;  // 16-bit values
+
+  static std::shared_ptr<SharedCast> of(const CudaContext* context) {
+    static std::mutex mutex;
+    static std::map<const CudaContext*, std::weak_ptr<SharedCast>> by_context;
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = by_context.begin(); it != by_context.end();) {  // forget those of gone backends
+      it = it->second.expired() ? by_context.erase(it) : std::next(it);
+    }
+    std::shared_ptr<SharedCast> cast = by_context[context].lock();
+    if (!cast) {
+      cast = std::make_shared<SharedCast>();
+      by_context[context] = cast;
+    }
+    return cast;
+  }
+};
+
 class CudaFrozenBaseKernels final : public FrozenBaseKernels {
  public:
-  explicit CudaFrozenBaseKernels(Backend<float>& backend) : backend_(&backend), context_(&cuda_context(backend)) {
+  explicit CudaFrozenBaseKernels(Backend<float>& backend)
+      : backend_(&backend), context_(&cuda_context(backend)), cast_(SharedCast::of(context_)) {
     context_->activate();
     RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
     RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, context_->stream()));
@@ -130,14 +160,14 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
  private:
   static constexpr std::size_t kWorkspaceBytes = std::size_t(4) << 20;
 
-  // At least `count` 16-bit values, grown through the backend (so its allocation count, which a
-  // recorded step checks, sees the change).
+  // At least `count` 16-bit values of the backend's shared cast buffer.
   std::uint16_t* cast_buffer(Index count) {
-    if (count > cast_capacity_) {
-      cast_ = backend_->allocate(1, (count + 1) / 2);
-      cast_capacity_ = count;
+    if (count > cast_->capacity) {
+      cast_->storage = Tensor<float>();  // the old one first: the peak stays one buffer
+      cast_->storage = backend_->allocate(1, (count + 1) / 2);
+      cast_->capacity = count;
     }
-    return reinterpret_cast<std::uint16_t*>(cast_.data());
+    return reinterpret_cast<std::uint16_t*>(cast_->storage.data());
   }
 
   Backend<float>* backend_;
@@ -145,8 +175,7 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
   BlasHandle blas_;
   DeviceMemory workspace_;
   DeviceMemory largest_;  // max_abs's result
-  Tensor<float> cast_;    // X or dY rounded to W's format
-  Index cast_capacity_ = 0;
+  std::shared_ptr<SharedCast> cast_;  // X or dY rounded to W's format
 };
 
 }  // namespace
