@@ -203,6 +203,15 @@ TEST_CASE("bf16 base stores W in 2 bytes per weight, and W() needs the fp32 mast
   CHECK(c.base().weight_bytes() == 64 * 32 * 6);
   CHECK(what_of([&] { (void)b.W(); }).find("stored in bf16 with no fp32 master") != std::string::npos);
   CHECK(c.W().rows() == 32);
+  // A weight beyond fp16's range is refused, not saturated.
+  LoraConfig fp16 = fp32;
+  fp16.base_precision = BasePrecision::fp16;
+  LoraLinear<float> h(*backend, fp16);
+  HostMatrix<float> big = HostMatrix<float>::Zero(32, 64);
+  big(2, 3) = 1e5f;
+  const std::string range_message = what_of([&] { h.set_W(big); });
+  MESSAGE(range_message);
+  CHECK(range_message.find("100000.000000 at (2, 3) is beyond fp16's largest value") != std::string::npos);
   // double layers have no 16-bit base
   auto dbl = make_backend<double>(Device::cpu);
   const LoraConfig dconfig{.in_features = 4, .out_features = 3, .rank = 1, .base_precision = BasePrecision::fp16};

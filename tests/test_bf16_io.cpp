@@ -38,6 +38,10 @@ std::vector<std::uint16_t> random_bits(Index count, BasePrecision format, std::m
   return bits;
 }
 
+double rel_error(const HostMatrix<float>& a, const HostMatrix<float>& b) {
+  return double((a - b).norm()) / std::max(double(b.norm()), 1e-30);
+}
+
 std::unique_ptr<Model<float>> model_of(BasePrecision precision, BaseMerge merge = BaseMerge::stochastic) {
   auto model = std::make_unique<Model<float>>(make_backend<float>(Device::cpu));
   model->add(LoraConfig{.in_features = 12, .out_features = 16, .rank = 3, .bias = BiasMode::frozen, .seed = 1,
@@ -74,6 +78,22 @@ TEST_CASE("load_base_weights keeps BF16/F16 tensors in their format; save_base_w
     const SafetensorsFile saved = SafetensorsFile::read(out);
     CHECK(saved.dtype("0.weight") == dtype);
     CHECK(std::memcmp(saved.raw_data("1.weight"), little_endian(W1).data(), W1.size() * 2) == 0);
+
+    // A DoRA model keeps the bits too, and takes m from the 16-bit W as PEFT would.
+    auto dora = std::make_unique<Model<float>>(make_backend<float>(Device::cpu));
+    dora->add(std::make_unique<DoraLinear<float>>(
+                  dora->backend(), DoraConfig{.lora = {.in_features = 12, .out_features = 16, .rank = 3,
+                                                       .bias = BiasMode::frozen, .base_precision = format}}),
+              Activation::relu, "0");
+    dora->add(std::make_unique<DoraLinear<float>>(
+                  dora->backend(), DoraConfig{.lora = {.in_features = 16, .out_features = 4, .rank = 2,
+                                                       .base_precision = format}}),
+              Activation::identity, "1");
+    load_base_weights(*dora, path);
+    const auto& dora0 = dynamic_cast<const DoraLinear<float>&>(dora->layer(0));
+    CHECK(dora0.base().weight_bits().bits == W0);
+    const HostMatrix<float> norms = dora0.base().weight_host().cast<double>().rowwise().norm().transpose().cast<float>();
+    CHECK(rel_error(to_host(dora->backend(), dora0.m()), norms) <= 1e-6);
 
     // An fp32 model reads the same file exactly (every 16-bit value is a float).
     auto fp32 = model_of(BasePrecision::fp32);

@@ -59,7 +59,7 @@ const char* kind_text(bool dora) { return dora ? "a DoRA layer (kind \"dora\")" 
 // DoRA's m as PEFT initialises it when it wraps a Linear: the row norms of V = W + s B A (computed
 // in double, rounded once to float).
 HostMatrix<float> magnitude_init(Backend<float>& backend, const DoraLinear<float>& layer) {
-  const Eigen::MatrixXd V = to_host(backend, layer.W()).cast<double>() +
+  const Eigen::MatrixXd V = layer.base().weight_host().cast<double>() +  // a 16-bit W widened
                             static_cast<double>(layer.scale()) * to_host(backend, layer.B()).cast<double>() *
                                 to_host(backend, layer.A()).cast<double>();
   return V.rowwise().norm().transpose().cast<float>();

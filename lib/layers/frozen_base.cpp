@@ -284,10 +284,26 @@ void FrozenBase<T>::set_weight(const Eigen::Ref<const HostMatrix<T>>& W) {
     throw ShapeError(what + ": expected shape " + shape_string(d_, k_) + ", got " + shape_string(W.rows(), W.cols()));
   }
   require_finite<T>(W, what);
-  Tensor<T> exact = has_master() ? Tensor<T>() : backend_->allocate(d_, k_);  // transient, at load time
-  Tensor<T>& target = has_master() ? master_ : exact;
-  upload(*backend_, W, target, what);
-  round_into_weight(target, HalfRounding::nearest);
+  if (has_master()) {
+    upload(*backend_, W, master_, what);
+    round_into_weight(master_, HalfRounding::nearest);
+    return;
+  }
+  // Rounded on the host (the same function the device kernels run): no fp32 copy on the device.
+  HalfHostMatrix h{precision_, d_, k_, std::vector<std::uint16_t>(std::size_t(d_ * k_))};
+  const double largest = half_max(precision_);
+  for (Index i = 0; i < d_; ++i) {
+    for (Index j = 0; j < k_; ++j) {
+      if (std::abs(double(W(i, j))) > largest) {  // would saturate: refuse rather than change W
+        throw ShapeError(what + " " + shape_string(d_, k_) + ": " + std::to_string(double(W(i, j))) + " at (" +
+                         std::to_string(i) + ", " + std::to_string(j) + ") is beyond " + precision_name(precision_) +
+                         "'s largest value " + std::to_string(largest));
+      }
+      h.bits[std::size_t(i * k_ + j)] =
+          half_bits::round_float(float(W(i, j)), precision_, HalfRounding::nearest, 0.0f);
+    }
+  }
+  set_weight_bits(h);
 }
 
 template <typename T>

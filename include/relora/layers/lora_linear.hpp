@@ -69,7 +69,8 @@ class LoraLinear : public Layer<T> {
   // Refuses with ConfigError naming the layer, W unchanged, if W + s B A would hold NaN or Inf.
   void merge() override;
   void check_merge() override;
-  // W -= s B A, undoing merge().
+  // W -= s B A, undoing merge() (to fp32 rounding with an fp32 W or master; a 16-bit W without
+  // one is rounded again, as merge() rounded it).
   void unmerge() override;
   bool merged() const override { return merged_; }
   // A fresh adapter: A re-drawn from the configured init, B = 0, so the output is unchanged.
