@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <functional>
 #include <random>
 
 #include "bf16_test_util.hpp"
@@ -97,7 +98,8 @@ TEST_CASE("stochastic rounding to bf16 and fp16 is unbiased and reproducible") {
     CHECK(std::fabs(sum / draws - x) < 5 * sd);
   }
   // The same key and index: the same bits, on any device (element i is a pure function of both).
-  const float u1 = half_bits::rounding_uniform(RngKey{1, 2}, 12345), u2 = half_bits::rounding_uniform(RngKey{1, 2}, 12345);
+  const float u1 = half_bits::rounding_uniform(RngKey{1, 2}, 12345);
+  const float u2 = half_bits::rounding_uniform(RngKey{1, 2}, 12345);
   CHECK(u1 == u2);
   CHECK(u1 >= 0.0f);
   CHECK(u1 < 1.0f);
@@ -125,8 +127,8 @@ TEST_CASE("bf16 and fp16 base: forward and every gradient match an fp32 layer on
                                                           to_host(*backend, layers.reference->dX()));
         const double e_da = rel(to_host(*backend, layers.half->dA()), to_host(*backend, layers.reference->dA()));
         const double e_db = rel(to_host(*backend, layers.half->dB()), to_host(*backend, layers.reference->dB()));
-        MESSAGE(std::string(precision_name(format)) << " d " << d << " bias " << int(bias) << ": Y " << e_y << ", dX " << e_dx
-                                       << ", dA " << e_da << ", dB " << e_db);
+        MESSAGE(std::string(precision_name(format)) << " d " << d << " bias " << int(bias) << ": Y " << e_y
+                                                    << ", dX " << e_dx << ", dA " << e_da << ", dB " << e_db);
         CHECK(e_y <= 1e-5);
         CHECK(e_dx <= 1e-5);
         CHECK(e_da <= 1e-5);
@@ -178,9 +180,13 @@ TEST_CASE("bf16 base: finite differences of the fp32 parts (A, B, trainable bias
     }
     return grad;
   };
-  const double e_a = rel(dA, numeric(to_host(*backend, layer->A()), [&](const HostMatrix<float>& v) { layer->set_A(v); }));
-  const double e_b = rel(dB, numeric(to_host(*backend, layer->B()), [&](const HostMatrix<float>& v) { layer->set_B(v); }));
-  const double e_bias = rel(db, numeric(to_host(*backend, layer->b()), [&](const HostMatrix<float>& v) { layer->set_b(v); }));
+  using Set = std::function<void(const HostMatrix<float>&)>;
+  const Set set_A = [&](const HostMatrix<float>& v) { layer->set_A(v); };
+  const Set set_B = [&](const HostMatrix<float>& v) { layer->set_B(v); };
+  const Set set_b = [&](const HostMatrix<float>& v) { layer->set_b(v); };
+  const double e_a = rel(dA, numeric(to_host(*backend, layer->A()), set_A));
+  const double e_b = rel(dB, numeric(to_host(*backend, layer->B()), set_B));
+  const double e_bias = rel(db, numeric(to_host(*backend, layer->b()), set_b));
   const double e_x = rel(dX, numeric(x, [&](const HostMatrix<float>& v) { upload<float>(*backend, v, X, "X"); }));
   MESSAGE("finite differences, relative error: dA " << e_a << ", dB " << e_b << ", db " << e_bias << ", dX " << e_x);
   CHECK(e_a <= 1e-3);

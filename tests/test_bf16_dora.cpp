@@ -69,9 +69,10 @@ TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on
         const double e_y = rel(y, y_ref), e_dx = e(pair.half->dX(), pair.reference->dX());
         const double e_da = e(pair.half->dA(), pair.reference->dA()), e_db = e(pair.half->dB(), pair.reference->dB());
         const double e_dm = e(pair.half->dm(), pair.reference->dm());
-        MESSAGE(std::string(precision_name(format)) << " " << std::string(gradient == DoraGradient::exact ? "exact" : "detached")
-                                                    << " " << k << " -> " << d << ": Y " << e_y << ", dX " << e_dx
-                                                    << ", dA " << e_da << ", dB " << e_db << ", dm " << e_dm);
+        const std::string mode = gradient == DoraGradient::exact ? "exact" : "detached";
+        MESSAGE(std::string(precision_name(format)) << " " << mode << " " << k << " -> " << d << ": Y " << e_y
+                                                    << ", dX " << e_dx << ", dA " << e_da << ", dB " << e_db
+                                                    << ", dm " << e_dm);
         CHECK(e_y <= 1e-5);
         CHECK(e_dx <= 1e-5);
         CHECK(e_da <= 1e-5);

@@ -92,7 +92,8 @@ TEST_CASE("load_base_weights keeps BF16/F16 tensors in their format; save_base_w
     load_base_weights(*dora, path);
     const auto& dora0 = dynamic_cast<const DoraLinear<float>&>(dora->layer(0));
     CHECK(dora0.base().weight_bits().bits == W0);
-    const HostMatrix<float> norms = dora0.base().weight_host().cast<double>().rowwise().norm().transpose().cast<float>();
+    const HostMatrix<float> norms =
+        dora0.base().weight_host().cast<double>().rowwise().norm().transpose().cast<float>();
     CHECK(rel_error(to_host(dora->backend(), dora0.m()), norms) <= 1e-6);
 
     // An fp32 model reads the same file exactly (every 16-bit value is a float).
@@ -148,7 +149,8 @@ TEST_CASE("a checkpoint of a bf16 ReLoRA run stores W as BF16 and resumes bit fo
                                .relora = {.restart_every = 4}};
     auto straight = model_of(BasePrecision::bf16, merge);
     Trainer<float> straight_trainer(*straight, config);
-    Tensor<float> X = to_backend<float>(straight->backend(), x, "X"), Y = to_backend<float>(straight->backend(), y, "Y");
+    Tensor<float> X = to_backend<float>(straight->backend(), x, "X");
+    Tensor<float> Y = to_backend<float>(straight->backend(), y, "Y");
     std::vector<float> losses;
     const std::string path = (dir.path() / "run.ckpt").string();
     for (int step = 0; step < 15; ++step) {

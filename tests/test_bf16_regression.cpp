@@ -66,7 +66,8 @@ TEST_CASE("bf16 regression demo: ReLoRA with 20 restarts ends within 10% of fp32
       final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::stochastic, steps);
   const double master = final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::fp32_master, steps);
   const double nearest = final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::nearest, steps);
-  const double full32 = final_loss(data, TrainingMethod::full_finetune, BasePrecision::fp32, BaseMerge::stochastic, steps);
+  const double full32 =
+      final_loss(data, TrainingMethod::full_finetune, BasePrecision::fp32, BaseMerge::stochastic, steps);
   const double full16 =
       final_loss(data, TrainingMethod::full_finetune, BasePrecision::bf16, BaseMerge::stochastic, steps);
   MESSAGE("ReLoRA, 20 restarts, final loss: fp32 " << fp32 << "; bf16 stochastic " << stochastic << " ("
@@ -86,7 +87,8 @@ TEST_CASE("bf16 regression demo with small merges (a restart every 2 steps, lr 3
   const Data data = make_data();
   const std::int64_t steps = 4000, every = 2;
   const double lr = 3e-4;
-  const double fp32 = final_loss(data, TrainingMethod::relora, BasePrecision::fp32, BaseMerge::stochastic, steps, every, lr);
+  const double fp32 =
+      final_loss(data, TrainingMethod::relora, BasePrecision::fp32, BaseMerge::stochastic, steps, every, lr);
   const double stochastic =
       final_loss(data, TrainingMethod::relora, BasePrecision::bf16, BaseMerge::stochastic, steps, every, lr);
   const double master =

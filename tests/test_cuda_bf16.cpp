@@ -56,7 +56,8 @@ TEST_CASE("cuda bf16 and fp16 base: forward and gradients against fp32 on the sa
       const double e_da = rel(to_host(*gpu, on_gpu.half->dA()), to_host(*cpu, on_cpu.half->dA()));
       const double e_db = rel(to_host(*gpu, on_gpu.half->dB()), to_host(*cpu, on_cpu.half->dB()));
       MESSAGE(std::string(precision_name(format)) << " " << k << " -> " << d << " ("
-                                                  << on_gpu.half->implementation() << "): Y vs fp32 " << e_y << ", vs CPU "
+                                                  << on_gpu.half->implementation() << "): Y vs fp32 " << e_y
+                                                  << ", vs CPU "
                                                   << e_y_cpu << "; dX vs fp32 " << e_dx << ", vs CPU " << e_dx_cpu
                                                   << "; dA vs CPU " << e_da << ", dB vs CPU " << e_db
                                                   << " (u = " << u << ")");

@@ -763,7 +763,8 @@ int main(int argc, char** argv) {
       std::string j = "{\n \"tool\": \"relora_bench\", \"date\": " + json_string(now_utc()) +
                       ", \"host\": " + json_string(host) + ",\n \"backend\": " + json_string(backend_name) +
                       ", \"math\": " + json_string(math_name) +
-                      ", \"precision\": " + json_string(relora::precision_name(o.precision)) + ", \"device\": " + json_string(backend->description()) +
+                      ", \"precision\": " + json_string(relora::precision_name(o.precision)) +
+                      ", \"device\": " + json_string(backend->description()) +
                       ",\n \"threads\": " + std::to_string(threads) + ", \"fma_peak_gflops\": " + json_number(fma_peak) +
                       ", \"scaling\": " + (o.scaling ? "true" : "false") +
                       ", \"fast_layers\": " + (o.fused ? "true" : "false") +

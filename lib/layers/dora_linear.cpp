@@ -248,7 +248,8 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
   base_.product(*input, Z_);                                    // Z = Xd W^T
   be.gemm(Trans::no, Trans::yes, T(1), *input, A_, T(0), U_);  // U = Xd A^T
   be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Z_);    // Z += s U B^T
-  kernels_->scale_columns_add(Z_, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);  // Y (+)= Z diag(g) + b
+  // Y (+)= Z diag(g) + b
+  kernels_->scale_columns_add(Z_, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);
   return Y_;
 }
 

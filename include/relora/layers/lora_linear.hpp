@@ -14,8 +14,9 @@
 //
 // The d x k matrix W + sBA is never formed in forward or backward; merge() adds it into W in
 // place, once it has checked that the result is finite. W and b live in a FrozenBase, which
-// stores W in fp32, bf16 or fp16 (config.base_precision) and runs X W^T, dY W and the merge. Per-batch buffers are sized on the first
-// forward and reused, so a steady training step allocates nothing.
+// stores W in fp32, bf16 or fp16 (config.base_precision) and runs X W^T, dY W and the merge.
+// Per-batch buffers are sized on the first forward and reused, so a steady training step
+// allocates nothing.
 #include <cstdint>
 #include <string>
 #include <vector>

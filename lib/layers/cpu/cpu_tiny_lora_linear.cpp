@@ -125,7 +125,8 @@ template <typename T>
 double CpuTinyLoraLinear<T>::forward_pass(const Tensor<T>& X, const Tensor<T>* target, T* dY) {
   this->begin_forward(X);
   const Index n = X.rows();
-  const LayerView<T> v{n, X.cols(), this->base_.weight().rows(), this->A_.rows(), X.data(), this->base_.weight().data(), this->A_.data(),
+  const Tensor<T>& W = this->base_.weight();
+  const LayerView<T> v{n, X.cols(), W.rows(), this->A_.rows(), X.data(), W.data(), this->A_.data(),
                        this->B_.data()};
   panels_.U_valid = false;  // until the panels hold this forward's U (and dY, dU)
   panels_.dY = {};
