@@ -313,6 +313,12 @@ TEST_CASE("full fine-tuning of a bf16 W trains its fp32 master and rounds W from
   const HostMatrix<float> expected = x * rounded(M, BasePrecision::bf16).transpose();
   CHECK(rel(y, expected) <= 1e-6);
   CHECK(to_host(*backend, layer->base().weight()) == M);  // the master keeps what the rounding lost
+  // ReLoRA's warm start: W trains, then the adapter. A step of the optimizer after the last
+  // forward must reach W when the target changes.
+  M.array() += 0.25f;
+  backend->upload(M.data(), *params[0].value);
+  layer->set_train_target(TrainTarget::adapter);
+  CHECK(layer->base().weight_host() == rounded(M, BasePrecision::bf16));
 }
 
 TEST_CASE("a bf16 layer's state restores bit for bit; a state of another precision is refused by name") {

@@ -175,8 +175,12 @@ void DoraLinear<T>::refresh_factors() {
 
 template <typename T>
 void DoraLinear<T>::set_train_target(TrainTarget target) {
-  // Leaving full fine-tuning: W changed in the optimizer's last step, after the last forward.
-  if (target != target_ && target_ == TrainTarget::base) refresh_W_norms();
+  // Leaving full fine-tuning: W changed in the optimizer's last step, after the last forward (a
+  // 16-bit W's master did: W is rounded from it first).
+  if (target != target_ && target_ == TrainTarget::base) {
+    base_.sync_from_master();
+    refresh_W_norms();
+  }
   target_ = target;
   if (target_ == TrainTarget::base && dW_.empty()) {
     dW_ = backend_->allocate(config_.lora.out_features, config_.lora.in_features);

@@ -90,6 +90,8 @@ void LoraLinear<T>::reinit() {
 
 template <typename T>
 void LoraLinear<T>::set_train_target(TrainTarget target) {
+  // Leaving full fine-tuning: the optimizer's last step changed a 16-bit W's master after the last forward.
+  if (target != target_ && target_ == TrainTarget::base) base_.sync_from_master();
   target_ = target;
   if (target_ == TrainTarget::base && dW_.empty()) {
     dW_ = backend_->allocate(config_.out_features, config_.in_features);
