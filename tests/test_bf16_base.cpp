@@ -118,11 +118,13 @@ TEST_CASE("bf16 and fp16 base: forward and every gradient match an fp32 layer on
         CHECK(std::string(layers.half->implementation()) == "reference");
         const Index n = 9;
         const HostMatrix<float> x = normal_matrix<float>(n, k, gen), dy = normal_matrix<float>(n, d, gen);
+        // A backward may use its dY as scratch (Layer::backward): one copy each.
         Tensor<float> X = to_backend<float>(*backend, x, "X"), dY = to_backend<float>(*backend, dy, "dY");
+        Tensor<float> dY_ref = to_backend<float>(*backend, dy, "dY");
         const HostMatrix<float> y_half = to_host(*backend, layers.half->forward(X));
         const HostMatrix<float> y_ref = to_host(*backend, layers.reference->forward(X));
         layers.half->backward(dY, true);
-        layers.reference->backward(dY, true);
+        layers.reference->backward(dY_ref, true);
         const double e_y = rel(y_half, y_ref), e_dx = rel(to_host(*backend, layers.half->dX()),
                                                           to_host(*backend, layers.reference->dX()));
         const double e_da = rel(to_host(*backend, layers.half->dA()), to_host(*backend, layers.reference->dA()));

@@ -57,12 +57,14 @@ TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on
                                 .gradient = gradient};
         DoraPair pair(*backend, config, format, BaseMerge::stochastic, gen);
         const HostMatrix<float> x = normal_matrix<float>(n, k, gen), dy = normal_matrix<float>(n, d, gen);
+        // A backward may use its dY as scratch (Layer::backward): one copy each.
         Tensor<float> X = to_backend<float>(*backend, x, "X"), dY = to_backend<float>(*backend, dy, "dY");
+        Tensor<float> dY_ref = to_backend<float>(*backend, dy, "dY");
         const HostMatrix<float> y = to_host(*backend, pair.half->forward(X));
         const HostMatrix<float> y_ref = to_host(*backend, pair.reference->forward(X));
         Tensor<float> dX_half = backend->allocate(n, k), dX_ref = backend->allocate(n, k);
         pair.half->backward(dY, &dX_half);
-        pair.reference->backward(dY, &dX_ref);
+        pair.reference->backward(dY_ref, &dX_ref);
         const auto e = [&](const Tensor<float>& a, const Tensor<float>& b) {
           return rel(to_host(*backend, a), to_host(*backend, b));
         };

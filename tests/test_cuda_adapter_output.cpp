@@ -43,6 +43,8 @@ void check_fused_against_separate(double cpu_tolerance) {
   auto gpu = make_backend<T>(Device::cuda);
   auto cpu = make_backend<T>(Device::cpu);
   for (const Shape& s : output_shapes()) {
+    // Under the sanitizer layer1k is left out: {300, 200, 130, 16} runs the same rank bucket.
+    if (relora::testing::under_sanitizer() && s.n * s.k >= 1024 * 1024) continue;
     for (BiasMode bias : {BiasMode::trainable, BiasMode::frozen, BiasMode::none}) {
       CAPTURE(s.n);
       CAPTURE(s.k);

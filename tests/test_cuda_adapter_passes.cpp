@@ -37,7 +37,8 @@ const std::vector<Shape>& adapter_shapes() {
   return shapes;
 }
 
-// Losses of 40 ReLoRA steps of a two-layer model whose layers both take the adapter passes.
+// Losses of 40 ReLoRA steps (20 under the sanitizer) of a two-layer model whose layers both take
+// the adapter passes.
 // `replayed`, where given, receives how many steps were graph replays.
 std::vector<double> train_wide(Device device, bool use_graphs, bool fused, std::int64_t* replayed = nullptr) {
   auto backend = make_backend<float>(device);
@@ -57,7 +58,8 @@ std::vector<double> train_wide(Device device, bool use_graphs, bool fused, std::
   Trainer<float> trainer(model, config);
   Tensor<float> x = to_backend<float>(*backend, X, "X"), t = to_backend<float>(*backend, target, "target");
   std::vector<double> losses;
-  for (int step = 0; step < 40; ++step) {
+  const int steps = relora::testing::under_sanitizer() ? 20 : 40;
+  for (int step = 0; step < steps; ++step) {
     trainer.step(x, t);
     losses.push_back(trainer.loss());
   }
@@ -104,10 +106,13 @@ TEST_CASE("cuda adapter passes: gradients match finite differences in double") {
   const HostMatrix<double> dA = to_host(*backend, layer.dA()), dB = to_host(*backend, layer.dB()),
                            db = to_host(*backend, layer.db()), dX = to_host(*backend, layer.dX());
   using relora::testing::relative_error;
-  CHECK(relative_error(dA, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.A()), loss)) < 1e-7);
-  CHECK(relative_error(dB, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.B()), loss)) < 1e-7);
-  CHECK(relative_error(db, numeric_gradient_on(*backend, const_cast<Tensor<double>&>(layer.b()), loss)) < 1e-7);
-  CHECK(relative_error(dX, numeric_gradient_on(*backend, X, loss)) < 1e-7);
+  auto numeric = [&](const Tensor<double>& t, const HostMatrix<double>& analytic) {
+    return numeric_gradient_on(*backend, const_cast<Tensor<double>&>(t), loss, 1e-6, &analytic);
+  };
+  CHECK(relative_error(dA, numeric(layer.A(), dA)) < 1e-7);
+  CHECK(relative_error(dB, numeric(layer.B(), dB)) < 1e-7);
+  CHECK(relative_error(db, numeric(layer.b(), db)) < 1e-7);
+  CHECK(relative_error(dX, numeric(X, dX)) < 1e-7);
 }
 
 TEST_CASE("cuda adapter passes: graph replays give the eager losses bit for bit, and the CPU's within rounding") {
@@ -117,7 +122,7 @@ TEST_CASE("cuda adapter passes: graph replays give the eager losses bit for bit,
   // The passes' workspace is sized in the first (eager) step; a replay is refused after any
   // allocation, so replays here show that steady steps allocate nothing, and make the bit-for-bit
   // comparison one of replays, not of eager steps twice.
-  CHECK(replayed > 30);
+  CHECK(replayed > (relora::testing::under_sanitizer() ? 10 : 30));
   const std::vector<double> eager = train_wide(Device::cuda, false, true);
   const std::vector<double> separate = train_wide(Device::cuda, true, false);
   const std::vector<double> cpu = train_wide(Device::cpu, false, false);

@@ -433,5 +433,7 @@ TEST_CASE("cuda: no leak over 1000 allocate/free cycles") {
   }
   const long long after = free_mib();
   MESSAGE("free device memory before " << before << " MiB, after 1000 allocate/free cycles " << after << " MiB");
-  CHECK(before - after <= 2);
+  // compute-sanitizer keeps device memory of its own per allocation: the figure moves under it,
+  // which only checks the cycles for memory errors.
+  if (!relora::testing::under_sanitizer()) CHECK(before - after <= 2);
 }

@@ -42,13 +42,15 @@ TEST_CASE("cuda bf16 and fp16 base: forward and gradients against fp32 on the sa
       std::mt19937_64 gen_gpu(9), gen_cpu(9);
       HalfAndReference on_gpu(*gpu, config, format, gen_gpu), on_cpu(*cpu, config, format, gen_cpu);
       const HostMatrix<float> x = normal_matrix<float>(n, k, gen_gpu), dy = normal_matrix<float>(n, d, gen_gpu);
+      // A backward may use its dY as scratch (Layer::backward): one copy each.
       Tensor<float> gX = to_backend<float>(*gpu, x, "X"), gdY = to_backend<float>(*gpu, dy, "dY");
+      Tensor<float> gdY_ref = to_backend<float>(*gpu, dy, "dY");
       Tensor<float> cX = to_backend<float>(*cpu, x, "X"), cdY = to_backend<float>(*cpu, dy, "dY");
       const HostMatrix<float> y = to_host(*gpu, on_gpu.half->forward(gX));
       const HostMatrix<float> y_ref = to_host(*gpu, on_gpu.reference->forward(gX));
       const HostMatrix<float> y_cpu = to_host(*cpu, on_cpu.half->forward(cX));
       on_gpu.half->backward(gdY, true);
-      on_gpu.reference->backward(gdY, true);
+      on_gpu.reference->backward(gdY_ref, true);
       on_cpu.half->backward(cdY, true);
       const double e_y = rel(y, y_ref), e_y_cpu = rel(y, y_cpu);
       const double e_dx = rel(to_host(*gpu, on_gpu.half->dX()), to_host(*gpu, on_gpu.reference->dX()));

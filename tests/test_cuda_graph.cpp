@@ -29,16 +29,26 @@ struct Run {
 // reset, jagged cosine with a re-warmup of 5 steps) on a 2-layer model; at step 60 a tensor is
 // allocated on the backend, as a re-sized batch buffer would be: the recording goes stale and is
 // made anew.
-Run train(Device device, bool use_graphs) {
+// With dora, DoraLinear layers of the same shapes (the first with a zero row of W, whose column of
+// Z the backward recomputes in every step, replays included).
+Run train(Device device, bool use_graphs, bool dora = false) {
   std::mt19937_64 gen(11);
   const HostMatrix<float> x = normal_matrix<float>(64, 12, gen), y = normal_matrix<float>(64, 6, gen);
   auto backend = make_backend<float>(device);
   Model<float> model(backend);
-  model.add(LoraConfig{.in_features = 12, .out_features = 16, .rank = 4, .alpha = 8, .bias = BiasMode::trainable,
-                       .seed = 3},
-            Activation::relu, normal_matrix<float>(16, 12, gen, 0.3));
-  model.add(LoraConfig{.in_features = 16, .out_features = 6, .rank = 4, .alpha = 8, .seed = 4}, Activation::identity,
-            normal_matrix<float>(6, 16, gen, 0.3));
+  const LoraConfig first{.in_features = 12, .out_features = 16, .rank = 4, .alpha = 8, .bias = BiasMode::trainable,
+                         .seed = 3};
+  const LoraConfig second{.in_features = 16, .out_features = 6, .rank = 4, .alpha = 8, .seed = 4};
+  HostMatrix<float> W1 = normal_matrix<float>(16, 12, gen, 0.3);
+  const HostMatrix<float> W2 = normal_matrix<float>(6, 16, gen, 0.3);
+  if (dora) {
+    W1.row(3).setZero();
+    model.add(std::make_unique<DoraLinear<float>>(*backend, DoraConfig{.lora = first}, W1), Activation::relu);
+    model.add(std::make_unique<DoraLinear<float>>(*backend, DoraConfig{.lora = second}, W2), Activation::identity);
+  } else {
+    model.add(first, Activation::relu, W1);
+    model.add(second, Activation::identity, W2);
+  }
   const ReloraConfig relora{.restart_every = 25, .reset = OptimizerReset::full, .restart_warmup_steps = 5,
                             .warm_start_steps = 10};
   auto schedule = std::make_shared<JaggedCosineSchedule>(jagged_schedule(relora, 120, 8, 0.1));
@@ -85,6 +95,18 @@ TEST_CASE("cuda graph: replayed steps give the eager losses over 120 ReLoRA step
   // at 60): the restarts in between leave the recording valid.
   CHECK(graph.recorded == 3);
   CHECK(graph.replayed == 120 - 3 - 3);
+  CHECK(diff <= 1e-6);
+  for (double loss : graph.losses) REQUIRE(std::isfinite(loss));
+}
+
+TEST_CASE("cuda graph: DoRA layers (dY scaled in place, a recomputed column) replay the eager losses") {
+  if (!cuda_or_skip("CUDA graph test")) return;
+  const Run eager = train(Device::cuda, false, true);
+  const Run graph = train(Device::cuda, true, true);
+  const double diff = max_relative_difference(graph.losses, eager.losses);
+  MESSAGE("DoRA graph vs eager: max relative loss difference " << diff << "; recorded " << graph.recorded
+                                                               << ", replayed " << graph.replayed);
+  CHECK(graph.replayed > 100);
   CHECK(diff <= 1e-6);
   for (double loss : graph.losses) REQUIRE(std::isfinite(loss));
 }

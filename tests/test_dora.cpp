@@ -89,6 +89,8 @@ struct Case {
   bool rslora = false;
   DoraGradient mode = DoraGradient::detached;
   TrainTarget target = TrainTarget::adapter;
+  Index zero_m = -1;    // a row whose m is set to 0 (g = 0: Z's column cannot be read back from Y)
+  bool with_dX = true;  // without dX the backward leaves dY unscaled and folds g into B and dB
 };
 
 // One layer, L = sum(Y .* G): every gradient against the naive reference's finite differences
@@ -103,6 +105,8 @@ void check_single_layer(const Case& c) {
   CAPTURE(c.rslora);
   CAPTURE(int(c.mode));
   CAPTURE(int(c.target));
+  CAPTURE(c.zero_m);
+  CAPTURE(c.with_dX);
   auto backend = make_backend<double>(Device::cpu);
   std::mt19937 gen(unsigned(c.n * 1000 + c.k * 100 + c.d * 10 + c.r));
   DoraConfig config{.lora = {.in_features = c.k, .out_features = c.d, .rank = c.r, .alpha = 3.0, .rslora = c.rslora,
@@ -112,6 +116,7 @@ void check_single_layer(const Case& c) {
   layer.set_B(normal_matrix(c.d, c.r, gen, 0.5));  // B = 0 would hide the adapter's and the norm's terms
   HostMatrix<double> m = to_host(*backend, layer.m());
   m.array() *= 1.0 + 0.3 * normal_matrix(1, c.d, gen).array();  // g away from 1
+  if (c.zero_m >= 0) m(0, c.zero_m) = 0;
   layer.set_m(m);
   if (c.bias != BiasMode::none) layer.set_b(normal_matrix(1, c.d, gen));
   layer.set_train_target(c.target);
@@ -121,7 +126,7 @@ void check_single_layer(const Case& c) {
   const std::uint64_t stream = layer.rng_stream();
   const HostMatrix<double> Y = host_of(layer.forward(Xt));
   Tensor<double> dX = backend->allocate(c.n, c.k);
-  layer.backward(dY, &dX);
+  layer.backward(dY, c.with_dX ? &dX : nullptr);
   const bool dropout_on = c.dropout > 0 && c.target == TrainTarget::adapter;
   const HostMatrix<double> mask = dropout_on ? host_of(layer.dropout_mask()) : HostMatrix<double>();
 
@@ -141,7 +146,8 @@ void check_single_layer(const Case& c) {
     expect_close(host_of(layer.dW()), numeric(ref.W, loss), "dW");
   }
   if (c.bias == BiasMode::trainable) expect_close(host_of(layer.db()), numeric(ref.b, loss), "db");
-  expect_close(host_of(dX), numeric(Xh, loss), "dX");
+  if (c.with_dX) expect_close(host_of(dX), numeric(Xh, loss), "dX");
+  if (c.zero_m >= 0 && !dropout_on) CHECK(host_of(layer.recomputed_columns())(0, c.zero_m) == 1.0);
 
   // The exact mode against the layer's own forward too (the same mask at every evaluation).
   if (c.mode == DoraGradient::exact && c.target == TrainTarget::adapter) {
@@ -269,6 +275,18 @@ TEST_CASE("DoRA gradients with rsLoRA, a frozen or no bias, and dropout (fixed m
     check_single_layer({6, 7, 5, 3, 0.0, BiasMode::none, false, mode});
     check_single_layer({6, 7, 5, 3, 0.3, BiasMode::trainable, false, mode});
     check_single_layer({3, 9, 4, 2, 0.5, BiasMode::none, true, mode});
+  }
+}
+
+TEST_CASE("DoRA gradients with a column of m = 0 (recomputed Z), and without dX (dY left unscaled), both modes") {
+  for (DoraGradient mode : {DoraGradient::detached, DoraGradient::exact}) {
+    for (bool with_dX : {true, false}) {
+      check_single_layer({6, 7, 5, 3, 0.0, BiasMode::frozen, false, mode, TrainTarget::adapter, 2, with_dX});
+      check_single_layer({5, 4, 6, 2, 0.0, BiasMode::trainable, true, mode, TrainTarget::adapter, 0, with_dX});
+      check_single_layer({5, 4, 6, 2, 0.0, BiasMode::none, false, mode, TrainTarget::adapter, -1, with_dX});
+      check_single_layer({6, 7, 5, 3, 0.3, BiasMode::trainable, false, mode, TrainTarget::adapter, 1, with_dX});
+    }
+    check_single_layer({4, 5, 6, 2, 0.0, BiasMode::trainable, false, mode, TrainTarget::base, 3});
   }
 }
 
@@ -521,50 +539,64 @@ TEST_CASE("DoRA: bad configs are refused with the value") {
                        doctest::Contains("[4 x 5]"), ShapeError);
 }
 
-TEST_CASE("DoRA: CPU and CUDA agree, both gradient modes, dropout, merge (skipped without a GPU)") {
+TEST_CASE("DoRA: CPU and CUDA agree, both modes, dropout, with and without dX, merge (skipped without a GPU)") {
   if (!testing::cuda_or_skip("DoRA CPU/CUDA parity")) return;
   for (DoraGradient mode : {DoraGradient::detached, DoraGradient::exact}) {
     for (double dropout : {0.0, 0.2}) {
-      CAPTURE(int(mode));
-      CAPTURE(dropout);
-      auto cpu = make_backend<float>(Device::cpu);
-      auto gpu = make_backend<float>(Device::cuda);
-      std::mt19937_64 gen(12);
-      const Index n = 37, k = 70, d = 45, r = 4;
-      DoraConfig config{.lora = {.in_features = k, .out_features = d, .rank = r, .alpha = 8, .dropout = dropout,
-                                 .bias = BiasMode::trainable, .seed = 3},
-                        .gradient = mode};
-      HostMatrix<float> W = normal_matrix<float>(d, k, gen, 0.2);
-      W.row(5).setZero();
-      DoraLinear<float> a(*cpu, config, W), b(*gpu, config, W);
-      const HostMatrix<float> B = normal_matrix<float>(d, r, gen, 0.1), bias = normal_matrix<float>(1, d, gen);
-      for (DoraLinear<float>* layer : {&a, &b}) {
-        layer->set_B(B);
-        layer->set_b(bias);
+      for (bool with_dX : {true, false}) {
+        CAPTURE(int(mode));
+        CAPTURE(dropout);
+        CAPTURE(with_dX);
+        auto cpu = make_backend<float>(Device::cpu);
+        auto gpu = make_backend<float>(Device::cuda);
+        std::mt19937_64 gen(12);
+        const Index n = 37, k = 70, d = 45, r = 4;
+        DoraConfig config{.lora = {.in_features = k, .out_features = d, .rank = r, .alpha = 8, .dropout = dropout,
+                                   .bias = BiasMode::trainable, .seed = 3},
+                          .gradient = mode};
+        HostMatrix<float> W = normal_matrix<float>(d, k, gen, 0.2);
+        W.row(5).setZero();
+        DoraLinear<float> a(*cpu, config, W), b(*gpu, config, W);
+        const HostMatrix<float> B = normal_matrix<float>(d, r, gen, 0.1);
+        HostMatrix<float> bias = normal_matrix<float>(1, d, gen), m = to_host(*cpu, a.m());
+        bias(0, 9) = 1e4f;  // a large bias over a small m: Z's column recomputed (m_5 = 0 too: W_5 = 0)
+        m(0, 9) *= 1e-3f;
+        for (DoraLinear<float>* layer : {&a, &b}) {
+          layer->set_B(B);
+          layer->set_b(bias);
+          layer->set_m(m);
+        }
+        const HostMatrix<float> X = normal_matrix<float>(n, k, gen), G = normal_matrix<float>(n, d, gen);
+        Tensor<float> Xa = to_backend<float>(*cpu, X, "X"), Xb = to_backend<float>(*gpu, X, "X");
+        Tensor<float> Ga = to_backend<float>(*cpu, G, "dY"), Gb = to_backend<float>(*gpu, G, "dY");
+        Tensor<float> dXa = cpu->allocate(n, k), dXb = gpu->allocate(n, k);
+        const auto close = [](const HostMatrix<float>& x, const HostMatrix<float>& y, const char* what) {
+          const double err = relative_error(x.cast<double>(), y.cast<double>());
+          INFO(what << " relative difference " << err);
+          CHECK(err <= 1e-5);
+        };
+        close(to_host(*gpu, b.forward(Xb)), to_host(*cpu, a.forward(Xa)), "Y");
+        a.backward(Ga, with_dX ? &dXa : nullptr);
+        b.backward(Gb, with_dX ? &dXb : nullptr);
+        if (with_dX) close(to_host(*gpu, dXb), to_host(*cpu, dXa), "dX");
+        if (dropout == 0) {
+          const HostMatrix<float> flags = to_host(*cpu, a.recomputed_columns());
+          CHECK(flags(0, 5) == 1);
+          CHECK(flags(0, 9) == 1);
+          CHECK(flags.sum() == 2);
+          CHECK(to_host(*gpu, b.recomputed_columns()) == flags);
+        }
+        close(to_host(*gpu, b.dA()), to_host(*cpu, a.dA()), "dA");
+        close(to_host(*gpu, b.dB()), to_host(*cpu, a.dB()), "dB");
+        close(to_host(*gpu, b.dm()), to_host(*cpu, a.dm()), "dm");
+        close(to_host(*gpu, b.db()), to_host(*cpu, a.db()), "db");
+        a.merge();
+        b.merge();
+        close(to_host(*gpu, b.W()), to_host(*cpu, a.W()), "merged W");
+        a.reinit();
+        b.reinit();
+        close(to_host(*gpu, b.m()), to_host(*cpu, a.m()), "m after reinit");
       }
-      const HostMatrix<float> X = normal_matrix<float>(n, k, gen), G = normal_matrix<float>(n, d, gen);
-      Tensor<float> Xa = to_backend<float>(*cpu, X, "X"), Xb = to_backend<float>(*gpu, X, "X");
-      Tensor<float> Ga = to_backend<float>(*cpu, G, "dY"), Gb = to_backend<float>(*gpu, G, "dY");
-      Tensor<float> dXa = cpu->allocate(n, k), dXb = gpu->allocate(n, k);
-      const auto close = [](const HostMatrix<float>& x, const HostMatrix<float>& y, const char* what) {
-        const double err = relative_error(x.cast<double>(), y.cast<double>());
-        INFO(what << " relative difference " << err);
-        CHECK(err <= 1e-5);
-      };
-      close(to_host(*gpu, b.forward(Xb)), to_host(*cpu, a.forward(Xa)), "Y");
-      a.backward(Ga, &dXa);
-      b.backward(Gb, &dXb);
-      close(to_host(*gpu, dXb), to_host(*cpu, dXa), "dX");
-      close(to_host(*gpu, b.dA()), to_host(*cpu, a.dA()), "dA");
-      close(to_host(*gpu, b.dB()), to_host(*cpu, a.dB()), "dB");
-      close(to_host(*gpu, b.dm()), to_host(*cpu, a.dm()), "dm");
-      close(to_host(*gpu, b.db()), to_host(*cpu, a.db()), "db");
-      a.merge();
-      b.merge();
-      close(to_host(*gpu, b.W()), to_host(*cpu, a.W()), "merged W");
-      a.reinit();
-      b.reinit();
-      close(to_host(*gpu, b.m()), to_host(*cpu, a.m()), "m after reinit");
     }
   }
 }

@@ -4,11 +4,17 @@
 // Counted twice: operator new, and (on glibc) malloc itself, which Eigen and libgomp call directly.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <sstream>
+#include <string>
+
+#include <dlfcn.h>
+#include <pthread.h>
 
 #include "relora/relora.hpp"
 
@@ -40,6 +46,47 @@
 namespace {
 std::atomic<long> g_allocations{0};  // operator new
 std::atomic<long> g_mallocs{0};      // malloc, calloc, realloc and the aligned ones
+
+// While a count is armed, only the threads that run the step count: the one that armed it (and
+// calls Trainer::step) and OpenMP's workers inside a parallel region. The process's other threads
+// are counted apart: the CUDA driver runs threads of its own, which allocate on their own schedule
+// once an earlier test in this process has used the GPU. The first few counted calls keep their
+// return address and thread, named afterwards through dladdr, so that a failing count says which
+// library and function allocated.
+constexpr int kCallersKept = 8;
+std::atomic<bool> g_armed{false};
+std::atomic<long> g_other_thread_mallocs{0};
+std::atomic<int> g_callers_seen{0};
+void* g_callers[kCallersKept];
+bool g_caller_on_main[kCallersKept];
+pthread_t g_stepping_thread;
+
+bool on_stepping_thread() { return pthread_equal(pthread_self(), g_stepping_thread) != 0; }
+
+bool runs_the_step() {
+  if (on_stepping_thread()) return true;
+#if defined(_OPENMP)
+  return omp_in_parallel() != 0;
+#else
+  return false;
+#endif
+}
+
+[[maybe_unused]] void count_malloc(void* caller) {
+  if (!g_armed.load(std::memory_order_relaxed)) {
+    g_mallocs.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (!runs_the_step()) {
+    g_other_thread_mallocs.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  const int slot = g_callers_seen.fetch_add(1, std::memory_order_relaxed);
+  if (slot >= kCallersKept) return;
+  g_callers[slot] = caller;
+  g_caller_on_main[slot] = on_stepping_thread();
+}
 }  // namespace
 
 #if RELORA_COUNT_ALLOCATIONS
@@ -61,28 +108,28 @@ void* __libc_memalign(std::size_t alignment, std::size_t size);
 void __libc_free(void* p);
 
 void* malloc(std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_malloc(size);
 }
 void* calloc(std::size_t count, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_calloc(count, size);
 }
 void* realloc(void* p, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_realloc(p, size);
 }
 void free(void* p) noexcept { __libc_free(p); }
 void* memalign(std::size_t alignment, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_memalign(alignment, size);
 }
 void* aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   return __libc_memalign(alignment, size);
 }
 int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept {
-  g_mallocs.fetch_add(1, std::memory_order_relaxed);
+  count_malloc(__builtin_return_address(0));
   if (alignment % sizeof(void*) != 0 || (alignment & (alignment - 1)) != 0) return EINVAL;
   void* p = __libc_memalign(alignment, size);
   if (p == nullptr) return ENOMEM;
@@ -90,6 +137,23 @@ int posix_memalign(void** out, std::size_t alignment, std::size_t size) noexcept
   return 0;
 }
 }
+#endif
+
+// Threads started, counted by defining pthread_create in this executable (libgomp's calls reach it
+// first) and passing on to the C library's: a steady step must start none.
+#if RELORA_COUNT_ALLOCATIONS && defined(__GLIBC__)
+#define RELORA_COUNT_THREADS 1
+namespace {
+std::atomic<long> g_threads_started{0};
+}
+extern "C" int pthread_create(pthread_t* thread, const pthread_attr_t* attr, void* (*start)(void*), void* arg) {
+  using Create = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
+  static const Create next = reinterpret_cast<Create>(dlsym(RTLD_NEXT, "pthread_create"));
+  g_threads_started.fetch_add(1, std::memory_order_relaxed);
+  return next(thread, attr, start, arg);
+}
+#else
+#define RELORA_COUNT_THREADS 0
 #endif
 
 using namespace relora;
@@ -113,6 +177,39 @@ void with_threads(int threads, F&& f) {
 #endif
 }
 
+// Arms the malloc count on this thread (see count_malloc).
+void keep_malloc_callers() {
+  g_stepping_thread = pthread_self();
+  g_callers_seen.store(0);
+  g_other_thread_mallocs.store(0);
+  g_armed.store(true);
+}
+
+// Disarms it and names each kept caller (its library, and its function where exported), and how
+// many calls came from threads that do not run the step.
+std::string kept_malloc_callers() {
+  g_armed.store(false);
+  const int kept = std::min(g_callers_seen.load(), kCallersKept);
+  std::ostringstream out;
+  for (int i = 0; i < kept; ++i) {
+    out << "\n  malloc called from " << (g_caller_on_main[i] ? "the stepping thread" : "an OpenMP worker") << ": ";
+    Dl_info info{};
+    if (dladdr(g_callers[i], &info) != 0 && info.dli_fname != nullptr) {
+      const char* at = static_cast<const char*>(g_callers[i]);
+      out << info.dli_fname;
+      if (info.dli_sname != nullptr) {
+        out << " " << info.dli_sname << "+" << (at - static_cast<const char*>(info.dli_saddr));
+      } else {
+        out << " +" << (at - static_cast<const char*>(info.dli_fbase));
+      }
+    } else {
+      out << g_callers[i];
+    }
+  }
+  out << "\n  (" << g_other_thread_mallocs.load() << " malloc calls from threads that do not run the step, not counted)";
+  return out.str();
+}
+
 }  // namespace
 
 TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing") {
@@ -134,11 +231,14 @@ TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing")
   Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
   for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
   const long before = g_allocations.load(), mallocs = g_mallocs.load();
+  keep_malloc_callers();
   for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
   const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
-  MESSAGE("operator new calls in 12 steady steps: " << during << ", malloc calls: " << malloc_calls);
+  const std::string callers = kept_malloc_callers();
+  MESSAGE("operator new calls in 12 steady steps: " << during << ", malloc calls: " << malloc_calls
+          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
   CHECK(during == 0);
-  CHECK(malloc_calls == 0);
+  CHECK_MESSAGE(malloc_calls == 0, callers);
 }
 
 TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restarts included, allocates nothing") {
@@ -146,28 +246,35 @@ TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restart
     MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
     return;
   }
-  auto backend = make_backend<float>(Device::cpu);
-  Model<float> model(backend);
-  model.add(std::make_unique<DoraLinear<float>>(
-                *backend, DoraConfig{.lora = {.in_features = 10, .out_features = 12, .rank = 4, .dropout = 0.1,
-                                              .bias = BiasMode::trainable}}),
-            Activation::relu);
-  model.add(std::make_unique<DoraLinear<float>>(
-                *backend, DoraConfig{.lora = {.in_features = 12, .out_features = 5, .rank = 4},
-                                     .gradient = DoraGradient::exact}),
-            Activation::identity);
-  TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
-                       .relora = {.restart_every = 5, .restart_warmup_steps = 2}};
-  Trainer<float> trainer(model, config);
-  Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
-  Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
-  for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
-  const long before = g_allocations.load(), mallocs = g_mallocs.load();
-  for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
-  const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
-  MESSAGE("operator new calls in 12 steady DoRA steps: " << during << ", malloc calls: " << malloc_calls);
-  CHECK(during == 0);
-  CHECK(malloc_calls == 0);
+  // Without dropout the first layer's backward (no dX) reads Z back from Y and leaves dY unscaled.
+  for (double dropout : {0.1, 0.0}) {
+    CAPTURE(dropout);
+    auto backend = make_backend<float>(Device::cpu);
+    Model<float> model(backend);
+    model.add(std::make_unique<DoraLinear<float>>(
+                  *backend, DoraConfig{.lora = {.in_features = 10, .out_features = 12, .rank = 4, .dropout = dropout,
+                                                .bias = BiasMode::trainable}}),
+              Activation::relu);
+    model.add(std::make_unique<DoraLinear<float>>(
+                  *backend, DoraConfig{.lora = {.in_features = 12, .out_features = 5, .rank = 4},
+                                       .gradient = DoraGradient::exact}),
+              Activation::identity);
+    TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
+                         .relora = {.restart_every = 5, .restart_warmup_steps = 2}};
+    Trainer<float> trainer(model, config);
+    Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
+    Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
+    for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
+    const long before = g_allocations.load(), mallocs = g_mallocs.load();
+    keep_malloc_callers();
+    for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
+    const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
+    const std::string callers = kept_malloc_callers();
+    MESSAGE("operator new calls in 12 steady DoRA steps: " << during << ", malloc calls: " << malloc_calls
+            << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
+    CHECK(during == 0);
+    CHECK_MESSAGE(malloc_calls == 0, callers);
+  }
 }
 
 TEST_CASE("a steady step with products above Eigen's stack limit allocates nothing, on 1 and 2 threads") {
@@ -192,12 +299,50 @@ TEST_CASE("a steady step with products above Eigen's stack limit allocates nothi
       Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "Y");
       for (int i = 0; i < 5; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
       const long news = g_allocations.load(), mallocs = g_mallocs.load();
+      keep_malloc_callers();
       for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // two more restarts in here
       const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
+      const std::string callers = kept_malloc_callers();
       MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: " << new_calls
-                      << ", malloc calls: " << malloc_calls);
+                      << ", malloc calls: " << malloc_calls
+          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
       CHECK(new_calls == 0);
-      CHECK(malloc_calls == 0);
+      CHECK_MESSAGE(malloc_calls == 0, callers);
+    });
+  }
+}
+
+TEST_CASE("a steady CPU step starts no thread: every parallel region opens the same team") {
+  if (!RELORA_COUNT_THREADS) {
+    MESSAGE("thread count skipped (a sanitizer owns pthread_create, or not glibc)");
+    return;
+  }
+  // Three layers of width w at batch n on 8 threads, sizes whose products want different numbers
+  // of threads (at n 256, w 64: about 1M and 262k multiply-adds). libgomp ends the threads a
+  // smaller team leaves out and starts them again for the next larger team, so regions sized by
+  // their work would start threads in every step.
+  struct Size {
+    Index n, w;
+  };
+  for (const Size size : {Size{256, 64}, Size{4096, 16}, Size{1024, 128}, Size{64, 512}}) {
+    CAPTURE(size.n);
+    CAPTURE(size.w);
+    with_threads(8, [&] {
+      auto backend = make_backend<float>(Device::cpu);
+      Model<float> model(backend);
+      const LoraConfig layer{.in_features = size.w, .out_features = size.w, .rank = std::min<Index>(16, size.w / 4)};
+      model.add(layer, Activation::relu);
+      model.add(layer, Activation::relu);
+      model.add(layer, Activation::identity);
+      Trainer<float> trainer(model, TrainerConfig{.method = TrainingMethod::lora, .adam = {.lr = 1e-3}});
+      Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(size.n, size.w), "X");
+      Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(size.n, size.w), "Y");
+      for (int i = 0; i < 3; ++i) trainer.step(X, Y);
+      const long before = g_threads_started.load();
+      for (int i = 0; i < 5; ++i) trainer.step(X, Y);
+      const long started = g_threads_started.load() - before;
+      MESSAGE("n " << size.n << ", width " << size.w << ": threads started in 5 steady steps on 8 threads: " << started);
+      CHECK(started == 0);
     });
   }
 }

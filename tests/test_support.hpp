@@ -1,6 +1,6 @@
 #pragma once
 // What several test files need: a scratch directory, the CUDA skip with its reason, the seed of a
-// randomised test, and the message of an exception.
+// randomised test, the message of an exception, and whether compute-sanitizer runs the tests.
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
@@ -17,6 +17,14 @@
 #include "relora/core/backend.hpp"
 
 namespace relora::testing {
+
+// Whether the tests run under compute-sanitizer (scripts/sanitize_cuda.sh sets
+// RELORA_UNDER_SANITIZER): there every kernel launch costs milliseconds, and the tests that launch
+// thousands take fewer steps or entries through the same kernels.
+inline bool under_sanitizer() {
+  const char* text = std::getenv("RELORA_UNDER_SANITIZER");
+  return text != nullptr && *text != '\0' && *text != '0';
+}
 
 // The message of the exception f throws, or "(no exception)".
 inline std::string what_of(const std::function<void()>& f) {

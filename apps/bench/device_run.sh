@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is needed for, in one command (one device call):
 #   1. build this tree with CUDA (tests, apps, bench) and, beside it, a baseline tree's bench;
-#   2. the whole test suite, CPU and CUDA cases (TESTS=1), and compute-sanitizer over the CUDA
-#      cases (SANITIZE=memcheck, racecheck or both, comma-separated; 1 means memcheck);
+#   2. the whole test suite, CPU and CUDA cases (TESTS=1), and compute-sanitizer over every CUDA
+#      case (SANITIZE: comma-separated of memcheck, racecheck, synccheck, initcheck; 1 means all
+#      four; scripts/sanitize_cuda.sh runs them);
 #   3. old against new (BENCH=1): the baseline's relora_bench and this tree's, alternating in
 #      every round, on GPU seed_demo, layer1k, mlp4x4k (strict and TF32) and CPU seed_demo and
 #      mlp4x2k, with PyTorch + PEFT's CPU seed_demo in the same rounds; the table gives each
 #      side's median over the rounds, new/old and the PEFT ratio;
 #   4. relora against PyTorch + PEFT on every anchor case, CUDA strict and TF32 and the CPU
-#      (SIDE=1, side_by_side.py's table; off by default: with it, set TESTS=0 BENCH=0).
+#      (SIDE=1, side_by_side.py's table; off by default: with it, set TESTS=0 BENCH=0);
+#   5. DoRA (DORA=1): relora's LoRA and DoRA steps against PEFT's, alternating, CUDA strict;
+#   6. a bf16 base (HALF=1): relora_bench --precision bf16 against PEFT on a bf16 base model;
+#   7. GaLore (GALORE=1): relora_bench --galore and apps/bench/galore_reference.py;
+#   8. the CPU thread sweep (SWEEP=1): relora_bench --thread-sweep, and the demo at 1 thread.
 # Nothing stops at a failure: a baseline that does not build leaves the old column empty, a
 # failing test is reported and the benchmark still runs.
 #
@@ -19,6 +24,10 @@
 #   env: BASE (none: no old column)  ROUNDS (5)  THREADS (16: the CPU cases' threads)
 #        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k)
 #        TESTS (1)  SANITIZE (none)  BENCH (1)  SIDE (0)  PEFT (1: PEFT's CPU seed_demo per round)
+#        DORA (0)  DORA_CASES (layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp)  SWEEP (0)
+#        HALF (0)  HALF_CASES (layer4k,mlp4x2k,mlp4x4k,llm_mlp)  GALORE (0)
+#        GALORE_CASES (mlp4x2k,mlp4x4k,llm_mlp)
+#        TEST_FILTER (doctest -tc filter of the test cases; default every case)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
 #        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
 #        ARCH (90)  JOBS (nproc)  TEST_TIMEOUT (300 s)  DEADLINE (540 s: no round starts that
@@ -42,6 +51,13 @@ TESTS=${TESTS:-1}
 SANITIZE=${SANITIZE:-}
 BENCH=${BENCH:-1}
 SIDE=${SIDE:-0}
+DORA=${DORA:-0}
+DORA_CASES=${DORA_CASES:-layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp}
+SWEEP=${SWEEP:-0}
+HALF=${HALF:-0}
+HALF_CASES=${HALF_CASES:-layer4k,mlp4x2k,mlp4x4k,llm_mlp}
+GALORE=${GALORE:-0}
+GALORE_CASES=${GALORE_CASES:-mlp4x2k,mlp4x4k,llm_mlp}
 PEFT=${PEFT:-1}
 PORTABLE=${PORTABLE:-0}
 ARCH=${ARCH:-90}
@@ -54,7 +70,7 @@ PORTABLE_BUILD=$ROOT/build-device-portable
 WORK=$OUT/results
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
-[ "$SANITIZE" = 1 ] && SANITIZE=memcheck
+[ "$SANITIZE" = 1 ] && SANITIZE=memcheck,racecheck,synccheck,initcheck
 [ "$SANITIZE" = 0 ] && SANITIZE=
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -126,7 +142,7 @@ fi
 
 # ---- tests: every case in one process (the CUDA cases one after the other), then the examples
 if [ "$TESTS" = 1 ] && [ "$built" = 1 ]; then
-  timeout "$TEST_TIMEOUT" "$BUILD/tests/relora_tests" >"$WORK/tests.log" 2>&1
+  timeout "$TEST_TIMEOUT" "$BUILD/tests/relora_tests" ${TEST_FILTER:+-tc="$TEST_FILTER"} >"$WORK/tests.log" 2>&1
   rc=$?
   note "== tests (rc $rc$([ $rc = 124 ] && echo ", timed out after $TEST_TIMEOUT s"), $(elapsed) s): $(grep -E '^\[doctest\] (test cases|assertions)' "$WORK/tests.log" | tr -s ' ' | tr '\n' ' ')"
   grep -B2 -A10 -E '^.*ERROR|FATAL' "$WORK/tests.log" | head -n 40 | tee -a "$OUT/summary.txt"
@@ -136,23 +152,15 @@ if [ "$TESTS" = 1 ] && [ "$built" = 1 ]; then
   cp "$WORK/tests.log" "$OUT/tests.log"
 fi
 
-# ---- compute-sanitizer over the CUDA cases, less the one that fails an allocation on purpose
-# (an API error to the sanitizer), the leak loop and the 300-step demo (slow when instrumented;
-# the shorter cases run the same kernels)
+# ---- compute-sanitizer: every CUDA case in a process of its own under each tool, many at once
+# (scripts/sanitize_cuda.sh); the table of cases against tools goes to summary.txt
 if [ -n "$SANITIZE" ] && [ "$gpu" = 0 ]; then note "== SANITIZE=$SANITIZE: no GPU answers, skipped"; fi
 if [ -n "$SANITIZE" ] && [ "$built" = 1 ] && [ "$gpu" = 1 ]; then
-  filter=(-tc="*cuda*" -tce="*absurd*,*leak*,*300-step*")
-  for tool in ${SANITIZE//,/ }; do
-    case $tool in
-      memcheck) args=(--tool memcheck --leak-check full) ;;
-      racecheck) args=(--tool racecheck --racecheck-report all) ;;
-      *) note "== SANITIZE: unknown tool '$tool'"; continue ;;
-    esac
-    timeout 240 compute-sanitizer "${args[@]}" --error-exitcode 99 "$BUILD/tests/relora_tests" "${filter[@]}" \
-      >"$WORK/sanitizer_$tool.log" 2>&1
-    rc=$?
-    note "== $tool (rc $rc, $(elapsed) s): $(grep -E '(ERROR|RACECHECK) SUMMARY' "$WORK/sanitizer_$tool.log" | tail -n 1) | $(grep -E '^\[doctest\] test cases' "$WORK/sanitizer_$tool.log" | tail -n 1)"
-  done
+  CASE_TIMEOUT=${CASE_TIMEOUT:-300} bash scripts/sanitize_cuda.sh "$BUILD/tests/relora_tests" "$WORK/sanitize" \
+    "$SANITIZE" >"$WORK/sanitize_summary.txt" 2>&1
+  note "== sanitizers ($SANITIZE, $(elapsed) s):"
+  cat "$WORK/sanitize_summary.txt" >>"$OUT/summary.txt"
+  cp "$WORK/sanitize/sanitize.md" "$OUT/sanitize.md" 2>/dev/null
 fi
 
 # ---- old against new, alternating
@@ -298,4 +306,62 @@ if [ "$SIDE" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
   fi
   python3 apps/bench/side_by_side.py --relora "${rel[@]}" --peft "${pef[@]}" --md "$OUT/side_by_side.md" |
     tee -a "$OUT/summary.txt"
+fi
+
+# ---- DoRA: relora's LoRA and DoRA steps and PEFT's LoRA and DoRA, alternating in every round, on
+# the GPU in strict fp32 (issue 14's table and targets, side_by_side.py's DoRA section)
+if [ "$DORA" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  rel=(); pef=()
+  for round in $(seq 1 "$ROUNDS"); do
+    for layer in lora dora; do
+      "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --layer $layer --cases "$DORA_CASES" \
+        --no-floor --repeats 9 --json "$WORK/dora_relora_${layer}_$round.json" >>"$WORK/dora.log" 2>&1 &&
+        rel+=("$WORK/dora_relora_${layer}_$round.json")
+    done
+    python3 apps/bench/peft_reference.py --device cuda --math strict --cases "$DORA_CASES" --modes peft,peft_dora \
+      --json "$WORK/dora_peft_$round.json" >>"$WORK/dora.log" 2>&1 && pef+=("$WORK/dora_peft_$round.json")
+    echo "   DoRA round $round done ($(elapsed) s)"
+  done
+  python3 apps/bench/side_by_side.py --relora "${rel[@]}" --peft "${pef[@]}" --md "$OUT/dora.md" |
+    tee -a "$OUT/summary.txt"
+fi
+
+# ---- a 16-bit frozen base (HALF=1, issue 16): relora with --precision bf16 against PEFT on a bf16
+# base model, alternating, CUDA strict (the LoRA products and the optimizer stay fp32 on both)
+if [ "$HALF" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision bf16 --cases "$HALF_CASES" \
+      --repeats 9 --json "$WORK/half_relora_$round.json" 2>&1 | tee -a "$WORK/half.log" | grep -v '^wrote' >>"$OUT/summary.txt"
+    python3 apps/bench/peft_reference.py --device cuda --math strict --precision bf16 --cases "$HALF_CASES" \
+      --json "$WORK/half_peft_$round.json" 2>&1 | tee -a "$WORK/half.log" | grep '"step_ms"' |
+      python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print("   PEFT bf16 %s: %.4g ms, peak %.1f MiB" % (r["case"], r["step_ms"], (r["peak_bytes"] or 0) / 2**20))' >>"$OUT/summary.txt"
+  done
+  note "== bf16 base done ($(elapsed) s)"
+fi
+
+# ---- GaLore (GALORE=1, issue 15): relora_bench --galore (GaLore and our full Adam) and the
+# PyTorch GaLore-Adam reference, CUDA
+if [ "$GALORE" = 1 ] && [ "$gpu" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  "$BUILD/apps/bench/relora_bench" --galore --backend cuda --cases "$GALORE_CASES" 2>&1 | tee "$WORK/galore.log" >>"$OUT/summary.txt"
+  python3 apps/bench/galore_reference.py --device cuda --cases "$GALORE_CASES" --json "$WORK/galore_torch.json" \
+    2>&1 | tee -a "$WORK/galore.log" | tail -n 12 >>"$OUT/summary.txt"
+  note "== GaLore done ($(elapsed) s)"
+fi
+
+# ---- the CPU's thread sweep (issue 18): every size at 1 thread, the default and every core
+if [ "$SWEEP" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
+  "$BUILD/apps/bench/relora_bench" --backend cpu --thread-sweep --repeats 5 --max-seconds 2 --warmup 2 \
+    --json "$WORK/thread_sweep.json" 2>&1 | tee "$OUT/thread_sweep.txt" >>"$OUT/summary.txt"
+  # The regression demo on a mid-size model, every method, at 1 thread and at the default.
+  for threads in 1 default; do
+    flag=; [ "$threads" = 1 ] && flag="--threads 1"
+    start=$(date +%s.%N)
+    "$BUILD/apps/regression/relora_regression" --samples 1000 --in-features 64 --out-features 32 --rank 8 \
+      --steps 300 $flag --out "$WORK/demo_$threads" >"$WORK/demo_$threads.log" 2>&1
+    note "   regression demo, n 1000, 64 -> 32, rank 8, 300 steps x 6 methods, threads $threads: rc $?, $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s"
+  done
+  note "== thread sweep done ($(elapsed) s)"
 fi

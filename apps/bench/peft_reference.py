@@ -9,7 +9,7 @@ Linear with r, lora_alpha = 2 r, dropout 0; ReLU between layers; CUDA timed with
 tensor count) and JSON output.
 
 usage: python3 peft_reference.py --device cuda|cpu [--math strict|tf32|strict,tf32] [--threads N]
-                                 [--cases a,b] [--json FILE] [--ceilings]
+                                 [--cases a,b] [--modes peft,peft_dora,full] [--json FILE] [--ceilings]
 """
 import argparse, json, os, sys, time
 
@@ -22,6 +22,7 @@ CASES = [
     ("layer4k", 4096, [4096, 4096], 16),
     ("mlp4x2k", 2048, [2048] * 5, 16),
     ("mlp4x4k", 4096, [4096] * 5, 64),
+    ("llm_mlp", 4096, [4096, 11008, 4096], 16),
 ]
 
 
@@ -75,8 +76,8 @@ def step_time(n, dims, r, device, mode, iters, dtype=torch.float32):
     # A bf16 base: the whole model cast, as users do (model.to(torch.bfloat16)); PEFT then keeps
     # its adapters in fp32 (autocast_adapter_dtype), and the loss is taken in fp32.
     model = MLP(dims).to(device).to(dtype)
-    if mode == "peft":
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+    if mode in ("peft", "peft_dora"):
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, use_dora=mode == "peft_dora",
                          target_modules=[f"layers.{i}" for i in range(len(dims) - 1)])
         model = get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -121,7 +122,7 @@ def main():
     ap.add_argument("--math", default="strict", help="strict, tf32, or strict,tf32 (one after the other)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cases", default="")
-    ap.add_argument("--modes", default="peft", help="peft,full")
+    ap.add_argument("--modes", default="peft", help="of peft, peft_dora (LoraConfig(use_dora=True)), full")
     ap.add_argument("--json", default="")
     ap.add_argument("--precision", default="fp32", help="fp32, bf16, or fp32,bf16: the base model's dtype")
     ap.add_argument("--ceilings", action="store_true")

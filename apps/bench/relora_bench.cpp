@@ -75,6 +75,7 @@ const std::vector<CaseSpec>& anchor_cases() {
       {"layer4k", 4096, {4096, 4096}, 16},
       {"mlp4x2k", 2048, {2048, 2048, 2048, 2048, 2048}, 16},
       {"mlp4x4k", 4096, {4096, 4096, 4096, 4096, 4096}, 64},
+      {"llm_mlp", 4096, {4096, 11008, 4096}, 16},  // a transformer MLP's up and down projections
   };
   return cases;
 }
@@ -97,6 +98,8 @@ struct Options {
   bool memory = true;
   bool floor = true;
   bool fused = true;               // false: every layer is the reference LoraLinear (LayerChoice::reference)
+  bool dora = false;               // every layer a DoraLinear (detached norm, PEFT's default)
+  bool thread_sweep = false;       // CPU: every sweep size at 1 thread, the default and all cores
   std::vector<CaseSpec> custom;    // --custom n:k,d1,...:r
   relora::BasePrecision precision = relora::BasePrecision::fp32;  // --precision: how every W is stored
   std::string json;
@@ -109,9 +112,14 @@ struct Options {
                "usage: relora_bench [--backend cpu|cuda] [--math strict|tf32] [--cases a,b,...|all]\n"
                "                    [--repeats R] [--warmup W] [--batch K] [--batch-ms MS] [--max-seconds S]\n"
                "                    [--threads N] [--scaling] [--no-memory] [--no-floor] [--json FILE]\n"
-               "                    [--unfused] [--custom n:k,d1,d2,...:r ...] [--precision fp32|bf16|fp16]\n"
-               "cases: seed_demo layer1k layer4k mlp4x2k mlp4x4k (default: all on cuda; on the cpu those\n"
-               "       whose step is estimated under --cpu-skip-seconds, 1 by default)\n");
+               "                    [--unfused] [--layer lora|dora] [--custom n:k,d1,d2,...:r ...]\n"
+               "                    [--thread-sweep] [--precision fp32|bf16|fp16]\n"
+               "cases: seed_demo layer1k layer4k mlp4x2k mlp4x4k llm_mlp (default: all on cuda; on the cpu\n"
+               "       those whose step is estimated under --cpu-skip-seconds, 1 by default)\n"
+               "--thread-sweep (cpu): models from the seed demo's to mlp4x2k (3 layers of width 16 to 2048,\n"
+               "       n 64 to 4096), each at 1 thread, OpenMP's default and every core; default/best is the\n"
+               "       default's time over the faster of the other two\n"
+               "--precision: how every layer's frozen W is stored (bf16, fp16: 16 bits, products on tensor cores)\n");
   std::exit(why ? 2 : 0);
 }
 
@@ -195,6 +203,12 @@ Options parse(int argc, char** argv) {
     else if (a == "--no-memory") o.memory = false;
     else if (a == "--no-floor") o.floor = false;
     else if (a == "--unfused") o.fused = false;
+    else if (a == "--layer") {
+      const std::string v = value();
+      if (v == "lora") o.dora = false;
+      else if (v == "dora") o.dora = true;
+      else usage(("--layer: '" + v + "' is neither lora nor dora").c_str());
+    } else if (a == "--thread-sweep") o.thread_sweep = true;
     else if (a == "--custom") o.custom.push_back(parse_custom(value()));
     else if (a == "--precision") {
       const std::string v = value();
@@ -355,7 +369,7 @@ struct Setup {
   relora::Tensor<T> X, target;
 };
 
-Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend, bool fused,
+Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend, bool fused, bool dora,
             relora::BasePrecision precision) {
   Setup s;
   s.model = std::make_unique<relora::Model<T>>(
@@ -371,7 +385,12 @@ Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backen
     cfg.bias = relora::BiasMode::frozen;  // nn.Linear has a bias; PEFT (bias="none") freezes it
     cfg.seed = 1000 + i;
     cfg.base_precision = precision;
-    s.model->add(cfg, i + 1 < L ? relora::Activation::relu : relora::Activation::identity);
+    const relora::Activation f = i + 1 < L ? relora::Activation::relu : relora::Activation::identity;
+    if (dora) {
+      s.model->add(std::make_unique<relora::DoraLinear<T>>(*backend, relora::DoraConfig{.lora = cfg}), f);
+    } else {
+      s.model->add(cfg, f);
+    }
   }
   std::srand(1);
   const relora::HostMatrix<T> X = relora::HostMatrix<T>::Random(c.n, c.dims.front());
@@ -482,7 +501,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
   res.spec = c;
   const double rss0 = peak_rss_bytes();
   {
-    Setup s = build(c, backend, o.fused, o.precision);
+    Setup s = build(c, backend, o.fused, o.dora, o.precision);
     s.trainer->step(s.X, s.target);
     res.loss_first = s.trainer->loss();
     res.step = time_batches([&] { s.trainer->step(s.X, s.target); }, *backend, o);
@@ -515,7 +534,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
     reg.live = reg.peak = 0;
     auto counting = std::make_shared<CountingBackend>(backend);
     {
-      Setup s = build(c, counting, o.fused, o.precision);
+      Setup s = build(c, counting, o.fused, o.dora, o.precision);
       s.trainer->step(s.X, s.target);
       s.trainer->step(s.X, s.target);
       counting->synchronize();
@@ -680,6 +699,82 @@ std::vector<CaseSpec> scaling_cases(relora::Device device) {
   return out;
 }
 
+std::string now_utc();
+
+// --thread-sweep: three layers of width w (w -> w -> w -> w, rank w / 4 up to 16) at batch sizes n,
+// from the seed demo's size to mlp4x2k's, so that every size between the fused tiny step and the
+// large products shows how the default thread count does against one thread and every core.
+std::vector<CaseSpec> thread_sweep_cases() {
+  std::vector<CaseSpec> out = {anchor_cases()[0]};
+  for (Index w : {16, 32, 64, 128, 256, 512, 1024, 2048}) {
+    for (Index n : {64, 256, 1024, 4096}) {
+      if (w == 2048 && n == 4096) continue;  // mlp4x2k (below) is the largest
+      out.push_back({"sweep_n" + std::to_string(n) + "_w" + std::to_string(w), n, {w, w, w, w},
+                     std::min<Index>(16, w / 4)});
+    }
+  }
+  out.push_back(anchor_cases()[3]);  // mlp4x2k
+  return out;
+}
+
+// Sets OpenMP's and Eigen's thread counts; 0 gives back the process's default.
+void set_threads(int threads, int default_threads) {
+#if defined(_OPENMP)
+  omp_set_num_threads(threads > 0 ? threads : default_threads);
+#else
+  (void)default_threads;
+#endif
+  Eigen::setNbThreads(threads);  // 0: follow OpenMP
+}
+
+// The sweep's table (and JSON rows): each size at 1 thread, the default and every core, the
+// settings alternating within each size so that a drift of the machine touches all three alike.
+std::string run_thread_sweep(const Options& o, const std::shared_ptr<relora::Backend<T>>& backend, int default_threads) {
+#if defined(_OPENMP)
+  const int all_cores = omp_get_num_procs();
+#else
+  const int all_cores = 1;
+#endif
+  std::printf("thread sweep: 1 thread, default %d, all cores %d\n", default_threads, all_cores);
+  std::printf("%-22s %6s %-16s %4s | %10s %10s %10s | %12s\n", "case", "n", "layers", "r", "1 thr ms",
+              "default ms", "all ms", "default/best");
+  Options quick = o;
+  quick.memory = false;
+  quick.floor = false;
+  std::string json;
+  for (const CaseSpec& c : thread_sweep_cases()) {
+    const int settings[3] = {1, 0, all_cores};
+    double ms[3];
+    for (int i = 0; i < 3; ++i) {
+      set_threads(settings[i], default_threads);
+      ms[i] = run_case(c, quick, backend).step.median;
+    }
+    set_threads(0, default_threads);
+    const double best = std::min(ms[0], ms[2]);
+    std::printf("%-22s %6lld %-16s %4lld | %10.4g %10.4g %10.4g | %12.3f%s\n", c.name.c_str(), (long long)c.n,
+                layers_text(c).c_str(), (long long)c.r, ms[0], ms[1], ms[2], ms[1] / best,
+                ms[1] > 1.1 * best ? "  OVER" : "");
+    std::fflush(stdout);
+    json += std::string(json.empty() ? "" : ",\n") + "  {\"case\": " + json_string(c.name) +
+            ", \"n\": " + std::to_string(c.n) + ", \"width\": " + std::to_string(c.dims[0]) +
+            ", \"layers\": " + std::to_string(c.dims.size() - 1) + ", \"r\": " + std::to_string(c.r) +
+            ", \"one_thread_ms\": " + json_number(ms[0]) + ", \"default_ms\": " + json_number(ms[1]) +
+            ", \"all_cores_ms\": " + json_number(ms[2]) + ", \"default_over_best\": " + json_number(ms[1] / best) +
+            "}";
+  }
+  return "{\n \"tool\": \"relora_bench --thread-sweep\", \"date\": " + json_string(now_utc()) +
+         ", \"default_threads\": " + std::to_string(default_threads) + ", \"all_cores\": " +
+         std::to_string(all_cores) + ",\n \"results\": [\n" + json + "\n ]\n}\n";
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) throw std::runtime_error("cannot write " + path + ": " + std::strerror(errno));
+  std::fwrite(text.data(), 1, text.size(), f);
+  std::fclose(f);
+  std::printf("wrote %s\n", path.c_str());
+}
+
 std::string now_utc() {
   char buf[32];
   const std::time_t t = std::time(nullptr);
@@ -710,12 +805,20 @@ int main(int argc, char** argv) {
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     const double fma_peak = cpu ? measure_fma_peak_gflops() : -1;
-    std::printf("relora_bench  %s  backend %s, math %s, base %s, fast layers %s  (%s)\n", now_utc().c_str(),
-                backend_name.c_str(), math_name.c_str(), relora::precision_name(o.precision), o.fused ? "on" : "off",
+    std::printf("relora_bench  %s  backend %s, math %s, layer %s, base %s, fast layers %s  (%s)\n",
+                now_utc().c_str(), backend_name.c_str(), math_name.c_str(), o.dora ? "dora" : "lora",
+                relora::precision_name(o.precision), o.fused ? "on" : "off",
                 backend->description().c_str());
     if (cpu) {
       std::printf("cpu: %d OpenMP threads, Eigen %d threads, measured FMA peak %.1f GFLOP/s\n", threads,
                   Eigen::nbThreads(), fma_peak);
+    }
+
+    if (o.thread_sweep) {
+      if (!cpu) usage("--thread-sweep measures the CPU backend: use it with --backend cpu");
+      const std::string j = run_thread_sweep(o, backend, threads);
+      if (!o.json.empty()) write_file(o.json, j);
+      return 0;
     }
 
     std::vector<CaseSpec> cases;
@@ -768,16 +871,13 @@ int main(int argc, char** argv) {
                       ",\n \"threads\": " + std::to_string(threads) + ", \"fma_peak_gflops\": " + json_number(fma_peak) +
                       ", \"scaling\": " + (o.scaling ? "true" : "false") +
                       ", \"fast_layers\": " + (o.fused ? "true" : "false") +
+                      ", \"layer\": " + (o.dora ? "\"dora\"" : "\"lora\"") +
                       ",\n \"alpha_over_r\": 2, \"dropout\": 0, \"bias\": \"frozen\", \"adam_lr\": 0.001,\n \"results\": [\n";
       for (std::size_t i = 0; i < results.size(); ++i) {
         j += "  " + json_case(results[i], backend_name, math_name) + (i + 1 < results.size() ? ",\n" : "\n");
       }
       j += " ]\n}\n";
-      FILE* f = std::fopen(o.json.c_str(), "w");
-      if (!f) throw std::runtime_error("cannot write " + o.json + ": " + std::strerror(errno));
-      std::fwrite(j.data(), 1, j.size(), f);
-      std::fclose(f);
-      std::printf("wrote %s\n", o.json.c_str());
+      write_file(o.json, j);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "relora_bench: %s\n", e.what());

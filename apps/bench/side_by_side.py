@@ -18,6 +18,7 @@ def load(paths, key):
         for r in doc.get(key, []):
             r = dict(r)
             r.setdefault("threads", doc.get("threads"))
+            r.setdefault("layer", doc.get("layer", "lora"))
             rows.append(r)
     return rows
 
@@ -45,17 +46,58 @@ def fmt(x, digits=4):
     return f"{x:.{digits}g}"
 
 
+def dora_table(rel_all, pef_all):
+    """relora's DoRA against its own LoRA and against PEFT's DoRA (LoraConfig(use_dora=True)),
+    with issue 14's targets: DoRA <= 1.15x our LoRA on layer4k, mlp4x4k and llm_mlp; >= 10x PEFT
+    DoRA on layer1k; >= 1.2x PEFT DoRA on mlp4x4k strict; peak memory <= 0.6x PEFT DoRA's there."""
+    ours = {(r["case"], r["backend"], r["math"], r["layer"]): r for r in rel_all}
+    theirs = {(r["case"], r["device"], r["math"], r.get("mode", "peft")): r for r in pef_all}
+    rows = sorted({k[:3] for k in ours if k[3] == "dora"})
+    if not rows:
+        return ""
+    lines = ["| case | backend | math | relora LoRA ms | relora DoRA ms | DoRA/LoRA | PEFT DoRA ms | PEFT DoRA/relora DoRA "
+             "| relora DoRA MiB | PEFT DoRA MiB | MiB ratio | targets | met | relora DoRA rounds ms | PEFT DoRA rounds ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, dev, m in rows:
+        d = ours[(c, dev, m, "dora")]
+        l = ours.get((c, dev, m, "lora"))
+        p = theirs.get((c, dev, m, "peft_dora"))
+        own = d["step_ms"] / l["step_ms"] if l else None
+        speed = p["step_ms"] / d["step_ms"] if p else None
+        mib = d.get("tensor_bytes_peak")
+        pmib = p.get("peak_bytes") if p else None
+        mem = mib / pmib if mib and pmib else None
+        targets, met = [], []
+        if c in ("layer4k", "mlp4x4k", "llm_mlp"):
+            targets.append("<= 1.15x LoRA")
+            met.append("yes" if own is not None and own <= 1.15 else "no")
+        if dev == "cuda" and c == "layer1k" and m == "strict":
+            targets.append(">= 10x PEFT")
+            met.append("yes" if speed is not None and speed >= 10 else "no")
+        if dev == "cuda" and c == "mlp4x4k" and m == "strict":
+            targets += [">= 1.2x PEFT", "mem <= 0.6x PEFT"]
+            met += ["yes" if speed is not None and speed >= 1.2 else "no",
+                    "yes" if mem is not None and mem <= 0.6 else "no"]
+        lines.append("| " + " | ".join([
+            c, dev, m, fmt(l["step_ms"]) if l else "-", fmt(d["step_ms"]), fmt(own, 3), fmt(p["step_ms"]) if p else "-",
+            fmt(speed, 3), fmt(mib / 2**20 if mib else None), fmt(pmib / 2**20 if pmib else None), fmt(mem, 3),
+            "; ".join(targets), "; ".join(met), " ".join(fmt(x) for x in d["rounds_ms"]),
+            " ".join(fmt(x) for x in p["rounds_ms"]) if p else "-"]) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--relora", nargs="*", default=[])
     ap.add_argument("--peft", nargs="*", default=[])
     ap.add_argument("--md", default="")
     a = ap.parse_args()
-    rel = median_rows([r for r in load(a.relora, "results") if "skipped" not in r],
-                      lambda r: (r["case"], r["backend"], r["math"]))
-    pef = median_rows([r for r in load(a.peft, "steps") if r.get("mode", "peft") == "peft"],
-                      lambda r: (r["case"], r["device"], r["math"]))
-    peft_of = {(r["case"], r["device"], r["math"]): r for r in pef}
+    rel_all = median_rows([r for r in load(a.relora, "results") if "skipped" not in r],
+                          lambda r: (r["case"], r["backend"], r["math"], r["layer"]))
+    pef_all = median_rows([r for r in load(a.peft, "steps") if r.get("mode", "peft") in ("peft", "peft_dora")],
+                          lambda r: (r["case"], r["device"], r["math"], r.get("mode", "peft")))
+    rel = [r for r in rel_all if r["layer"] == "lora"]
+    peft_of = {(r["case"], r["device"], r["math"]): r for r in pef_all if r.get("mode", "peft") == "peft"}
 
     # "floor": every product the step needs (large and LoRA) timed alone, the issue's GEMM floor;
     # "large floor": the large products only (X W^T, dY W), shown beside it.
@@ -98,7 +140,8 @@ def main():
             fmt(ratio, 3), fmt(ratio32, 3) if m != "strict" else "", fmt(mib / 2**20 if mib else None),
             fmt(pmib / 2**20 if pmib else None), target, met,
             " ".join(fmt(x) for x in r["rounds_ms"]), " ".join(fmt(x) for x in p["rounds_ms"]) if p else "-"]) + " |")
-    text = "\n".join(lines)
+    dora = dora_table(rel_all, pef_all)
+    text = "\n".join(lines) + ("\n\n" + dora if dora else "")
     print(text)
     if a.md:
         with open(a.md, "w") as f:

@@ -12,6 +12,7 @@
 // If the vendored Eigen is upgraded, compare them with its Parallelizer.h and
 // GeneralMatrixMatrix.h again.
 #include "cpu/cpu_gemm.hpp"
+#include "cpu/cpu_parallel.hpp"
 #include "cpu/eigen_maps.hpp"
 
 #include <Eigen/Core>
@@ -117,19 +118,18 @@ class WorkspaceBlocking : public ei::level3_blocking<T, T> {
   }
 };
 
-// The thread count parallelize_gemm picks for a row-major destination (its `transpose`), or 1
-// where it would run the single-threaded kernel.
+// The threads of Eigen's parallel product for a row-major destination (its `transpose`): at most
+// one per nr columns of the kernel, as parallelize_gemm allows, and one per
+// kMultiplyAddsPerThread of work (parallelize_gemm's own limit, 50000, is below what a region
+// costs on a many-core machine); 1 inside someone else's parallel region.
 template <typename T>
-EIndex eigen_threads(EIndex m, EIndex n, EIndex k) {
+EIndex gemm_threads(EIndex m, EIndex n, EIndex k) {
 #if defined(EIGEN_HAS_OPENMP) && !defined(EIGEN_USE_BLAS)
   using Traits = ei::gebp_traits<T, T>;
-  EIndex pb_max_threads = std::max<EIndex>(1, m / Traits::nr);
+  if (omp_get_num_threads() > 1) return 1;
+  const EIndex by_columns = std::max<EIndex>(1, m / Traits::nr);
   const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  const double kMinTaskSize = 50000;
-  pb_max_threads = std::max<EIndex>(1, std::min<EIndex>(pb_max_threads, static_cast<EIndex>(work / kMinTaskSize)));
-  const EIndex threads = std::min<EIndex>(Eigen::nbThreads(), pb_max_threads);
-  if (threads == 1 || omp_get_num_threads() > 1) return 1;
-  return threads;
+  return threads_for_multiply_adds(work, std::min<EIndex>(Eigen::nbThreads(), by_columns));
 #else
   (void)m, (void)n, (void)k;
   return 1;
@@ -168,7 +168,7 @@ using Info = ei::GemmParallelInfo<EIndex>;
 template <typename T, int LhsOrder, int RhsOrder>
 void parallel_kernel(EIndex rows, EIndex cols, EIndex depth, const T* lhs_data, EIndex lhsStride, const T* rhs_data,
                      EIndex rhsStride, T* res_data, EIndex resStride, T alpha, const Blocking& blocking, T* blockA,
-                     T* blockB, Info* info) {
+                     T* blockB, Info* info, int tid, int threads) {
   using Traits = ei::gebp_traits<T, T>;
   using LhsMapper = ei::const_blas_data_mapper<T, EIndex, LhsOrder>;
   using RhsMapper = ei::const_blas_data_mapper<T, EIndex, RhsOrder>;
@@ -185,9 +185,6 @@ void parallel_kernel(EIndex rows, EIndex cols, EIndex depth, const T* lhs_data, 
       pack_lhs;
   ei::gemm_pack_rhs<T, EIndex, RhsMapper, Traits::nr, RhsOrder> pack_rhs;
   ei::gebp_kernel<T, T, EIndex, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
-
-  const int tid = omp_get_thread_num();
-  const int threads = omp_get_num_threads();
 
   // For each horizontal panel of the rhs, and corresponding vertical panel of the lhs...
   for (EIndex k = 0; k < depth; k += kc) {
@@ -239,30 +236,34 @@ void run_parallel(const Product<T>& p, EIndex threads, const Blocking& blocking,
                   std::size_t block_b_stride, Info* info) {
   using Traits = ei::gebp_traits<T, T>;
   const EIndex rows = p.n, cols = p.m;  // swapped, as parallelize_gemm does for `transpose`
-#pragma omp parallel num_threads(int(threads))
+  // The whole team (see team_size), of which the first `threads` take a share.
+#pragma omp parallel
   {
     const EIndex i = omp_get_thread_num();
     // The team may be smaller than asked for.
-    const EIndex actual_threads = omp_get_num_threads();
+    const EIndex actual_threads = std::min<EIndex>(threads, omp_get_num_threads());
+    if (i < actual_threads) {
+      const EIndex blockCols = (cols / actual_threads) & ~EIndex(0x3);
+      EIndex blockRows = (rows / actual_threads);
+      blockRows = (blockRows / Traits::mr) * Traits::mr;
 
-    const EIndex blockCols = (cols / actual_threads) & ~EIndex(0x3);
-    EIndex blockRows = (rows / actual_threads);
-    blockRows = (blockRows / Traits::mr) * Traits::mr;
+      const EIndex r0 = i * blockRows;
+      const EIndex actualBlockRows = (i + 1 == actual_threads) ? rows - r0 : blockRows;
 
-    const EIndex r0 = i * blockRows;
-    const EIndex actualBlockRows = (i + 1 == actual_threads) ? rows - r0 : blockRows;
+      const EIndex c0 = i * blockCols;
+      const EIndex actualBlockCols = (i + 1 == actual_threads) ? cols - c0 : blockCols;
 
-    const EIndex c0 = i * blockCols;
-    const EIndex actualBlockCols = (i + 1 == actual_threads) ? cols - c0 : blockCols;
+      info[i].lhs_start = r0;
+      info[i].lhs_length = actualBlockRows;
 
-    info[i].lhs_start = r0;
-    info[i].lhs_length = actualBlockRows;
-
-    // gemm_functor(c0, actualBlockCols, 0, rows, info), then the row-major run's transposition:
-    // the kernel's lhs is op(B), its rhs op(A) from row c0, its result C from row c0.
-    const T* a = p.trans_a ? p.a + c0 : p.a + c0 * p.lda;
-    parallel_kernel<T, LhsOrder, RhsOrder>(rows, actualBlockCols, p.k, p.b, p.ldb, a, p.lda, p.c + c0 * p.ldc, p.ldc,
-                                           p.alpha, blocking, blockA, blockB + std::size_t(i) * block_b_stride, info);
+      // gemm_functor(c0, actualBlockCols, 0, rows, info), then the row-major run's transposition:
+      // the kernel's lhs is op(B), its rhs op(A) from row c0, its result C from row c0.
+      const T* a = p.trans_a ? p.a + c0 : p.a + c0 * p.lda;
+      parallel_kernel<T, LhsOrder, RhsOrder>(rows, actualBlockCols, p.k, p.b, p.ldb, a, p.lda, p.c + c0 * p.ldc,
+                                             p.ldc, p.alpha, blocking, blockA,
+                                             blockB + std::size_t(i) * block_b_stride, info, int(i),
+                                             int(actual_threads));
+    }
   }
 }
 
@@ -351,7 +352,7 @@ void CpuGemm<T>::multiply_add(Trans trans_a, Trans trans_b, T alpha, const Tenso
 #if defined(_OPENMP)
   in_parallel = omp_in_parallel();
   if (std::min({m, n, k}) <= kNarrow && double(m) * double(n) * double(k) >= kSplitWork && !in_parallel) {
-    slabs = int(std::min<EIndex>(omp_get_max_threads(), std::max(m, n) / 16));
+    slabs = threads_for_multiply_adds(double(m) * double(n) * double(k), std::max(m, n) / 16);
   }
 #endif
   const bool split_rows = m >= n;
@@ -367,7 +368,7 @@ void CpuGemm<T>::multiply_add(Trans trans_a, Trans trans_b, T alpha, const Tenso
         eigen_product(c, op_a, op_b, alpha);
         return;
       }
-      const EIndex threads = eigen_threads<T>(m, n, k);
+      const EIndex threads = gemm_threads<T>(m, n, k);
 #if defined(EIGEN_HAS_OPENMP) && !defined(EIGEN_USE_BLAS)
       if (threads > 1) {
         Eigen::initParallel();
@@ -395,8 +396,7 @@ void CpuGemm<T>::multiply_add(Trans trans_a, Trans trans_b, T alpha, const Tenso
       }
     }
     T* workspace = slice > 0 ? reserve(slice * std::size_t(slabs)) : nullptr;
-#pragma omp parallel for num_threads(slabs) schedule(static)
-    for (int t = 0; t < slabs; ++t) {
+    parallel_parts(slabs, [&](int t, int) {
       const EIndex begin = long_side * t / slabs, count = long_side * (t + 1) / slabs - begin;
       Product<T> part = whole;
       if (split_rows) {
@@ -415,7 +415,7 @@ void CpuGemm<T>::multiply_add(Trans trans_a, Trans trans_b, T alpha, const Tenso
       } else {
         eigen_product(c.middleCols(begin, count), op_a, op_b.middleCols(begin, count), alpha);
       }
-    }
+    });
   };
   if (trans_a == Trans::no && trans_b == Trans::no) {
     run(a, b);

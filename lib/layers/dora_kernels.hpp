@@ -22,14 +22,37 @@ class DoraKernels {
   // g_i = m_i / max(n_i, eps).
   virtual void norms(const Tensor<T>& wsq, const Tensor<T>& P, const Tensor<T>& B, const Tensor<T>& BG,
                      const Tensor<T>& m, T s, T eps, Tensor<T>& n, Tensor<T>& g) = 0;
-  // Y = Z diag(g) + b, or Y += Z diag(g) + b with accumulate; b may be null (no bias).
+  // Y = Z diag(g) + b, or Y += Z diag(g) + b with accumulate; b may be null (no bias). Y may alias Z
+  // when not accumulating (the forward without dropout computes Z in Y's buffer).
   virtual void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate,
                                  Tensor<T>& Y) = 0;
   // out = X diag(g + shift); out may alias X.
   virtual void scale_columns(const Tensor<T>& X, const Tensor<T>& g, T shift, Tensor<T>& out) = 0;
-  // dm_i = sum_t dY_ti Z_ti / max(n_i, eps) (summed in double).
+  // dm_i = sum_t dY_ti Z_ti / max(n_i, eps) (summed in double), from a stored Z (dropout's forward).
   virtual void magnitude_gradient(const Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& n, T eps,
                                   Tensor<T>& dm) = 0;
+  // The magnitude's gradient without a stored Z, in one pass over dY and Y = Z diag(g) + b (b may be
+  // null). For a column whose g_i is invertible (dora_recovery.hpp), Z_ti = (Y_ti - b_i) / g_i and
+  //   dm_i = sum_t dY_ti Z_ti / max(n_i, eps),
+  // unless the recovery fails its precision test (dora_recovery.hpp): then, and for every column
+  // whose g_i is not invertible, recompute_i = 1 (else 0) and dm_i is left to
+  // recompute_magnitude_gradient. db_i = sum_t dY_ti when db is not null. With scale_dY, dY becomes
+  // dZ = dY diag(g) in place in the columns of invertible g_i; the others keep dY for the recompute.
+  // Sums in double.
+  virtual void magnitude_gradient_from_output(Tensor<T>& dY, const Tensor<T>& Y, const Tensor<T>* b,
+                                              const Tensor<T>& g, const Tensor<T>& n, T eps, bool scale_dY,
+                                              Tensor<T>& dm, Tensor<T>* db, Tensor<T>& recompute) = 0;
+  // dm_i for the columns with recompute_i != 0, from Z's column recomputed as Z_ti = X_t . W_i + s U_t . B_i
+  // (in double). dY_scaled says what magnitude_gradient_from_output left in dY: then a column of
+  // invertible g_i holds dY_ti g_i (read as dY_ti g_i / g_i), and a column of non-invertible g_i holds
+  // dY_ti, which this scales in place after reading. Launched for every column (the flags are data),
+  // so a recorded step replays it; a column not flagged costs one read of its flag.
+  virtual void recompute_magnitude_gradient(Tensor<T>& dY, bool dY_scaled, const Tensor<T>& X, const Tensor<T>& W,
+                                            const Tensor<T>& U, const Tensor<T>& B, T s, const Tensor<T>& g,
+                                            const Tensor<T>& n, T eps, const Tensor<T>& recompute,
+                                            Tensor<T>& dm) = 0;
+  // out += mask .* M (dropout's backward: dX += M .* (dY diag(g - 1) W + dU A)).
+  virtual void add_masked(const Tensor<T>& mask, const Tensor<T>& M, Tensor<T>& out) = 0;
   // q_i = -dm_i m_i / n_i^2 where n_i > eps, else 0: dL/dn_i / n_i (the exact gradient's row factors).
   virtual void norm_factors(const Tensor<T>& dm, const Tensor<T>& m, const Tensor<T>& n, T eps, Tensor<T>& q) = 0;
   // out = diag(q) M, or out += diag(q) M with accumulate; out may alias M when not accumulating.

@@ -131,6 +131,9 @@ void DoraLinear<T>::allocate_parameters() {
   H_ = be.allocate(r, r);
   merge_g_ = be.allocate(1, d);
   be.fill(merge_g_, T(1));  // saved with the state: finite before any merge
+  Bg_ = be.allocate(d, r);
+  recompute_ = be.allocate(1, d);
+  be.fill(recompute_, T(0));
 }
 
 template <typename T>
@@ -200,8 +203,6 @@ void DoraLinear<T>::resize_batch(Index n) {
   const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
   Backend<T>& be = *backend_;
   Y_ = be.allocate(n, d);
-  Z_ = be.allocate(n, d);
-  dZ_ = be.allocate(n, d);
   U_ = be.allocate(n, r);
   dU_ = be.allocate(n, r);
   dX_ = Tensor<T>();  // sized by the first backward that needs it
@@ -212,6 +213,9 @@ void DoraLinear<T>::resize_batch(Index n) {
     E_ = be.allocate(n, k);
     dX_lora_ = be.allocate(n, k);
   }
+  // Y = E W^T + Z diag(g) + b: Z cannot be read back from Y. A 16-bit base keeps Z too: the
+  // recompute of columns that cannot be read back needs W's rows in fp32 (keeps_Z()).
+  if (config_.lora.dropout > 0 || base_.low_precision()) Z_ = be.allocate(n, d);
   batch_rows_ = n;
 }
 
@@ -248,12 +252,14 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
     base_.product(E_, Y_);  // Y = E W^T, the base output PEFT adds
     input = &X_dropped_;
   }
+  // Without a mask Z is computed in Y's buffer and scaled in place: the backward reads it back.
+  Tensor<T>& Z = keeps_Z() ? Z_ : Y_;
   // Most of the time goes here and into the backward's products with W.
-  base_.product(*input, Z_);                                    // Z = Xd W^T
+  base_.product(*input, Z);                                    // Z = Xd W^T
   be.gemm(Trans::no, Trans::yes, T(1), *input, A_, T(0), U_);  // U = Xd A^T
-  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Z_);    // Z += s U B^T
+  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Z);    // Z += s U B^T
   // Y (+)= Z diag(g) + b
-  kernels_->scale_columns_add(Z_, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);
+  kernels_->scale_columns_add(Z, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);
   return Y_;
 }
 
@@ -266,22 +272,46 @@ Tensor<T>& DoraLinear<T>::own_dX() {
 }
 
 template <typename T>
-void DoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
+void DoraLinear<T>::backward(const Tensor<T>& dY_given, Tensor<T>* dX) {
   if (X_ == nullptr) throw ConfigError(name() + " backward: forward was not called");
   require_not_merged("train");
-  require_shape(dY, batch_rows_, config_.lora.out_features, "DoraLinear backward dY");
+  require_shape(dY_given, batch_rows_, config_.lora.out_features, "DoraLinear backward dY");
   if (dX) require_shape(*dX, batch_rows_, config_.lora.in_features, "DoraLinear backward dX");
+  // dY is this backward's scratch (Layer::backward): it becomes dZ = dY diag(g) in place.
+  Tensor<T>& dY = const_cast<Tensor<T>&>(dY_given);
   Backend<T>& be = *backend_;
   DoraKernels<T>& kern = *kernels_;
   const Tensor<T>& input = dropout_active_ ? X_dropped_ : *X_;
   const bool adapter = target_ == TrainTarget::adapter;
+  Tensor<T>* db = bias_trains() ? &db_ : nullptr;
 
-  kern.scale_columns(dY, g_, T(0), dZ_);  // dZ = dY diag(g)
-  if (adapter || exact()) kern.magnitude_gradient(dY, Z_, n_, eps_, dm_);
-  if (adapter) be.gemm(Trans::yes, Trans::no, scale_, dZ_, U_, T(0), dB_);           // dB = s dZ^T U
-  if (adapter || dX) be.gemm(Trans::no, Trans::no, scale_, dZ_, B_, T(0), dU_);      // dU = s dZ B
-  if (adapter) be.gemm(Trans::yes, Trans::no, T(1), dU_, input, T(0), dA_);         // dA = dU^T Xd
-  if (!adapter) be.gemm(Trans::yes, Trans::no, T(1), dZ_, *X_, T(0), dW_);          // dW = dZ^T X
+  // dZ itself is needed by dX = dZ W and dW = dZ^T X: then dY is scaled in place, in the pass that
+  // sums dm and db. Otherwise (no dX, or a mask whose backward needs dY W as well) dY is only read,
+  // and g goes into the d x r operands: dB = s diag(g) (dY^T U), dU = s dY (diag(g) B).
+  const bool dZ_in_dY = !dropout_active_ && (dX != nullptr || !adapter);
+  if (keeps_Z()) {
+    kern.magnitude_gradient(dY, Z_, n_, eps_, dm_);  // Z kept by the forward
+    if (db) be.column_sums(dY, T(0), *db);
+    if (dZ_in_dY) kern.scale_columns(dY, g_, T(0), dY);  // dZ = dY diag(g), in place
+  } else {
+    kern.magnitude_gradient_from_output(dY, Y_, has_bias() ? &base_.bias() : nullptr, g_, n_, eps_, dZ_in_dY, dm_,
+                                        db, recompute_);
+    // An fp32 W here: a 16-bit one keeps Z (keeps_Z()).
+    kern.recompute_magnitude_gradient(dY, dZ_in_dY, *X_, base_.weight(), U_, B_, scale_, g_, n_, eps_, recompute_,
+                                      dm_);
+  }
+  const Tensor<T>* B_for_dU = &B_;
+  if (!dZ_in_dY && (adapter || dX)) {
+    kern.scale_rows(g_, B_, false, Bg_);
+    B_for_dU = &Bg_;
+  }
+  if (adapter) {
+    be.gemm(Trans::yes, Trans::no, scale_, dY, U_, T(0), dB_);      // dB = s dZ^T U
+    if (!dZ_in_dY) kern.scale_rows(g_, dB_, false, dB_);            //    = s diag(g) dY^T U
+  }
+  if (adapter || dX) be.gemm(Trans::no, Trans::no, scale_, dY, *B_for_dU, T(0), dU_);  // dU = s dZ B
+  if (adapter) be.gemm(Trans::yes, Trans::no, T(1), dU_, input, T(0), dA_);           // dA = dU^T Xd
+  if (!adapter) be.gemm(Trans::yes, Trans::no, T(1), dY, *X_, T(0), dW_);             // dW = dZ^T X
   if (exact()) {
     // The path through n: q_i = dL/dn_i / n_i, Bq = diag(q) B.
     kern.norm_factors(dm_, m_, n_, eps_, q_);
@@ -301,17 +331,16 @@ void DoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
       be.gemm(Trans::no, Trans::no, scale_, Bq_, A_, T(1), dW_);  // dW += s Bq A
     }
   }
-  if (bias_trains()) be.column_sums(dY, T(0), db_);
 
   if (dX) {
     if (dropout_active_) {
-      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);   // dU A
-      kern.scale_columns(dY, g_, T(-1), dZ_);                         // dZ is done with: dY diag(g - 1)
-      base_.input_gradient(dZ_, T(1), dX_lora_);                      // + dY diag(g - 1) W
-      be.multiply(dX_lora_, mask_, *dX);                              // M .* (...)
-      base_.input_gradient(dY, T(1), *dX);                            // + dY W
+      base_.input_gradient(dY, T(0), *dX);                            // dY W
+      kern.scale_columns(dY, g_, T(-1), dY);                          // dY is done with: dY diag(g - 1)
+      base_.input_gradient(dY, T(0), dX_lora_);                       // dY diag(g - 1) W
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), dX_lora_);   // + dU A
+      kern.add_masked(mask_, dX_lora_, *dX);                          // dX = dY W + M .* (...)
     } else {
-      base_.input_gradient(dZ_, T(0), *dX);                      // dX = dZ W
+      base_.input_gradient(dY, T(0), *dX);                       // dX = dZ W
       be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);   // dX += dU A
     }
   }

@@ -37,8 +37,8 @@
 // Backward, given dY. Detached norm (the default; the paper's section 4.3 and PEFT: n is a
 // constant of the backward, so g depends on m alone):
 //
-//   dZ = dY diag(g)
-//   dm_i = sum_t dY_ti Z_ti / max(n_i, eps)
+//   dZ = dY diag(g)                                       (in dY's buffer, or g folded into B and dB)
+//   dm_i = sum_t dY_ti Z_ti / max(n_i, eps)               (Z_ti = (Y_ti - b_i) / g_i, see Memory below)
 //   db = sum_t dY_t
 //   dB = s dZ^T U,   dU = s dZ B,   dA = dU^T Xd
 //   dX = dZ W + dU A                                      (no mask)
@@ -62,6 +62,15 @@
 // are |m_i| n_i / max(n_i, eps), so m keeps its value wherever m_i >= 0 and n_i >= eps, and g
 // comes out exactly 1 wherever they are >= eps: the output is unchanged through a ReLoRA restart
 // (a row with m_i < 0 keeps its output, which carries the sign, with m_i = |m_i|).
+//
+// Memory. Beyond LoRA's per-batch buffers (U, Y, dU) the layer keeps no n x d matrix: Z is not
+// stored but read back from Y in the backward, Z_ti = (Y_ti - b_i) / g_i, in the pass that sums dm
+// (lib/layers/dora_recovery.hpp: when that is exact enough, and the columns recomputed from X, W, U
+// and B when it is not, or when g_i = 0); and dZ = dY diag(g) is written over dY (Layer::backward
+// may use its dY as scratch). With a dropout mask Y also holds E W^T, so Z is then kept (an n x d
+// buffer, allocated only when config.lora.dropout > 0). Because Z is read back from the output, a
+// caller that changes the output in place between forward and backward (the Model's in-place ReLU)
+// must leave it unchanged wherever dY is not zero, as ReLU does.
 //
 // Per-batch buffers are sized on the first forward and reused; parameter-sized ones (P, G, B G,
 // n, g...) at construction: a steady training step allocates nothing.
@@ -164,6 +173,9 @@ class DoraLinear : public Layer<T> {
   const Tensor<T>& dB() const { return dB_; }
   const Tensor<T>& dm() const { return dm_; }
   const Tensor<T>& dropout_mask() const { return mask_; }
+  // 1 x d: 1 where the last backward recomputed Z's column for dm instead of reading it back from Y
+  // (lib/layers/dora_recovery.hpp), 0 elsewhere; not written by a backward with a dropout mask.
+  const Tensor<T>& recomputed_columns() const { return recompute_; }
 
   // Host-side setters, shapes checked.
   void set_W(const Eigen::Ref<const HostMatrix<T>>& W);
@@ -189,6 +201,9 @@ class DoraLinear : public Layer<T> {
   bool dropout_in_use() const { return training_ && config_.lora.dropout > 0 && target_ == TrainTarget::adapter; }
   bool bias_trains() const { return config_.lora.bias == BiasMode::trainable; }
   bool exact() const { return config_.gradient == DoraGradient::exact; }
+  // Whether the forward keeps Z in a buffer of its own (dropout, or a 16-bit base) rather than
+  // computing it in Y's buffer for the backward to read back.
+  bool keeps_Z() const { return dropout_active_ || base_.low_precision(); }
   Tensor<T>& own_dX();
   // Upload of a d-vector given as a row or a column.
   void upload_vector(const Eigen::Ref<const HostMatrix<T>>& v, Tensor<T>& dst, const char* what);
@@ -203,11 +218,13 @@ class DoraLinear : public Layer<T> {
   Tensor<T> A_, B_, m_;
   Tensor<T> dW_, db_, dA_, dB_, dm_;
   // Parameter-sized work: ||W_i||^2, P = W A^T, G = A A^T, B G, n, g, the exact mode's q,
-  // diag(q) B and (diag(q) B)^T B, and the g of the last merge.
-  Tensor<T> wsq_, P_, G_, BG_, n_, g_, q_, Bq_, H_, merge_g_;
-  // Per batch.
-  Tensor<T> U_, Z_, Y_, dZ_, dU_;
-  Tensor<T> mask_, X_dropped_, E_, dX_lora_, dX_;
+  // diag(q) B and (diag(q) B)^T B, the g of the last merge, diag(g) B (dU = s dY diag(g) B when dY is
+  // not scaled in place) and the flags of the columns whose Z the backward recomputes.
+  Tensor<T> wsq_, P_, G_, BG_, n_, g_, q_, Bq_, H_, merge_g_, Bg_, recompute_;
+  // Per batch. Z_ only with a dropout mask (Y holds E W^T as well) or a 16-bit base (keeps_Z());
+  // otherwise the forward computes Z in Y's buffer and the backward reads it back from Y.
+  Tensor<T> U_, Y_, dU_;
+  Tensor<T> mask_, X_dropped_, E_, dX_lora_, Z_, dX_;
   Tensor<T> dX_view_;
 
   TrainTarget target_ = TrainTarget::adapter;

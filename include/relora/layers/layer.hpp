@@ -43,6 +43,9 @@ class Layer {
   }
   // From dY (n x out_features): the gradients of what trains now (overwritten, not accumulated),
   // and dX (n x in_features) when dX is not null; dX may be a view of a buffer the caller reuses.
+  // dY is the layer's scratch: a layer may overwrite it (DoraLinear scales it in place instead of
+  // keeping an n x d buffer of its own), so its contents are unspecified after backward, and a
+  // caller that needs them again keeps a copy. dY and dX must not overlap.
   virtual void backward(const Tensor<T>& dY, Tensor<T>* dX) = 0;
 
   // The output of the last forward, and its buffer: a Model applies ReLU to it in place and

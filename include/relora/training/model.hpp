@@ -44,7 +44,8 @@ class Model {
   void forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target);
   // The output of the last forward.
   const Tensor<T>& output();
-  // dY: gradient of the loss with respect to forward's output.
+  // dY: gradient of the loss with respect to forward's output. The top layer may use dY as scratch
+  // (Layer::backward): its contents are unspecified afterwards.
   void backward(const Tensor<T>& dY);
 
   // Convenience for host data: upload, forward, download.

@@ -7,6 +7,7 @@
 
 #include "cpu/cpu_parallel.hpp"
 #include "layers/dora_kernels.hpp"
+#include "layers/dora_recovery.hpp"
 
 namespace relora {
 namespace {
@@ -112,6 +113,89 @@ class CpuDoraKernels final : public DoraKernels<T> {
       }
       for (Index i = first; i < last; ++i) dm.data()[i] = T(sums[i - first] / double(std::max(n.data()[i], eps)));
     });
+  }
+
+  void magnitude_gradient_from_output(Tensor<T>& dY, const Tensor<T>& Y, const Tensor<T>* b, const Tensor<T>& g,
+                                      const Tensor<T>& n, T eps, bool scale_dY, Tensor<T>& dm, Tensor<T>* db,
+                                      Tensor<T>& recompute) override {
+    // Columns in blocks, as magnitude_gradient: one read of dY and Y, one write of dY.
+    const Index rows = dY.rows(), d = dY.cols();
+    constexpr Index kBlock = 256;
+    const Index blocks = (d + kBlock - 1) / kBlock;
+    T* a_all = dY.data();
+    const T* y_all = Y.data();
+    for_each_row(blocks, dY.size(), [&](Index block) {
+      const Index first = block * kBlock, width = std::min(d, first + kBlock) - first;
+      double sum[kBlock] = {}, abs_dY[kBlock] = {}, abs_product[kBlock] = {}, column_sum[kBlock] = {};
+      double bias[kBlock], divisor[kBlock];
+      T factor[kBlock];
+      for (Index i = 0; i < width; ++i) {
+        const T gi = g.data()[first + i];
+        const bool inv = dora_recovery::invertible(gi);
+        bias[i] = b ? double(b->data()[first + i]) : 0.0;
+        divisor[i] = inv ? double(gi) : 1.0;  // a column not invertible is recomputed: any finite value
+        factor[i] = scale_dY && inv ? gi : T(1);
+      }
+      for (Index t = 0; t < rows; ++t) {
+        T* a = a_all + t * d + first;
+        const T* y = y_all + t * d + first;
+#pragma omp simd
+        for (Index i = 0; i < width; ++i) {
+          const double ai = double(a[i]);
+          const double product = ai * ((double(y[i]) - bias[i]) / divisor[i]);
+          sum[i] += product;
+          abs_product[i] += std::abs(product);
+          abs_dY[i] += std::abs(ai);
+          column_sum[i] += ai;
+          if (scale_dY) a[i] = a[i] * factor[i];  // loop-invariant: the compiler splits the loop
+        }
+      }
+      for (Index i = 0; i < width; ++i) {
+        const Index c = first + i;
+        const T gi = g.data()[c];
+        const bool accepted = dora_recovery::invertible(gi) &&
+                              dora_recovery::recovery_accepted(sum[i], abs_dY[i], abs_product[i], T(bias[i]), gi);
+        recompute.data()[c] = accepted ? T(0) : T(1);
+        if (accepted) dm.data()[c] = T(sum[i] / double(std::max(n.data()[c], eps)));
+        if (db) db->data()[c] = T(column_sum[i]);
+      }
+    });
+  }
+
+  void recompute_magnitude_gradient(Tensor<T>& dY, bool dY_scaled, const Tensor<T>& X, const Tensor<T>& W,
+                                    const Tensor<T>& U, const Tensor<T>& B, T s, const Tensor<T>& g,
+                                    const Tensor<T>& n, T eps, const Tensor<T>& recompute, Tensor<T>& dm) override {
+    const Index rows = dY.rows(), d = dY.cols(), k = X.cols(), r = U.cols();
+    for (Index c = 0; c < d; ++c) {
+      if (recompute.data()[c] == T(0)) continue;
+      const T gc = g.data()[c];
+      const bool inv = dora_recovery::invertible(gc);
+      const T* w = W.data() + c * k;
+      const T* bc = B.data() + c * r;
+      double total = 0;
+      // Rows in parallel: each reads its own row of X and U and its own element of dY's column.
+#pragma omp parallel for schedule(static) reduction(+ : total) if (run_parallel(rows * (k + r)))
+      for (Index t = 0; t < rows; ++t) {
+        const T* x = X.data() + t * k;
+        const T* u = U.data() + t * r;
+        double base = 0, adapter = 0;
+        for (Index j = 0; j < k; ++j) base += double(x[j]) * double(w[j]);
+        for (Index j = 0; j < r; ++j) adapter += double(u[j]) * double(bc[j]);
+        T& a = dY.data()[t * d + c];
+        double raw = double(a);
+        if (dY_scaled && inv) raw /= double(gc);
+        if (dY_scaled && !inv) a = a * gc;
+        total += raw * (base + double(s) * adapter);
+      }
+      dm.data()[c] = T(total / double(std::max(n.data()[c], eps)));
+    }
+  }
+
+  void add_masked(const Tensor<T>& mask, const Tensor<T>& M, Tensor<T>& out) override {
+    const T* p = mask.data();
+    const T* x = M.data();
+    T* o = out.data();
+    for_each_element(out.size(), [&](Index i) { o[i] += p[i] * x[i]; });
   }
 
   void norm_factors(const Tensor<T>& dm, const Tensor<T>& m, const Tensor<T>& n, T eps, Tensor<T>& q) override {

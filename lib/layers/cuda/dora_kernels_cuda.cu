@@ -8,6 +8,7 @@
 #include "cuda/cuda_context.cuh"
 #include "cuda/cuda_resources.cuh"
 #include "layers/dora_kernels.hpp"
+#include "layers/dora_recovery.hpp"
 
 namespace relora {
 namespace cuda_detail {
@@ -62,10 +63,11 @@ __global__ void norms_kernel(std::int64_t rows, std::int64_t r, const T* __restr
   }
 }
 
+// Y may alias Z: each element is read before it is written, by the same thread.
 template <typename T>
-__global__ void scale_columns_add_kernel(std::int64_t size, std::int64_t cols, const T* __restrict__ Z,
+__global__ void scale_columns_add_kernel(std::int64_t size, std::int64_t cols, const T* Z,
                                          const T* __restrict__ g, const T* __restrict__ b, bool accumulate,
-                                         T* __restrict__ Y) {
+                                         T* Y) {
   for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < size;
        e += std::int64_t(gridDim.x) * blockDim.x) {
     const std::int64_t i = e % cols;
@@ -104,6 +106,115 @@ __global__ void magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, 
     for (int y = 0; y < 32; ++y) total += partial[y][threadIdx.x];
     const T norm = n[col];
     dm[col] = T(total / double(norm > eps ? norm : eps));
+  }
+}
+
+// The sum over a 32 x 32 block's rows of threads of each thread column's `value`, on threadIdx.y == 0.
+__device__ double column_total(double (&partial)[32][33], double value) {
+  partial[threadIdx.y][threadIdx.x] = value;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.y == 0) {
+    for (int y = 0; y < 32; ++y) total += partial[y][threadIdx.x];
+  }
+  __syncthreads();  // partial is reused by the next total
+  return total;
+}
+
+// magnitude_gradient's layout (32 columns per block, coalesced along the columns), reading Z back
+// from Y = Z diag(g) + b and scaling dY in place (dora_recovery.hpp has the rule and its precision).
+template <typename T>
+__global__ void magnitude_gradient_from_output_kernel(std::int64_t rows, std::int64_t cols, T* __restrict__ dY,
+                                                      const T* __restrict__ Y, const T* __restrict__ b,
+                                                      const T* __restrict__ g, const T* __restrict__ n, T eps,
+                                                      bool scale_dY, T* __restrict__ dm, T* __restrict__ db,
+                                                      T* __restrict__ recompute) {
+  __shared__ double partial[32][33];  // padded against bank conflicts
+  const std::int64_t col = std::int64_t(blockIdx.x) * 32 + threadIdx.x;
+  double sum = 0, abs_dY = 0, abs_product = 0, column_sum = 0, bias = 0;
+  T gc = T(1);
+  bool inv = false;
+  if (col < cols) {
+    gc = g[col];
+    inv = dora_recovery::invertible(gc);
+    bias = b != nullptr ? double(b[col]) : 0.0;
+    const double divisor = inv ? double(gc) : 1.0;  // a column not invertible is recomputed
+    const T factor = scale_dY && inv ? gc : T(1);
+    for (std::int64_t t = threadIdx.y; t < rows; t += 32) {
+      const std::int64_t e = t * cols + col;
+      const T a = dY[e];
+      const double product = double(a) * ((double(Y[e]) - bias) / divisor);
+      sum += product;
+      abs_product += fabs(product);
+      abs_dY += fabs(double(a));
+      column_sum += double(a);
+      if (scale_dY) dY[e] = a * factor;
+    }
+  }
+  sum = column_total(partial, sum);
+  abs_dY = column_total(partial, abs_dY);
+  abs_product = column_total(partial, abs_product);
+  column_sum = column_total(partial, column_sum);
+  if (threadIdx.y == 0 && col < cols) {
+    const bool accepted = inv && dora_recovery::recovery_accepted(sum, abs_dY, abs_product, T(bias), gc);
+    recompute[col] = accepted ? T(0) : T(1);
+    if (accepted) {
+      const T norm = n[col];
+      dm[col] = T(sum / double(norm > eps ? norm : eps));
+    }
+    if (db != nullptr) db[col] = T(column_sum);
+  }
+}
+
+// One block per flagged column (grid-stride over the columns; the flag is the same for the whole
+// block): a warp per row of X, its lanes along k, so X and W are read coalesced.
+template <typename T>
+__global__ void recompute_magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, std::int64_t k,
+                                                    std::int64_t r, T* __restrict__ dY, bool dY_scaled,
+                                                    const T* __restrict__ X, const T* __restrict__ W,
+                                                    const T* __restrict__ U, const T* __restrict__ B, T s,
+                                                    const T* __restrict__ g, const T* __restrict__ n, T eps,
+                                                    const T* __restrict__ recompute, T* __restrict__ dm) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ double partial[kWarps];
+  const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
+  for (std::int64_t c = blockIdx.x; c < cols; c += gridDim.x) {
+    if (recompute[c] == T(0)) continue;
+    const T gc = g[c];
+    const bool inv = dora_recovery::invertible(gc);
+    double total = 0;
+    for (std::int64_t t = warp; t < rows; t += kWarps) {
+      double z = 0, adapter = 0;
+      for (std::int64_t j = lane; j < k; j += 32) z += double(X[t * k + j]) * double(W[c * k + j]);
+      for (std::int64_t j = lane; j < r; j += 32) adapter += double(U[t * r + j]) * double(B[c * r + j]);
+      z += double(s) * adapter;
+      for (int offset = 16; offset > 0; offset /= 2) z += __shfl_down_sync(0xffffffffu, z, offset);
+      if (lane == 0) {
+        T& a = dY[t * cols + c];
+        double raw = double(a);
+        if (dY_scaled && inv) raw /= double(gc);
+        if (dY_scaled && !inv) a = a * gc;
+        total += raw * z;
+      }
+    }
+    if (lane == 0) partial[warp] = total;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sum = 0;
+      for (int w = 0; w < kWarps; ++w) sum += partial[w];
+      const T norm = n[c];
+      dm[c] = T(sum / double(norm > eps ? norm : eps));
+    }
+    __syncthreads();  // partial is reused by the next column
+  }
+}
+
+template <typename T>
+__global__ void add_masked_kernel(std::int64_t size, const T* __restrict__ mask, const T* __restrict__ M,
+                                  T* __restrict__ out) {
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < size;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    out[e] += mask[e] * M[e];
   }
 }
 
@@ -198,6 +309,39 @@ class CudaDoraKernels final : public DoraKernels<T> {
     magnitude_gradient_kernel<T><<<blocks, block, 0, context_.stream()>>>(dY.rows(), dY.cols(), dY.data(), Z.data(),
                                                                          n.data(), eps, dm.data());
     RELORA_CHECK_LAUNCH("magnitude_gradient_kernel");
+  }
+
+  void magnitude_gradient_from_output(Tensor<T>& dY, const Tensor<T>& Y, const Tensor<T>* b, const Tensor<T>& g,
+                                      const Tensor<T>& n, T eps, bool scale_dY, Tensor<T>& dm, Tensor<T>* db,
+                                      Tensor<T>& recompute) override {
+    if (dY.cols() == 0) return;
+    context_.activate();
+    const dim3 block(32, 32);
+    const dim3 blocks(unsigned((dY.cols() + 31) / 32));
+    magnitude_gradient_from_output_kernel<T><<<blocks, block, 0, context_.stream()>>>(
+        dY.rows(), dY.cols(), dY.data(), Y.data(), b ? b->data() : nullptr, g.data(), n.data(), eps, scale_dY,
+        dm.data(), db ? db->data() : nullptr, recompute.data());
+    RELORA_CHECK_LAUNCH("magnitude_gradient_from_output_kernel");
+  }
+
+  void recompute_magnitude_gradient(Tensor<T>& dY, bool dY_scaled, const Tensor<T>& X, const Tensor<T>& W,
+                                    const Tensor<T>& U, const Tensor<T>& B, T s, const Tensor<T>& g,
+                                    const Tensor<T>& n, T eps, const Tensor<T>& recompute, Tensor<T>& dm) override {
+    if (dY.cols() == 0) return;
+    context_.activate();
+    const unsigned blocks = unsigned(dY.cols() < 65535 ? dY.cols() : 65535);
+    recompute_magnitude_gradient_kernel<T><<<blocks, kThreads, 0, context_.stream()>>>(
+        dY.rows(), dY.cols(), X.cols(), U.cols(), dY.data(), dY_scaled, X.data(), W.data(), U.data(), B.data(), s,
+        g.data(), n.data(), eps, recompute.data(), dm.data());
+    RELORA_CHECK_LAUNCH("recompute_magnitude_gradient_kernel");
+  }
+
+  void add_masked(const Tensor<T>& mask, const Tensor<T>& M, Tensor<T>& out) override {
+    if (out.size() == 0) return;
+    context_.activate();
+    add_masked_kernel<T><<<grid(out.size()), kThreads, 0, context_.stream()>>>(out.size(), mask.data(), M.data(),
+                                                                             out.data());
+    RELORA_CHECK_LAUNCH("add_masked_kernel");
   }
 
   void norm_factors(const Tensor<T>& dm, const Tensor<T>& m, const Tensor<T>& n, T eps, Tensor<T>& q) override {
