@@ -347,6 +347,45 @@ TEST_CASE("a steady CPU step starts no thread: every parallel region opens the s
   }
 }
 
+TEST_CASE("a steady step of a bf16 or fp16 base, ReLoRA restarts included, allocates nothing, on 1 and 2 threads") {
+  if (!RELORA_COUNT_ALLOCATIONS) {
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
+    return;
+  }
+  // 600 x 2000: W spans two of the CPU kernels' widened panels, so the column blocks are used too.
+  for (const BaseMerge merge : {BaseMerge::stochastic, BaseMerge::fp32_master}) {
+    for (int threads : {1, 2}) {
+      CAPTURE(threads);
+      with_threads(threads, [&] {
+        auto backend = make_backend<float>(Device::cpu);
+        Model<float> model(backend);
+        const BasePrecision precision = merge == BaseMerge::stochastic ? BasePrecision::bf16 : BasePrecision::fp16;
+        model.add(LoraConfig{.in_features = 2000, .out_features = 600, .rank = 8, .bias = BiasMode::frozen,
+                             .base_precision = precision, .base_merge = merge},
+                  Activation::relu);
+        model.add(LoraConfig{.in_features = 600, .out_features = 64, .rank = 8, .base_precision = precision,
+                             .base_merge = merge},
+                  Activation::identity);
+        TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
+                             .relora = {.restart_every = 3, .restart_warmup_steps = 1}};
+        Trainer<float> trainer(model, config);
+        Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 2000), "X");
+        Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 64), "Y");
+        for (int i = 0; i < 4; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
+        const long news = g_allocations.load(), mallocs = g_mallocs.load();
+        for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // two more restarts in here
+        const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
+        const std::string what = std::string(precision_name(precision)) + " " + base_merge_name(merge);
+        MESSAGE(what << ", " << threads
+                                          << " thread(s): operator new calls in 6 steady steps: " << new_calls
+                                          << ", malloc calls: " << malloc_calls);
+        CHECK(new_calls == 0);
+        CHECK(malloc_calls == 0);
+      });
+    }
+  }
+}
+
 TEST_CASE("gemm on the backend's packing workspace is Eigen's product to the bit") {
   // The same blocking, thread split and kernels as C.noalias() += alpha * op(A) * op(B). Shapes
   // outside the backend's slab split (a LoRA-rank side with much work), where that holds for any

@@ -65,7 +65,7 @@ class MLP(nn.Module):
         return x
 
 
-def step_time(n, dims, r, device, mode, iters):
+def step_time(n, dims, r, device, mode, iters, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
     if device == "cuda":
         torch.cuda.synchronize()
@@ -73,7 +73,9 @@ def step_time(n, dims, r, device, mode, iters):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     torch.manual_seed(0)
-    model = MLP(dims).to(device)
+    # A bf16 base: the whole model cast, as users do (model.to(torch.bfloat16)); PEFT then keeps
+    # its adapters in fp32 (autocast_adapter_dtype), and the loss is taken in fp32.
+    model = MLP(dims).to(device).to(dtype)
     if mode in ("peft", "peft_dora"):
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, use_dora=mode == "peft_dora",
                          target_modules=[f"layers.{i}" for i in range(len(dims) - 1)])
@@ -82,13 +84,13 @@ def step_time(n, dims, r, device, mode, iters):
     else:
         params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    x = torch.randn(n, dims[0], device=device)
-    y = torch.randn(n, dims[-1], device=device)
+    x = torch.randn(n, dims[0], device=device, dtype=dtype)
+    y = torch.randn(n, dims[-1], device=device, dtype=dtype)
     lossf = nn.MSELoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = lossf(model(x), y)
+        loss = lossf(model(x).float(), y.float())
         loss.backward()
         opt.step()
 
@@ -122,6 +124,7 @@ def main():
     ap.add_argument("--cases", default="")
     ap.add_argument("--modes", default="peft", help="of peft, peft_dora (LoraConfig(use_dora=True)), full")
     ap.add_argument("--json", default="")
+    ap.add_argument("--precision", default="fp32", help="fp32, bf16, or fp32,bf16: the base model's dtype")
     ap.add_argument("--ceilings", action="store_true")
     a = ap.parse_args()
     if a.threads > 0:
@@ -141,12 +144,13 @@ def main():
         tf32 = math == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        for mode in a.modes.split(","):
+        for mode, precision in [(m, p) for m in a.modes.split(",") for p in a.precision.split(",")]:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
             iters = 100 if a.device == "cuda" else (20 if dims[0] <= 1024 else 3)
-            med, lo, hi, peak = step_time(n, dims, r, a.device, mode, iters)
+            med, lo, hi, peak = step_time(n, dims, r, a.device, mode, iters, dtype)
             L = len(dims) - 1
             flops = sum(2 * n * dims[i] * dims[i + 1] for i in range(L))
-            res.append(dict(case=name, device=a.device, math=math, mode=mode, n=n, dims=dims, r=r,
+            res.append(dict(case=name, device=a.device, math=math, mode=mode, precision=precision, n=n, dims=dims, r=r,
                             step_ms=med * 1e3, min_ms=lo * 1e3, max_ms=hi * 1e3, iters=iters,
                             peak_bytes=peak, fwd_gemm_tflops=flops / med / 1e12))
             print(json.dumps(res[-1]), flush=True)

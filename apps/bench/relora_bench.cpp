@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "galore_cases.hpp"
+#include "half_floor.hpp"
 #include "relora/relora.hpp"
 
 #if defined(_OPENMP)
@@ -101,6 +102,7 @@ struct Options {
   bool dora = false;               // every layer a DoraLinear (detached norm, PEFT's default)
   bool thread_sweep = false;       // CPU: every sweep size at 1 thread, the default and all cores
   std::vector<CaseSpec> custom;    // --custom n:k,d1,...:r
+  relora::BasePrecision precision = relora::BasePrecision::fp32;  // --precision: how every W is stored
   std::string json;
   double cpu_skip_seconds = 1;  // CPU default list: skip cases whose step is estimated above this
 };
@@ -112,12 +114,13 @@ struct Options {
                "                    [--repeats R] [--warmup W] [--batch K] [--batch-ms MS] [--max-seconds S]\n"
                "                    [--threads N] [--scaling] [--no-memory] [--no-floor] [--json FILE]\n"
                "                    [--unfused] [--layer lora|dora] [--custom n:k,d1,d2,...:r ...]\n"
-               "                    [--thread-sweep]\n"
+               "                    [--thread-sweep] [--precision fp32|bf16|fp16]\n"
                "cases: seed_demo layer1k layer4k mlp4x2k mlp4x4k llm_mlp (default: all on cuda; on the cpu\n"
                "       those whose step is estimated under --cpu-skip-seconds, 1 by default)\n"
                "--thread-sweep (cpu): models from the seed demo's to mlp4x2k (3 layers of width 16 to 2048,\n"
                "       n 64 to 4096), each at 1 thread, OpenMP's default and every core; default/best is the\n"
-               "       default's time over the faster of the other two\n");
+               "       default's time over the faster of the other two\n"
+               "--precision: how every layer's frozen W is stored (bf16, fp16: 16 bits, products on tensor cores)\n");
   std::exit(why ? 2 : 0);
 }
 
@@ -208,6 +211,13 @@ Options parse(int argc, char** argv) {
       else usage(("--layer: '" + v + "' is neither lora nor dora").c_str());
     } else if (a == "--thread-sweep") o.thread_sweep = true;
     else if (a == "--custom") o.custom.push_back(parse_custom(value()));
+    else if (a == "--precision") {
+      const std::string v = value();
+      if (v == "fp32") o.precision = relora::BasePrecision::fp32;
+      else if (v == "bf16") o.precision = relora::BasePrecision::bf16;
+      else if (v == "fp16") o.precision = relora::BasePrecision::fp16;
+      else usage(("--precision: '" + v + "' is not fp32, bf16 or fp16").c_str());
+    }
     else if (a == "--json") o.json = value();
     else usage(("unknown argument '" + a + "'").c_str());
   }
@@ -360,7 +370,8 @@ struct Setup {
   relora::Tensor<T> X, target;
 };
 
-Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend, bool fused, bool dora) {
+Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend, bool fused, bool dora,
+            relora::BasePrecision precision) {
   Setup s;
   s.model = std::make_unique<relora::Model<T>>(
       backend, fused ? relora::LayerChoice::fastest : relora::LayerChoice::reference);
@@ -374,6 +385,7 @@ Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backen
     cfg.dropout = 0;
     cfg.bias = relora::BiasMode::frozen;  // nn.Linear has a bias; PEFT (bias="none") freezes it
     cfg.seed = 1000 + i;
+    cfg.base_precision = precision;
     const relora::Activation f = i + 1 < L ? relora::Activation::relu : relora::Activation::identity;
     if (dora) {
       s.model->add(std::make_unique<relora::DoraLinear<T>>(*backend, relora::DoraConfig{.lora = cfg}), f);
@@ -490,7 +502,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
   res.spec = c;
   const double rss0 = peak_rss_bytes();
   {
-    Setup s = build(c, backend, o.fused, o.dora);
+    Setup s = build(c, backend, o.fused, o.dora, o.precision);
     s.trainer->step(s.X, s.target);
     res.loss_first = s.trainer->loss();
     res.step = time_batches([&] { s.trainer->step(s.X, s.target); }, *backend, o);
@@ -503,8 +515,19 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
     res.lora_flops = f.lora_flops;
     if (o.floor) {
       backend->synchronize();
-      res.floor = time_batches([&] { run_products(*backend, f, true); }, *backend, o);
-      res.floor_all = time_batches([&] { run_products(*backend, f, false); }, *backend, o);
+      if (o.precision == relora::BasePrecision::fp32) {
+        res.floor = time_batches([&] { run_products(*backend, f, true); }, *backend, o);
+        res.floor_all = time_batches([&] { run_products(*backend, f, false); }, *backend, o);
+      } else {  // the large products on 16-bit W (half_floor.hpp), the LoRA products in fp32 as the step runs them
+        relora_bench::HalfFloor h = relora_bench::make_half_floor(c.n, c.dims, *backend, o.precision);
+        const auto lora_products = [&] {
+          for (const Product& p : f.products) {
+            if (!p.large) backend->gemm(p.ta, p.tb, p.alpha, f.tensors[p.a], f.tensors[p.b], p.beta, f.tensors[p.c]);
+          }
+        };
+        res.floor = time_batches([&] { relora_bench::run_half_floor(h); }, *backend, o);
+        res.floor_all = time_batches([&] { relora_bench::run_half_floor(h); lora_products(); }, *backend, o);
+      }
     }
   }
   if (o.memory) {
@@ -512,7 +535,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
     reg.live = reg.peak = 0;
     auto counting = std::make_shared<CountingBackend>(backend);
     {
-      Setup s = build(c, counting, o.fused, o.dora);
+      Setup s = build(c, counting, o.fused, o.dora, o.precision);
       s.trainer->step(s.X, s.target);
       s.trainer->step(s.X, s.target);
       counting->synchronize();
@@ -784,8 +807,9 @@ int main(int argc, char** argv) {
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     const double fma_peak = cpu ? measure_fma_peak_gflops() : -1;
-    std::printf("relora_bench  %s  backend %s, math %s, layer %s, fast layers %s  (%s)\n", now_utc().c_str(),
-                backend_name.c_str(), math_name.c_str(), o.dora ? "dora" : "lora", o.fused ? "on" : "off",
+    std::printf("relora_bench  %s  backend %s, math %s, layer %s, base %s, fast layers %s  (%s)\n",
+                now_utc().c_str(), backend_name.c_str(), math_name.c_str(), o.dora ? "dora" : "lora",
+                relora::precision_name(o.precision), o.fused ? "on" : "off",
                 backend->description().c_str());
     if (cpu) {
       std::printf("cpu: %d OpenMP threads, Eigen %d threads, measured FMA peak %.1f GFLOP/s\n", threads,
@@ -843,7 +867,9 @@ int main(int argc, char** argv) {
     if (!o.json.empty()) {
       std::string j = "{\n \"tool\": \"relora_bench\", \"date\": " + json_string(now_utc()) +
                       ", \"host\": " + json_string(host) + ",\n \"backend\": " + json_string(backend_name) +
-                      ", \"math\": " + json_string(math_name) + ", \"device\": " + json_string(backend->description()) +
+                      ", \"math\": " + json_string(math_name) +
+                      ", \"precision\": " + json_string(relora::precision_name(o.precision)) +
+                      ", \"device\": " + json_string(backend->description()) +
                       ",\n \"threads\": " + std::to_string(threads) + ", \"fma_peak_gflops\": " + json_number(fma_peak) +
                       ", \"scaling\": " + (o.scaling ? "true" : "false") +
                       ", \"fast_layers\": " + (o.fused ? "true" : "false") +

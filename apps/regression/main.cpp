@@ -129,7 +129,9 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
                                        .out_features = o.out_features,
                                        .rank = o.rank,
                                        .alpha = static_cast<double>(o.rank),
-                                       .seed = o.seed};
+                                       .seed = o.seed,
+                                       .base_precision = o.precision,
+                                       .base_merge = o.base_merge};
   const bool dora = method == Method::dora || method == Method::relora_dora;
   // The LoRA layer, which the seed's restart re-draws by hand; null for DoRA.
   relora::LoraLinear<float>* lora_layer = nullptr;
@@ -282,6 +284,9 @@ int run(const Options& o) {
               static_cast<long long>(o.out_features), static_cast<long long>(o.rank),
               static_cast<long long>(o.steps), o.lr, static_cast<long long>(o.restart_every));
   if (o.restart_warmup > 0) std::printf(" (re-warmup %lld)", static_cast<long long>(o.restart_warmup));
+  if (o.precision != relora::BasePrecision::fp32) {
+    std::printf(", W in %s (merges: %s)", relora::precision_name(o.precision), relora::base_merge_name(o.base_merge));
+  }
   std::printf(", noise %g, seed %llu\nbackend: %s\n\n", o.noise, static_cast<unsigned long long>(o.seed),
               backend->description().c_str());
 

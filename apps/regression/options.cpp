@@ -153,7 +153,19 @@ Options parse_options(const std::vector<std::string>& args) {
     else if (flag == "--galore-rank") o.galore_rank = parse_integer(flag, value(), 1);
     else if (flag == "--galore-gap") o.galore_gap = parse_integer(flag, value(), 1);
     else if (flag == "--galore-scale") o.galore_scale = parse_real(flag, value(), true);
-    else if (flag == "--save-adapter") {
+    else if (flag == "--precision") {
+      const std::string v = value();
+      if (v == "fp32") o.precision = BasePrecision::fp32;
+      else if (v == "bf16") o.precision = BasePrecision::bf16;
+      else if (v == "fp16") o.precision = BasePrecision::fp16;
+      else bad_value(flag, v, "fp32, bf16 or fp16");
+    } else if (flag == "--base-merge") {
+      const std::string v = value();
+      if (v == "stochastic") o.base_merge = BaseMerge::stochastic;
+      else if (v == "master") o.base_merge = BaseMerge::fp32_master;
+      else if (v == "nearest") o.base_merge = BaseMerge::nearest;
+      else bad_value(flag, v, "stochastic, master or nearest");
+    } else if (flag == "--save-adapter") {
       o.save_adapter = value();
       if (o.save_adapter.empty()) throw ConfigError(flag + ": '' is not a folder name");
     }
@@ -209,6 +221,9 @@ std::string usage_text() {
     << "  --galore-scale A     GaLore's scale alpha of the projected update (default " << d.galore_scale << ")\n"
     << "  --methods LIST       comma list of full, lora, relora, seed, dora, relora_dora, galore; or all\n"
     << "                       (default all)\n"
+    << "  --precision P        how W is stored: fp32, bf16 or fp16 (default fp32); adapters stay fp32\n"
+    << "  --base-merge M       how a merge lands in a bf16/fp16 W: stochastic, master (an fp32 copy of W)\n"
+    << "                       or nearest (default stochastic)\n"
     << "  --save-adapter DIR   write LoRA's trained adapter there as a PEFT adapter (adapter_model.safetensors,\n"
     << "                       adapter_config.json) with the base weight (base_model.safetensors, module 'proj')\n"
     << "  --help               this text\n"

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "relora/core/tensor.hpp"
+#include "relora/layers/lora_config.hpp"
 
 namespace relora::demo {
 
@@ -48,6 +49,8 @@ struct Options {
   double galore_scale = 1;           // GaLore's alpha (its paper's 0.25 is for large models' lr)
   std::vector<Method> methods = all_methods();
   std::string save_adapter;          // when set: LoRA's trained adapter as a PEFT adapter folder
+  BasePrecision precision = BasePrecision::fp32;  // how W is stored (full fine-tuning: an fp32 master)
+  BaseMerge base_merge = BaseMerge::stochastic;   // how a merge lands in a bf16 or fp16 W
   bool help = false;                 // --help was given: print usage_text() and stop
 };
 

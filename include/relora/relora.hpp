@@ -9,6 +9,7 @@
 #include "relora/core/host_matrix.hpp"
 #include "relora/layers/dora_linear.hpp"
 #include "relora/layers/lora_config.hpp"
+#include "relora/layers/frozen_base.hpp"
 #include "relora/layers/lora_linear.hpp"
 #include "relora/training/model.hpp"
 #include "relora/losses/mse_loss.hpp"

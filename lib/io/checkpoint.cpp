@@ -90,6 +90,16 @@ void add_fields(json& object, const StateDict<T>& state) {
 template <typename T>
 void add_tensors(SafetensorsWriter& writer, const std::string& prefix, const StateDict<T>& state) {
   for (const auto& [name, tensor] : state.tensors()) writer.add(prefix + name, {tensor.rows(), tensor.cols()}, tensor.data());
+  // A 16-bit base keeps its format: BF16 or F16, bit for bit (little-endian, as safetensors stores).
+  for (const auto& [name, half] : state.half_tensors()) {
+    std::vector<std::uint8_t> bytes(half.bits.size() * 2);
+    for (std::size_t i = 0; i < half.bits.size(); ++i) {
+      bytes[2 * i] = std::uint8_t(half.bits[i] & 0xFF);
+      bytes[2 * i + 1] = std::uint8_t(half.bits[i] >> 8);
+    }
+    writer.add_raw(prefix + name, half.format == BasePrecision::bf16 ? Dtype::BF16 : Dtype::F16,
+                   {half.rows, half.cols}, bytes.data());
+  }
 }
 
 std::uint64_t checksum_of(const std::uint8_t* data_section, std::size_t size, const std::string& state) {
@@ -160,12 +170,25 @@ class Reader {
                     std::set<std::string>& claimed) const {
     for (const std::string& name : file.names()) {
       if (name.rfind(prefix, 0) != 0) continue;
-      if (file.dtype(name) != scalar_dtype<T>()) {
-        fail("tensor '" + name + "' is " + dtype_name(file.dtype(name)) + ", expected " + scalar_text<T>() +
-             " (the trainer's scalar type)");
+      const Dtype dtype = file.dtype(name);
+      const bool half = dtype == Dtype::BF16 || dtype == Dtype::F16;  // a 16-bit base weight or bias
+      if (dtype != scalar_dtype<T>() && !half) {
+        fail("tensor '" + name + "' is " + dtype_name(dtype) + ", expected " + scalar_text<T>() +
+             " (the trainer's scalar type) or BF16/F16 (a 16-bit base)");
       }
       const std::vector<std::int64_t>& shape = file.shape(name);
       if (shape.size() != 2) fail("tensor '" + name + "' has shape " + shape_text(shape) + ", not a matrix");
+      if (half) {
+        HalfHostMatrix h{dtype == Dtype::BF16 ? BasePrecision::bf16 : BasePrecision::fp16, shape[0], shape[1],
+                         std::vector<std::uint16_t>(std::size_t(shape[0] * shape[1]))};
+        const std::uint8_t* bytes = file.raw_data(name);
+        for (std::size_t i = 0; i < h.bits.size(); ++i) {
+          h.bits[i] = std::uint16_t(bytes[2 * i] | (std::uint16_t(bytes[2 * i + 1]) << 8));
+        }
+        state.set_half_tensor(name.substr(prefix.size()), std::move(h));
+        claimed.insert(name);
+        continue;
+      }
       HostMatrix<T> host(shape[0], shape[1]);
       if (host.size() > 0) std::memcpy(host.data(), file.raw_data(name), file.raw_size(name));
       state.set_tensor(name.substr(prefix.size()), std::move(host));

@@ -59,7 +59,7 @@ const char* kind_text(bool dora) { return dora ? "a DoRA layer (kind \"dora\")" 
 // DoRA's m as PEFT initialises it when it wraps a Linear: the row norms of V = W + s B A (computed
 // in double, rounded once to float).
 HostMatrix<float> magnitude_init(Backend<float>& backend, const DoraLinear<float>& layer) {
-  const Eigen::MatrixXd V = to_host(backend, layer.W()).cast<double>() +
+  const Eigen::MatrixXd V = layer.base().weight_host().cast<double>() +  // a 16-bit W widened
                             static_cast<double>(layer.scale()) * to_host(backend, layer.B()).cast<double>() *
                                 to_host(backend, layer.A()).cast<double>();
   return V.rowwise().norm().transpose().cast<float>();
@@ -406,6 +406,8 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
   const auto fail = [&](const std::string& what) -> void { throw IoError(safetensors_path + ": " + what); };
   struct Pending {
     HostMatrix<float> W, b;
+    bool keeps_format = false;  // a 16-bit W kept in its format (no float round trip), in W_bits
+    HalfHostMatrix W_bits;
   };
   std::vector<Pending> pending;
   for (std::size_t i = 0; i < model.size(); ++i) {
@@ -435,7 +437,32 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
     Pending p;
     const std::string w_key = prefix + name + ".weight", b_key = prefix + name + ".bias";
     if (!file.contains(w_key)) fail("tensor '" + w_key + "' (the weight of layer '" + name + "') is missing");
-    p.W = read(w_key, {{d, k}}, d, k);
+    const FrozenBase<float>& base =
+        visit_adapter_layer(model, i, who, [](const auto& l) -> const FrozenBase<float>& { return l.base(); });
+    const bool same_format =
+        base.low_precision() &&
+        file.dtype(w_key) == (base.precision() == BasePrecision::bf16 ? Dtype::BF16 : Dtype::F16);
+    if (same_format) {
+      const std::vector<std::int64_t> got = file.shape(w_key);
+      if (got != std::vector<std::int64_t>{d, k}) {
+        fail("tensor '" + w_key + "' has shape " + shape_text(got) + ", layer '" + name + "' (" + std::to_string(k) +
+             " -> " + std::to_string(d) + ") needs " + shape_text({d, k}));
+      }
+      HalfHostMatrix h{base.precision(), d, k, std::vector<std::uint16_t>(std::size_t(d * k))};
+      const std::uint8_t* bytes = file.raw_data(w_key);
+      for (std::size_t j = 0; j < h.bits.size(); ++j) {
+        h.bits[j] = std::uint16_t(bytes[2 * j] | (std::uint16_t(bytes[2 * j + 1]) << 8));
+      }
+      try {
+        base.check_weight_bits(h, "tensor '" + w_key + "'");
+      } catch (const IoError& e) {
+        fail(e.what());
+      }
+      p.W_bits = std::move(h);
+      p.keeps_format = true;
+    } else {
+      p.W = read(w_key, {{d, k}}, d, k);  // another format: converted, and rounded to nearest into a 16-bit W
+    }
     if (has_bias) {
       if (!file.contains(b_key)) {
         fail("tensor '" + b_key + "' is missing, but layer '" + name + "' has a bias (build it with BiasMode::none "
@@ -450,7 +477,11 @@ void load_base_weights(Model<float>& model, const std::string& safetensors_path,
   }
   for (std::size_t i = 0; i < model.size(); ++i) {
     visit_adapter_layer(model, i, "load_base_weights", [&](auto& l) {
-      l.set_W(pending[i].W);
+      if (pending[i].keeps_format) {
+        l.set_W_bits(pending[i].W_bits);
+      } else {
+        l.set_W(pending[i].W);
+      }
       if (l.has_bias()) l.set_b(pending[i].b);
     });
     if (auto* dora = dynamic_cast<DoraLinear<float>*>(&model.layer(i))) {
@@ -466,6 +497,23 @@ void save_base_weights(const Model<float>& model, const std::string& safetensors
   SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   for (std::size_t i = 0; i < model.size(); ++i) {
+    const FrozenBase<float>& base = visit_adapter_layer(
+        model, i, "save_base_weights", [](const auto& l) -> const FrozenBase<float>& { return l.base(); });
+    if (base.low_precision()) {  // a 16-bit W in its own format, bit for bit
+      const HalfHostMatrix W = base.weight_bits();
+      std::vector<std::uint8_t> bytes(W.bits.size() * 2);
+      for (std::size_t j = 0; j < W.bits.size(); ++j) {
+        bytes[2 * j] = std::uint8_t(W.bits[j] & 0xFF);
+        bytes[2 * j + 1] = std::uint8_t(W.bits[j] >> 8);
+      }
+      writer.add_raw(prefix + model.name(i) + ".weight", W.format == BasePrecision::bf16 ? Dtype::BF16 : Dtype::F16,
+                     {W.rows, W.cols}, bytes.data());
+      if (base.has_bias()) {
+        const HostMatrix<float> b = to_host(backend, base.bias());
+        writer.add(prefix + model.name(i) + ".bias", {base.out_features()}, b.data());
+      }
+      continue;
+    }
     visit_adapter_layer(model, i, "save_base_weights", [&](const auto& layer) {
       const HostMatrix<float> W = to_host(backend, layer.W());
       writer.add(prefix + model.name(i) + ".weight", {W.rows(), W.cols()}, W.data());

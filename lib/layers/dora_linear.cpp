@@ -7,7 +7,7 @@
 
 #include "layers/dora_kernels.hpp"
 #include "layers/lora_config_state.hpp"
-#include "layers/merge_check.hpp"
+#include "layers/frozen_base_state.hpp"
 
 namespace relora {
 
@@ -31,21 +31,43 @@ namespace {
 
 const char* gradient_text(DoraGradient g) { return g == DoraGradient::detached ? "detached" : "exact"; }
 
+const DoraConfig& validated(const DoraConfig& config) {
+  validate(config);
+  return config;
+}
+
+std::string layer_name(const DoraConfig& c) {
+  return "DoraLinear " + std::to_string(c.lora.in_features) + " -> " + std::to_string(c.lora.out_features);
+}
+
+// Views of the part of a tensor that goes with rows [first, first + count) of W: those rows of a
+// d x c matrix, or those entries of a 1 x d vector.
+template <typename T>
+Tensor<T> rows_of(const Tensor<T>& t, Index first, Index count) {
+  return Tensor<T>(const_cast<T*>(t.data()) + first * t.cols(), count, t.cols(), t.device(), [](T*) {});
+}
+template <typename T>
+Tensor<T> entries_of(const Tensor<T>& v, Index first, Index count) {
+  return Tensor<T>(const_cast<T*>(v.data()) + first, 1, count, v.device(), [](T*) {});
+}
+
 }  // namespace
 
 template <typename T>
 DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W)
-    : backend_(&backend), config_(config), scale_(T(0)), eps_(T(0)) {
-  validate(config_);
-  scale_ = T(lora_scale(config_.lora));
-  eps_ = T(config_.eps);
+    : backend_(&backend),
+      config_(validated(config)),
+      scale_(T(lora_scale(config_.lora))),
+      eps_(T(config_.eps)),
+      base_(backend, config_.lora.out_features, config_.lora.in_features, config_.lora.bias,
+            config_.lora.base_precision, config_.lora.base_merge, config_.lora.seed, layer_name(config_)) {
   if (!(eps_ > 0)) {
     throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
   }
   kernels_ = make_dora_kernels<T>(backend);
   allocate_parameters();
   set_W(W);
-  if (has_bias()) backend_->fill(b_, T(0));
+  if (has_bias()) backend_->fill(base_.bias(), T(0));
   reinit();
 }
 
@@ -61,19 +83,21 @@ DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config, const E
 
 template <typename T>
 DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config)
-    : backend_(&backend), config_(config), scale_(T(0)), eps_(T(0)) {
-  validate(config_);
-  scale_ = T(lora_scale(config_.lora));
-  eps_ = T(config_.eps);
+    : backend_(&backend),
+      config_(validated(config)),
+      scale_(T(lora_scale(config_.lora))),
+      eps_(T(config_.eps)),
+      base_(backend, config_.lora.out_features, config_.lora.in_features, config_.lora.bias,
+            config_.lora.base_precision, config_.lora.base_merge, config_.lora.seed, layer_name(config_)) {
   if (!(eps_ > 0)) {
     throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
   }
   kernels_ = make_dora_kernels<T>(backend);
   allocate_parameters();
   const T bound = T(1) / std::sqrt(T(config_.lora.in_features));
-  backend_->random_uniform(next_key(), -bound, bound, W_);
+  base_.random_weight(next_key(), -bound, bound);
   refresh_W_norms();
-  if (has_bias()) backend_->random_uniform(next_key(), -bound, bound, b_);
+  if (has_bias()) base_.random_bias(next_key(), -bound, bound);
   reinit();
 }
 
@@ -89,17 +113,13 @@ template <typename T>
 void DoraLinear<T>::allocate_parameters() {
   const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
   Backend<T>& be = *backend_;
-  W_ = be.allocate(d, k);
   A_ = be.allocate(r, k);
   B_ = be.allocate(d, r);
   m_ = be.allocate(1, d);
   dA_ = be.allocate(r, k);
   dB_ = be.allocate(d, r);
   dm_ = be.allocate(1, d);
-  if (has_bias()) {
-    b_ = be.allocate(1, d);
-    db_ = be.allocate(1, d);
-  }
+  if (has_bias()) db_ = be.allocate(1, d);
   wsq_ = be.allocate(1, d);
   P_ = be.allocate(d, r);
   G_ = be.allocate(r, r);
@@ -138,13 +158,19 @@ void DoraLinear<T>::reinit() {
 
 template <typename T>
 void DoraLinear<T>::refresh_W_norms() {
-  kernels_->row_squared_norms(W_, wsq_);
+  base_.for_each_row_block([&](Index first, Tensor<T>& rows) {
+    Tensor<T> part = entries_of(wsq_, first, rows.rows());
+    kernels_->row_squared_norms(rows, part);
+  });
 }
 
 template <typename T>
 void DoraLinear<T>::refresh_factors() {
   Backend<T>& be = *backend_;
-  be.gemm(Trans::no, Trans::yes, T(1), W_, A_, T(0), P_);   // P = W A^T   (d x r)
+  base_.for_each_row_block([&](Index first, Tensor<T>& rows) {  // P = W A^T   (d x r)
+    Tensor<T> part = rows_of(P_, first, rows.rows());
+    be.gemm(Trans::no, Trans::yes, T(1), rows, A_, T(0), part);
+  });
   be.gemm(Trans::no, Trans::yes, T(1), A_, A_, T(0), G_);   // G = A A^T   (r x r)
   be.gemm(Trans::no, Trans::no, T(1), B_, G_, T(0), BG_);   // B G         (d x r)
   kernels_->norms(wsq_, P_, B_, BG_, m_, scale_, eps_, n_, g_);
@@ -152,12 +178,17 @@ void DoraLinear<T>::refresh_factors() {
 
 template <typename T>
 void DoraLinear<T>::set_train_target(TrainTarget target) {
-  // Leaving full fine-tuning: W changed in the optimizer's last step, after the last forward.
-  if (target != target_ && target_ == TrainTarget::base) refresh_W_norms();
+  // Leaving full fine-tuning: W changed in the optimizer's last step, after the last forward (a
+  // 16-bit W's master did: W is rounded from it first).
+  if (target != target_ && target_ == TrainTarget::base) {
+    base_.sync_from_master();
+    refresh_W_norms();
+  }
   target_ = target;
   if (target_ == TrainTarget::base && dW_.empty()) {
     dW_ = backend_->allocate(config_.lora.out_features, config_.lora.in_features);
   }
+  if (target_ == TrainTarget::base) base_.trainable_weight();  // a 16-bit W trains through an fp32 master
 }
 
 template <typename T>
@@ -181,8 +212,10 @@ void DoraLinear<T>::resize_batch(Index n) {
     X_dropped_ = be.allocate(n, k);
     E_ = be.allocate(n, k);
     dX_lora_ = be.allocate(n, k);
-    Z_ = be.allocate(n, d);  // Y = E W^T + Z diag(g) + b: Z cannot be read back from Y
   }
+  // Y = E W^T + Z diag(g) + b: Z cannot be read back from Y. A 16-bit base keeps Z too: the
+  // recompute of columns that cannot be read back needs W's rows in fp32 (keeps_Z()).
+  if (config_.lora.dropout > 0 || base_.low_precision()) Z_ = be.allocate(n, d);
   batch_rows_ = n;
 }
 
@@ -203,9 +236,9 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
   X_ = &X;
   dropout_active_ = dropout_in_use();
   Backend<T>& be = *backend_;
+  if (target_ == TrainTarget::base) base_.sync_from_master();  // the optimizer stepped a 16-bit W's master
   if (merged_) {  // W = diag(g) V already
-    be.gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y_);
-    if (has_bias()) be.add_row_vector(b_, Y_);
+    base_.forward(X, Y_);
     return Y_;
   }
   if (target_ == TrainTarget::base) refresh_W_norms();  // W trains: it changed since the last step
@@ -216,16 +249,17 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
     be.dropout_mask(next_key(), T(config_.lora.dropout), mask_);
     be.multiply(X, mask_, X_dropped_);
     kernels_->difference(X, X_dropped_, E_);
-    be.gemm(Trans::no, Trans::yes, T(1), E_, W_, T(0), Y_);  // Y = E W^T, the base output PEFT adds
+    base_.product(E_, Y_);  // Y = E W^T, the base output PEFT adds
     input = &X_dropped_;
   }
   // Without a mask Z is computed in Y's buffer and scaled in place: the backward reads it back.
-  Tensor<T>& Z = dropout_active_ ? Z_ : Y_;
+  Tensor<T>& Z = keeps_Z() ? Z_ : Y_;
   // Most of the time goes here and into the backward's products with W.
-  be.gemm(Trans::no, Trans::yes, T(1), *input, W_, T(0), Z);  // Z = Xd W^T
+  base_.product(*input, Z);                                    // Z = Xd W^T
   be.gemm(Trans::no, Trans::yes, T(1), *input, A_, T(0), U_);  // U = Xd A^T
   be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Z);    // Z += s U B^T
-  kernels_->scale_columns_add(Z, g_, has_bias() ? &b_ : nullptr, dropout_active_, Y_);  // Y (+)= Z diag(g) + b
+  // Y (+)= Z diag(g) + b
+  kernels_->scale_columns_add(Z, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);
   return Y_;
 }
 
@@ -255,13 +289,16 @@ void DoraLinear<T>::backward(const Tensor<T>& dY_given, Tensor<T>* dX) {
   // sums dm and db. Otherwise (no dX, or a mask whose backward needs dY W as well) dY is only read,
   // and g goes into the d x r operands: dB = s diag(g) (dY^T U), dU = s dY (diag(g) B).
   const bool dZ_in_dY = !dropout_active_ && (dX != nullptr || !adapter);
-  if (dropout_active_) {
+  if (keeps_Z()) {
     kern.magnitude_gradient(dY, Z_, n_, eps_, dm_);  // Z kept by the forward
     if (db) be.column_sums(dY, T(0), *db);
+    if (dZ_in_dY) kern.scale_columns(dY, g_, T(0), dY);  // dZ = dY diag(g), in place
   } else {
-    kern.magnitude_gradient_from_output(dY, Y_, has_bias() ? &b_ : nullptr, g_, n_, eps_, dZ_in_dY, dm_, db,
-                                        recompute_);
-    kern.recompute_magnitude_gradient(dY, dZ_in_dY, *X_, W_, U_, B_, scale_, g_, n_, eps_, recompute_, dm_);
+    kern.magnitude_gradient_from_output(dY, Y_, has_bias() ? &base_.bias() : nullptr, g_, n_, eps_, dZ_in_dY, dm_,
+                                        db, recompute_);
+    // An fp32 W here: a 16-bit one keeps Z (keeps_Z()).
+    kern.recompute_magnitude_gradient(dY, dZ_in_dY, *X_, base_.weight(), U_, B_, scale_, g_, n_, eps_, recompute_,
+                                      dm_);
   }
   const Tensor<T>* B_for_dU = &B_;
   if (!dZ_in_dY && (adapter || dX)) {
@@ -281,24 +318,29 @@ void DoraLinear<T>::backward(const Tensor<T>& dY_given, Tensor<T>* dX) {
     kern.scale_rows(q_, B_, false, Bq_);
     if (adapter) {
       kern.add_norm_gradient_B(q_, P_, BG_, scale_, dB_);                // dB += diag(q) (s P + s^2 B G)
-      be.gemm(Trans::yes, Trans::no, scale_, Bq_, W_, T(1), dA_);        // dA += s Bq^T W
+      base_.for_each_row_block([&](Index first, Tensor<T>& rows) {      // dA += s Bq^T W
+        be.gemm(Trans::yes, Trans::no, scale_, rows_of(Bq_, first, rows.rows()), rows, T(1), dA_);
+      });
       be.gemm(Trans::yes, Trans::no, T(1), Bq_, B_, T(0), H_);           // H = Bq^T B
       be.gemm(Trans::no, Trans::no, scale_ * scale_, H_, A_, T(1), dA_);  // dA += s^2 H A
     } else {
-      kern.scale_rows(q_, W_, true, dW_);                          // dW += diag(q) W
+      base_.for_each_row_block([&](Index first, Tensor<T>& rows) {  // dW += diag(q) W
+        Tensor<T> dW_rows = rows_of(dW_, first, rows.rows());
+        kern.scale_rows(entries_of(q_, first, rows.rows()), rows, true, dW_rows);
+      });
       be.gemm(Trans::no, Trans::no, scale_, Bq_, A_, T(1), dW_);  // dW += s Bq A
     }
   }
 
   if (dX) {
     if (dropout_active_) {
-      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);         // dY W
+      base_.input_gradient(dY, T(0), *dX);                            // dY W
       kern.scale_columns(dY, g_, T(-1), dY);                          // dY is done with: dY diag(g - 1)
-      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), dX_lora_);    // dY diag(g - 1) W
+      base_.input_gradient(dY, T(0), dX_lora_);                       // dY diag(g - 1) W
       be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), dX_lora_);   // + dU A
       kern.add_masked(mask_, dX_lora_, *dX);                          // dX = dY W + M .* (...)
     } else {
-      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);    // dX = dZ W
+      base_.input_gradient(dY, T(0), *dX);                       // dX = dZ W
       be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);   // dX += dU A
     }
   }
@@ -324,19 +366,19 @@ void DoraLinear<T>::check_merge() {
     if (!std::isfinite(g)) refuse("the factors m / max(n, eps) hold NaN or Inf");
     return g;
   };
-  check_merge_finite(*backend_, W_, scale_, B_, A_, refuse, largest_factor, [&](Index first, Tensor<T>& rows) {
-    const Tensor<T> g_rows(g_.data() + first, 1, rows.rows(), g_.device(), [](T*) {});
-    kernels_->scale_rows(g_rows, rows, false, rows);
+  base_.check_add_low_rank(scale_, B_, A_, refuse, largest_factor, [&](Index first, Tensor<T>& rows) {
+    kernels_->scale_rows(entries_of(g_, first, rows.rows()), rows, false, rows);
   });
 }
 
 template <typename T>
 void DoraLinear<T>::merge() {
   check_merge();  // also computes g for the current A, B and m
-  Backend<T>& be = *backend_;
-  be.gemm(Trans::no, Trans::no, scale_, B_, A_, T(1), W_);  // W = V = W + s B A
-  kernels_->scale_rows(g_, W_, false, W_);                  // W = diag(g) V
-  be.copy(g_, merge_g_);
+  // W = diag(g) V, V = W + s B A (a block of rows at a time into a 16-bit W)
+  base_.add_low_rank(scale_, B_, A_, {}, [&](Index first, Tensor<T>& rows) {
+    kernels_->scale_rows(entries_of(g_, first, rows.rows()), rows, false, rows);
+  });
+  backend_->copy(g_, merge_g_);
   refresh_W_norms();
   merged_ = true;
 }
@@ -358,8 +400,10 @@ void DoraLinear<T>::unmerge() {
     }
   }
   upload(*backend_, inverse, q_, name() + " inverse merge factors");
-  kernels_->scale_rows(q_, W_, false, W_);                             // W = diag(1/g) W = V
-  backend_->gemm(Trans::no, Trans::no, -scale_, B_, A_, T(1), W_);      // W = V - s B A
+  // W = diag(1/g) W = V, then W = V - s B A
+  base_.add_low_rank(-scale_, B_, A_, [&](Index first, Tensor<T>& rows) {
+    kernels_->scale_rows(entries_of(q_, first, rows.rows()), rows, false, rows);
+  });
   refresh_W_norms();
   merged_ = false;
 }
@@ -372,16 +416,15 @@ std::vector<Parameter<T>> DoraLinear<T>::parameters(const std::string& prefix) {
     params.push_back({prefix + ".lora_B", ParamRole::lora_B, &B_, &dB_});
     params.push_back({prefix + ".lora_magnitude_vector", ParamRole::magnitude, &m_, &dm_});
   } else {
-    params.push_back({prefix + ".weight", ParamRole::base_weight, &W_, &dW_});
+    params.push_back({prefix + ".weight", ParamRole::base_weight, &base_.trainable_weight(), &dW_});
   }
-  if (bias_trains()) params.push_back({prefix + ".bias", ParamRole::bias, &b_, &db_});
+  if (bias_trains()) params.push_back({prefix + ".bias", ParamRole::bias, &base_.bias(), &db_});
   return params;
 }
 
 template <typename T>
 void DoraLinear<T>::save_state(StateDict<T>& state) const {
-  state.set_tensor("weight", to_host(*backend_, W_));
-  if (has_bias()) state.set_tensor("bias", to_host(*backend_, b_));
+  save_base_state(base_, config_.lora, *backend_, state);
   state.set_tensor("lora_A", to_host(*backend_, A_));
   state.set_tensor("lora_B", to_host(*backend_, B_));
   state.set_tensor("lora_magnitude_vector", to_host(*backend_, m_));
@@ -400,13 +443,11 @@ void DoraLinear<T>::check_state(const StateDict<T>& state) const {
   config_state::same_text(state, "gradient", gradient_text(config_.gradient));
   config_state::same_number(state, "eps", config_.eps);
   const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
-  state.tensor("weight", d, k);
+  check_base_state(base_, config_.lora, state);
   state.tensor("lora_A", r, k);
   state.tensor("lora_B", d, r);
   state.tensor("lora_magnitude_vector", 1, d);
   state.tensor("merge_factors", 1, d);
-  if (has_bias()) state.tensor("bias", 1, d);
-  if (!has_bias() && state.has_tensor("bias")) throw IoError("the layer has no bias, but the checkpoint holds one");
   state.boolean("merged");
   state.boolean("training");
   state.unsigned_integer("rng_stream");
@@ -417,8 +458,8 @@ void DoraLinear<T>::restore_state(const StateDict<T>& state) {
   check_state(state);
   // Everything checked: from here on only uploads of checked values.
   const Index k = config_.lora.in_features, d = config_.lora.out_features, r = config_.lora.rank;
-  set_W(state.tensor("weight", d, k));
-  if (has_bias()) set_b(state.tensor("bias", 1, d));
+  restore_base_state(base_, config_.lora, *backend_, state);
+  refresh_W_norms();
   set_A(state.tensor("lora_A", r, k));
   set_B(state.tensor("lora_B", d, r));
   set_m(state.tensor("lora_magnitude_vector", 1, d));
@@ -441,14 +482,25 @@ void DoraLinear<T>::upload_vector(const Eigen::Ref<const HostMatrix<T>>& v, Tens
 
 template <typename T>
 void DoraLinear<T>::set_W(const Eigen::Ref<const HostMatrix<T>>& W) {
-  upload(*backend_, W, W_, name() + " base weight W (out x in)");
+  base_.set_weight(W);
+  refresh_W_norms();
+}
+
+template <typename T>
+void DoraLinear<T>::set_W_bits(const HalfHostMatrix& W) {
+  base_.set_weight_bits(W);
   refresh_W_norms();
 }
 
 template <typename T>
 void DoraLinear<T>::set_b(const Eigen::Ref<const HostMatrix<T>>& b) {
   if (!has_bias()) throw ConfigError(name() + " set_b: config.bias is none");
-  upload_vector(b, b_, "bias b");
+  if (b.size() != config_.lora.out_features || (b.rows() != 1 && b.cols() != 1)) {
+    throw ShapeError(name() + " bias b: expected " + std::to_string(config_.lora.out_features) + " values, got " +
+                     shape_string(b.rows(), b.cols()));
+  }
+  const HostMatrix<T> packed = b;  // a row or a column: the same values in the same order
+  base_.set_bias(Eigen::Map<const HostMatrix<T>>(packed.data(), 1, packed.size()));
 }
 
 template <typename T>

@@ -14,7 +14,9 @@ std::unique_ptr<LoraLinear<T>> make(Backend<T>& backend, const LoraConfig& confi
                                     LayerChoice choice) {
   validate(config);
   if (choice == LayerChoice::fastest) {
-    if (backend.device() == Device::cpu && CpuTinyLoraLinear<T>::suits(config)) {
+    // The CPU tiny layer's kernels read an fp32 W; a 16-bit base there runs LoraLinear's products.
+    const bool fp32_base = config.base_precision == BasePrecision::fp32;
+    if (backend.device() == Device::cpu && fp32_base && CpuTinyLoraLinear<T>::suits(config)) {
       if (W == nullptr) return std::make_unique<CpuTinyLoraLinear<T>>(backend, config);
       if (b == nullptr) return std::make_unique<CpuTinyLoraLinear<T>>(backend, config, *W);
       return std::make_unique<CpuTinyLoraLinear<T>>(backend, config, *W, *b);

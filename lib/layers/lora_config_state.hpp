@@ -67,6 +67,8 @@ void save(const LoraConfig& config, StateDict<T>& state) {
   state.set("config.init_std", config.init_std);
   state.set("config.bias", std::string(bias_text(config.bias)));
   state.set("config.seed", std::uint64_t(config.seed));
+  state.set("config.base_precision", std::string(precision_name(config.base_precision)));
+  state.set("config.base_merge", std::string(base_merge_name(config.base_merge)));
 }
 
 // Throws IoError naming the first field of `state` that differs from `config`.
@@ -90,6 +92,11 @@ void check(const LoraConfig& config, const StateDict<T>& state) {
   if (state.unsigned_integer("config.seed") != config.seed) {
     mismatch("seed", std::to_string(state.unsigned_integer("config.seed")), std::to_string(config.seed));
   }
+  // A checkpoint written before 16-bit bases has neither field: its base is fp32.
+  if (state.has("config.base_precision") || config.base_precision != BasePrecision::fp32) {
+    same_text(state, "base_precision", precision_name(config.base_precision));
+  }
+  if (config.base_precision != BasePrecision::fp32) same_text(state, "base_merge", base_merge_name(config.base_merge));
 }
 
 }  // namespace config_state

@@ -1,7 +1,7 @@
 #include "relora/layers/lora_linear.hpp"
 
 #include "layers/lora_config_state.hpp"
-#include "layers/merge_check.hpp"
+#include "layers/frozen_base_state.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -9,15 +9,29 @@
 #include <string>
 
 namespace relora {
+namespace {
+
+const LoraConfig& validated(const LoraConfig& config) {
+  validate(config);
+  return config;
+}
+
+std::string layer_name(const LoraConfig& c) {
+  return "LoraLinear " + std::to_string(c.in_features) + " -> " + std::to_string(c.out_features);
+}
+
+}  // namespace
 
 template <typename T>
 LoraLinear<T>::LoraLinear(Backend<T>& backend, const LoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W)
-    : backend_(&backend), config_(config), scale_(T(0)) {
-  validate(config_);
-  scale_ = T(lora_scale(config_));
+    : backend_(&backend),
+      config_(validated(config)),
+      scale_(T(lora_scale(config_))),
+      base_(backend, config_.out_features, config_.in_features, config_.bias, config_.base_precision,
+            config_.base_merge, config_.seed, layer_name(config_)) {
   allocate_parameters();
   set_W(W);
-  if (has_bias()) backend_->fill(b_, T(0));
+  if (has_bias()) backend_->fill(base_.bias(), T(0));
   reinit();
 }
 
@@ -34,28 +48,26 @@ LoraLinear<T>::LoraLinear(Backend<T>& backend, const LoraConfig& config, const E
 
 template <typename T>
 LoraLinear<T>::LoraLinear(Backend<T>& backend, const LoraConfig& config)
-    : backend_(&backend), config_(config), scale_(T(0)) {
-  validate(config_);
-  scale_ = T(lora_scale(config_));
+    : backend_(&backend),
+      config_(validated(config)),
+      scale_(T(lora_scale(config_))),
+      base_(backend, config_.out_features, config_.in_features, config_.bias, config_.base_precision,
+            config_.base_merge, config_.seed, layer_name(config_)) {
   allocate_parameters();
   const T bound = T(1) / std::sqrt(T(config_.in_features));
-  backend_->random_uniform(next_key(), -bound, bound, W_);
-  if (has_bias()) backend_->random_uniform(next_key(), -bound, bound, b_);
+  base_.random_weight(next_key(), -bound, bound);
+  if (has_bias()) base_.random_bias(next_key(), -bound, bound);
   reinit();
 }
 
 template <typename T>
 void LoraLinear<T>::allocate_parameters() {
   const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
-  W_ = backend_->allocate(d, k);
   A_ = backend_->allocate(r, k);
   B_ = backend_->allocate(d, r);
   dA_ = backend_->allocate(r, k);
   dB_ = backend_->allocate(d, r);
-  if (has_bias()) {
-    b_ = backend_->allocate(1, d);
-    db_ = backend_->allocate(1, d);
-  }
+  if (has_bias()) db_ = backend_->allocate(1, d);
 }
 
 template <typename T>
@@ -78,10 +90,13 @@ void LoraLinear<T>::reinit() {
 
 template <typename T>
 void LoraLinear<T>::set_train_target(TrainTarget target) {
+  // Leaving full fine-tuning: the optimizer's last step changed a 16-bit W's master after the last forward.
+  if (target != target_ && target_ == TrainTarget::base) base_.sync_from_master();
   target_ = target;
   if (target_ == TrainTarget::base && dW_.empty()) {
     dW_ = backend_->allocate(config_.out_features, config_.in_features);
   }
+  if (target_ == TrainTarget::base) base_.trainable_weight();  // a 16-bit W trains through an fp32 master
 }
 
 template <typename T>
@@ -132,8 +147,8 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
   begin_forward(X);
   Backend<T>& be = *backend_;
   // Most of the time goes here and into dY W in backward: the two d x k products.
-  be.gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y_);
-  if (has_bias()) be.add_row_vector(b_, Y_);
+  if (target_ == TrainTarget::base) base_.sync_from_master();  // the optimizer stepped the master
+  base_.forward(X, Y_);  // Y = X W^T + b
   if (merged_) return Y_;
 
   const Tensor<T>* lora_input = &X;
@@ -186,9 +201,9 @@ void LoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
     if (dropout_active_) {
       be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);
       be.multiply(dX_lora_, mask_, *dX);                       // D'(dU A): the same mask, scale included
-      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(1), *dX);  // dX += dY W
+      base_.input_gradient(dY, T(1), *dX);  // dX += dY W
     } else {
-      be.gemm(Trans::no, Trans::no, T(1), dY, W_, T(0), *dX);   // dX = dY W
+      base_.input_gradient(dY, T(0), *dX);  // dX = dY W
       be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);  // dX += dU A
     }
   }
@@ -198,7 +213,7 @@ void LoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
 template <typename T>
 void LoraLinear<T>::merge() {
   check_merge();
-  backend_->gemm(Trans::no, Trans::no, scale_, B_, A_, T(1), W_);
+  base_.add_low_rank(scale_, B_, A_);
   merged_ = true;
 }
 
@@ -211,13 +226,13 @@ void LoraLinear<T>::check_merge() {
                       std::to_string(config_.out_features) + ": merge refused, W + s B A would hold NaN or Inf (" +
                       where + "); W is unchanged");
   };
-  check_merge_finite(*backend_, W_, scale_, B_, A_, refuse, [] { return 1.0; }, [](Index, Tensor<T>&) {});
+  base_.check_add_low_rank(scale_, B_, A_, refuse);
 }
 
 template <typename T>
 void LoraLinear<T>::unmerge() {
   if (!merged_) throw ConfigError("LoraLinear unmerge: the adapter is not merged");
-  backend_->gemm(Trans::no, Trans::no, -scale_, B_, A_, T(1), W_);
+  base_.add_low_rank(-scale_, B_, A_);  // exact to fp32 rounding with an fp32 W or master
   merged_ = false;
 }
 
@@ -228,16 +243,15 @@ std::vector<Parameter<T>> LoraLinear<T>::parameters(const std::string& prefix) {
     params.push_back({prefix + ".lora_A", ParamRole::lora_A, &A_, &dA_});
     params.push_back({prefix + ".lora_B", ParamRole::lora_B, &B_, &dB_});
   } else {
-    params.push_back({prefix + ".weight", ParamRole::base_weight, &W_, &dW_});
+    params.push_back({prefix + ".weight", ParamRole::base_weight, &base_.trainable_weight(), &dW_});
   }
-  if (bias_trains()) params.push_back({prefix + ".bias", ParamRole::bias, &b_, &db_});
+  if (bias_trains()) params.push_back({prefix + ".bias", ParamRole::bias, &base_.bias(), &db_});
   return params;
 }
 
 template <typename T>
 void LoraLinear<T>::save_state(StateDict<T>& state) const {
-  state.set_tensor("weight", to_host(*backend_, W_));
-  if (has_bias()) state.set_tensor("bias", to_host(*backend_, b_));
+  save_base_state(base_, config_, *backend_, state);
   state.set_tensor("lora_A", to_host(*backend_, A_));
   state.set_tensor("lora_B", to_host(*backend_, B_));
   config_state::save(config_, state);
@@ -250,11 +264,9 @@ template <typename T>
 void LoraLinear<T>::check_state(const StateDict<T>& state) const {
   config_state::check(config_, state);
   const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
-  state.tensor("weight", d, k);
+  check_base_state(base_, config_, state);
   state.tensor("lora_A", r, k);
   state.tensor("lora_B", d, r);
-  if (has_bias()) state.tensor("bias", 1, d);
-  if (!has_bias() && state.has_tensor("bias")) throw IoError("the layer has no bias, but the checkpoint holds one");
   state.boolean("merged");
   state.boolean("training");
   state.unsigned_integer("rng_stream");
@@ -265,8 +277,7 @@ void LoraLinear<T>::restore_state(const StateDict<T>& state) {
   check_state(state);
   // Everything checked: from here on only uploads of checked values.
   const Index k = config_.in_features, d = config_.out_features, r = config_.rank;
-  set_W(state.tensor("weight", d, k));
-  if (has_bias()) set_b(state.tensor("bias", 1, d));
+  restore_base_state(base_, config_, *backend_, state);
   set_A(state.tensor("lora_A", r, k));
   set_B(state.tensor("lora_B", d, r));
   merged_ = state.boolean("merged");
@@ -276,7 +287,7 @@ void LoraLinear<T>::restore_state(const StateDict<T>& state) {
 
 template <typename T>
 void LoraLinear<T>::set_W(const Eigen::Ref<const HostMatrix<T>>& W) {
-  upload(*backend_, W, W_, "LoraLinear base weight W (out x in)");
+  base_.set_weight(W);
 }
 
 template <typename T>
@@ -288,7 +299,7 @@ void LoraLinear<T>::set_b(const Eigen::Ref<const HostMatrix<T>>& b) {
   }
   const HostMatrix<T> packed = b;  // a row or a column: the same values in the same order
   const HostMatrix<T> row = Eigen::Map<const HostMatrix<T>>(packed.data(), 1, packed.size());
-  upload(*backend_, row, b_, "LoraLinear bias b");
+  base_.set_bias(row);
 }
 
 template <typename T>

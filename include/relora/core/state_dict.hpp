@@ -13,6 +13,7 @@
 #include <string>
 #include <variant>
 
+#include "relora/core/half_precision.hpp"
 #include "relora/core/host_matrix.hpp"
 
 namespace relora {
@@ -39,6 +40,33 @@ class StateDict {
     }
     if (!it->second.allFinite()) throw IoError("state: tensor '" + where(name) + "' holds NaN or Inf");
     return it->second;
+  }
+
+  // 16-bit tensors (a bf16 or fp16 base weight) kept in their own format, bit for bit.
+  void set_half_tensor(const std::string& name, HalfHostMatrix value) { half_tensors_[name] = std::move(value); }
+  bool has_half_tensor(const std::string& name) const { return half_tensors_.count(name) != 0; }
+  // The 16-bit tensor `name`, which must be rows x cols, in `format` and finite.
+  const HalfHostMatrix& half_tensor(const std::string& name, Index rows, Index cols, BasePrecision format) const {
+    const auto it = half_tensors_.find(name);
+    if (it == half_tensors_.end()) {
+      if (has_tensor(name)) {
+        throw IoError("state: tensor '" + where(name) + "' is stored in fp32, expected " + precision_name(format));
+      }
+      throw IoError("state: tensor '" + where(name) + "' is missing");
+    }
+    const HalfHostMatrix& h = it->second;
+    if (h.format != format) {
+      throw IoError("state: tensor '" + where(name) + "' is " + precision_name(h.format) + ", expected " +
+                    precision_name(format));
+    }
+    if (h.rows != rows || h.cols != cols || Index(h.bits.size()) != rows * cols) {
+      throw IoError("state: tensor '" + where(name) + "' has shape " + shape_string(h.rows, h.cols) + ", expected " +
+                    shape_string(rows, cols));
+    }
+    for (const std::uint16_t b : h.bits) {
+      if (half_bits::is_nan_or_inf(b, format)) throw IoError("state: tensor '" + where(name) + "' holds NaN or Inf");
+    }
+    return h;
   }
 
   void set(const std::string& name, Field value) { fields_[name] = std::move(value); }
@@ -85,6 +113,7 @@ class StateDict {
 
   const std::map<std::string, HostMatrix<T>>& tensors() const { return tensors_; }
   const std::map<std::string, Field>& fields() const { return fields_; }
+  const std::map<std::string, HalfHostMatrix>& half_tensors() const { return half_tensors_; }
 
  private:
   const Field& field(const std::string& name) const {
@@ -95,6 +124,7 @@ class StateDict {
 
   std::map<std::string, HostMatrix<T>> tensors_;
   std::map<std::string, Field> fields_;
+  std::map<std::string, HalfHostMatrix> half_tensors_;
   std::string origin_;
 };
 

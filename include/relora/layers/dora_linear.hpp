@@ -81,6 +81,7 @@
 
 #include "relora/core/host_matrix.hpp"
 #include "relora/layers/layer.hpp"
+#include "relora/layers/frozen_base.hpp"
 #include "relora/layers/lora_config.hpp"
 
 namespace relora {
@@ -155,8 +156,10 @@ class DoraLinear : public Layer<T> {
   Index rank() const { return config_.lora.rank; }
   bool has_bias() const { return config_.lora.bias != BiasMode::none; }
 
-  const Tensor<T>& W() const { return W_; }
-  const Tensor<T>& b() const { return b_; }
+  // W as fp32 (a 16-bit W's master; ConfigError for a 16-bit W without one: use base()).
+  const Tensor<T>& W() const { return base_.weight(); }
+  const Tensor<T>& b() const { return base_.bias(); }
+  const FrozenBase<T>& base() const { return base_; }
   const Tensor<T>& A() const { return A_; }
   const Tensor<T>& B() const { return B_; }
   const Tensor<T>& m() const { return m_; }
@@ -176,6 +179,8 @@ class DoraLinear : public Layer<T> {
 
   // Host-side setters, shapes checked.
   void set_W(const Eigen::Ref<const HostMatrix<T>>& W);
+  // A 16-bit W's bits, kept as they are (format and shape must be the layer's).
+  void set_W_bits(const HalfHostMatrix& W);
   void set_b(const Eigen::Ref<const HostMatrix<T>>& b);  // 1 x d or d x 1
   void set_A(const Eigen::Ref<const HostMatrix<T>>& A);
   void set_B(const Eigen::Ref<const HostMatrix<T>>& B);
@@ -196,6 +201,9 @@ class DoraLinear : public Layer<T> {
   bool dropout_in_use() const { return training_ && config_.lora.dropout > 0 && target_ == TrainTarget::adapter; }
   bool bias_trains() const { return config_.lora.bias == BiasMode::trainable; }
   bool exact() const { return config_.gradient == DoraGradient::exact; }
+  // Whether the forward keeps Z in a buffer of its own (dropout, or a 16-bit base) rather than
+  // computing it in Y's buffer for the backward to read back.
+  bool keeps_Z() const { return dropout_active_ || base_.low_precision(); }
   Tensor<T>& own_dX();
   // Upload of a d-vector given as a row or a column.
   void upload_vector(const Eigen::Ref<const HostMatrix<T>>& v, Tensor<T>& dst, const char* what);
@@ -206,14 +214,15 @@ class DoraLinear : public Layer<T> {
   DoraConfig config_;
   T scale_;
   T eps_;
-  Tensor<T> W_, b_, A_, B_, m_;
+  FrozenBase<T> base_;  // W and b, in fp32, bf16 or fp16
+  Tensor<T> A_, B_, m_;
   Tensor<T> dW_, db_, dA_, dB_, dm_;
   // Parameter-sized work: ||W_i||^2, P = W A^T, G = A A^T, B G, n, g, the exact mode's q,
   // diag(q) B and (diag(q) B)^T B, the g of the last merge, diag(g) B (dU = s dY diag(g) B when dY is
   // not scaled in place) and the flags of the columns whose Z the backward recomputes.
   Tensor<T> wsq_, P_, G_, BG_, n_, g_, q_, Bq_, H_, merge_g_, Bg_, recompute_;
-  // Per batch. Z_ only with a dropout mask (Y holds E W^T as well); otherwise the forward computes Z
-  // in Y's buffer and the backward reads it back from Y.
+  // Per batch. Z_ only with a dropout mask (Y holds E W^T as well) or a 16-bit base (keeps_Z());
+  // otherwise the forward computes Z in Y's buffer and the backward reads it back from Y.
   Tensor<T> U_, Y_, dU_;
   Tensor<T> mask_, X_dropped_, E_, dX_lora_, Z_, dX_;
   Tensor<T> dX_view_;

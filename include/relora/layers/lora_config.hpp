@@ -3,6 +3,7 @@
 // (Kalajdzievski 2023). Defaults follow PEFT's LoraConfig where PEFT has one.
 #include <cstdint>
 
+#include "relora/core/half_precision.hpp"
 #include "relora/core/tensor.hpp"
 
 namespace relora {
@@ -13,6 +14,14 @@ enum class LoraInit {
 };
 
 enum class BiasMode { none, frozen, trainable };
+
+// How a merge (W += s B A at a ReLoRA restart) lands in a base stored in bf16 or fp16, where
+// round-to-nearest loses every update smaller than half a unit in the last place of W.
+enum class BaseMerge {
+  stochastic,   // W rounded stochastically (unbiased; reproducible from the layer's seed)
+  fp32_master,  // an fp32 copy of W takes the merge exactly and W is rounded from it (4 more bytes per weight)
+  nearest,      // W rounded to nearest: small updates are lost (for comparison)
+};
 
 struct LoraConfig {
   Index in_features = 0;   // k
@@ -25,7 +34,21 @@ struct LoraConfig {
   double init_std = 0.02;  // for LoraInit::gaussian
   BiasMode bias = BiasMode::none;
   std::uint64_t seed = 0;  // seeds A's draws and the dropout masks of this layer
+  // The frozen base W (and a frozen bias) stored in fp32, bf16 or fp16. A, B, their gradients
+  // and a trainable bias stay fp32; X W^T and dY W accumulate in fp32. Low precision needs a
+  // float layer (LoraLinear<float>).
+  BasePrecision base_precision = BasePrecision::fp32;
+  BaseMerge base_merge = BaseMerge::stochastic;  // for a bf16 or fp16 base
 };
+
+inline const char* base_merge_name(BaseMerge m) {
+  switch (m) {
+    case BaseMerge::stochastic: return "stochastic";
+    case BaseMerge::fp32_master: return "fp32_master";
+    case BaseMerge::nearest: return "nearest";
+  }
+  return "?";
+}
 
 // Throws ConfigError naming the bad value and the layer's shape.
 void validate(const LoraConfig& config);

@@ -13,13 +13,16 @@
 //   full fine-tuning (TrainTarget::base): dW = dY^T X, and no adapter term.
 //
 // The d x k matrix W + sBA is never formed in forward or backward; merge() adds it into W in
-// place, once it has checked that the result is finite. Per-batch buffers are sized on the first
-// forward and reused, so a steady training step allocates nothing.
+// place, once it has checked that the result is finite. W and b live in a FrozenBase, which
+// stores W in fp32, bf16 or fp16 (config.base_precision) and runs X W^T, dY W and the merge.
+// Per-batch buffers are sized on the first forward and reused, so a steady training step
+// allocates nothing.
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "relora/core/host_matrix.hpp"
+#include "relora/layers/frozen_base.hpp"
 #include "relora/layers/layer.hpp"
 #include "relora/layers/lora_config.hpp"
 
@@ -67,7 +70,8 @@ class LoraLinear : public Layer<T> {
   // Refuses with ConfigError naming the layer, W unchanged, if W + s B A would hold NaN or Inf.
   void merge() override;
   void check_merge() override;
-  // W -= s B A, undoing merge().
+  // W -= s B A, undoing merge() (to fp32 rounding with an fp32 W or master; a 16-bit W without
+  // one is rounded again, as merge() rounded it).
   void unmerge() override;
   bool merged() const override { return merged_; }
   // A fresh adapter: A re-drawn from the configured init, B = 0, so the output is unchanged.
@@ -85,8 +89,11 @@ class LoraLinear : public Layer<T> {
   Index rank() const { return config_.rank; }
   bool has_bias() const { return config_.bias != BiasMode::none; }
 
-  const Tensor<T>& W() const { return W_; }
-  const Tensor<T>& b() const { return b_; }
+  // W as fp32 (a 16-bit W's master; ConfigError for a 16-bit W without one: use base()).
+  const Tensor<T>& W() const { return base_.weight(); }
+  const Tensor<T>& b() const { return base_.bias(); }
+  const FrozenBase<T>& base() const { return base_; }
+  FrozenBase<T>& base() { return base_; }
   const Tensor<T>& A() const { return A_; }
   const Tensor<T>& B() const { return B_; }
   // dX of the last backward that computed one (possibly a view of the caller's buffer, valid
@@ -100,6 +107,8 @@ class LoraLinear : public Layer<T> {
 
   // Host-side setters, shapes checked (for loading checkpoints, adapters and base weights).
   void set_W(const Eigen::Ref<const HostMatrix<T>>& W);
+  // A 16-bit W's bits, kept as they are (format and shape must be the layer's).
+  void set_W_bits(const HalfHostMatrix& W) { base_.set_weight_bits(W); }
   void set_b(const Eigen::Ref<const HostMatrix<T>>& b);  // 1 x d or d x 1
   void set_A(const Eigen::Ref<const HostMatrix<T>>& A);
   void set_B(const Eigen::Ref<const HostMatrix<T>>& B);
@@ -132,7 +141,8 @@ class LoraLinear : public Layer<T> {
   Backend<T>* backend_;
   LoraConfig config_;
   T scale_;
-  Tensor<T> W_, b_, A_, B_;
+  FrozenBase<T> base_;  // W and b
+  Tensor<T> A_, B_;
   Tensor<T> dW_, db_, dA_, dB_;
   Tensor<T> U_, Y_, dU_;  // per batch
 

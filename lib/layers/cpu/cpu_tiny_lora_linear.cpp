@@ -125,7 +125,8 @@ template <typename T>
 double CpuTinyLoraLinear<T>::forward_pass(const Tensor<T>& X, const Tensor<T>* target, T* dY) {
   this->begin_forward(X);
   const Index n = X.rows();
-  const LayerView<T> v{n, X.cols(), this->W_.rows(), this->A_.rows(), X.data(), this->W_.data(), this->A_.data(),
+  const Tensor<T>& W = this->base_.weight();
+  const LayerView<T> v{n, X.cols(), W.rows(), this->A_.rows(), X.data(), W.data(), this->A_.data(),
                        this->B_.data()};
   panels_.U_valid = false;  // until the panels hold this forward's U (and dY, dU)
   panels_.dY = {};
@@ -136,7 +137,7 @@ double CpuTinyLoraLinear<T>::forward_pass(const Tensor<T>& X, const Tensor<T>* t
     mse.target_loaded = panels_.target.holds(*target);
     mse.grad_scale = T(2) / T(target->size());  // MseLoss's scale
   }
-  forward_strips<T>(panels_, v, X_loaded, this->has_bias() ? this->b_.data() : nullptr, this->scale_,
+  forward_strips<T>(panels_, v, X_loaded, this->has_bias() ? this->base_.bias().data() : nullptr, this->scale_,
                     this->U_.data(), this->Y_.data(), target ? &mse : nullptr);
   if (!X_loaded) panels_.X.keep(X);
   panels_.U_valid = true;
@@ -179,7 +180,7 @@ void CpuTinyLoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
   const Tensor<T>& X = this->input();
   const Index k = this->in_features(), d = this->out_features(), r = this->rank(), ld = panel_stride<T>(n);
   const T s = this->scale_;
-  const T* W = this->W_.data();
+  const T* W = this->base_.weight().data();
   const T* A = this->A_.data();
   const T* B = this->B_.data();
 

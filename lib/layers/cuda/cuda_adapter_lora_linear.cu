@@ -493,7 +493,7 @@ void CudaAdapterLoraLinear<T>::project_beside_product(const Tensor<T>& X) {
   RowPass<T> project{X.data(), this->A_.data(), nullptr, nullptr, this->U_.data(), nullptr, T(1), T(0),
                      n, int(k), int(d), int(r), int(k), 1, 0, 0};  // G(j, p) = A[j, p]
   row_pass(project, be.side_stream(), /*overlapped=*/false);
-  this->backend_->gemm(Trans::no, Trans::yes, T(1), X, this->W_, T(0), this->Y_);  // Y = X W^T
+  this->base_.product(X, this->Y_);  // Y = X W^T (on tensor cores for a 16-bit W)
   be.join_side();
 }
 
@@ -503,7 +503,7 @@ bool CudaAdapterLoraLinear<T>::adapter_forward(const Tensor<T>& X) {
   if (this->merged() || this->dropout_in_use() || !adapter_passes_apply(n, k, d, r)) return false;
   this->begin_forward(X);
   project_beside_product(X);
-  expand_pass(ExpandPass<T>{this->U_.data(), this->B_.data(), this->has_bias() ? this->b_.data() : nullptr,
+  expand_pass(ExpandPass<T>{this->U_.data(), this->B_.data(), this->has_bias() ? this->base_.bias().data() : nullptr,
                             this->Y_.data(), this->scale_, n, int(d), int(r)},
               cuda().stream());
   return true;
@@ -535,7 +535,7 @@ bool CudaAdapterLoraLinear<T>::adapter_backward(const Tensor<T>& dY, Tensor<T>* 
 
   const Tensor<T>& X = this->input();
   const bool dU_ready = dU_ready_for_ != nullptr && dU_ready_for_ == dY.data();
-  if (dX) this->backend_->gemm(Trans::no, Trans::no, T(1), dY, this->W_, T(0), *dX);  // dX = dY W
+  if (dX) this->base_.input_gradient(dY, T(0), *dX);  // dX = dY W
   if (dX || !dU_ready) {  // dX += dU A needs the row pass anyway (it recomputes dU, the same bits)
     RowPass<T> rows{dY.data(), this->B_.data(), this->A_.data(), nullptr, this->dU_.data(),
                     dX ? dX->data() : nullptr, this->scale_, T(1), n, int(d), int(k), int(r),

@@ -189,7 +189,7 @@ void CudaAdapterLoraLinear<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& lo
   Tensor<T>& dY = mse->gradient_buffer(target);
   Tensor<T>& value = mse->value_buffer();
   const T* B = this->B_.data();
-  const T* b = this->has_bias() ? this->b_.data() : nullptr;
+  const T* b = this->has_bias() ? this->base_.bias().data() : nullptr;
   constexpr int kVector = int(16 / sizeof(T));
   const bool vector = d % kVector == 0 && all_aligned_16(this->Y_.data(), target.data(), dY.data(), B) &&
                       (b == nullptr || all_aligned_16(b));

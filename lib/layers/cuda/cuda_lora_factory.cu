@@ -16,7 +16,11 @@ std::unique_ptr<LoraLinear<T>> make_cuda_lora_linear(Backend<T>& backend, const 
     if (b == nullptr) return std::make_unique<Layer>(*cuda, backend, config, *W);
     return std::make_unique<Layer>(*cuda, backend, config, *W, *b);
   };
-  if (CudaTinyLoraLinear<T>::suits(config)) return build(static_cast<CudaTinyLoraLinear<T>*>(nullptr));
+  // The tiny layer's kernels read an fp32 W; the adapter layer runs its base products through
+  // FrozenBase, so it takes a 16-bit base too.
+  if (config.base_precision == BasePrecision::fp32 && CudaTinyLoraLinear<T>::suits(config)) {
+    return build(static_cast<CudaTinyLoraLinear<T>*>(nullptr));
+  }
   if (CudaAdapterLoraLinear<T>::suits(config)) return build(static_cast<CudaAdapterLoraLinear<T>*>(nullptr));
   return nullptr;
 }

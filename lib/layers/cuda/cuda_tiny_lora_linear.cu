@@ -273,9 +273,9 @@ bool CudaTinyLoraLinear<T>::tiny_forward(const Tensor<T>& X) {
   if (shared > std::size_t(kSharedBytes)) return false;  // not at widths <= 32 (42 KB for double)
 
   this->begin_forward(X);
-  ForwardArgs<T> args{X.data(), this->W_.data(), this->A_.data(), this->B_.data(),
-                      this->has_bias() ? this->b_.data() : nullptr, this->U_.data(), this->Y_.data(), this->scale_, n,
-                      int(k), int(d), int(r)};
+  ForwardArgs<T> args{X.data(), this->base_.weight().data(), this->A_.data(), this->B_.data(),
+                      this->has_bias() ? this->base_.bias().data() : nullptr, this->U_.data(), this->Y_.data(),
+                      this->scale_, n, int(k), int(d), int(r)};
   CudaContext& be = this->cuda();
   be.activate();
   launch_overlapped(&fused_lora_forward_kernel<T>, dim3(unsigned(blocks)), dim3(kThreads), shared, be.stream(),
@@ -308,8 +308,8 @@ bool CudaTinyLoraLinear<T>::tiny_backward(const Tensor<T>& dY, Tensor<T>* dX) {
   const int tile = std::max(tile_rows * row, outputs * slices);  // the partial sums reuse the tile
   if (tile_rows < 1 || weights + tile > budget) return false;  // not at widths <= 32
 
-  BackwardArgs<T> args{this->input().data(), this->W_.data(), this->A_.data(), this->B_.data(), this->U_.data(),
-                       dY.data(), this->dU_.data(), this->dA_.data(), this->dB_.data(),
+  BackwardArgs<T> args{this->input().data(), this->base_.weight().data(), this->A_.data(), this->B_.data(),
+                       this->U_.data(), dY.data(), this->dU_.data(), this->dA_.data(), this->dB_.data(),
                        db ? this->db_.data() : nullptr, dX ? dX->data() : nullptr,
                        this->scale_, int(n), int(k), int(d), int(r), tile_rows, slices};
   CudaContext& be = this->cuda();

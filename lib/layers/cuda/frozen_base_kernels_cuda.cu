@@ -1,0 +1,188 @@
+// A bf16 or fp16 base on CUDA: X W^T and dY W on tensor cores (cublasGemmEx, 16-bit inputs, fp32
+// accumulation and output). cuBLAS takes both inputs in one format, so the fp32 operand (X, dY)
+// is first rounded to nearest into a 16-bit buffer shared by the backend's layers (allocated
+// through the backend, grown only when a larger batch appears: a steady step allocates nothing). That cast
+// reads 4 and writes 2 bytes per element, beside the product's 2 d flops per element.
+// Rounding and widening are grid-stride loops over the same functions the CPU uses
+// (half_precision.hpp), so both devices give the same bits.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "cuda/cuda_check.cuh"
+#include "cuda/cuda_context.cuh"
+#include "cuda/cuda_resources.cuh"
+#include "layers/frozen_base_kernels.hpp"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+__global__ void round_kernel(std::int64_t count, std::int64_t first_index, const float* __restrict__ src,
+                             BasePrecision format, HalfRounding mode, RngKey key, std::uint16_t* __restrict__ dst) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const float u = mode == HalfRounding::stochastic
+                        ? half_bits::rounding_uniform(key, std::uint64_t(first_index + i))
+                        : 0.0f;
+    dst[i] = half_bits::round_float(src[i], format, mode, u);
+  }
+}
+
+__global__ void widen_kernel(std::int64_t count, const std::uint16_t* __restrict__ src, BasePrecision format,
+                             float* __restrict__ dst) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    dst[i] = half_bits::half_to_float(src[i], format);
+  }
+}
+
+// *largest = max(*largest, |src[i]|) as ordered bits (non-negative floats order as integers);
+// NaN counts as Inf.
+__global__ void max_abs_kernel(std::int64_t count, const std::uint16_t* __restrict__ src, BasePrecision format,
+                               unsigned int* largest) {
+  __shared__ unsigned int block_max;
+  if (threadIdx.x == 0) block_max = 0;
+  __syncthreads();
+  unsigned int mine = 0;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const float a = fabsf(half_bits::half_to_float(src[i], format));
+    const unsigned int bits = isnan(a) ? 0x7F800000u : __float_as_uint(a);
+    mine = bits > mine ? bits : mine;
+  }
+  atomicMax(&block_max, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(largest, block_max);
+}
+
+cudaDataType_t cuda_type(BasePrecision format) { return format == BasePrecision::bf16 ? CUDA_R_16BF : CUDA_R_16F; }
+
+// The 16-bit copy of a product's fp32 operand, one per backend: the layers of a model run their
+// products one after the other on the backend's stream, so they can share it (a model of L
+// layers then holds one buffer of the largest n x max(k, d), not L). Grown through the backend
+// (so its allocation count, which a recorded step checks, sees the change); released with the
+// last layer that uses it.
+struct SharedCast {
+  Tensor<float> storage;
+  Index capacity = 0;  // 16-bit values
+
+  static std::shared_ptr<SharedCast> of(const CudaContext* context) {
+    static std::mutex mutex;
+    static std::map<const CudaContext*, std::weak_ptr<SharedCast>> by_context;
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = by_context.begin(); it != by_context.end();) {  // forget those of gone backends
+      it = it->second.expired() ? by_context.erase(it) : std::next(it);
+    }
+    std::shared_ptr<SharedCast> cast = by_context[context].lock();
+    if (!cast) {
+      cast = std::make_shared<SharedCast>();
+      by_context[context] = cast;
+    }
+    return cast;
+  }
+};
+
+class CudaFrozenBaseKernels final : public FrozenBaseKernels {
+ public:
+  explicit CudaFrozenBaseKernels(Backend<float>& backend)
+      : backend_(&backend), context_(&cuda_context(backend)), cast_(SharedCast::of(context_)) {
+    context_->activate();
+    RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
+    RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, context_->stream()));
+    // Our own workspace, set after the stream (which resets it): cuBLAS allocates nothing itself,
+    // not even while a step is captured into a graph.
+    RELORA_CUDA_CHECK(cudaMalloc(&workspace_.ptr, kWorkspaceBytes));
+    RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, workspace_.ptr, kWorkspaceBytes));
+    RELORA_CUDA_CHECK(cudaMalloc(&largest_.ptr, sizeof(unsigned int)));
+  }
+
+  void round(const float* src, Index count, Index first_index, BasePrecision format, HalfRounding mode, RngKey key,
+             std::uint16_t* dst) override {
+    if (count == 0) return;
+    context_->activate();
+    round_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(
+        count, first_index, src, format, mode, key, dst);
+    RELORA_CHECK_LAUNCH("round_kernel");
+  }
+
+  void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) override {
+    if (count == 0) return;
+    context_->activate();
+    widen_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(count, src, format, dst);
+    RELORA_CHECK_LAUNCH("widen_kernel");
+  }
+
+  double max_abs(const std::uint16_t* src, Index count, BasePrecision format) override {
+    context_->activate();
+    RELORA_CUDA_CHECK(cudaMemsetAsync(largest_.ptr, 0, sizeof(unsigned int), context_->stream()));
+    if (count > 0) {
+      max_abs_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(
+          count, src, format, static_cast<unsigned int*>(largest_.ptr));
+      RELORA_CHECK_LAUNCH("max_abs_kernel");
+    }
+    unsigned int bits = 0;
+    RELORA_CUDA_CHECK(cudaMemcpyAsync(&bits, largest_.ptr, sizeof bits, cudaMemcpyDeviceToHost, context_->stream()));
+    RELORA_CUDA_CHECK(cudaStreamSynchronize(context_->stream()));
+    return double(half_bits::bits_float(bits));
+  }
+
+  void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
+                       Tensor<float>& Y) override {
+    const Index n = X.rows(), k = X.cols(), d = Y.cols();
+    std::uint16_t* Xh = cast_buffer(n * k);
+    round(X.data(), n * k, 0, format, HalfRounding::nearest, RngKey{}, Xh);
+    // Row-major Y = Xh W^T is column-major Y^T (d x n) = W (W^T stored: k x d, op T) times Xh^T (k x n).
+    const float alpha = 1, beta = 0;
+    RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_T, CUBLAS_OP_N, d, n, k, &alpha, W, cuda_type(format),
+                                        k, Xh, cuda_type(format), k, &beta, Y.data(), CUDA_R_32F, d,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
+                              Tensor<float>& dX) override {
+    const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
+    std::uint16_t* dYh = cast_buffer(n * d);
+    round(dY.data(), n * d, 0, format, HalfRounding::nearest, RngKey{}, dYh);
+    // Row-major dX = dYh W is column-major dX^T (k x n) = W^T (W stored: k x d, op N) times dYh^T (d x n).
+    const float alpha = 1;
+    RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_N, CUBLAS_OP_N, k, n, d, &alpha, W, cuda_type(format),
+                                        k, dYh, cuda_type(format), d, &beta, dX.data(), CUDA_R_32F, k,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+ private:
+  static constexpr std::size_t kWorkspaceBytes = std::size_t(4) << 20;
+
+  // At least `count` 16-bit values of the backend's shared cast buffer.
+  std::uint16_t* cast_buffer(Index count) {
+    if (count > cast_->capacity) {
+      cast_->storage = Tensor<float>();  // the old one first: the peak stays one buffer
+      cast_->storage = backend_->allocate(1, (count + 1) / 2);
+      cast_->capacity = count;
+    }
+    return reinterpret_cast<std::uint16_t*>(cast_->storage.data());
+  }
+
+  Backend<float>* backend_;
+  CudaContext* context_;
+  BlasHandle blas_;
+  DeviceMemory workspace_;
+  DeviceMemory largest_;  // max_abs's result
+  std::shared_ptr<SharedCast> cast_;  // X or dY rounded to W's format
+};
+
+}  // namespace
+}  // namespace cuda_detail
+
+std::unique_ptr<FrozenBaseKernels> make_cuda_frozen_base_kernels(Backend<float>& backend) {
+  return std::make_unique<cuda_detail::CudaFrozenBaseKernels>(backend);
+}
+
+}  // namespace relora

@@ -1,0 +1,44 @@
+#pragma once
+// The kernels of a base weight stored in bf16 or fp16 (FrozenBase), one implementation per
+// device: cpu/frozen_base_kernels_cpu.cpp (products on Eigen's fp32 kernels, W widened a panel of
+// rows at a time) and cuda/frozen_base_kernels_cuda.cu (tensor-core products through
+// cublasGemmEx with fp32 accumulation, the fp32 operand cast into a 16-bit buffer first).
+// Letters as in lora_linear.hpp: X is n x k, W is d x k (16-bit), Y is n x d, dY n x d, dX n x k.
+// 16-bit values are raw bits (half_precision.hpp). Float layers only: cuBLAS has no 16-bit
+// product into fp64, and an fp64 model has no reason to store its base in 16 bits.
+#include <cstdint>
+#include <memory>
+
+#include "relora/core/backend.hpp"
+#include "relora/core/half_precision.hpp"
+
+namespace relora {
+
+class FrozenBaseKernels {
+ public:
+  virtual ~FrozenBaseKernels() = default;
+  // dst[i] = src[i] rounded to `format`, i in [0, count); a stochastic rounding of element i draws
+  // element first_index + i of `key`, so a matrix rounded in blocks draws what it would in one.
+  virtual void round(const float* src, Index count, Index first_index, BasePrecision format, HalfRounding mode,
+                     RngKey key, std::uint16_t* dst) = 0;
+  // dst[i] = src[i] as fp32 (exact).
+  virtual void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) = 0;
+  // The largest |src[i]| (read back to the host, waiting for queued work); +Inf for NaN or Inf.
+  virtual double max_abs(const std::uint16_t* src, Index count, BasePrecision format) = 0;
+  // Y = X W^T (W: d x k with d = Y.cols(), k = X.cols()).
+  virtual void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
+                               Tensor<float>& Y) = 0;
+  // dX = dY W + beta dX (W: d x k with d = dY.cols(), k = dX.cols()).
+  virtual void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format,
+                                      float beta, Tensor<float>& dX) = 0;
+};
+
+// The kernels for `backend`'s device.
+std::unique_ptr<FrozenBaseKernels> make_frozen_base_kernels(Backend<float>& backend);
+
+std::unique_ptr<FrozenBaseKernels> make_cpu_frozen_base_kernels();
+#if defined(RELORA_WITH_CUDA)
+std::unique_ptr<FrozenBaseKernels> make_cuda_frozen_base_kernels(Backend<float>& backend);
+#endif
+
+}  // namespace relora

@@ -1,0 +1,132 @@
+// A bf16 or fp16 base on CUDA (tensor-core products, fp32 accumulation) against the CPU and
+// against an fp32 layer on the same rounded weights. Skipped, with the reason, where no GPU is
+// visible.
+//
+// Tolerances. CUDA rounds the fp32 operand of each product (X, dY) to W's format before the
+// tensor cores multiply, as autocast does; each entry moves by at most u = 2^-8 (bf16), 2^-11
+// (fp16) of itself, so Y and dX may differ from the fp32 products by about u in norm: the checks
+// allow 2u. dA and dB are fp32 products of fp32 values (U, dY, X, dU = s dY B), as on the CPU:
+// they agree with it to 1e-5.
+#include <doctest/doctest.h>
+
+#include <random>
+
+#include "bf16_test_util.hpp"
+#include "relora/relora.hpp"
+#include "test_data.hpp"
+#include "test_support.hpp"
+
+using namespace relora;
+using relora::testing::cuda_or_skip;
+using relora::testing::HalfAndReference;
+using relora::testing::normal_matrix;
+
+namespace {
+
+double rel(const HostMatrix<float>& a, const HostMatrix<float>& b) {
+  return double((a - b).norm()) / std::max(double(b.norm()), 1e-30);
+}
+
+}  // namespace
+
+TEST_CASE("cuda bf16 and fp16 base: forward and gradients against fp32 on the same rounded weights, and the CPU") {
+  if (!cuda_or_skip("CUDA bf16 test")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  auto cpu = make_backend<float>(Device::cpu);
+  for (const BasePrecision format : {BasePrecision::bf16, BasePrecision::fp16}) {
+    const double u = half_unit_roundoff(format);
+    for (const Index d : {Index(24), Index(1000)}) {
+      const Index k = d == 24 ? 40 : 1536, n = 77;
+      const LoraConfig config{.in_features = k, .out_features = d, .rank = 8, .alpha = 16,
+                              .bias = BiasMode::frozen, .seed = 4};
+      std::mt19937_64 gen_gpu(9), gen_cpu(9);
+      HalfAndReference on_gpu(*gpu, config, format, gen_gpu), on_cpu(*cpu, config, format, gen_cpu);
+      const HostMatrix<float> x = normal_matrix<float>(n, k, gen_gpu), dy = normal_matrix<float>(n, d, gen_gpu);
+      // A backward may use its dY as scratch (Layer::backward): one copy each.
+      Tensor<float> gX = to_backend<float>(*gpu, x, "X"), gdY = to_backend<float>(*gpu, dy, "dY");
+      Tensor<float> gdY_ref = to_backend<float>(*gpu, dy, "dY");
+      Tensor<float> cX = to_backend<float>(*cpu, x, "X"), cdY = to_backend<float>(*cpu, dy, "dY");
+      const HostMatrix<float> y = to_host(*gpu, on_gpu.half->forward(gX));
+      const HostMatrix<float> y_ref = to_host(*gpu, on_gpu.reference->forward(gX));
+      const HostMatrix<float> y_cpu = to_host(*cpu, on_cpu.half->forward(cX));
+      on_gpu.half->backward(gdY, true);
+      on_gpu.reference->backward(gdY_ref, true);
+      on_cpu.half->backward(cdY, true);
+      const double e_y = rel(y, y_ref), e_y_cpu = rel(y, y_cpu);
+      const double e_dx = rel(to_host(*gpu, on_gpu.half->dX()), to_host(*gpu, on_gpu.reference->dX()));
+      const double e_dx_cpu = rel(to_host(*gpu, on_gpu.half->dX()), to_host(*cpu, on_cpu.half->dX()));
+      const double e_da = rel(to_host(*gpu, on_gpu.half->dA()), to_host(*cpu, on_cpu.half->dA()));
+      const double e_db = rel(to_host(*gpu, on_gpu.half->dB()), to_host(*cpu, on_cpu.half->dB()));
+      MESSAGE(std::string(precision_name(format)) << " " << k << " -> " << d << " ("
+                                                  << on_gpu.half->implementation() << "): Y vs fp32 " << e_y
+                                                  << ", vs CPU "
+                                                  << e_y_cpu << "; dX vs fp32 " << e_dx << ", vs CPU " << e_dx_cpu
+                                                  << "; dA vs CPU " << e_da << ", dB vs CPU " << e_db
+                                                  << " (u = " << u << ")");
+      CHECK(e_y <= 2 * u);
+      CHECK(e_y_cpu <= 2 * u);
+      CHECK(e_dx <= 2 * u);
+      CHECK(e_dx_cpu <= 2 * u);
+      CHECK(e_da <= 1e-5);
+      CHECK(e_db <= 1e-5);
+    }
+  }
+}
+
+TEST_CASE("cuda bf16 base: stochastic and nearest merges give the CPU's bits") {
+  if (!cuda_or_skip("CUDA bf16 test")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  auto cpu = make_backend<float>(Device::cpu);
+  // W + s B A formed exactly in fp32 on both devices (W bf16 values, B and A small powers of two
+  // times small integers), so the rounding sees the same input and must give the same bits.
+  const Index d = 300, k = 500;
+  std::mt19937_64 gen(2);
+  const HostMatrix<float> W = relora::testing::rounded(normal_matrix<float>(d, k, gen), BasePrecision::bf16);
+  std::uniform_int_distribution<int> small(-8, 8);
+  HostMatrix<float> A(1, k), B(d, 1);
+  for (Index j = 0; j < k; ++j) A(0, j) = std::ldexp(float(small(gen)), -6);
+  for (Index i = 0; i < d; ++i) B(i, 0) = std::ldexp(float(small(gen)), -6);
+  for (const BaseMerge merge : {BaseMerge::stochastic, BaseMerge::nearest}) {
+    const LoraConfig config{.in_features = k, .out_features = d, .rank = 1, .alpha = 1, .seed = 77,
+                            .base_precision = BasePrecision::bf16, .base_merge = merge};
+    auto on_gpu = make_lora_linear<float>(*gpu, config, W);
+    auto on_cpu = make_lora_linear<float>(*cpu, config, W);
+    for (auto* layer : {on_gpu.get(), on_cpu.get()}) {
+      layer->set_A(A);
+      layer->set_B(B);
+      layer->merge();
+      layer->reinit();
+      layer->set_A(A);
+      layer->set_B(B);
+      layer->merge();  // a second draw of the rounding stream
+    }
+    const auto gpu_bits = on_gpu->base().weight_bits().bits, cpu_bits = on_cpu->base().weight_bits().bits;
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < gpu_bits.size(); ++i) differ += gpu_bits[i] != cpu_bits[i];
+    MESSAGE(std::string(base_merge_name(merge)) << ": " << differ << " of " << gpu_bits.size() << " entries differ");
+    CHECK(differ == 0);
+  }
+}
+
+TEST_CASE("cuda bf16 base: a steady training step allocates nothing, so it records once and replays") {
+  if (!cuda_or_skip("CUDA bf16 test")) return;
+  // A replay is refused once any tensor was allocated after the recording (the backend counts
+  // them, the cast buffers included): every steady step replaying shows that none is.
+  auto gpu = make_backend<float>(Device::cuda);
+  Model<float> model(gpu);
+  model.add(LoraConfig{.in_features = 256, .out_features = 512, .rank = 8, .base_precision = BasePrecision::bf16},
+            Activation::relu);
+  model.add(LoraConfig{.in_features = 512, .out_features = 64, .rank = 8, .base_precision = BasePrecision::bf16},
+            Activation::identity);
+  TrainerConfig config{.method = TrainingMethod::lora, .adam = {.lr = 1e-3}};
+  Trainer<float> trainer(model, config);
+  std::mt19937_64 gen(1);
+  Tensor<float> X = to_backend<float>(*gpu, normal_matrix<float>(128, 256, gen), "X");
+  Tensor<float> Y = to_backend<float>(*gpu, normal_matrix<float>(128, 64, gen), "Y");
+  for (int i = 0; i < 3; ++i) trainer.step(X, Y);
+  const std::int64_t replayed = trainer.replayed_steps();
+  for (int i = 0; i < 10; ++i) trainer.step(X, Y);
+  MESSAGE("recorded " << trainer.recorded_steps() << ", replayed " << trainer.replayed_steps());
+  CHECK(trainer.replayed_steps() - replayed == 10);
+  CHECK(std::isfinite(double(trainer.loss())));
+}
