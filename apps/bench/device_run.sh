@@ -353,7 +353,7 @@ fi
 
 # ---- the CPU's thread sweep (issue 18): every size at 1 thread, the default and every core
 if [ "$SWEEP" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
-  "$BUILD/apps/bench/relora_bench" --backend cpu --thread-sweep --repeats 5 --max-seconds 2 --warmup 2 \
+  "$BUILD/apps/bench/relora_bench" --backend cpu --thread-sweep --repeats 5 --max-seconds 1 --warmup 1 \
     --json "$WORK/thread_sweep.json" 2>&1 | tee "$OUT/thread_sweep.txt" >>"$OUT/summary.txt"
   # The regression demo on a mid-size model, every method, at 1 thread and at the default.
   for threads in 1 default; do
