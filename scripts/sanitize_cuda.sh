@@ -45,6 +45,11 @@ run_one() {  # run_one TOOL INDEX: the INDEX-th case (1-based, by name) under TO
 export -f run_one
 export bin out filter case_timeout
 
+# Stopped from outside (a timeout around this script), stop every run it started as well: each
+# run's own `timeout` leads a process group of its own, out of reach of the signal to ours, and a
+# sanitizer left running would take the CPUs of whatever the caller times next.
+trap 'pkill -TERM -f "compute-sanitizer .*$bin" 2>/dev/null; exit 143' TERM INT
+
 start=$(date +%s)
 for tool in ${tools//,/ }; do
   for index in $(seq 1 "$count"); do echo "$tool $index"; done
