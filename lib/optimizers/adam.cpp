@@ -34,19 +34,7 @@ Adam<T>::Adam(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>> gr
     const double wd = group.weight_decay < 0 ? config_.weight_decay : group.weight_decay;
     if (!std::isfinite(lr)) throw ConfigError("Adam: group '" + group.name + "' has lr " + std::to_string(lr));
     for (const Parameter<T>& p : group.params) {
-      if (p.value == nullptr || p.grad == nullptr) {
-        throw ConfigError("Adam: parameter '" + p.name + "' has no value or no gradient tensor");
-      }
-      if (!p.grad->same_shape(p.value->rows(), p.value->cols())) {
-        throw ShapeError("Adam: parameter '" + p.name + "' is " + p.value->shape() + " but its gradient is " +
-                         p.grad->shape());
-      }
-      if (!seen.insert(p.value).second) {
-        throw ConfigError("Adam: parameter '" + p.name + "' appears in more than one group");
-      }
-      if (!names.insert(p.name).second) {
-        throw ConfigError("Adam: two parameters are named '" + p.name + "' (the saved state names them apart)");
-      }
+      check_optimizer_parameter("Adam", p, seen, names);
       State state{&p, lr, wd, backend_->allocate(p.value->rows(), p.value->cols()),
                   backend_->allocate(p.value->rows(), p.value->cols()), backend_->allocate(1, 1)};
       backend_->fill(state.m, T(0));

@@ -86,20 +86,8 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
     const double wd = group.weight_decay < 0 ? config_.weight_decay : group.weight_decay;
     if (!std::isfinite(lr)) throw ConfigError("GaLore: group '" + group.name + "' has lr " + std::to_string(lr));
     for (const Parameter<T>& p : group.params) {
-      if (p.value == nullptr || p.grad == nullptr) {
-        throw ConfigError("GaLore: parameter '" + p.name + "' has no value or no gradient tensor");
-      }
+      check_optimizer_parameter("GaLore", p, seen, names);
       const Index m = p.value->rows(), n = p.value->cols();
-      if (!p.grad->same_shape(m, n)) {
-        throw ShapeError("GaLore: parameter '" + p.name + "' is " + p.value->shape() + " but its gradient is " +
-                         p.grad->shape());
-      }
-      if (!seen.insert(p.value).second) {
-        throw ConfigError("GaLore: parameter '" + p.name + "' appears in more than one group");
-      }
-      if (!names.insert(p.name).second) {
-        throw ConfigError("GaLore: two parameters are named '" + p.name + "' (the saved state names them apart)");
-      }
       const bool projected = p.role == ParamRole::base_weight && m > 1 && n > 1 && m * n >= config_.min_elements;
       if (!projected) continue;
       if (r > std::min(m, n)) {
