@@ -53,6 +53,17 @@ Tensor<T> entries_of(const Tensor<T>& v, Index first, Index count) {
 
 }  // namespace
 
+// What every constructor does once the members are set: the eps check, the kernels and the
+// parameter tensors.
+template <typename T>
+void DoraLinear<T>::prepare() {
+  if (!(eps_ > 0)) {
+    throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
+  }
+  kernels_ = make_dora_kernels<T>(*backend_);
+  allocate_parameters();
+}
+
 template <typename T>
 DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config, const Eigen::Ref<const HostMatrix<T>>& W)
     : backend_(&backend),
@@ -61,11 +72,7 @@ DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config, const E
       eps_(T(config_.eps)),
       base_(backend, config_.lora.out_features, config_.lora.in_features, config_.lora.bias,
             config_.lora.base_precision, config_.lora.base_merge, config_.lora.seed, layer_name(config_)) {
-  if (!(eps_ > 0)) {
-    throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
-  }
-  kernels_ = make_dora_kernels<T>(backend);
-  allocate_parameters();
+  prepare();
   set_W(W);
   if (has_bias()) backend_->fill(base_.bias(), T(0));
   reinit();
@@ -89,11 +96,7 @@ DoraLinear<T>::DoraLinear(Backend<T>& backend, const DoraConfig& config)
       eps_(T(config_.eps)),
       base_(backend, config_.lora.out_features, config_.lora.in_features, config_.lora.bias,
             config_.lora.base_precision, config_.lora.base_merge, config_.lora.seed, layer_name(config_)) {
-  if (!(eps_ > 0)) {
-    throw ConfigError(name() + ": eps " + std::to_string(config_.eps) + " rounds to 0 in this precision");
-  }
-  kernels_ = make_dora_kernels<T>(backend);
-  allocate_parameters();
+  prepare();
   const T bound = T(1) / std::sqrt(T(config_.lora.in_features));
   base_.random_weight(next_key(), -bound, bound);
   refresh_W_norms();

@@ -191,6 +191,7 @@ class DoraLinear : public Layer<T> {
   void set_rng_stream(std::uint64_t stream) { rng_stream_ = stream; }
 
  private:
+  void prepare();
   void allocate_parameters();
   void draw_A();
   void resize_batch(Index n);
