@@ -126,6 +126,8 @@ if [ "$BENCH" = 1 ] && [ "$PORTABLE" = 1 ]; then
 fi
 targets=()
 [ "$TESTS" = 1 ] || [ -n "$SANITIZE" ] || targets=(--target relora_bench)
+# The sweep also times the regression demo.
+[ "${#targets[@]}" -gt 0 ] && [ "$SWEEP" = 1 ] && targets+=(--target relora_regression)
 if { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release $cuda_flag -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
        -DRELORA_NATIVE=ON &&
      cmake --build "$BUILD" -j"$JOBS" "${targets[@]}"; } >"$WORK/build.log" 2>&1; then
