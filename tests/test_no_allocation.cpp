@@ -210,6 +210,29 @@ std::string kept_malloc_callers() {
   return out.str();
 }
 
+// What a run of steady steps allocated: operator new calls, malloc calls on the threads that run
+// the step, the callers kept for a failure's message, and the malloc calls of other threads (not
+// counted against the step).
+struct SteadyAllocations {
+  long new_calls = 0;
+  long malloc_calls = 0;
+  long other_thread_mallocs = 0;
+  std::string callers;
+};
+
+template <typename F>
+SteadyAllocations count_allocations(F&& steps) {
+  const long news = g_allocations.load(), mallocs = g_mallocs.load();
+  keep_malloc_callers();
+  steps();
+  SteadyAllocations counted;
+  counted.new_calls = g_allocations.load() - news;
+  counted.malloc_calls = g_mallocs.load() - mallocs;
+  counted.callers = kept_malloc_callers();
+  counted.other_thread_mallocs = g_other_thread_mallocs.load();
+  return counted;
+}
+
 }  // namespace
 
 TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing") {
@@ -230,15 +253,13 @@ TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing")
   Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
   Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
   for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
-  const long before = g_allocations.load(), mallocs = g_mallocs.load();
-  keep_malloc_callers();
-  for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
-  const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
-  const std::string callers = kept_malloc_callers();
-  MESSAGE("operator new calls in 12 steady steps: " << during << ", malloc calls: " << malloc_calls
-          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
-  CHECK(during == 0);
-  CHECK_MESSAGE(malloc_calls == 0, callers);
+  const SteadyAllocations counted = count_allocations([&] {
+    for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
+  });
+  MESSAGE("operator new calls in 12 steady steps: " << counted.new_calls << ", malloc calls: " << counted.malloc_calls
+          << " (and " << counted.other_thread_mallocs << " on threads outside the step)");
+  CHECK(counted.new_calls == 0);
+  CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
 }
 
 TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restarts included, allocates nothing") {
@@ -265,15 +286,13 @@ TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restart
     Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
     Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
     for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // sizes every buffer, passes one restart
-    const long before = g_allocations.load(), mallocs = g_mallocs.load();
-    keep_malloc_callers();
-    for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
-    const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
-    const std::string callers = kept_malloc_callers();
-    MESSAGE("operator new calls in 12 steady DoRA steps: " << during << ", malloc calls: " << malloc_calls
-            << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
-    CHECK(during == 0);
-    CHECK_MESSAGE(malloc_calls == 0, callers);
+    const SteadyAllocations counted = count_allocations([&] {
+      for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
+    });
+    MESSAGE("operator new calls in 12 steady DoRA steps: " << counted.new_calls << ", malloc calls: "
+            << counted.malloc_calls << " (and " << counted.other_thread_mallocs << " on threads outside the step)");
+    CHECK(counted.new_calls == 0);
+    CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
   }
 }
 
@@ -298,16 +317,14 @@ TEST_CASE("a steady step with products above Eigen's stack limit allocates nothi
       Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "X");
       Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(256, 512), "Y");
       for (int i = 0; i < 5; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
-      const long news = g_allocations.load(), mallocs = g_mallocs.load();
-      keep_malloc_callers();
-      for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // two more restarts in here
-      const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
-      const std::string callers = kept_malloc_callers();
-      MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: " << new_calls
-                      << ", malloc calls: " << malloc_calls
-          << " (and " << g_other_thread_mallocs.load() << " on threads outside the step)");
-      CHECK(new_calls == 0);
-      CHECK_MESSAGE(malloc_calls == 0, callers);
+      const SteadyAllocations counted = count_allocations([&] {
+        for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // two more restarts in here
+      });
+      MESSAGE(threads << " thread(s): operator new calls in 8 steady steps: " << counted.new_calls
+                      << ", malloc calls: " << counted.malloc_calls << " (and " << counted.other_thread_mallocs
+                      << " on threads outside the step)");
+      CHECK(counted.new_calls == 0);
+      CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
     });
   }
 }
@@ -372,15 +389,15 @@ TEST_CASE("a steady step of a bf16 or fp16 base, ReLoRA restarts included, alloc
         Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 2000), "X");
         Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 64), "Y");
         for (int i = 0; i < 4; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
-        const long news = g_allocations.load(), mallocs = g_mallocs.load();
-        for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // two more restarts in here
-        const long new_calls = g_allocations.load() - news, malloc_calls = g_mallocs.load() - mallocs;
+        const SteadyAllocations counted = count_allocations([&] {
+          for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // two more restarts in here
+        });
         const std::string what = std::string(precision_name(precision)) + " " + base_merge_name(merge);
-        MESSAGE(what << ", " << threads
-                                          << " thread(s): operator new calls in 6 steady steps: " << new_calls
-                                          << ", malloc calls: " << malloc_calls);
-        CHECK(new_calls == 0);
-        CHECK(malloc_calls == 0);
+        MESSAGE(what << ", " << threads << " thread(s): operator new calls in 6 steady steps: " << counted.new_calls
+                     << ", malloc calls: " << counted.malloc_calls << " (and " << counted.other_thread_mallocs
+                     << " on threads outside the step)");
+        CHECK(counted.new_calls == 0);
+        CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
       });
     }
   }
@@ -447,12 +464,13 @@ TEST_CASE("a steady GaLore step (full fine-tuning, between two SVDs) allocates n
     Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 10), "X");
     Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 5), "Y");
     for (int i = 0; i < 9; ++i) trainer.step(X, Y);  // SVDs at steps 0 and 8 (they may allocate)
-    const long before = g_allocations.load(), mallocs = g_mallocs.load();
-    for (int i = 9; i < 16; ++i) trainer.step(X, Y);  // the next SVD is at step 16
-    const long during = g_allocations.load() - before, malloc_calls = g_mallocs.load() - mallocs;
-    MESSAGE(std::string(projection_name(projection)) << ": operator new calls in 7 GaLore steps: " << during
-                                        << ", malloc calls: " << malloc_calls);
-    CHECK(during == 0);
-    CHECK(malloc_calls == 0);
+    const SteadyAllocations counted = count_allocations([&] {
+      for (int i = 9; i < 16; ++i) trainer.step(X, Y);  // the next SVD is at step 16
+    });
+    MESSAGE(std::string(projection_name(projection)) << ": operator new calls in 7 GaLore steps: " << counted.new_calls
+                                        << ", malloc calls: " << counted.malloc_calls << " (and "
+                                        << counted.other_thread_mallocs << " on threads outside the step)");
+    CHECK(counted.new_calls == 0);
+    CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
   }
 }

@@ -13,6 +13,11 @@
 //   AdamW's decoupled decay, then the update:    W -= lr wd W;
 //                                                W -= lr alpha (P N, N Q^T or P N Q^T).
 //
+// Two-sided, at a step that takes a new subspace from its own gradient, R = P^T G Q is diagonal
+// up to rounding; Adam's normalisation gives each off-diagonal entry, rounding noise, an update
+// of about lr alpha whose sign any change of precision or device flips (the algorithm's, in any
+// implementation). An eps above that noise (and below the singular values) damps it.
+//
 // Adam's state is r x n (or m x r, or r x r) instead of m x n: with P it is 2 r n + m r numbers
 // instead of Adam's 2 m n. Parameters that are not base weights (biases, LoRA adapters, DoRA's
 // magnitude), that are not matrices, or that have fewer than GaloreConfig::min_elements entries
