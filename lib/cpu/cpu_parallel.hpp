@@ -41,9 +41,12 @@ inline int team_size() {
 #endif
 }
 
-// The least work, in multiply-adds, worth a thread of its own in a product: a few tens of
-// microseconds of one core, so that a region's fork and join stay a small part of it.
-constexpr double kMultiplyAddsPerThread = double(1 << 18);
+// The least work, in multiply-adds, worth a thread of its own in a product: about a hundred
+// microseconds of one core on the small shapes that come near it. Waking the team for a region
+// costs tens of microseconds on a virtual machine's cores, and a skinny product (n x 16 x 16)
+// split by columns makes each thread read all of X: a product of fewer than two such shares
+// runs on the calling thread (docs/PERFORMANCE.md, the thread sweep).
+constexpr double kMultiplyAddsPerThread = double(1 << 20);
 
 // The threads a product of `multiply_adds` uses, at most `limit` (and the team).
 inline int threads_for_multiply_adds(double multiply_adds, Index limit) {
