@@ -319,6 +319,23 @@ TEST_CASE("nccl communicator: bad arguments and a rank's own errors name the val
   CHECK(what_of([&] { comm.broadcast(x.data(), 4, 1); }) == "nccl broadcast of rank 0: root 1 must be in [0, 1)");
   CHECK_THROWS_WITH_AS(make_nccl_communicators<float>({backend, backend}),
                        doctest::Contains("share CUDA device 0; each rank needs a device of its own"), ConfigError);
+  // A recorded collective cannot wait for one queued before the recording and not waited for.
+  comm.all_reduce_sum(x.data(), x.size(), 2.0f);
+  REQUIRE(backend->begin_recording());
+  CHECK_THROWS_WITH_AS(comm.all_reduce_sum(x.data(), x.size(), 2.0f),
+                       doctest::Contains("nccl all_reduce_sum of rank 0 in a CUDA graph recording after collectives "
+                                         "queued before it and not waited for: call wait() before begin_recording()"),
+                       ConfigError);
+  CHECK_THROWS_AS(comm.wait(), ConfigError);
+  backend->drop_recording();
+  comm.wait();
+  // Once waited for, a wait() in a recording with no collective of its own joins nothing, and the
+  // recording is kept.
+  REQUIRE(backend->begin_recording());
+  backend->fill(x, 1.0f);
+  comm.wait();
+  CHECK(backend->end_recording() != 0);
+  backend->drop_recording();
   // A recording cannot hold a barrier: refused before anything is queued.
   REQUIRE(backend->begin_recording());
   CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("inside a CUDA graph recording"), ConfigError);

@@ -15,6 +15,10 @@
 //     wait for the communication stream. Neither blocks the host, allocates, or synchronises, so
 //     both may be recorded in a CUDA graph (Backend::begin_recording): the recorded all-reduce
 //     joins the graph as a branch, and wait() must come before end_recording() to join it back.
+//     Collectives queued before the recording must have been waited for (wait() or barrier())
+//     before it starts, and before each replay: the graph runs after the backend's stream, not
+//     after the communication stream. A recorded collective that follows unwaited ones throws
+//     ConfigError.
 //   - all_reduce_sum with scale 1 is ncclSum; with another scale, NCCL's pre-multiplied sum with
 //     the scale as a host immediate. The operators are made once per distinct scale and kept (a
 //     few); a recorded all-reduce replays with the scale it was recorded with.

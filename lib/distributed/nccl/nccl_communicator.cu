@@ -123,11 +123,18 @@ void NcclCommunicator<T>::throw_if_unusable(const char* what) {
 }
 
 template <typename T>
-bool NcclCommunicator<T>::capturing() const {
-  cudaStreamCaptureStatus backend_status = cudaStreamCaptureStatusNone, comm_status = cudaStreamCaptureStatusNone;
-  RELORA_CUDA_CHECK(cudaStreamIsCapturing(context_->stream(), &backend_status));
-  RELORA_CUDA_CHECK(cudaStreamIsCapturing(comm_stream_, &comm_status));
-  return backend_status != cudaStreamCaptureStatusNone || comm_status != cudaStreamCaptureStatusNone;
+bool NcclCommunicator<T>::capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  RELORA_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+template <typename T>
+void NcclCommunicator<T>::check_recording_start(const char* what) const {
+  if (!unwaited_eager_) return;
+  throw ConfigError(std::string("nccl ") + what + " of rank " + std::to_string(rank_) +
+                    " in a CUDA graph recording after collectives queued before it and not waited for: call "
+                    "wait() before begin_recording()");
 }
 
 template <typename T>
@@ -147,10 +154,13 @@ void NcclCommunicator<T>::all_reduce_sum(T* data, Index count, T scale) {
   throw_if_unusable("all_reduce_sum");
   if (count == 0) return;
   context_->activate();
+  const bool recording = capturing(context_->stream());
+  if (recording && !capturing(comm_stream_)) check_recording_start("all_reduce_sum");
   follow_backend();
   const ncclRedOp_t op = scale == T(1) ? ncclSum : scale_ops_.op_for(scale, comm_);
   RELORA_NCCL_CHECK(ncclAllReduce(data, data, static_cast<std::size_t>(count), nccl_type<T>(), op, comm_, comm_stream_),
                     comm_);
+  if (!recording) unwaited_eager_ = true;
 }
 
 template <typename T>
@@ -164,9 +174,12 @@ void NcclCommunicator<T>::broadcast(T* data, Index count, int root) {
   throw_if_unusable("broadcast");
   if (count == 0) return;
   context_->activate();
+  const bool recording = capturing(context_->stream());
+  if (recording && !capturing(comm_stream_)) check_recording_start("broadcast");
   follow_backend();
   RELORA_NCCL_CHECK(ncclBroadcast(data, data, static_cast<std::size_t>(count), nccl_type<T>(), root, comm_, comm_stream_),
                     comm_);
+  if (!recording) unwaited_eager_ = true;
 }
 
 template <typename T>
@@ -174,8 +187,16 @@ void NcclCommunicator<T>::wait() {
   std::lock_guard<std::mutex> lock(mutex_);
   throw_if_unusable("wait");
   context_->activate();
+  const bool recording = capturing(context_->stream());
+  if (recording && !capturing(comm_stream_)) {
+    // No collective of this recording to wait for; an event recorded outside the capture cannot
+    // be waited for inside it.
+    check_recording_start("wait");
+    return;
+  }
   RELORA_CUDA_CHECK(cudaEventRecord(comm_done_, comm_stream_));
   RELORA_CUDA_CHECK(cudaStreamWaitEvent(context_->stream(), comm_done_, 0));
+  if (!recording) unwaited_eager_ = false;
 }
 
 template <typename T>
@@ -184,7 +205,7 @@ void NcclCommunicator<T>::barrier() {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_unusable("barrier");
     context_->activate();
-    if (capturing()) {
+    if (capturing(context_->stream()) || capturing(comm_stream_)) {
       throw ConfigError("nccl barrier of rank " + std::to_string(rank_) +
                         " inside a CUDA graph recording: a barrier waits on the host, which a recording cannot hold");
     }
@@ -198,7 +219,12 @@ void NcclCommunicator<T>::barrier() {
   auto pause = std::chrono::microseconds(20);
   for (;;) {
     const cudaError_t status = cudaEventQuery(barrier_done_);
-    if (status == cudaSuccess) return;
+    if (status == cudaSuccess) {
+      // Every collective queued before has completed: nothing is left for a recording to wait for.
+      std::lock_guard<std::mutex> lock(mutex_);
+      unwaited_eager_ = false;
+      return;
+    }
     if (status != cudaErrorNotReady) RELORA_CUDA_CHECK(status);
     {
       std::lock_guard<std::mutex> lock(mutex_);

@@ -60,8 +60,12 @@ class NcclCommunicator final : public Communicator<T> {
   void abort_comm() noexcept;
   // comm_stream_ waits for the work queued on the backend's stream so far. Holds mutex_.
   void follow_backend();
-  // Whether the backend's stream or comm_stream_ is being captured into a CUDA graph.
-  bool capturing() const;
+  // Whether `stream` is being captured into a CUDA graph.
+  static bool capturing(cudaStream_t stream);
+  // Before the first collective or wait() of a recording: a recorded collective cannot wait for
+  // one queued eagerly before the recording (the graph runs after the backend's stream, not after
+  // comm_stream_), so such a collective must have been waited for. Throws ConfigError if not.
+  void check_recording_start(const char* what) const;
   void check_buffer(const char* what, const T* data, Index count) const;
 
   std::shared_ptr<Backend<T>> backend_;  // kept alive: its stream waits on ours, ours on its
@@ -75,6 +79,7 @@ class NcclCommunicator final : public Communicator<T> {
   std::mutex mutex_;  // between the owning thread's calls and abort() from another thread
   ncclComm_t comm_ = nullptr;
   bool comm_aborted_ = false;
+  bool unwaited_eager_ = false;  // a collective was queued outside a recording since the last wait()
   ScaleOps<T> scale_ops_;
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t backend_ready_ = nullptr;  // recorded on the backend's stream, waited for by comm_stream_
