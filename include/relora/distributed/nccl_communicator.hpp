@@ -30,7 +30,7 @@
 //     call and aborts its own NCCL communicator then. Ranks in other processes learn of it only
 //     through NCCL (a remote error, where the transport reports one) or their barrier's timeout.
 //   - Destroying a communicator whose collectives are still queued aborts them (a peer may be gone,
-//     and waiting for them could hang): call barrier() first to end a job cleanly.
+//     and waiting for them could hang): call barrier() on every rank first to end a job cleanly.
 // Element types: float and double.
 #include <chrono>
 #include <memory>

@@ -61,15 +61,19 @@ NcclCommunicator<T>::NcclCommunicator(std::shared_ptr<Backend<T>> backend, int r
 template <typename T>
 NcclCommunicator<T>::~NcclCommunicator() {
   std::lock_guard<std::mutex> lock(mutex_);
-  context_->activate();
+  (void)cudaSetDevice(cuda_device_);
   if (comm_ != nullptr && !comm_aborted_) {
     // A clean end (every collective done, nobody aborted) destroys the communicator; otherwise a
-    // peer may be gone, and destroying would wait for collectives that never complete.
+    // peer may be gone, and destroying would wait for collectives that never complete. The ranks
+    // of one group end alike: NCCL finishes a group's communicators together, and a clean one
+    // waits for its peers there, which an aborted peer never joins. So a rank that must abort here
+    // raises the group's flag, and the ranks destroyed after it abort too.
     const bool idle = cudaStreamQuery(comm_stream_) == cudaSuccess;
     if (idle && !abort_flag_->raised()) {
       scale_ops_.release(comm_);
       (void)ncclCommDestroy(comm_);
     } else {
+      abort_flag_->raise("rank " + std::to_string(rank_) + " was destroyed with collectives still queued");
       (void)ncclCommAbort(comm_);
     }
   }
@@ -97,7 +101,7 @@ void NcclCommunicator<T>::check_buffer(const char* what, const T* data, Index co
 template <typename T>
 void NcclCommunicator<T>::abort_comm() noexcept {
   if (comm_ == nullptr || comm_aborted_) return;
-  context_->activate();
+  (void)cudaSetDevice(cuda_device_);
   (void)ncclCommAbort(comm_);  // frees the operators too
   scale_ops_.forget();
   comm_aborted_ = true;
