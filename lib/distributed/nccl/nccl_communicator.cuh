@@ -1,0 +1,92 @@
+#pragma once
+// NcclCommunicator: the Communicator of one GPU rank over an NCCL communicator. The contract is in
+// relora/distributed/communicator.hpp, how it runs in relora/distributed/nccl_communicator.hpp;
+// the factories that make it are in nccl_factory.cu.
+//
+// Streams: every collective is queued on comm_stream_, a stream of this rank's own on the
+// backend's device, after an event that comm_stream_ waits for, recorded on the backend's stream
+// when the collective is issued; wait() records an event on comm_stream_ that the backend's
+// stream waits for. Event records and waits are legal inside a stream capture, so both may be
+// recorded in a CUDA graph; nothing here allocates or synchronises after construction, except
+// barrier() and the destructor.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "cuda/cuda_context.cuh"
+#include "distributed/nccl/nccl_abort_flag.hpp"
+#include "distributed/nccl/nccl_scale_ops.cuh"
+#include "relora/distributed/nccl_communicator.hpp"
+
+namespace relora {
+namespace nccl_detail {
+
+template <typename T>
+class NcclCommunicator final : public Communicator<T> {
+ public:
+  // Makes the streams, events and scratch on the backend's device; the NCCL communicator comes
+  // later, through adopt(), once every rank has them (a failed NCCL initialisation then has
+  // nothing else to undo). Throws ConfigError when the backend is not relora's CUDA backend.
+  NcclCommunicator(std::shared_ptr<Backend<T>> backend, int rank, int size, std::shared_ptr<AbortFlag> abort_flag,
+                   const NcclOptions& options);
+  ~NcclCommunicator() override;
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  // Takes ownership of an initialised NCCL communicator of this rank.
+  void adopt(ncclComm_t comm) { comm_ = comm; }
+  // The CUDA device ordinal of the backend.
+  int cuda_device() const { return cuda_device_; }
+
+  const char* kind() const override { return "nccl"; }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Device device() const override { return Device::cuda; }
+
+  void all_reduce_sum(T* data, Index count, T scale = T(1)) override;
+  void broadcast(T* data, Index count, int root) override;
+  void wait() override;
+  void barrier() override;
+  void abort(const std::string& reason) override;
+
+ private:
+  // Throws CommunicatorError when this rank's group was aborted (aborting this rank's NCCL
+  // communicator first, if it is not yet) or NCCL reports an asynchronous error. Holds mutex_.
+  void throw_if_unusable(const char* what);
+  // Aborts this rank's NCCL communicator if it is not yet. Holds mutex_.
+  void abort_comm() noexcept;
+  // comm_stream_ waits for the work queued on the backend's stream so far. Holds mutex_.
+  void follow_backend();
+  // Whether `stream` is being captured into a CUDA graph.
+  static bool capturing(cudaStream_t stream);
+  // Before the first collective or wait() of a recording: a recorded collective cannot wait for
+  // one queued eagerly before the recording (the graph runs after the backend's stream, not after
+  // comm_stream_), so such a collective must have been waited for. Throws ConfigError if not.
+  void check_recording_start(const char* what) const;
+  void check_buffer(const char* what, const T* data, Index count) const;
+
+  std::shared_ptr<Backend<T>> backend_;  // kept alive: its stream waits on ours, ours on its
+  cuda_detail::CudaContext* context_ = nullptr;
+  int rank_;
+  int size_;
+  int cuda_device_ = 0;
+  NcclOptions options_;
+  std::shared_ptr<AbortFlag> abort_flag_;
+
+  std::mutex mutex_;  // between the owning thread's calls and abort() from another thread
+  ncclComm_t comm_ = nullptr;
+  bool comm_aborted_ = false;
+  bool unwaited_eager_ = false;  // a collective was queued outside a recording since the last wait()
+  ScaleOps<T> scale_ops_;
+  cudaStream_t comm_stream_ = nullptr;
+  cudaEvent_t backend_ready_ = nullptr;  // recorded on the backend's stream, waited for by comm_stream_
+  cudaEvent_t comm_done_ = nullptr;      // recorded on comm_stream_, waited for by the backend's stream
+  cudaEvent_t barrier_done_ = nullptr;   // recorded on comm_stream_ after a barrier's all-reduce
+  T* barrier_scratch_ = nullptr;         // one element on the device, summed by barrier()
+};
+
+}  // namespace nccl_detail
+}  // namespace relora
