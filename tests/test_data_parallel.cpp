@@ -668,3 +668,33 @@ TEST_CASE("broadcast_parameters refuses, on every rank and changing nothing, a r
   }
   CHECK(unchanged == std::vector<bool>{true, true});
 }
+
+TEST_CASE("broadcast_parameters sends a bf16 base's bits and its fp32 master") {
+  std::vector<Run<float>> before(2), after(2);
+  run_ranks<float>(2, [&](const std::shared_ptr<Communicator<float>>& comm) {
+    const std::size_t r = std::size_t(comm->rank());
+    auto backend = make_backend<float>(Device::cpu);
+    Model<float> model(backend);
+    std::mt19937_64 gen(3 + r);  // another W on each rank
+    model.add(LoraConfig{.in_features = 6, .out_features = 5, .rank = 2, .seed = 4,
+                         .base_precision = BasePrecision::bf16, .base_merge = BaseMerge::fp32_master},
+              Activation::identity, normal_matrix<float>(5, 6, gen));
+    Trainer<float> trainer(model, TrainerConfig{}, nullptr, nullptr, comm);
+    keep_state(before[r], trainer);
+    broadcast_parameters(model, *comm);
+    keep_state(after[r], trainer);
+  });
+  const auto tensor = [](const Run<float>& run, const std::string& name) {
+    for (std::size_t i = 0; i < run.names.size(); ++i) {
+      if (run.names[i] == name) return run.tensors[i];
+    }
+    FAIL("no tensor " << name);
+    return HostMatrix<float>();
+  };
+  for (const char* name : {"layers.0.weight", "layers.0.weight_master"}) {  // the bf16 bits, the master
+    CAPTURE(name);
+    CHECK(tensor(before[1], name) != tensor(before[0], name));
+    CHECK(tensor(after[1], name) == tensor(after[0], name));
+  }
+  CHECK(first_bit_difference(after[1], after[0]) == "");
+}

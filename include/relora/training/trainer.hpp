@@ -9,6 +9,8 @@
 // each batch; the gradients (and the loss) are summed over the ranks as the backward goes
 // (GradientBuckets), so every rank takes the step one process would take on the whole batch, and
 // the ranks stay identical to the bit. Checkpoints of a group: distributed/distributed_checkpoint.hpp.
+// With dropout the ranks' layers draw their masks from streams in step, so row i of every rank's
+// shard gets the same mask: a data-parallel run with dropout is not one process on the whole batch.
 #include <cstdint>
 #include <memory>
 #include <vector>
