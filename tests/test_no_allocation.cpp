@@ -60,8 +60,10 @@ std::atomic<int> g_callers_seen{0};
 void* g_callers[kCallersKept];
 bool g_caller_on_main[kCallersKept];
 pthread_t g_stepping_thread;
+// Set on the threads of data-parallel ranks (run_ranks), which all run steps.
+thread_local bool t_rank_thread = false;
 
-bool on_stepping_thread() { return pthread_equal(pthread_self(), g_stepping_thread) != 0; }
+bool on_stepping_thread() { return t_rank_thread || pthread_equal(pthread_self(), g_stepping_thread) != 0; }
 
 bool runs_the_step() {
   if (on_stepping_thread()) return true;
@@ -260,6 +262,50 @@ TEST_CASE("a steady training step, ReLoRA restarts included, allocates nothing")
           << " (and " << counted.other_thread_mallocs << " on threads outside the step)");
   CHECK(counted.new_calls == 0);
   CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
+}
+
+TEST_CASE("a steady data-parallel step on two thread ranks, ReLoRA restarts included, allocates nothing") {
+  if (!RELORA_COUNT_ALLOCATIONS) {
+    MESSAGE("allocation count skipped under a sanitizer (it owns operator new and malloc)");
+    return;
+  }
+  // Counted on both ranks' threads, between barriers; the buckets' sums, the loss's and the
+  // (unchanged) row count's included.
+  long new_calls = -1, malloc_calls = -1;
+  std::string callers;
+  run_ranks<float>(2, [&](const std::shared_ptr<Communicator<float>>& comm) {
+    t_rank_thread = true;
+    auto backend = make_backend<float>(Device::cpu);
+    Model<float> model(backend);
+    model.add(LoraConfig{.in_features = 10, .out_features = 12, .rank = 4, .bias = BiasMode::trainable},
+              Activation::relu);
+    model.add(LoraConfig{.in_features = 12, .out_features = 5, .rank = 4}, Activation::identity);
+    TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3}, .lora_plus_ratio = 4,
+                         .relora = {.restart_every = 5, .restart_warmup_steps = 2, .warm_start_steps = 2}};
+    Trainer<float> trainer(model, config, nullptr, nullptr, comm);
+    Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(32, 10), "X");
+    Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(32, 5), "Y");
+    for (int i = 0; i < 8; ++i) trainer.step(X, Y);  // sizes every buffer, ends the warm start, passes a restart
+    comm->barrier();
+    long news = 0, mallocs = 0;
+    if (comm->rank() == 0) {
+      news = g_allocations.load();
+      mallocs = g_mallocs.load();
+      keep_malloc_callers();
+    }
+    comm->barrier();
+    for (int i = 0; i < 12; ++i) trainer.step(X, Y);  // two more restarts in here
+    comm->barrier();
+    if (comm->rank() == 0) {
+      new_calls = g_allocations.load() - news;
+      malloc_calls = g_mallocs.load() - mallocs;
+      callers = kept_malloc_callers();
+    }
+    t_rank_thread = false;
+  });
+  MESSAGE("operator new calls in 12 steady steps of 2 ranks: " << new_calls << ", malloc calls: " << malloc_calls);
+  CHECK(new_calls == 0);
+  CHECK_MESSAGE(malloc_calls == 0, callers);
 }
 
 TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restarts included, allocates nothing") {

@@ -133,7 +133,7 @@ const Tensor<T>& Model<T>::forward_layers(const Tensor<T>& X, std::size_t count)
 }
 
 template <typename T>
-void Model<T>::backward(const Tensor<T>& dY) {
+void Model<T>::backward(const Tensor<T>& dY, BackwardObserver<T>* observer) {
   if (layers_.empty()) throw ConfigError("Model backward: no layers");
   if (!activations_valid_) {
     throw ConfigError("Model backward: no forward since the last backward (backward reuses the activations' buffers)");
@@ -163,6 +163,7 @@ void Model<T>::backward(const Tensor<T>& dY) {
     }
     if (i == 0) {
       layer.backward(*grad, nullptr);
+      if (observer != nullptr) observer->layer_backward_done(i);
       break;
     }
     // dX goes into a buffer nothing reads any more: this layer's Y (its activation's backward is
@@ -191,6 +192,7 @@ void Model<T>::backward(const Tensor<T>& dY) {
     }
     Tensor<T> dX = view_of(*target, rows, cols);
     layer.backward(*grad, &dX);
+    if (observer != nullptr) observer->layer_backward_done(i);
     grad_view = std::move(dX);
     grad_storage = grad_view.data();
     grad = &grad_view;

@@ -4,13 +4,14 @@ namespace relora {
 
 template <typename T>
 Trainer<T>::Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule,
-                    std::shared_ptr<Loss<T>> loss)
+                    std::shared_ptr<Loss<T>> loss, std::shared_ptr<Communicator<T>> communicator)
     : model_(&model),
       config_(config),
       schedule_(std::move(schedule)),
       optimizer_factory_(config.optimizer ? config.optimizer : optimizer_factory<Adam>(config.adam)),
       loss_(std::move(loss)) {
   if (!loss_) loss_ = std::make_shared<MseLoss<T>>(model.backend());
+  if (communicator) buckets_ = std::make_unique<GradientBuckets<T>>(model, *loss_, std::move(communicator));
   if (config_.method == TrainingMethod::relora) {
     controller_ = std::make_unique<ReloraController<T>>(config_.relora);
     if (auto* jagged = dynamic_cast<JaggedCosineSchedule*>(schedule_.get());
@@ -33,7 +34,15 @@ TrainTarget Trainer<T>::target_at(std::int64_t step) const {
 template <typename T>
 void Trainer<T>::build_optimizer() {
   ++optimizer_generation_;  // a recorded step names the old optimizer's moments: record anew
-  std::vector<Parameter<T>> params = model_->parameters();
+  std::vector<Parameter<T>> params;
+  if (buckets_) {
+    // The optimizer reads the gradients summed over the ranks, in the buckets; the old optimizer
+    // points into the buckets bind() replaces, so it goes first.
+    optimizer_.reset();
+    params = buckets_->bind();
+  } else {
+    params = model_->parameters();
+  }
   std::vector<ParamGroup<T>> groups;
   if (config_.lora_plus_ratio != 1) {
     groups = lora_plus_groups(params, optimizer_factory_->lr(), config_.lora_plus_ratio);
@@ -58,6 +67,7 @@ void Trainer<T>::step(const Tensor<T>& X, const Tensor<T>& target) {
     model_->set_train_target(target_at(steps_done_));
     build_optimizer();
   }
+  if (buckets_) buckets_->set_local_rows(X.rows());
   run_step(X, target, schedule_ ? schedule_->factor(steps_done_) : 1.0);
   ++steps_done_;
   if (controller_ && controller_->restart_due(steps_done_)) {
@@ -68,8 +78,15 @@ void Trainer<T>::step(const Tensor<T>& X, const Tensor<T>& target) {
 template <typename T>
 void Trainer<T>::compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
   model_->forward_with_loss(X, *loss_, target);
-  model_->backward(loss_->gradient());
+  // Data-parallel: each layer's gradients are summed over the ranks as its backward ends.
+  model_->backward(loss_->gradient(), buckets_.get());
+  if (buckets_) buckets_->wait();
   optimizer_->step(lr_factor);
+}
+
+template <typename T>
+T Trainer<T>::loss() {
+  return buckets_ ? buckets_->loss() : loss_->value();
 }
 
 template <typename T>

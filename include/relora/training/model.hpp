@@ -18,6 +18,18 @@
 
 namespace relora {
 
+// Told by Model::backward as each layer's backward ends (from the last layer down to the first),
+// when that layer's gradients are written and the layers below have not run yet: data-parallel
+// training starts the sum of a layer's gradients over the ranks there, so that it overlaps the
+// backward of the layers below (GradientBuckets).
+template <typename T>
+class BackwardObserver {
+ public:
+  virtual ~BackwardObserver() = default;
+  // Layer `layer` (its index in the model) has written its gradients.
+  virtual void layer_backward_done(std::size_t layer) = 0;
+};
+
 template <typename T>
 class Model {
  public:
@@ -45,8 +57,9 @@ class Model {
   // The output of the last forward.
   const Tensor<T>& output();
   // dY: gradient of the loss with respect to forward's output. The top layer may use dY as scratch
-  // (Layer::backward): its contents are unspecified afterwards.
-  void backward(const Tensor<T>& dY);
+  // (Layer::backward): its contents are unspecified afterwards. `observer`, when given, is told as
+  // each layer's backward ends.
+  void backward(const Tensor<T>& dY, BackwardObserver<T>* observer = nullptr);
 
   // Convenience for host data: upload, forward, download.
   HostMatrix<T> predict(const HostInput<T>& X);

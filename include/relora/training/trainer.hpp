@@ -3,10 +3,19 @@
 // with the schedule's factor, and ReLoRA's restart when it is due. It owns the optimizer, built from
 // TrainerConfig's factory, because ReLoRA's warm start changes what trains (W first, then the
 // adapters) and so needs a fresh one.
+//
+// Data-parallel training: given a communicator, the trainer is one rank of a group. Every rank
+// builds the same model (the same configs and seeds) and trainer, and steps on its own rows of
+// each batch; the gradients (and the loss) are summed over the ranks as the backward goes
+// (GradientBuckets), so every rank takes the step one process would take on the whole batch, and
+// the ranks stay identical to the bit. Checkpoints of a group: distributed/distributed_checkpoint.hpp.
+// With dropout the ranks' layers draw their masks from streams in step, so row i of every rank's
+// shard gets the same mask: a data-parallel run with dropout is not one process on the whole batch.
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "relora/distributed/gradient_buckets.hpp"
 #include "relora/optimizers/adam.hpp"
 #include "relora/optimizers/optimizer.hpp"
 #include "relora/training/model.hpp"
@@ -39,14 +48,19 @@ template <typename T>
 class Trainer {
  public:
   // `schedule` may be null (constant learning rate); `loss` too (the mean squared error). The model
-  // must outlive the trainer.
+  // must outlive the trainer. `communicator`, when given, makes the trainer a rank of data-parallel
+  // training (above); the loss must then be a mean over the batch's rows, as MSE is. Its device
+  // must be the model's backend's.
   Trainer(Model<T>& model, const TrainerConfig& config, std::shared_ptr<Schedule> schedule = nullptr,
-          std::shared_ptr<Loss<T>> loss = nullptr);
+          std::shared_ptr<Loss<T>> loss = nullptr, std::shared_ptr<Communicator<T>> communicator = nullptr);
 
-  // One training step on a batch already on the model's backend. Nothing in it waits for a GPU.
+  // One training step on a batch already on the model's backend (data-parallel: this rank's rows of
+  // the batch). Nothing in it waits for a GPU, but for the all-reduce of the row counts in a
+  // data-parallel step whose row count differs from the last step's.
   void step(const Tensor<T>& X, const Tensor<T>& target);
-  // The loss of the last step's batch, before its update; waits for the backend.
-  T loss() { return loss_->value(); }
+  // The loss of the last step's batch (data-parallel: the whole batch's), before its update; waits
+  // for the backend.
+  T loss();
 
   std::int64_t steps_done() const { return steps_done_; }
   // Resuming: puts the trainer where `steps` steps leave it (what trains, which optimizer).
@@ -58,6 +72,9 @@ class Trainer {
   Schedule* schedule() { return schedule_.get(); }
   ReloraController<T>* controller() { return controller_ ? controller_.get() : nullptr; }
   const TrainerConfig& config() const { return config_; }
+  // The group this trainer is a rank of, or null.
+  Communicator<T>* communicator() { return buckets_ ? &buckets_->communicator() : nullptr; }
+  GradientBuckets<T>* gradient_buckets() { return buckets_.get(); }
   // Steps recorded and steps replayed so far (both 0 where the backend cannot record).
   std::int64_t recorded_steps() const { return recorded_steps_; }
   std::int64_t replayed_steps() const { return replayed_steps_; }
@@ -94,6 +111,7 @@ class Trainer {
   std::shared_ptr<const OptimizerFactory> optimizer_factory_;  // config_.optimizer, or Adam's
   std::unique_ptr<Optimizer<T>> optimizer_;
   std::shared_ptr<Loss<T>> loss_;
+  std::unique_ptr<GradientBuckets<T>> buckets_;  // data-parallel only
   std::int64_t steps_done_ = 0;
 
   std::uint64_t optimizer_generation_ = 0;  // counts build_optimizer() calls
