@@ -3,6 +3,7 @@
 #if !defined(RELORA_WITH_NCCL)
 
 #include "relora/core/errors.hpp"
+#include "distributed/nccl_factory_instances.hpp"
 #include "relora/distributed/nccl_communicator.hpp"
 
 namespace relora {
@@ -45,18 +46,8 @@ std::vector<std::unique_ptr<Communicator<T>>> make_nccl_communicators(const std:
   throw_unavailable("make_nccl_communicators");
 }
 
-#define RELORA_INSTANTIATE(T)                                                                                   \
-  template std::unique_ptr<Communicator<T>> make_nccl_communicator<T>(const LaunchEnvironment&,                  \
-                                                                      std::shared_ptr<Backend<T>>,               \
-                                                                      const NcclOptions&);                       \
-  template std::unique_ptr<Communicator<T>> make_nccl_communicator<T>(Rendezvous&, int, int,                     \
-                                                                      std::shared_ptr<Backend<T>>,               \
-                                                                      const NcclOptions&);                       \
-  template std::vector<std::unique_ptr<Communicator<T>>> make_nccl_communicators<T>(                             \
-      const std::vector<std::shared_ptr<Backend<T>>>&, const NcclOptions&);
-RELORA_INSTANTIATE(float)
-RELORA_INSTANTIATE(double)
-#undef RELORA_INSTANTIATE
+RELORA_INSTANTIATE_NCCL_FACTORIES(float)
+RELORA_INSTANTIATE_NCCL_FACTORIES(double)
 
 }  // namespace relora
 

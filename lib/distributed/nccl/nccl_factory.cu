@@ -9,6 +9,7 @@
 #include "cuda/cuda_check.cuh"
 #include "distributed/nccl/nccl_check.cuh"
 #include "distributed/nccl/nccl_communicator.cuh"
+#include "distributed/nccl_factory_instances.hpp"
 
 namespace relora {
 namespace {
@@ -102,17 +103,7 @@ std::vector<std::unique_ptr<Communicator<T>>> make_nccl_communicators(
   return communicators;
 }
 
-#define RELORA_INSTANTIATE(T)                                                                                   \
-  template std::unique_ptr<Communicator<T>> make_nccl_communicator<T>(const LaunchEnvironment&,                  \
-                                                                      std::shared_ptr<Backend<T>>,               \
-                                                                      const NcclOptions&);                       \
-  template std::unique_ptr<Communicator<T>> make_nccl_communicator<T>(Rendezvous&, int, int,                     \
-                                                                      std::shared_ptr<Backend<T>>,               \
-                                                                      const NcclOptions&);                       \
-  template std::vector<std::unique_ptr<Communicator<T>>> make_nccl_communicators<T>(                             \
-      const std::vector<std::shared_ptr<Backend<T>>>&, const NcclOptions&);
-RELORA_INSTANTIATE(float)
-RELORA_INSTANTIATE(double)
-#undef RELORA_INSTANTIATE
+RELORA_INSTANTIATE_NCCL_FACTORIES(float)
+RELORA_INSTANTIATE_NCCL_FACTORIES(double)
 
 }  // namespace relora
