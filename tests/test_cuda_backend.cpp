@@ -385,6 +385,13 @@ TEST_CASE_TEMPLATE("cuda: random fills and dropout masks equal the CPU's", T, fl
   const auto dropped = std::count(gpu_mask.begin(), gpu_mask.end(), T(0));
   MESSAGE("dropout p=0.3: " << dropped << " of " << gpu_mask.size() << " dropped");
   CHECK(dropped > 0);
+
+  // A mask drawn from a counter offset (a data-parallel rank's rows of the whole batch's mask).
+  RngKey offset_key{seed, 9};
+  offset_key.first = 17 * cols;
+  b.cpu->dropout_mask(offset_key, T(0.3), mask.cpu);
+  b.gpu->dropout_mask(offset_key, T(0.3), mask.gpu);
+  CHECK(fetch(*b.gpu, mask.gpu) == fetch(*b.cpu, mask.cpu));
 }
 
 TEST_CASE("cuda: an absurd allocation throws DeviceError naming the size") {

@@ -30,6 +30,7 @@ struct Setup {
   double lora_plus_ratio = 1;
   bool dora = false;
   BasePrecision base = BasePrecision::fp32;
+  double dropout = 0;  // on every layer's adapter branch
   int steps = 19;  // ReLoRA: 3 warm-start steps, then restarts after steps 7, 11, 15 and 19
 };
 
@@ -47,7 +48,8 @@ void build(Model<T>& model, const Setup& s) {
                           {7, kOut, Activation::identity, BiasMode::none}};
   std::uint64_t seed = 11;
   for (const Shape& shape : shapes) {
-    const LoraConfig config{.in_features = shape.k, .out_features = shape.d, .rank = 2, .alpha = 4, .bias = shape.bias,
+    const LoraConfig config{.in_features = shape.k, .out_features = shape.d, .rank = 2, .alpha = 4,
+                            .dropout = s.dropout, .bias = shape.bias,
                             .seed = seed++, .base_precision = s.base, .base_merge = BaseMerge::fp32_master};
     if (s.dora) {
       const DoraGradient gradient = seed % 2 == 0 ? DoraGradient::exact : DoraGradient::detached;
@@ -261,6 +263,29 @@ TEST_CASE_TEMPLATE("1, 2 and 4 ranks train LoRA with LoRA+ groups as one process
 
 TEST_CASE("DoRA layers (detached and exact gradients) train data-parallel as one process on the whole batch") {
   check_against_one_process<double>(Setup{.dora = true});
+}
+
+TEST_CASE_TEMPLATE("with dropout, 1, 2 and 4 ranks draw the rows of the whole batch's masks and train as one process",
+                   T, double, float) {
+  check_against_one_process<T>(Setup{.dropout = 0.25});
+}
+
+TEST_CASE("DoRA layers with dropout train data-parallel as one process on the whole batch") {
+  check_against_one_process<double>(Setup{.dora = true, .dropout = 0.25});
+}
+
+TEST_CASE("a dropout mask drawn from a row offset is those rows of the whole batch's mask") {
+  auto backend = make_backend<double>(Device::cpu);
+  const Index rows = 24, cols = 7, first_row = 9, shard_rows = 5;
+  Tensor<double> whole = backend->allocate(rows, cols), part = backend->allocate(shard_rows, cols);
+  const RngKey key{3, 4};
+  backend->dropout_mask(key, 0.5, whole);
+  RngKey offset = key;
+  offset.first = std::uint64_t(first_row * cols);
+  backend->dropout_mask(offset, 0.5, part);
+  const HostMatrix<double> w = to_host(*backend, whole), p = to_host(*backend, part);
+  CHECK(p == w.middleRows(first_row, shard_rows));
+  CHECK(p != w.topRows(shard_rows));  // the offset matters: not the first rows again
 }
 
 TEST_CASE("one rank with a communicator trains as the trainer without one, bit for bit") {

@@ -1,5 +1,6 @@
 #include "relora/distributed/gradient_buckets.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace relora {
@@ -32,7 +33,8 @@ GradientBuckets<T>::GradientBuckets(Model<T>& model, const Loss<T>& loss, std::s
                       device_name(communicator_->device()) + " buffers but the model's backend is " +
                       device_name(model.backend().device()));
   }
-  rows_ = model.backend().allocate(1, 1);
+  rows_ = model.backend().allocate(1, communicator_->size());
+  counts_.assign(std::size_t(communicator_->size()), T(0));
 }
 
 template <typename T>
@@ -90,21 +92,37 @@ void GradientBuckets<T>::set_local_rows(Index rows) {
     throw ShapeError("GradientBuckets: rank " + std::to_string(communicator_->rank()) + "'s shard has " +
                      std::to_string(rows) + " rows; every rank needs at least one");
   }
+  // Every rank's count, each at its rank's place (the others add zeros): the sum is the whole
+  // batch's rows, and the counts of the ranks before this one give its first row.
   Backend<T>& backend = model_->backend();
-  T count = T(rows);
-  backend.upload(&count, rows_);
-  communicator_->all_reduce_sum(rows_.data(), 1, T(1));
+  const int rank = communicator_->rank();
+  std::fill(counts_.begin(), counts_.end(), T(0));
+  counts_[std::size_t(rank)] = T(rows);
+  backend.upload(counts_.data(), rows_);
+  communicator_->all_reduce_sum(rows_.data(), rows_.size(), T(1));
   communicator_->wait();
-  backend.download(rows_, &count);
-  // Row counts are sums of whole numbers, exact in T up to 2^24 rows (float).
-  const double global = double(count);
-  if (!(global >= double(rows)) || global != std::floor(global) || global > double(Index(1) << 52)) {
-    throw CommunicatorError("GradientBuckets: rank " + std::to_string(communicator_->rank()) + " has " +
-                            std::to_string(rows) + " rows but the ranks' rows sum to " + std::to_string(global));
+  backend.download(rows_, counts_.data());
+  // Row counts are whole numbers, exact in T up to 2^24 rows (float).
+  double global = 0, before = 0;
+  for (std::size_t r = 0; r < counts_.size(); ++r) {
+    const double count = double(counts_[r]);
+    if (!(count >= 1) || count != std::floor(count) || count > double(Index(1) << 52)) {
+      throw CommunicatorError("GradientBuckets: rank " + std::to_string(r) + "'s row count reads " +
+                              std::to_string(count) + " at rank " + std::to_string(rank) +
+                              " (every rank needs at least one row)");
+    }
+    global += count;
+    if (int(r) < rank) before += count;
+  }
+  if (double(counts_[std::size_t(rank)]) != double(rows)) {
+    throw CommunicatorError("GradientBuckets: rank " + std::to_string(rank) + " has " + std::to_string(rows) +
+                            " rows but the summed counts give it " + std::to_string(double(counts_[std::size_t(rank)])));
   }
   local_rows_ = rows;
   global_rows_ = Index(global);
+  first_row_ = Index(before);
   weight_ = T(rows) / T(global);
+  model_->set_batch_offset(first_row_);
 }
 
 template <typename T>

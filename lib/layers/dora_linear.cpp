@@ -249,7 +249,7 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
 
   const Tensor<T>* input = &X;
   if (dropout_active_) {
-    be.dropout_mask(next_key(), T(config_.lora.dropout), mask_);
+    be.dropout_mask(next_mask_key(), T(config_.lora.dropout), mask_);
     be.multiply(X, mask_, X_dropped_);
     kernels_->difference(X, X_dropped_, E_);
     base_.product(E_, Y_);  // Y = E W^T, the base output PEFT adds
@@ -409,6 +409,12 @@ void DoraLinear<T>::unmerge() {
   });
   refresh_W_norms();
   merged_ = false;
+}
+
+template <typename T>
+void DoraLinear<T>::set_batch_offset(Index first_row) {
+  if (first_row < 0) throw ConfigError(name() + ": batch offset " + std::to_string(first_row) + " must be >= 0");
+  batch_offset_ = first_row;
 }
 
 template <typename T>

@@ -153,7 +153,7 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
 
   const Tensor<T>* lora_input = &X;
   if (dropout_active_) {
-    be.dropout_mask(next_key(), T(config_.dropout), mask_);
+    be.dropout_mask(next_mask_key(), T(config_.dropout), mask_);
     be.multiply(X, mask_, X_dropped_);
     lora_input = &X_dropped_;
   }
@@ -234,6 +234,16 @@ void LoraLinear<T>::unmerge() {
   if (!merged_) throw ConfigError("LoraLinear unmerge: the adapter is not merged");
   base_.add_low_rank(-scale_, B_, A_);  // exact to fp32 rounding with an fp32 W or master
   merged_ = false;
+}
+
+template <typename T>
+void LoraLinear<T>::set_batch_offset(Index first_row) {
+  if (first_row < 0) {
+    throw ConfigError("LoraLinear " + std::to_string(config_.in_features) + " -> " +
+                      std::to_string(config_.out_features) + ": batch offset " + std::to_string(first_row) +
+                      " must be >= 0");
+  }
+  batch_offset_ = first_row;
 }
 
 template <typename T>

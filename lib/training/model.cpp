@@ -221,6 +221,11 @@ void Model<T>::set_training(bool training) {
 }
 
 template <typename T>
+void Model<T>::set_batch_offset(Index first_row) {
+  for (Stage& stage : layers_) stage.layer->set_batch_offset(first_row);
+}
+
+template <typename T>
 void Model<T>::set_train_target(TrainTarget target) {
   for (Stage& stage : layers_) stage.layer->set_train_target(target);
 }

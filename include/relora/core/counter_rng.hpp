@@ -14,10 +14,15 @@
 
 namespace relora {
 
-// Identifies one draw: `seed` is the owner's seed, `stream` counts the owner's draws.
+// Identifies one draw: `seed` is the owner's seed, `stream` counts the owner's draws. `first`
+// offsets the counter: a uniform draw or dropout mask with first = f gives the elements f, f + 1,
+// ... of the same draw with first = 0 (a normal draw takes two counters an element: 2 f), so that
+// a part of a larger draw (a data-parallel rank's rows of the whole batch's dropout mask) is
+// drawn on its own.
 struct RngKey {
   std::uint64_t seed = 0;
   std::uint64_t stream = 0;
+  std::uint64_t first = 0;
 };
 
 RELORA_HOST_DEVICE inline std::uint64_t splitmix64(std::uint64_t x) {
@@ -28,7 +33,7 @@ RELORA_HOST_DEVICE inline std::uint64_t splitmix64(std::uint64_t x) {
 }
 
 RELORA_HOST_DEVICE inline std::uint64_t random_bits(RngKey key, std::uint64_t index) {
-  return splitmix64(splitmix64(key.seed ^ splitmix64(key.stream)) + index);
+  return splitmix64(splitmix64(key.seed ^ splitmix64(key.stream)) + key.first + index);
 }
 
 // Uniform in [0, 1) with 53 random bits.

@@ -50,7 +50,9 @@ class GradientBuckets final : public BackwardObserver<T> {
   std::vector<Parameter<T>> bind();
 
   // This rank's rows of the next step's batch. When it differs from the last step's, an
-  // all-reduce (waited for) finds the whole batch's rows, and with them this rank's weight.
+  // all-reduce (waited for) finds every rank's rows: the whole batch's count, and with it this
+  // rank's weight, and this rank's first row in the whole batch (ranks in order), which the
+  // model's layers take as their batch offset (their dropout masks are then the whole batch's).
   void set_local_rows(Index rows);
 
   // Copies layer `layer`'s gradients into its bucket (and, for the last layer, the loss) and
@@ -63,6 +65,8 @@ class GradientBuckets final : public BackwardObserver<T> {
   T loss();
   Index local_rows() const { return local_rows_; }
   Index global_rows() const { return global_rows_; }
+  // This rank's first row in the whole batch: the rows of the ranks before it.
+  Index first_row() const { return first_row_; }
   // local_rows / global_rows: the scale this rank's gradients are summed with.
   T weight() const { return weight_; }
   Communicator<T>& communicator() { return *communicator_; }
@@ -80,9 +84,11 @@ class GradientBuckets final : public BackwardObserver<T> {
   std::shared_ptr<Communicator<T>> communicator_;
   std::vector<Bucket> buckets_;  // one per layer
   Tensor<T> loss_view_;          // 1 x 1, the last element of the last layer's bucket
-  Tensor<T> rows_;               // 1 x 1, the row count's all-reduce
+  Tensor<T> rows_;               // 1 x size: every rank's row count, all-reduced
+  std::vector<T> counts_;        // its host copy
   Index local_rows_ = 0;
   Index global_rows_ = 0;
+  Index first_row_ = 0;
   T weight_ = T(1);
 };
 

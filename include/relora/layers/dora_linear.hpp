@@ -134,6 +134,7 @@ class DoraLinear : public Layer<T> {
 
   void set_training(bool training) override { training_ = training; }
   bool training() const override { return training_; }
+  void set_batch_offset(Index first_row) override;
   void set_train_target(TrainTarget target) override;
   TrainTarget train_target() const override { return target_; }
 
@@ -209,6 +210,12 @@ class DoraLinear : public Layer<T> {
   // Upload of a d-vector given as a row or a column.
   void upload_vector(const Eigen::Ref<const HostMatrix<T>>& v, Tensor<T>& dst, const char* what);
   RngKey next_key() { return RngKey{config_.lora.seed, rng_stream_++}; }
+  // The key of a dropout mask of the batch: the rows from batch_offset_ of the whole batch's mask.
+  RngKey next_mask_key() {
+    RngKey key = next_key();
+    key.first = std::uint64_t(batch_offset_) * std::uint64_t(config_.lora.in_features);
+    return key;
+  }
 
   Backend<T>* backend_;
   std::unique_ptr<DoraKernels<T>> kernels_;
@@ -232,6 +239,7 @@ class DoraLinear : public Layer<T> {
   bool training_ = true;
   bool merged_ = false;
   std::uint64_t rng_stream_ = 0;
+  Index batch_offset_ = 0;
   Index batch_rows_ = -1;
   const Tensor<T>* X_ = nullptr;
   bool dropout_active_ = false;

@@ -57,6 +57,10 @@ class Layer {
   virtual std::vector<Parameter<T>> parameters(const std::string& prefix) = 0;
 
   virtual void set_training(bool training) = 0;  // dropout and the like only while training
+  // The row of the whole batch that the batches this layer sees start at (0 unless the batch is a
+  // data-parallel rank's shard): random draws per row (dropout masks) are those of these rows of
+  // the whole batch, so that the ranks together draw what one process on the whole batch would.
+  virtual void set_batch_offset(Index first_row) = 0;
   virtual bool training() const = 0;
   virtual void set_train_target(TrainTarget target) = 0;
   virtual TrainTarget train_target() const = 0;

@@ -63,6 +63,7 @@ class LoraLinear : public Layer<T> {
 
   void set_training(bool training) override { training_ = training; }
   bool training() const override { return training_; }
+  void set_batch_offset(Index first_row) override;
   void set_train_target(TrainTarget target) override;
   TrainTarget train_target() const override { return target_; }
 
@@ -153,11 +154,18 @@ class LoraLinear : public Layer<T> {
   void require_not_merged(const char* operation) const;
   Tensor<T>& own_dX();
   RngKey next_key() { return RngKey{config_.seed, rng_stream_++}; }
+  // The key of a dropout mask of the batch: the rows from batch_offset_ of the whole batch's mask.
+  RngKey next_mask_key() {
+    RngKey key = next_key();
+    key.first = std::uint64_t(batch_offset_) * std::uint64_t(config_.in_features);
+    return key;
+  }
 
   TrainTarget target_ = TrainTarget::adapter;
   bool training_ = true;
   bool merged_ = false;
   std::uint64_t rng_stream_ = 0;
+  Index batch_offset_ = 0;
 
   Index batch_rows_ = -1;
   const Tensor<T>* X_ = nullptr;

@@ -68,6 +68,8 @@ class Model {
   std::vector<Parameter<T>> parameters();
 
   void set_training(bool training);
+  // Every layer's Layer::set_batch_offset (data-parallel training: this rank's first row).
+  void set_batch_offset(Index first_row);
   void set_train_target(TrainTarget target);
   void merge();
   void unmerge();

@@ -9,8 +9,9 @@
 // each batch; the gradients (and the loss) are summed over the ranks as the backward goes
 // (GradientBuckets), so every rank takes the step one process would take on the whole batch, and
 // the ranks stay identical to the bit. Checkpoints of a group: distributed/distributed_checkpoint.hpp.
-// With dropout the ranks' layers draw their masks from streams in step, so row i of every rank's
-// shard gets the same mask: a data-parallel run with dropout is not one process on the whole batch.
+// With dropout each rank's layers draw the rows of the whole batch's mask that its shard holds
+// (the ranks' shards are taken in rank order: rank 0's rows first), so a data-parallel run with
+// dropout is, to rounding, one process on the whole batch too.
 #include <cstdint>
 #include <memory>
 #include <vector>
