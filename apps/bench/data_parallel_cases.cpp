@@ -161,8 +161,11 @@ RankResult run_rank(const CaseSpec& c, const DataParallelOptions& o, const std::
 
 // Runs fn(rank) on one thread per rank and joins them. A rank that throws aborts the group, so
 // that no rank waits for it in a collective; the first exception thrown (the cause; the others'
-// CommunicatorErrors follow from it) is rethrown here once every thread has ended.
-void run_on_rank_threads(const Communicators& comms, const std::function<void(int)>& fn) {
+// CommunicatorErrors follow from it) is rethrown here once every thread has ended. Each thread
+// then lets its rank's communicator go (comms[rank] is null afterwards): the ranks' communicators
+// are destroyed together, one per thread, since NCCL's clean destroy of one rank waits for its
+// peers' (one thread destroying them in turn would wait for ever).
+void run_on_rank_threads(Communicators& comms, const std::function<void(int)>& fn) {
   std::mutex mutex;
   std::exception_ptr first;
   std::vector<std::thread> threads;
@@ -177,6 +180,7 @@ void run_on_rank_threads(const Communicators& comms, const std::function<void(in
         }
         comms[r]->abort(e.what());
       }
+      comms[r].reset();
     });
   }
   for (std::thread& t : threads) t.join();
@@ -225,7 +229,7 @@ RunResult run_case(const CaseSpec& c, const DataParallelOptions& o, const Backen
   run.per_rank.resize(std::size_t(ranks));
   for (int r = 0; r < ranks; ++r) backends[std::size_t(r)]->synchronize();
   {
-    const Communicators comms = make_group(o, backends, ranks);
+    Communicators comms = make_group(o, backends, ranks);
     run_on_rank_threads(comms, [&](int r) {
       run.per_rank[std::size_t(r)] = run_rank(c, o, backends[std::size_t(r)], comms[std::size_t(r)], omp_threads);
     });

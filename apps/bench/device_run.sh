@@ -409,8 +409,8 @@ if [ "$DDP" = 1 ]; then
     grep -m1 -E 'relora: NCCL communicator' "$WORK/build.log" | sed 's/^-- /== /' | tee -a "$OUT/summary.txt"
     ddp_relora() {  # ddp_relora PRECISION ROUND
       local json="$WORK/ddp_relora_$1_$2.json"
-      timeout 300 "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision "$1" --ranks 1,2 --cases "$DDP_CASES" \
-        --warmup 5 --batch 10 --repeats 9 --json "$json" >>"$WORK/ddp.log" 2>&1 ||
+      timeout 300 "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision "$1" --ranks 1,2 \
+        --cases "$DDP_CASES" --warmup 5 --batch 10 --repeats 9 --json "$json" >>"$WORK/ddp.log" 2>&1 ||
         echo "relora $1 round $2: rc $?" >>"$WORK/ddp_failures.txt"
       [ -f "$json" ] && rel+=("$json")
     }

@@ -75,6 +75,8 @@ def table(relora, ddp):
         lines.append(f"| {case} | {precision} | {math} | {n} | {fmt_ms(r1)} | {fmt_ms(rn)} | {fmt_ratio(r_eff)} | "
                      f"{fmt_ms(d1)} | {fmt_ms(dn)} | {fmt_ratio(d_eff)} | "
                      f"{fmt_ratio(dn / rn if dn and rn else None)} | {same} | {verdict} |")
+    if not keys:
+        lines.append("| (no results of 2 ranks or more: see the failures above) |" + " |" * (head.count("|") - 2))
     rounds = max((len(e["ms"]) for e in list(relora.values()) + list(ddp.values())), default=0)
     lines.append("")
     lines.append(f"Medians over up to {rounds} rounds (each round ran both sides, alternating); efficiency = t(1) / t(N) "
