@@ -741,7 +741,9 @@ std::string run_thread_sweep(const Options& o, const std::shared_ptr<relora::Bac
 // --ranks: data-parallel weak scaling (data_parallel_cases.cpp) of the cases named, with this run's
 // options.
 int run_data_parallel(const Options& o) {
-  if (o.scaling || o.thread_sweep) usage("--ranks times the anchor and --custom cases: not with --scaling or --thread-sweep");
+  if (o.scaling || o.thread_sweep) {
+    usage("--ranks times the anchor and --custom cases: not with --scaling or --thread-sweep");
+  }
   relora_bench::DataParallelOptions d;
   d.device = o.device;
   d.math = o.math;
