@@ -13,7 +13,12 @@
 #   5. DoRA (DORA=1): relora's LoRA and DoRA steps against PEFT's, alternating, CUDA strict;
 #   6. a bf16 base (HALF=1): relora_bench --precision bf16 against PEFT on a bf16 base model;
 #   7. GaLore (GALORE=1): relora_bench --galore and apps/bench/galore_reference.py;
-#   8. the CPU thread sweep (SWEEP=1): relora_bench --thread-sweep, and the demo at 1 thread.
+#   8. the CPU thread sweep (SWEEP=1): relora_bench --thread-sweep, and the demo at 1 thread;
+#   9. data-parallel weak scaling (DDP=1, needs 2 GPUs): relora_bench --ranks 1,2 and PyTorch DDP +
+#      PEFT under torchrun (apps/bench/ddp_reference.py) for 1 and 2 processes, alternating in every
+#      round, fp32 and bf16 bases, CUDA strict; weak_scaling_table.py's table of step ms and
+#      efficiency t(1) / t(2) for both, and issue 17's targets. Where the system has no NCCL,
+#      PyTorch's own (the nvidia-nccl wheel) is linked. With it, set TESTS=0 BENCH=0.
 # Nothing stops at a failure: a baseline that does not build leaves the old column empty, a
 # failing test is reported and the benchmark still runs.
 #
@@ -27,6 +32,7 @@
 #        DORA (0)  DORA_CASES (layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp)  SWEEP (0)
 #        HALF (0)  HALF_CASES (layer4k,mlp4x2k,mlp4x4k,llm_mlp)  GALORE (0)
 #        GALORE_CASES (mlp4x2k,mlp4x4k,llm_mlp)
+#        DDP (0)  DDP_CASES (mlp4x4k,llm_mlp)  DDP_PRECISIONS (fp32,bf16)  DDP_ROUNDS (3)
 #        TEST_FILTER (doctest -tc filter of the test cases; default every case)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
 #        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
@@ -59,6 +65,10 @@ HALF_CASES=${HALF_CASES:-layer4k,mlp4x2k,mlp4x4k,llm_mlp}
 GALORE=${GALORE:-0}
 GALORE_CASES=${GALORE_CASES:-mlp4x2k,mlp4x4k,llm_mlp}
 PEFT=${PEFT:-1}
+DDP=${DDP:-0}
+DDP_CASES=${DDP_CASES:-mlp4x4k,llm_mlp}
+DDP_PRECISIONS=${DDP_PRECISIONS:-fp32,bf16}
+DDP_ROUNDS=${DDP_ROUNDS:-3}
 PORTABLE=${PORTABLE:-0}
 ARCH=${ARCH:-90}
 JOBS=${JOBS:-$(nproc)}
@@ -123,6 +133,23 @@ if [ "$BENCH" = 1 ] && [ "$PORTABLE" = 1 ]; then
       -DRELORA_BUILD_TESTS=OFF && cmake --build "$PORTABLE_BUILD" -j"$JOBS" --target relora_bench ) \
     >"$WORK/build_portable.log" 2>&1 &
   portable_pid=$!
+fi
+# NCCL for the data-parallel benchmark: where the system has none, PyTorch's own (the nvidia-nccl
+# wheel), through a folder of links that CMake's search finds (the wheel ships libnccl.so.2 only).
+if [ "$DDP" = 1 ] && [ -z "${NCCL_ROOT:-}${NCCL_HOME:-}" ] &&
+   ! ls /usr/include/nccl.h /usr/local/cuda/include/nccl.h /usr/local/cuda/targets/*/include/nccl.h 2>/dev/null |
+     grep -q .; then
+  wheel=$(python3 -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null)
+  if [ -n "$wheel" ] && [ -f "$wheel/include/nccl.h" ] && ls "$wheel"/lib/libnccl.so* >/dev/null 2>&1; then
+    mkdir -p "$BUILD/nccl/include" "$BUILD/nccl/lib"
+    ln -sf "$wheel/include/nccl.h" "$BUILD/nccl/include/nccl.h"
+    for so in "$wheel"/lib/libnccl.so*; do ln -sf "$so" "$BUILD/nccl/lib/"; done
+    [ -e "$BUILD/nccl/lib/libnccl.so" ] || ln -sf "$(ls "$wheel"/lib/libnccl.so* | head -n 1)" "$BUILD/nccl/lib/libnccl.so"
+    export NCCL_ROOT=$BUILD/nccl
+    note "== NCCL: none in the system; PyTorch's, from $wheel"
+  else
+    note "== NCCL: none in the system nor in PyTorch's wheels; relora_bench --ranks on cuda will say so"
+  fi
 fi
 targets=()
 [ "$TESTS" = 1 ] || [ -n "$SANITIZE" ] || targets=(--target relora_bench)
@@ -366,4 +393,57 @@ if [ "$SWEEP" = 1 ] && [ -x "$BUILD/apps/bench/relora_bench" ]; then
     note "   regression demo, n 1000, 64 -> 32, rank 8, 300 steps x 6 methods, threads $threads: rc $?, $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s"
   done
   note "== thread sweep done ($(elapsed) s)"
+fi
+
+# ---- data-parallel weak scaling (DDP=1, issue 17): relora_bench --ranks 1,2 against PyTorch DDP +
+# PEFT under torchrun for 1 and 2 processes, every rank on its own batch of the case's n rows;
+# the two sides alternate their order from round to round, as the old/new rounds do
+if [ "$DDP" = 1 ]; then
+  gpus=0
+  [ "$gpu" = 1 ] && gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+  if [ "$gpus" -lt 2 ]; then
+    note "== DDP=1: weak scaling needs 2 GPUs, $gpus visible: skipped"
+  elif [ ! -x "$BUILD/apps/bench/relora_bench" ]; then
+    note "== DDP=1: relora_bench was not built: skipped"
+  else
+    grep -m1 -E 'relora: NCCL communicator' "$WORK/build.log" | sed 's/^-- /== /' | tee -a "$OUT/summary.txt"
+    ddp_relora() {  # ddp_relora PRECISION ROUND
+      local json="$WORK/ddp_relora_$1_$2.json"
+      timeout 300 "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision "$1" --ranks 1,2 \
+        --cases "$DDP_CASES" --warmup 5 --batch 10 --repeats 9 --json "$json" >>"$WORK/ddp.log" 2>&1 ||
+        echo "relora $1 round $2: rc $?" >>"$WORK/ddp_failures.txt"
+      [ -f "$json" ] && rel+=("$json")
+    }
+    ddp_torch() {  # ddp_torch PRECISION ROUND: torchrun for 1, then 2 processes
+      local n json
+      for n in 1 2; do
+        json="$WORK/ddp_torch_$1_${n}_$2.json"
+        timeout 300 python3 -m torch.distributed.run --standalone --nproc_per_node "$n" apps/bench/ddp_reference.py \
+          --cases "$DDP_CASES" --precision "$1" --math strict --json "$json" >>"$WORK/ddp.log" 2>&1 ||
+          echo "torchrun $1 $n processes round $2: rc $?" >>"$WORK/ddp_failures.txt"
+        [ -f "$json" ] && pyt+=("$json")
+      done
+    }
+    rel=(); pyt=()
+    round_s=0
+    for round in $(seq 1 "$DDP_ROUNDS"); do
+      start=$(date +%s)
+      if [ $(( start - t0 + round_s + 15 )) -gt "$DEADLINE" ]; then
+        note "== weak scaling: stopped before round $round, the next would end past DEADLINE=$DEADLINE s"
+        break
+      fi
+      for precision in ${DDP_PRECISIONS//,/ }; do
+        if [ $(( round % 2 )) = 1 ]; then ddp_relora "$precision" "$round"; ddp_torch "$precision" "$round"
+        else ddp_torch "$precision" "$round"; ddp_relora "$precision" "$round"; fi
+      done
+      round_s=$(( $(date +%s) - start ))
+      echo "   weak-scaling round $round: $round_s s" | tee -a "$OUT/summary.txt"
+    done
+    [ -f "$WORK/ddp_failures.txt" ] && sed 's/^/   failed: /' "$WORK/ddp_failures.txt" | head -n 10 | tee -a "$OUT/summary.txt"
+    grep -E '^relora_bench: |^ddp_reference: |Error' "$WORK/ddp.log" | sort -u | head -n 10 | sed 's/^/   /' |
+      tee -a "$OUT/summary.txt"
+    python3 apps/bench/weak_scaling_table.py --relora "${rel[@]}" --ddp "${pyt[@]}" --md "$OUT/weak_scaling.md" |
+      tee -a "$OUT/summary.txt"
+    note "== weak scaling done ($(elapsed) s)"
+  fi
 fi

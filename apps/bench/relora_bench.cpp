@@ -42,6 +42,9 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "anchor_cases.hpp"
+#include "bench_json.hpp"
+#include "data_parallel_cases.hpp"
 #include "galore_cases.hpp"
 #include "half_floor.hpp"
 #include "relora/relora.hpp"
@@ -58,28 +61,12 @@ namespace {
 using relora::Index;
 using Clock = std::chrono::steady_clock;
 using T = float;
-
-// ---------------------------------------------------------------------------------------------
-// The cases: the same n, widths and ranks as peft_anchor.py.
-
-struct CaseSpec {
-  std::string name;
-  Index n;
-  std::vector<Index> dims;  // dims[0] = k of the first layer, dims[i + 1] = d of layer i
-  Index r;
-};
-
-const std::vector<CaseSpec>& anchor_cases() {
-  static const std::vector<CaseSpec> cases = {
-      {"seed_demo", 200, {10, 5}, 4},
-      {"layer1k", 1024, {1024, 1024}, 16},
-      {"layer4k", 4096, {4096, 4096}, 16},
-      {"mlp4x2k", 2048, {2048, 2048, 2048, 2048, 2048}, 16},
-      {"mlp4x4k", 4096, {4096, 4096, 4096, 4096, 4096}, 64},
-      {"llm_mlp", 4096, {4096, 11008, 4096}, 16},  // a transformer MLP's up and down projections
-  };
-  return cases;
-}
+using relora_bench::CaseSpec;
+using relora_bench::anchor_cases;
+using relora_bench::json_number;
+using relora_bench::json_string;
+using relora_bench::now_utc;
+using relora_bench::write_file;
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -103,6 +90,7 @@ struct Options {
   bool thread_sweep = false;       // CPU: every sweep size at 1 thread, the default and all cores
   std::vector<CaseSpec> custom;    // --custom n:k,d1,...:r
   relora::BasePrecision precision = relora::BasePrecision::fp32;  // --precision: how every W is stored
+  std::vector<int> ranks;          // --ranks: data-parallel weak scaling at these rank counts
   std::string json;
   double cpu_skip_seconds = 1;  // CPU default list: skip cases whose step is estimated above this
 };
@@ -114,13 +102,19 @@ struct Options {
                "                    [--repeats R] [--warmup W] [--batch K] [--batch-ms MS] [--max-seconds S]\n"
                "                    [--threads N] [--scaling] [--no-memory] [--no-floor] [--json FILE]\n"
                "                    [--unfused] [--layer lora|dora] [--custom n:k,d1,d2,...:r ...]\n"
-               "                    [--thread-sweep] [--precision fp32|bf16|fp16]\n"
+               "                    [--thread-sweep] [--precision fp32|bf16|fp16] [--ranks N|1,2,...]\n"
                "cases: seed_demo layer1k layer4k mlp4x2k mlp4x4k llm_mlp (default: all on cuda; on the cpu\n"
                "       those whose step is estimated under --cpu-skip-seconds, 1 by default)\n"
                "--thread-sweep (cpu): models from the seed demo's to mlp4x2k (3 layers of width 16 to 2048,\n"
                "       n 64 to 4096), each at 1 thread, OpenMP's default and every core (two passes, the lower median); default/best is the\n"
                "       default's time over the faster of the other two\n"
-               "--precision: how every layer's frozen W is stored (bf16, fp16: 16 bits, products on tensor cores)\n");
+               "--precision: how every layer's frozen W is stored (bf16, fp16: 16 bits, products on tensor cores)\n"
+               "--ranks N|1,2,...: data-parallel weak scaling (data_parallel_cases.cpp): each case at 1..N ranks\n"
+               "       (or the counts listed), every rank on its own batch of the case's n rows; cuda: one GPU\n"
+               "       per rank through NCCL, cpu: thread ranks sharing the OpenMP threads (default cases:\n"
+               "       mlp4x4k,llm_mlp on cuda, seed_demo on the cpu); takes --backend --math --precision\n"
+               "       --cases --custom --layer --unfused --repeats --warmup --batch --batch-ms\n"
+               "       --max-seconds --threads --json\n");
   std::exit(why ? 2 : 0);
 }
 
@@ -217,6 +211,13 @@ Options parse(int argc, char** argv) {
       else if (v == "bf16") o.precision = relora::BasePrecision::bf16;
       else if (v == "fp16") o.precision = relora::BasePrecision::fp16;
       else usage(("--precision: '" + v + "' is not fp32, bf16 or fp16").c_str());
+    }
+    else if (a == "--ranks") {
+      try {
+        o.ranks = relora_bench::parse_rank_counts(value());
+      } catch (const std::invalid_argument& e) {
+        usage(e.what());
+      }
     }
     else if (a == "--json") o.json = value();
     else usage(("unknown argument '" + a + "'").c_str());
@@ -375,24 +376,7 @@ Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backen
   Setup s;
   s.model = std::make_unique<relora::Model<T>>(
       backend, fused ? relora::LayerChoice::fastest : relora::LayerChoice::reference);
-  const std::size_t L = c.dims.size() - 1;
-  for (std::size_t i = 0; i < L; ++i) {
-    relora::LoraConfig cfg;
-    cfg.in_features = c.dims[i];
-    cfg.out_features = c.dims[i + 1];
-    cfg.rank = c.r;
-    cfg.alpha = 2.0 * double(c.r);  // peft_anchor.py: lora_alpha = 2 r, so s = 2
-    cfg.dropout = 0;
-    cfg.bias = relora::BiasMode::frozen;  // nn.Linear has a bias; PEFT (bias="none") freezes it
-    cfg.seed = 1000 + i;
-    cfg.base_precision = precision;
-    const relora::Activation f = i + 1 < L ? relora::Activation::relu : relora::Activation::identity;
-    if (dora) {
-      s.model->add(std::make_unique<relora::DoraLinear<T>>(*backend, relora::DoraConfig{.lora = cfg}), f);
-    } else {
-      s.model->add(cfg, f);
-    }
-  }
+  relora_bench::add_case_layers(*s.model, c, precision, dora);
   std::srand(1);
   const relora::HostMatrix<T> X = relora::HostMatrix<T>::Random(c.n, c.dims.front());
   const relora::HostMatrix<T> Y = relora::HostMatrix<T>::Random(c.n, c.dims.back());
@@ -609,23 +593,6 @@ std::string json_stats(const Stats& s) {
   return buf;
 }
 
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    if (static_cast<unsigned char>(ch) < 0x20) continue;
-    out += ch;
-  }
-  return out + "\"";
-}
-
-std::string json_number(double x) {
-  if (!std::isfinite(x)) return "null";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.9g", x);
-  return buf;
-}
-
 void print_header() {
   std::printf("%-22s %6s %-16s %4s | %10s %10s %8s | %9s %10s %10s %7s %8s | %10s\n", "case", "n", "layers", "r",
               "ms/step", "min-max", "IQR", "TFLOP/s", "floor ms", "floor+lora", "step/fl", "step/all", "peak MiB");
@@ -700,8 +667,6 @@ std::vector<CaseSpec> scaling_cases(relora::Device device) {
   return out;
 }
 
-std::string now_utc();
-
 // --thread-sweep: three layers of width w (w -> w -> w -> w, rank w / 4 up to 16) at batch sizes n,
 // from the seed demo's size to mlp4x2k's, so that every size between the fused tiny step and the
 // large products shows how the default thread count does against one thread and every core.
@@ -773,19 +738,34 @@ std::string run_thread_sweep(const Options& o, const std::shared_ptr<relora::Bac
          std::to_string(all_cores) + ",\n \"results\": [\n" + json + "\n ]\n}\n";
 }
 
-void write_file(const std::string& path, const std::string& text) {
-  FILE* f = std::fopen(path.c_str(), "w");
-  if (!f) throw std::runtime_error("cannot write " + path + ": " + std::strerror(errno));
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  std::printf("wrote %s\n", path.c_str());
-}
-
-std::string now_utc() {
-  char buf[32];
-  const std::time_t t = std::time(nullptr);
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-  return buf;
+// --ranks: data-parallel weak scaling (data_parallel_cases.cpp) of the cases named, with this run's
+// options.
+int run_data_parallel(const Options& o) {
+  if (o.scaling || o.thread_sweep) {
+    usage("--ranks times the anchor and --custom cases: not with --scaling or --thread-sweep");
+  }
+  relora_bench::DataParallelOptions d;
+  d.device = o.device;
+  d.math = o.math;
+  d.precision = o.precision;
+  d.fused = o.fused;
+  d.dora = o.dora;
+  d.ranks = o.ranks;
+  d.repeats = o.repeats;
+  d.warmup = o.warmup;
+  d.batch = o.batch;
+  d.batch_ms = o.batch_ms;
+  d.max_seconds = o.max_seconds;
+  d.threads = o.threads;
+  d.json = o.json;
+  std::vector<std::string> names = o.cases;
+  if (!o.cases_given && o.custom.empty()) {
+    names = o.device == relora::Device::cuda ? std::vector<std::string>{"mlp4x4k", "llm_mlp"}
+                                             : std::vector<std::string>{"seed_demo"};
+  }
+  for (const std::string& name : names) d.cases.push_back(*relora_bench::find_anchor_case(name));
+  d.cases.insert(d.cases.end(), o.custom.begin(), o.custom.end());
+  return relora_bench::run_data_parallel_cases(d);
 }
 
 }  // namespace
@@ -794,6 +774,7 @@ int main(int argc, char** argv) {
   if (relora_bench::galore_requested(argc, argv)) return relora_bench::run_galore_cases(argc, argv);
   Options o = parse(argc, argv);
   try {
+    if (!o.ranks.empty()) return run_data_parallel(o);
 #if defined(_OPENMP)
     if (o.threads > 0) omp_set_num_threads(o.threads);
     const int threads = omp_get_max_threads();
