@@ -193,18 +193,24 @@ double max_loss_difference(const Run<T>& a, const Run<T>& b) {
   return worst;
 }
 
+// Whether `count` values at a and b hold the same bits (no pointer is read when count is 0: an
+// empty vector's data() may be null, which memcmp must not be given).
+template <typename T>
+bool same_bits(const T* a, const T* b, std::size_t count) {
+  return count == 0 || std::memcmp(a, b, sizeof(T) * count) == 0;
+}
+
 // The first tensor (or loss) whose bits differ, or "".
 template <typename T>
 std::string first_bit_difference(const Run<T>& a, const Run<T>& b) {
   if (a.names != b.names) return "(the runs hold different tensors)";
   for (std::size_t i = 0; i < a.tensors.size(); ++i) {
     if (a.tensors[i].size() != b.tensors[i].size() ||
-        std::memcmp(a.tensors[i].data(), b.tensors[i].data(), sizeof(T) * std::size_t(a.tensors[i].size())) != 0) {
+        !same_bits(a.tensors[i].data(), b.tensors[i].data(), std::size_t(a.tensors[i].size()))) {
       return a.names[i];
     }
   }
-  if (a.losses.size() != b.losses.size() ||
-      std::memcmp(a.losses.data(), b.losses.data(), sizeof(T) * a.losses.size()) != 0) {
+  if (a.losses.size() != b.losses.size() || !same_bits(a.losses.data(), b.losses.data(), a.losses.size())) {
     return "the losses";
   }
   return "";
