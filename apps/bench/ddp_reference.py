@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from peft_reference import MLP  # the model of the single-GPU reference, shared
+
 CASES = [
     ("seed_demo", 200, [10, 5], 4),
     ("layer1k", 1024, [1024, 1024], 16),
@@ -62,19 +64,6 @@ def bench(fn, iters, warm, device, barrier):
             ts.append((time.perf_counter() - t) / iters)
     ts.sort()
     return ts[len(ts) // 2], ts[0], ts[-1]
-
-
-class MLP(nn.Module):
-    def __init__(self, dims):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1)])
-
-    def forward(self, x):
-        for i, l in enumerate(self.layers):
-            x = l(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
 
 
 def same_bits_as_rank0(params):
