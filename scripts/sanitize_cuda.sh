@@ -6,7 +6,7 @@
 #   usage: scripts/sanitize_cuda.sh TESTS_BINARY OUT_DIR [TOOLS]
 #     TOOLS  comma-separated, of memcheck racecheck synccheck initcheck (default: all four)
 #   env: JOBS (parallel processes, default nproc - 2)  CASE_TIMEOUT (seconds per case and tool, 300)
-#        FILTER (doctest -tc filter of the cases, default *cuda*)
+#        FILTER (doctest -tc filter of the cases, default *cuda*,*nccl*: every case that runs on a GPU)
 # Every run gets RELORA_UNDER_SANITIZER=1, which the slowest cases read to run fewer steps or
 # smaller shapes over the same kernels. "an absurd allocation" fails a cudaMalloc on purpose: its
 # runs do not count API errors, every other run does.
@@ -18,7 +18,7 @@ out=$2
 tools=${3:-memcheck,racecheck,synccheck,initcheck}
 jobs=${JOBS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 case_timeout=${CASE_TIMEOUT:-300}
-filter=${FILTER:-*cuda*}
+filter=${FILTER:-*cuda*,*nccl*}
 mkdir -p "$out"
 
 mapfile -t cases < <("$bin" -ltc -tc="$filter" --order-by=name | sed -n '/^====/,/^====/p' | grep -v '^====')
