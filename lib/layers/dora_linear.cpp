@@ -5,6 +5,7 @@
 #include <limits>
 #include <string>
 
+#include "layers/adapter_setup.hpp"
 #include "layers/dora_kernels.hpp"
 #include "layers/lora_config_state.hpp"
 #include "layers/frozen_base_state.hpp"
@@ -141,12 +142,7 @@ void DoraLinear<T>::allocate_parameters() {
 
 template <typename T>
 void DoraLinear<T>::draw_A() {
-  if (config_.lora.init == LoraInit::kaiming_uniform) {
-    const T bound = T(1) / std::sqrt(T(config_.lora.in_features));  // Kaiming uniform, a = sqrt(5), as LoraLinear
-    backend_->random_uniform(next_key(), -bound, bound, A_);
-  } else {
-    backend_->random_normal(next_key(), T(0), T(config_.lora.init_std), A_);
-  }
+  draw_adapter_A(*backend_, config_.lora, next_key(), A_);
 }
 
 template <typename T>
@@ -480,12 +476,7 @@ void DoraLinear<T>::restore_state(const StateDict<T>& state) {
 
 template <typename T>
 void DoraLinear<T>::upload_vector(const Eigen::Ref<const HostMatrix<T>>& v, Tensor<T>& dst, const char* what) {
-  if (v.size() != config_.lora.out_features || (v.rows() != 1 && v.cols() != 1)) {
-    throw ShapeError(name() + " " + what + ": expected " + std::to_string(config_.lora.out_features) +
-                     " values, got " + shape_string(v.rows(), v.cols()));
-  }
-  const HostMatrix<T> packed = v;  // a row or a column: the same values in the same order
-  const HostMatrix<T> row = Eigen::Map<const HostMatrix<T>>(packed.data(), 1, packed.size());
+  const HostMatrix<T> row = as_row_vector(v, config_.lora.out_features, name() + " " + what);
   upload(*backend_, row, dst, name() + " " + what);
 }
 
@@ -504,12 +495,7 @@ void DoraLinear<T>::set_W_bits(const HalfHostMatrix& W) {
 template <typename T>
 void DoraLinear<T>::set_b(const Eigen::Ref<const HostMatrix<T>>& b) {
   if (!has_bias()) throw ConfigError(name() + " set_b: config.bias is none");
-  if (b.size() != config_.lora.out_features || (b.rows() != 1 && b.cols() != 1)) {
-    throw ShapeError(name() + " bias b: expected " + std::to_string(config_.lora.out_features) + " values, got " +
-                     shape_string(b.rows(), b.cols()));
-  }
-  const HostMatrix<T> packed = b;  // a row or a column: the same values in the same order
-  base_.set_bias(Eigen::Map<const HostMatrix<T>>(packed.data(), 1, packed.size()));
+  base_.set_bias(as_row_vector(b, config_.lora.out_features, name() + " bias b"));
 }
 
 template <typename T>

@@ -1,5 +1,6 @@
 #include "relora/layers/lora_linear.hpp"
 
+#include "layers/adapter_setup.hpp"
 #include "layers/lora_config_state.hpp"
 #include "layers/frozen_base_state.hpp"
 
@@ -72,13 +73,7 @@ void LoraLinear<T>::allocate_parameters() {
 
 template <typename T>
 void LoraLinear<T>::draw_A() {
-  if (config_.init == LoraInit::kaiming_uniform) {
-    // Kaiming uniform with a = sqrt(5): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / k) = 1 / sqrt(k).
-    const T bound = T(1) / std::sqrt(T(config_.in_features));
-    backend_->random_uniform(next_key(), -bound, bound, A_);
-  } else {
-    backend_->random_normal(next_key(), T(0), T(config_.init_std), A_);
-  }
+  draw_adapter_A(*backend_, config_, next_key(), A_);
 }
 
 template <typename T>
@@ -303,13 +298,7 @@ void LoraLinear<T>::set_W(const Eigen::Ref<const HostMatrix<T>>& W) {
 template <typename T>
 void LoraLinear<T>::set_b(const Eigen::Ref<const HostMatrix<T>>& b) {
   if (!has_bias()) throw ConfigError("LoraLinear set_b: config.bias is none");
-  if (b.size() != config_.out_features || (b.rows() != 1 && b.cols() != 1)) {
-    throw ShapeError("LoraLinear bias: expected " + std::to_string(config_.out_features) + " values, got " +
-                     shape_string(b.rows(), b.cols()));
-  }
-  const HostMatrix<T> packed = b;  // a row or a column: the same values in the same order
-  const HostMatrix<T> row = Eigen::Map<const HostMatrix<T>>(packed.data(), 1, packed.size());
-  base_.set_bias(row);
+  base_.set_bias(as_row_vector(b, config_.out_features, "LoraLinear bias"));
 }
 
 template <typename T>
