@@ -31,6 +31,7 @@ struct Setup {
   bool dora = false;
   BasePrecision base = BasePrecision::fp32;
   double dropout = 0;  // on every layer's adapter branch
+  bool galore = false;  // GaLore (rank 2, a new subspace every 3 steps) instead of Adam
   int steps = 19;  // ReLoRA: 3 warm-start steps, then restarts after steps 7, 11, 15 and 19
 };
 
@@ -62,11 +63,16 @@ void build(Model<T>& model, const Setup& s) {
 }
 
 TrainerConfig trainer_config(const Setup& s) {
-  return TrainerConfig{.method = s.method,
+  TrainerConfig config{.method = s.method,
                        .adam = {.lr = 1e-2, .weight_decay = 0.01},
                        .lora_plus_ratio = s.lora_plus_ratio,
                        .relora = {.restart_every = 4, .reset = OptimizerReset::random_prune, .prune_fraction = 0.5,
                                   .restart_warmup_steps = 1, .warm_start_steps = 3, .seed = 5}};
+  if (s.galore) {
+    config.optimizer = optimizer_factory<Galore>(GaloreConfig{.lr = 1e-2, .weight_decay = 0.01, .rank = 2,
+                                                              .update_gap = 3, .moments = MomentsAtRefresh::reproject});
+  }
+  return config;
 }
 
 template <typename T>
@@ -278,6 +284,12 @@ TEST_CASE_TEMPLATE("with dropout, 1, 2 and 4 ranks draw the rows of the whole ba
 
 TEST_CASE("DoRA layers with dropout train data-parallel as one process on the whole batch") {
   check_against_one_process<double>(Setup{.dora = true, .dropout = 0.25});
+}
+
+TEST_CASE("GaLore trains data-parallel as one process: its SVDs take the gradients summed over the ranks") {
+  // Full fine-tuning with every weight projected, an SVD every 3 steps: each rank takes the
+  // subspace of the summed gradient, one process's gradient to rounding, so the same subspace.
+  check_against_one_process<double>(Setup{.method = TrainingMethod::full_finetune, .galore = true, .steps = 10});
 }
 
 TEST_CASE("a dropout mask drawn from a row offset is those rows of the whole batch's mask") {
