@@ -41,11 +41,10 @@ inline int team_size() {
 #endif
 }
 
-// The least work, in multiply-adds, worth a thread of its own in a product: about a hundred
-// microseconds of one core on the small shapes that come near it. Waking the team for a region
-// costs tens of microseconds on a virtual machine's cores, and a skinny product (n x 16 x 16)
-// split by columns makes each thread read all of X: a product of fewer than two such shares
-// runs on the calling thread (docs/PERFORMANCE.md, the thread sweep).
+// The least work, in multiply-adds, worth a thread of its own in a product: waking the team for a
+// region costs more than a small share of a product, and a skinny product (n x w x w) split by
+// columns makes each thread read all of X, so a product of fewer than two such shares runs on the
+// calling thread. The value is measured by relora_bench --thread-sweep (docs/PERFORMANCE.md).
 constexpr double kMultiplyAddsPerThread = double(1 << 20);
 
 // The threads a product of `multiply_adds` uses, at most `limit` (and the team).
