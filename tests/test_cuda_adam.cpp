@@ -1,7 +1,6 @@
 // Adam's CUDA kernels against its CPU loop: the same optimizer over the same parameters, state and
-// gradients on both backends. Both compute one rounding rule (lib/optimizers/adam_rule.hpp), so
-// float results agree bit for bit; double ones to 1e-12 (the bias corrections come from each
-// device's pow, whose last bit may differ). The NaN guard refuses a whole step on the device and
+// gradients on both backends. Both compute one rounding rule (lib/optimizers/adam_rule.hpp), the
+// bias corrections included, so float and double results agree bit for bit. The NaN guard refuses a whole step on the device and
 // synchronize() names the parameter; pruning zeroes the same entries on both. Randomised cases
 // print their seed on failure; RELORA_TEST_SEED=<seed> replays one.
 #include <doctest/doctest.h>
@@ -22,11 +21,6 @@ using namespace relora;
 using relora::testing::what_of;
 
 namespace {
-
-template <typename T>
-double bound() {
-  return sizeof(T) == 4 ? 0.0 : 1e-12;
-}
 
 template <typename T>
 std::vector<T> random_values(std::size_t n, std::mt19937_64& rng, double scale = 1.0) {
@@ -193,11 +187,11 @@ TEST_CASE_TEMPLATE("cuda adam: many parameters at different counts equal the CPU
         twin.new_gradients(rng);
         twin.step(1.0 / (1 + step));
       }
-      worst = std::max(worst, twin.compare(bound<T>()));
+      worst = std::max(worst, twin.compare(0.0));
     }
   }
   MESSAGE("adam " << (sizeof(T) == 4 ? "float" : "double") << ": max element-wise rel error " << worst
-                  << " (bound " << bound<T>() << ")");
+                  << " (bound 0: bit for bit)");
 }
 
 TEST_CASE("cuda adam: a NaN gradient changes nothing and synchronize names the parameter") {
@@ -259,7 +253,7 @@ TEST_CASE("cuda adam: a NaN gradient changes nothing and synchronize names the p
 
   // Training goes on afterwards and still matches the CPU.
   twin.step(1.0);
-  twin.compare(bound<float>());
+  twin.compare(0.0);
 }
 
 TEST_CASE("cuda adam: a NaN in any of several blocks' chunks of one table stops every block's update") {
@@ -288,7 +282,7 @@ TEST_CASE("cuda adam: a NaN in any of several blocks' chunks of one table stops 
   gpu.upload(good2.data(), twin.gpu.grads[2]);
   gpu.upload(good1.data(), twin.gpu.grads[1]);
   twin.step(1.0);
-  twin.compare(bound<float>());
+  twin.compare(0.0);
 }
 
 TEST_CASE_TEMPLATE("cuda adam: pruning zeroes the same entries of m and v as the CPU", T, float, double) {
@@ -358,5 +352,5 @@ TEST_CASE("cuda adam: the state saved on the GPU restores on the CPU and both co
   CHECK(twin.cpu.adam->steps_taken() == twin.gpu.adam->steps_taken());  // the twin starts both at 1000
   twin.new_gradients(rng);
   twin.step(0.5);
-  twin.compare(bound<float>());
+  twin.compare(0.0);
 }

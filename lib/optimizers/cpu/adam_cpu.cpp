@@ -30,13 +30,13 @@ class CpuAdamKernels final : public AdamKernels<T> {
       }
     }
     // The slots mostly share one step count: the bias corrections are computed once per count
-    // (pow is most of Adam's time on a tiny model).
+    // (they are most of Adam's time on a tiny model).
     double t_corrected = -1, c1 = 0, c2 = 0;
     for (const AdamSlot<T>& slot : slots_) {
       const double t = double(*slot.step) + 1;
       if (t != t_corrected) {
-        c1 = 1 - std::pow(hyper.beta1, t);
-        c2 = 1 - std::pow(hyper.beta2, t);
+        c1 = adam_rule::bias_correction(hyper.beta1, t);
+        c2 = adam_rule::bias_correction(hyper.beta2, t);
         t_corrected = t;
       }
       const double lr = slot.lr * hyper.lr_factor;

@@ -108,12 +108,12 @@ __global__ void adam_update_kernel(const AdamTable<T> table, const AdamHyper hyp
   for (std::int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int s = slot_of_chunk(table, chunk);
     // Bias corrections from the slot's own count, in double, as the CPU computes them: once per
-    // block (two double pow per thread cost more than a thread's few elements).
+    // block (two bias corrections per thread cost more than a thread's few elements).
     __syncthreads();  // the previous chunk's corrections have been read
     if (threadIdx.x == 0) {
       const double t = double(*table.step[s]) + 1;
-      corrections[0] = 1 - pow(hyper.beta1, t);
-      corrections[1] = 1 - pow(hyper.beta2, t);
+      corrections[0] = adam_rule::bias_correction(hyper.beta1, t);
+      corrections[1] = adam_rule::bias_correction(hyper.beta2, t);
     }
     __syncthreads();
     const double c1 = corrections[0];
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(kAdamSmallThreads)
     if (s == table.count) continue;
     // Bias corrections from the slot's own count, in double, as the CPU computes them.
     const double t = double(steps[j]) + 1;
-    const double c1 = 1 - pow(hyper.beta1, t);
-    const double c2 = 1 - pow(hyper.beta2, t);
+    const double c1 = adam_rule::bias_correction(hyper.beta1, t);
+    const double c2 = adam_rule::bias_correction(hyper.beta2, t);
     adam_element(p[j], g[j], m[j], v[j], table.lr[s], table.weight_decay[s], hyper, c1, c2);
     table.param[s][index[j]] = p[j];
     table.m[s][index[j]] = m[j];
