@@ -11,7 +11,23 @@
 # smaller shapes over the same kernels. "an absurd allocation" fails a cudaMalloc on purpose: its
 # runs do not count API errors, every other run does.
 # Output: OUT_DIR/sanitize_<tool>_<index>.log per run and OUT_DIR/sanitize.md, one row per case
-# (clean, ERRORS n, TIMEOUT or rc), which is also printed.
+# (clean, ERRORS n, TIMEOUT or rc) and the first distinct reports of every run that is not clean,
+# which is also printed.
+#
+# Findings in other libraries' code are counted apart and named in the cell ("clean; 384 in
+# cuBLAS"), never dropped; a run is clean only when every report it printed is one of these and
+# it printed every report it counted:
+#   nccl-kernel-probe (memcheck): cudaErrorNoKernelImageForDevice from cudaFuncGetAttributes.
+#     NCCL asks for the attributes of every kernel it ships, those built for other GPUs included,
+#     and skips the ones that fail; relora never calls cudaFuncGetAttributes.
+#   cublas-hazard (racecheck): a hazard whose read and write both lie in a cuBLAS kernel
+#     (nvjet_*): shared memory inside cuBLAS's own kernel, which no caller can reach.
+# initcheck does not see the stores of cuBLAS's 16-bit products on sm_90 (their tensor-memory
+# stores): scripts/cublas_16bit_store_probe.cu, run first under initcheck, reads memory that only
+# a bf16 product wrote and is reported, while after an fp32 product it is not. Where the probe
+# shows this, the cases of a 16-bit base (names with bf16 or fp16) run initcheck with our kernels
+# that read such a product's output (KNOWN_16BIT_READERS) left unchecked; the same kernels are
+# checked in every fp32 case, and the 16-bit cases compare what they read with the CPU's.
 set -u
 bin=$1
 out=$2
@@ -20,6 +36,23 @@ jobs=${JOBS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 case_timeout=${CASE_TIMEOUT:-300}
 filter=${FILTER:-*cuda*,*nccl*}
 mkdir -p "$out"
+known_16bit_readers=${KNOWN_16BIT_READERS:-adapter_expand_kernel}
+
+# Does initcheck see the stores of cuBLAS's 16-bit products here? (1: it misses them)
+tool_misses_16bit_stores=0
+if [[ ,$tools, == *,initcheck,* ]] && command -v nvcc >/dev/null; then
+  probe=$out/cublas_16bit_store_probe
+  if nvcc -O2 -o "$probe" "$(dirname "$0")/cublas_16bit_store_probe.cu" -lcublas >"$out/probe.log" 2>&1; then
+    compute-sanitizer --tool initcheck "$probe" bf16 >"$out/probe_bf16.log" 2>&1
+    compute-sanitizer --tool initcheck "$probe" fp32 >"$out/probe_fp32.log" 2>&1
+    if grep -q 'Uninitialized __global__ memory read' "$out/probe_bf16.log" &&
+       ! grep -q 'Uninitialized __global__ memory read' "$out/probe_fp32.log" &&
+       grep -q 'sum of Y 0 ' "$out/probe_bf16.log"; then
+      tool_misses_16bit_stores=1
+    fi
+  fi
+  echo "initcheck and cuBLAS's 16-bit stores: $([ $tool_misses_16bit_stores = 1 ] && echo 'missed by the tool (the probe reads unwritten memory after a bf16 product, none after an fp32 one)' || echo 'seen, or not probed')"
+fi
 
 mapfile -t cases < <("$bin" -ltc -tc="$filter" --order-by=name | sed -n '/^====/,/^====/p' | grep -v '^====')
 count=${#cases[@]}
@@ -30,9 +63,13 @@ run_one() {  # run_one TOOL INDEX: the INDEX-th case (1-based, by name) under TO
   name=$("$bin" -ltc -tc="$filter" --order-by=name | sed -n '/^====/,/^====/p' | grep -v '^====' | sed -n "${index}p")
   case $tool in
     memcheck) args=(--tool memcheck --leak-check full) ;;
-    racecheck) args=(--tool racecheck --racecheck-report all) ;;
+    racecheck) args=(--tool racecheck --racecheck-report all --print-limit 0 --show-backtrace no) ;;
     synccheck) args=(--tool synccheck) ;;
-    initcheck) args=(--tool initcheck) ;;
+    initcheck)
+      args=(--tool initcheck)
+      case $name in *bf16*|*fp16*)
+        [ "$tool_misses_16bit_stores" = 1 ] && args+=(--kernel-name-exclude "kns=$known_16bit_readers") ;;
+      esac ;;
     *) echo "unknown tool $tool"; return ;;
   esac
   case $name in *absurd*) args+=(--report-api-errors no) ;; esac
@@ -40,10 +77,27 @@ run_one() {  # run_one TOOL INDEX: the INDEX-th case (1-based, by name) under TO
   OMP_NUM_THREADS=2 RELORA_UNDER_SANITIZER=1 timeout "$case_timeout" compute-sanitizer "${args[@]}" --error-exitcode 99 \
     "$bin" -tc="$filter" --order-by=name --first="$index" --last="$index" -d >"$log" 2>&1
   rc=$?
+  [[ " ${args[*]} " == *" --kernel-name-exclude "* ]] && echo "unchecked kernels: $known_16bit_readers" >>"$log"
   echo "rc=$rc" >>"$log"
 }
 export -f run_one
-export bin out filter case_timeout
+export bin out filter case_timeout known_16bit_readers tool_misses_16bit_stores
+
+# known TOOL LOG: how many of the run's printed reports are other libraries' (see the header),
+# then how many reports it printed, then the name of the known kind.
+known() {
+  local tool=$1 log=$2
+  case $tool in
+    memcheck)
+      echo "$(grep -c 'cudaErrorNoKernelImageForDevice.*cudaFuncGetAttributes' "$log") $(grep -cE '^========= (Program hit|Invalid|Uninitialized|Leaked|Memcpy|Cuda|Error)' "$log") in NCCL's kernel probe" ;;
+    racecheck)
+      awk '/hazard detected/ { shown++; mine[shown] = 0; open_block = 1; next }
+           open_block && /(Read|Write) Thread/ { if ($0 !~ / at nvjet_/) mine[shown] = 1 }
+           /Race reported between/ { if (gsub(/nvjet_/, "&") < 2) ours = 1 }
+           END { k = 0; for (i = 1; i <= shown; ++i) if (!mine[i]) ++k; print (ours ? -1 : k), shown + 0, "in cuBLAS" }' "$log" ;;
+    *) echo "0 0 -" ;;
+  esac
+}
 
 # Stopped from outside (a timeout around this script), stop every run it started as well: each
 # run's own `timeout` leads a process group of its own, out of reach of the signal to ours, and a
@@ -65,9 +119,15 @@ done | xargs -P "$jobs" -L 1 bash -c 'run_one "$0" "$1"'
       rc=$(grep -o 'rc=[0-9]*' "$log" 2>/dev/null | tail -n 1 | cut -d= -f2)
       errors=$(grep -oE '(ERROR|RACECHECK) SUMMARY: [0-9]+' "$log" 2>/dev/null | tail -n 1 | grep -oE '[0-9]+$')
       seconds=$(grep -oE '^[0-9.]+ s: ' "$log" 2>/dev/null | head -n 1 | cut -d' ' -f1)
+      read -r known_count shown kind < <(known "$tool" "$log")
       if [ "$rc" = 124 ]; then cell="TIMEOUT"
-      elif [ "$rc" = 0 ] && [ "${errors:-0}" = 0 ]; then cell="clean (${seconds:-?} s)"
-      elif [ -n "$errors" ] && [ "$errors" != 0 ]; then cell="ERRORS $errors"
+      elif [ "$rc" = 0 ] && [ "${errors:-0}" = 0 ]; then
+        cell="clean (${seconds:-?} s)"
+        grep -q '^unchecked kernels:' "$log" && cell+="; $known_16bit_readers unchecked"
+      elif [ "${errors:-0}" != 0 ] && [ "$known_count" = "$errors" ] && [ "$shown" = "$errors" ] &&
+           ! grep -q 'FAILED\|ERROR: ' <(grep -v '^=========' "$log"); then
+        cell="clean; $known_count $kind"
+      elif [ -n "$errors" ] && [ "$errors" != 0 ]; then cell="ERRORS $errors ($known_count of $shown shown $kind)"
       else cell="rc $rc"; fi
       row+=" $cell |"
     done
@@ -75,4 +135,13 @@ done | xargs -P "$jobs" -L 1 bash -c 'run_one "$0" "$1"'
   done
   echo
   echo "wall $(( $(date +%s) - start )) s"
+  # The first distinct reports of every run that is not clean, addresses and threads left out.
+  for log in "$out"/sanitize_*_*.log; do
+    grep -q '^rc=0$' "$log" && continue
+    echo
+    echo "### $(basename "$log" .log): $(grep -m 1 '^TEST CASE:' "$log" | sed 's/^TEST CASE: *//')"
+    grep -E '^=========|ERROR|FAILED|CRASHED|rc=' "$log" |
+      grep -vE 'Saved host backtrace|Address 0x|by thread|Current Value|Host Frame|^=========\s*$' |
+      sed -E 's/0x[0-9a-f]+/0x_/g; s/\(([0-9]+,){2}[0-9]+\)/(_)/g' | awk '!seen[$0]++' | head -n 12
+  done
 } | tee "$out/sanitize.md"

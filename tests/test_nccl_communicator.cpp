@@ -311,6 +311,7 @@ TEST_CASE("nccl communicator: bad arguments and a rank's own errors name the val
   std::vector<std::unique_ptr<Communicator<float>>> comms = make_nccl_communicators<float>({backend});
   Communicator<float>& comm = *comms[0];
   Tensor<float> x = backend->allocate(1, 4);
+  backend->fill(x, 0.5f);  // the collectives below read it
   CHECK(what_of([&] { comm.all_reduce_sum(x.data(), -1); }) ==
         "nccl all_reduce_sum of rank 0: count -1 must not be negative");
   CHECK(what_of([&] { comm.all_reduce_sum(nullptr, 4); }) == "nccl all_reduce_sum of rank 0: null buffer of 4 elements");
