@@ -22,12 +22,11 @@
 #     and skips the ones that fail; relora never calls cudaFuncGetAttributes.
 #   cublas-hazard (racecheck): a hazard whose read and write both lie in a cuBLAS kernel
 #     (nvjet_*): shared memory inside cuBLAS's own kernel, which no caller can reach.
-# initcheck does not see the stores of cuBLAS's 16-bit products on sm_90 (their tensor-memory
-# stores): scripts/cublas_16bit_store_probe.cu, run first under initcheck, reads memory that only
-# a bf16 product wrote and is reported, while after an fp32 product it is not. Where the probe
-# shows this, the cases of a 16-bit base (names with bf16 or fp16) run initcheck with our kernels
-# that read such a product's output (KNOWN_16BIT_READERS) left unchecked; the same kernels are
-# checked in every fp32 case, and the 16-bit cases compare what they read with the CPU's.
+# initcheck does not see the stores of cuBLAS's 16-bit products on sm_90:
+# scripts/cublas_16bit_store_probe.cu, run first under initcheck, reads memory that only a bf16
+# product wrote and is reported, and after an fp32 product it is not. The library marks those
+# products' outputs as written through NVTX's memory extension (lib/cuda/cuda_sanitizer_marks.cuh),
+# which initcheck reads with --nvtx yes; the probe's result is printed as the reason.
 set -u
 bin=$1
 out=$2
@@ -36,7 +35,6 @@ jobs=${JOBS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 case_timeout=${CASE_TIMEOUT:-300}
 filter=${FILTER:-*cuda*,*nccl*}
 mkdir -p "$out"
-known_16bit_readers=${KNOWN_16BIT_READERS:-adapter_expand_kernel}
 
 # Does initcheck see the stores of cuBLAS's 16-bit products here? (1: it misses them)
 tool_misses_16bit_stores=0
@@ -65,11 +63,7 @@ run_one() {  # run_one TOOL INDEX: the INDEX-th case (1-based, by name) under TO
     memcheck) args=(--tool memcheck --leak-check full) ;;
     racecheck) args=(--tool racecheck --racecheck-report all --print-limit 0 --show-backtrace no) ;;
     synccheck) args=(--tool synccheck) ;;
-    initcheck)
-      args=(--tool initcheck)
-      case $name in *bf16*|*fp16*)
-        [ "$tool_misses_16bit_stores" = 1 ] && args+=(--kernel-name-exclude "kns=$known_16bit_readers") ;;
-      esac ;;
+    initcheck) args=(--tool initcheck --nvtx yes) ;;
     *) echo "unknown tool $tool"; return ;;
   esac
   case $name in *absurd*) args+=(--report-api-errors no) ;; esac
@@ -77,11 +71,10 @@ run_one() {  # run_one TOOL INDEX: the INDEX-th case (1-based, by name) under TO
   OMP_NUM_THREADS=2 RELORA_UNDER_SANITIZER=1 timeout "$case_timeout" compute-sanitizer "${args[@]}" --error-exitcode 99 \
     "$bin" -tc="$filter" --order-by=name --first="$index" --last="$index" -d >"$log" 2>&1
   rc=$?
-  [[ " ${args[*]} " == *" --kernel-name-exclude "* ]] && echo "unchecked kernels: $known_16bit_readers" >>"$log"
   echo "rc=$rc" >>"$log"
 }
 export -f run_one
-export bin out filter case_timeout known_16bit_readers tool_misses_16bit_stores
+export bin out filter case_timeout
 
 # known TOOL LOG: how many of the run's printed reports are other libraries' (see the header),
 # then how many reports it printed, then the name of the known kind.
@@ -90,11 +83,12 @@ known() {
   case $tool in
     memcheck)
       echo "$(grep -c 'cudaErrorNoKernelImageForDevice.*cudaFuncGetAttributes' "$log") $(grep -cE '^========= (Program hit|Invalid|Uninitialized|Leaked|Memcpy|Cuda|Error)' "$log") in NCCL's kernel probe" ;;
-    racecheck)
-      awk '/hazard detected/ { shown++; mine[shown] = 0; open_block = 1; next }
-           open_block && /(Read|Write) Thread/ { if ($0 !~ / at nvjet_/) mine[shown] = 1 }
-           /Race reported between/ { if (gsub(/nvjet_/, "&") < 2) ours = 1 }
-           END { k = 0; for (i = 1; i <= shown; ++i) if (!mine[i]) ++k; print (ours ? -1 : k), shown + 0, "in cuBLAS" }' "$log" ;;
+    racecheck)  # hazards (a read and a write line each) and race reports (two lines each)
+      awk '/hazard detected/ { shown++; mine[shown] = 0; in_hazard = 1; next }
+           /Race reported between/ { shown++; nvjet = gsub(/nvjet_/, "&"); in_hazard = 0; in_race = 1; next }
+           in_race { mine[shown] = (nvjet + gsub(/nvjet_/, "&") < 2); in_race = 0; next }
+           in_hazard && /(Read|Write) Thread/ { if ($0 !~ / at nvjet_/) mine[shown] = 1 }
+           END { k = 0; for (i = 1; i <= shown; ++i) if (!mine[i]) ++k; print k, shown + 0, "in cuBLAS" }' "$log" ;;
     *) echo "0 0 -" ;;
   esac
 }
@@ -123,7 +117,6 @@ done | xargs -P "$jobs" -L 1 bash -c 'run_one "$0" "$1"'
       if [ "$rc" = 124 ]; then cell="TIMEOUT"
       elif [ "$rc" = 0 ] && [ "${errors:-0}" = 0 ]; then
         cell="clean (${seconds:-?} s)"
-        grep -q '^unchecked kernels:' "$log" && cell+="; $known_16bit_readers unchecked"
       elif [ "${errors:-0}" != 0 ] && [ "$known_count" = "$errors" ] && [ "$shown" = "$errors" ] &&
            ! grep -q 'FAILED\|ERROR: ' <(grep -v '^=========' "$log"); then
         cell="clean; $known_count $kind"

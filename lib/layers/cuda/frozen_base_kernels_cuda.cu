@@ -18,6 +18,7 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
 #include "cuda/cuda_resources.cuh"
+#include "cuda/cuda_sanitizer_marks.cuh"
 #include "layers/frozen_base_kernels.hpp"
 
 namespace relora {
@@ -143,6 +144,7 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_T, CUBLAS_OP_N, d, n, k, &alpha, W, cuda_type(format),
                                         k, Xh, cuda_type(format), k, &beta, Y.data(), CUDA_R_32F, d,
                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    mark_written_for_sanitizer(Y.data(), std::size_t(n) * std::size_t(d) * sizeof(float), context_->stream());
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
@@ -155,6 +157,7 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_N, CUBLAS_OP_N, k, n, d, &alpha, W, cuda_type(format),
                                         k, dYh, cuda_type(format), d, &beta, dX.data(), CUDA_R_32F, k,
                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    mark_written_for_sanitizer(dX.data(), std::size_t(n) * std::size_t(k) * sizeof(float), context_->stream());
   }
 
  private:
