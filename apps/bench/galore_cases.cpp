@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include "bench_json.hpp"
+#include "command_line.hpp"
 #include "relora/relora.hpp"
 
 #if defined(_OPENMP)
@@ -72,6 +74,7 @@ struct GaloreOptions {
   int svd_repeats = 2;
   int threads = 0;
   bool adam = true;
+  std::string json;  // where the rows go as JSON, when set
 };
 
 [[noreturn]] void usage(const char* why) {
@@ -80,58 +83,35 @@ struct GaloreOptions {
                "usage: relora_bench --galore [--backend cpu|cuda] [--cases a,b,...] [--svd exact|randomized|both]\n"
                "                             [--gap T] [--power-iterations Q] [--repeats R] [--batch K]\n"
                "                             [--svd-repeats S] [--threads N]\n"
-               "                             [--no-adam]\n"
+               "                             [--no-adam] [--json FILE]\n"
                "cases: mlp4x1k mlp4x2k mlp4x4k llm_mlp (default: mlp4x2k,mlp4x4k,llm_mlp on cuda, mlp4x1k on the cpu)\n");
   std::exit(why ? 2 : 0);
 }
 
 GaloreOptions parse(int argc, char** argv) {
   GaloreOptions o;
-  for (int i = 2; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage((a + " needs a value").c_str());
-      return argv[++i];
-    };
-    auto integer = [&](long lo) {
-      const std::string v = value();
-      char* end = nullptr;
-      const long x = std::strtol(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end != '\0' || x < lo) usage((a + ": bad value '" + v + "'").c_str());
-      return x;
-    };
-    if (a == "--help" || a == "-h") usage(nullptr);
-    else if (a == "--backend") {
-      const std::string v = value();
-      if (v == "cpu") o.device = relora::Device::cpu;
-      else if (v == "cuda") o.device = relora::Device::cuda;
-      else usage(("--backend: '" + v + "' is neither cpu nor cuda").c_str());
-    } else if (a == "--cases") {
-      o.cases.clear();
-      std::string v = value(), part;
-      for (std::size_t at = 0; at <= v.size(); ++at) {
-        if (at == v.size() || v[at] == ',') {
-          const bool known = std::any_of(galore_cases().begin(), galore_cases().end(),
-                                         [&](const GaloreCase& c) { return part == c.name; });
-          if (!known) usage(("--cases: unknown case '" + part + "'").c_str());
-          o.cases.push_back(part);
-          part.clear();
-        } else {
-          part += v[at];
-        }
-      }
-    } else if (a == "--svd") {
-      const std::string v = value();
+  CommandLine line(argc, argv, 2, usage);
+  while (line.next()) {
+    if (line.is("--help") || line.is("-h")) usage(nullptr);
+    else if (line.is("--backend")) o.device = line.device();
+    else if (line.is("--cases")) {
+      o.cases = line.names([](const std::string& name) {
+        return std::any_of(galore_cases().begin(), galore_cases().end(),
+                           [&](const GaloreCase& c) { return name == c.name; });
+      });
+    } else if (line.is("--svd")) {
+      const std::string v = line.value();
       if (v == "both") o.methods = {relora::SubspaceMethod::exact, relora::SubspaceMethod::randomized};
       else o.methods = {relora::parse_subspace(v)};
-    } else if (a == "--gap") o.gap = integer(1);
-    else if (a == "--power-iterations") o.power_iterations = int(integer(0));
-    else if (a == "--repeats") o.repeats = int(integer(1));
-    else if (a == "--batch") o.batch = int(integer(1));
-    else if (a == "--svd-repeats") o.svd_repeats = int(integer(1));
-    else if (a == "--threads") o.threads = int(integer(1));
-    else if (a == "--no-adam") o.adam = false;
-    else usage(("unknown argument '" + a + "'").c_str());
+    } else if (line.is("--gap")) o.gap = line.whole(1);
+    else if (line.is("--power-iterations")) o.power_iterations = int(line.whole(0));
+    else if (line.is("--repeats")) o.repeats = int(line.whole(1));
+    else if (line.is("--batch")) o.batch = int(line.whole(1));
+    else if (line.is("--svd-repeats")) o.svd_repeats = int(line.whole(1));
+    else if (line.is("--threads")) o.threads = int(line.whole(1));
+    else if (line.is("--no-adam")) o.adam = false;
+    else if (line.is("--json")) o.json = line.value();
+    else line.refuse_unknown();
   }
   if (o.cases.empty()) {
     if (o.device == relora::Device::cuda) o.cases = {"mlp4x2k", "mlp4x4k", "llm_mlp"};
@@ -199,6 +179,20 @@ int run_galore_cases(int argc, char** argv) {
     if (o.threads > 0) omp_set_num_threads(o.threads);
 #endif
     auto backend = relora::make_backend<T>(o.device);
+    std::vector<std::string> rows;  // JSON objects, one per optimizer and case
+    const auto row = [&](const char* name, const char* optimizer, double rank, double step, double svd_step,
+                         double amortised, double refresh, double state, double adam_state_mib, double work,
+                         double over_adam, double distance, double energy_ratio) {
+      rows.push_back("{\"case\": " + json_string(name) + ", \"optimizer\": " + json_string(optimizer) +
+                     ", \"rank\": " + json_number(rank) + ", \"power_iterations\": " + json_number(o.power_iterations) +
+                     ", \"step_ms\": " + json_number(step) + ", \"svd_step_ms\": " + json_number(svd_step) +
+                     ", \"amortised_ms\": " + json_number(amortised) + ", \"refresh_ms\": " + json_number(refresh) +
+                     ", \"state_mib\": " + json_number(state) + ", \"adam_mib\": " + json_number(adam_state_mib) +
+                     ", \"work_mib\": " + json_number(work) + ", \"amortised_over_adam\": " + json_number(over_adam) +
+                     ", \"subspace_distance\": " + json_number(distance) +
+                     ", \"energy_ratio\": " + json_number(energy_ratio) + "}");
+    };
+    const double none = std::nan("");
     std::printf("relora_bench --galore  backend %s (%s), T = %lld, one-sided, scale 0.25, lr 1e-3\n",
                 relora::device_name(o.device), backend->description().c_str(), static_cast<long long>(o.gap));
     std::printf("%-8s %-11s %5s %10s %12s %12s %11s %10s %10s %10s\n", "case", "optimizer", "rank", "step ms",
@@ -217,6 +211,8 @@ int run_galore_cases(int argc, char** argv) {
         adam_step = time_steps(adam, *backend, o.repeats, o.batch);
         std::printf("%-8s %-11s %5s %10.3f %12s %12s %11s %10s %10.1f %10s\n", c.name, "adam", "-", adam_step, "-", "-",
                     "-", "-", mib(adam_state), "-");
+        row(c.name, "adam", none, adam_step, none, adam_step, none, mib(adam_state), mib(adam_state), none, 1.0, none,
+            none);
         std::fflush(stdout);
       }
       relora::HostMatrix<T> exact_basis;
@@ -268,8 +264,14 @@ int run_galore_cases(int argc, char** argv) {
         const double svd_step = svd_ms[svd_ms.size() / 2];
         const double refresh_ms = (galore.refresh_seconds() - refresh_before) * 1e3 / o.svd_repeats;
         const double amortised = step + (svd_step - step) / double(o.gap);
+        const std::string optimizer =
+            std::string("galore/") + (method == relora::SubspaceMethod::exact ? "svd" : "rsvd");
+        row(c.name, optimizer.c_str(), double(c.rank), step, svd_step, amortised, refresh_ms,
+            mib(double(galore.state_bytes())), mib(adam_state), mib(double(galore.workspace_bytes())),
+            adam_step > 0 ? amortised / adam_step : none, distance >= 0 ? distance : none,
+            distance >= 0 ? energy_ratio : none);
         std::printf("%-8s %-11s %5lld %10.3f %12.1f %12.3f %11.1f %10.1f %10.1f %10.1f\n", c.name,
-                    (std::string("galore/") + (method == relora::SubspaceMethod::exact ? "svd" : "rsvd")).c_str(),
+                    optimizer.c_str(),
                     static_cast<long long>(c.rank), step, svd_step, amortised, refresh_ms,
                     mib(double(galore.state_bytes())), mib(adam_state), mib(double(galore.workspace_bytes())));
         std::printf("%-8s %-11s        refreshes %lld", "", "",
@@ -282,6 +284,13 @@ int run_galore_cases(int argc, char** argv) {
         std::printf("\n");
         std::fflush(stdout);
       }
+    }
+    if (!o.json.empty()) {
+      std::string text = "{\"tool\": \"relora_bench --galore\", \"date\": " + json_string(now_utc()) +
+                         ", \"backend\": " + json_string(backend->description()) +
+                         ", \"update_gap\": " + json_number(double(o.gap)) + ", \"results\": [";
+      for (std::size_t i = 0; i < rows.size(); ++i) text += (i ? ",\n  " : "\n  ") + rows[i];
+      write_file(o.json, text + "\n]}\n");
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "relora_bench --galore: %s\n", e.what());

@@ -44,6 +44,7 @@
 
 #include "anchor_cases.hpp"
 #include "bench_json.hpp"
+#include "command_line.hpp"
 #include "data_parallel_cases.hpp"
 #include "galore_cases.hpp"
 #include "half_floor.hpp"
@@ -62,6 +63,8 @@ using relora::Index;
 using Clock = std::chrono::steady_clock;
 using T = float;
 using relora_bench::CaseSpec;
+using relora_bench::CommandLine;
+using relora_bench::split;
 using relora_bench::anchor_cases;
 using relora_bench::json_number;
 using relora_bench::json_string;
@@ -118,16 +121,6 @@ struct Options {
   std::exit(why ? 2 : 0);
 }
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> parts;
-  std::stringstream in(s);
-  std::string part;
-  while (std::getline(in, part, sep)) {
-    if (!part.empty()) parts.push_back(part);
-  }
-  return parts;
-}
-
 // "n:k,d1,d2,...:r", a model of the given widths (ReLU between layers), e.g. 1024:32,32:8.
 CaseSpec parse_custom(const std::string& text) {
   const std::vector<std::string> parts = split(text, ':');
@@ -150,77 +143,57 @@ CaseSpec parse_custom(const std::string& text) {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage((a + " needs a value").c_str());
-      return argv[++i];
-    };
-    auto number = [&](double lo) {
-      const std::string v = value();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !(x >= lo)) usage((a + ": bad value '" + v + "'").c_str());
-      return x;
-    };
-    if (a == "--help" || a == "-h") usage(nullptr);
-    else if (a == "--backend") {
-      const std::string v = value();
-      if (v == "cpu") o.device = relora::Device::cpu;
-      else if (v == "cuda") o.device = relora::Device::cuda;
-      else usage(("--backend: '" + v + "' is neither cpu nor cuda").c_str());
-    } else if (a == "--math") {
-      const std::string v = value();
+  CommandLine line(argc, argv, 1, usage);
+  while (line.next()) {
+    if (line.is("--help") || line.is("-h")) usage(nullptr);
+    else if (line.is("--backend")) o.device = line.device();
+    else if (line.is("--math")) {
+      const std::string v = line.value();
       if (v == "strict") o.math = relora::MathMode::strict;
       else if (v == "tf32") o.math = relora::MathMode::tf32;
-      else usage(("--math: '" + v + "' is neither strict nor tf32").c_str());
-    } else if (a == "--cases") {
-      const std::string v = value();
+      else line.refuse("--math: '" + v + "' is neither strict nor tf32");
+    } else if (line.is("--cases")) {
       o.cases_given = true;
-      if (v == "all") {
+      o.cases = line.names([](const std::string& name) {
+        return name == "all" || std::any_of(anchor_cases().begin(), anchor_cases().end(),
+                                            [&](const CaseSpec& c) { return c.name == name; });
+      });
+      if (std::find(o.cases.begin(), o.cases.end(), "all") != o.cases.end()) {
+        o.cases.clear();
         for (const CaseSpec& c : anchor_cases()) o.cases.push_back(c.name);
-      } else {
-        o.cases = split(v, ',');
       }
-      for (const std::string& name : o.cases) {
-        const bool known = std::any_of(anchor_cases().begin(), anchor_cases().end(),
-                                       [&](const CaseSpec& c) { return c.name == name; });
-        if (!known) usage(("--cases: unknown case '" + name + "'").c_str());
-      }
-    } else if (a == "--repeats") o.repeats = int(number(1));
-    else if (a == "--warmup") o.warmup = int(number(0));
-    else if (a == "--batch") o.batch = int(number(1));
-    else if (a == "--batch-ms") o.batch_ms = number(0.001);
-    else if (a == "--max-seconds") o.max_seconds = number(0.001);
-    else if (a == "--threads") o.threads = int(number(1));
-    else if (a == "--cpu-skip-seconds") o.cpu_skip_seconds = number(0);
-    else if (a == "--scaling") o.scaling = true;
-    else if (a == "--no-memory") o.memory = false;
-    else if (a == "--no-floor") o.floor = false;
-    else if (a == "--unfused") o.fused = false;
-    else if (a == "--layer") {
-      const std::string v = value();
+    } else if (line.is("--repeats")) o.repeats = int(line.number(1));
+    else if (line.is("--warmup")) o.warmup = int(line.number(0));
+    else if (line.is("--batch")) o.batch = int(line.number(1));
+    else if (line.is("--batch-ms")) o.batch_ms = line.number(0.001);
+    else if (line.is("--max-seconds")) o.max_seconds = line.number(0.001);
+    else if (line.is("--threads")) o.threads = int(line.number(1));
+    else if (line.is("--cpu-skip-seconds")) o.cpu_skip_seconds = line.number(0);
+    else if (line.is("--scaling")) o.scaling = true;
+    else if (line.is("--no-memory")) o.memory = false;
+    else if (line.is("--no-floor")) o.floor = false;
+    else if (line.is("--unfused")) o.fused = false;
+    else if (line.is("--layer")) {
+      const std::string v = line.value();
       if (v == "lora") o.dora = false;
       else if (v == "dora") o.dora = true;
-      else usage(("--layer: '" + v + "' is neither lora nor dora").c_str());
-    } else if (a == "--thread-sweep") o.thread_sweep = true;
-    else if (a == "--custom") o.custom.push_back(parse_custom(value()));
-    else if (a == "--precision") {
-      const std::string v = value();
+      else line.refuse("--layer: '" + v + "' is neither lora nor dora");
+    } else if (line.is("--thread-sweep")) o.thread_sweep = true;
+    else if (line.is("--custom")) o.custom.push_back(parse_custom(line.value()));
+    else if (line.is("--precision")) {
+      const std::string v = line.value();
       if (v == "fp32") o.precision = relora::BasePrecision::fp32;
       else if (v == "bf16") o.precision = relora::BasePrecision::bf16;
       else if (v == "fp16") o.precision = relora::BasePrecision::fp16;
-      else usage(("--precision: '" + v + "' is not fp32, bf16 or fp16").c_str());
-    }
-    else if (a == "--ranks") {
+      else line.refuse("--precision: '" + v + "' is not fp32, bf16 or fp16");
+    } else if (line.is("--ranks")) {
       try {
-        o.ranks = relora_bench::parse_rank_counts(value());
+        o.ranks = relora_bench::parse_rank_counts(line.value());
       } catch (const std::invalid_argument& e) {
-        usage(e.what());
+        line.refuse(e.what());
       }
-    }
-    else if (a == "--json") o.json = value();
-    else usage(("unknown argument '" + a + "'").c_str());
+    } else if (line.is("--json")) o.json = line.value();
+    else line.refuse_unknown();
   }
   return o;
 }
