@@ -114,6 +114,38 @@ void require_import_refused(Model<float>& model, const std::string& dir, const s
   CHECK(same_snapshot(before, snapshot(model)));
 }
 
+// An edit of a good adapter's weights file, and two common ones.
+using WeightsEdit = std::function<void(SafetensorsWriter&, const SafetensorsFile&)>;
+
+// Every tensor of the good file but `name`.
+WeightsEdit without_tensor(const std::string& name) {
+  return [name](SafetensorsWriter& w, const SafetensorsFile& f) {
+    for (const auto& n : f.names()) {
+      if (n != name) w.add_raw(n, f.dtype(n), f.shape(n), f.raw_data(n));
+    }
+  };
+}
+
+// Every tensor of the good file, `name` declared with `shape` (same bytes).
+WeightsEdit with_shape(const std::string& name, std::vector<std::int64_t> shape) {
+  return [name, shape](SafetensorsWriter& w, const SafetensorsFile& f) {
+    for (const auto& n : f.names()) w.add_raw(n, f.dtype(n), n == name ? shape : f.shape(n), f.raw_data(n));
+  };
+}
+
+// Writes the edited weights into `dir` (adapter_model.safetensors), requires the import to be
+// refused with `expected`, then puts the good weights back.
+void require_weights_refused(Model<float>& model, const std::string& dir, const std::vector<std::uint8_t>& good_weights,
+                             const WeightsEdit& edit, const std::string& expected) {
+  const SafetensorsFile file = SafetensorsFile::parse(good_weights);
+  SafetensorsWriter writer;
+  edit(writer, file);
+  const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();
+  writer.write_atomically(path);
+  require_import_refused(model, dir, expected);
+  write_file_atomically(path, good_weights);
+}
+
 }  // namespace
 
 TEST_CASE("PEFT adapter: export then import is bit exact, with and without rsLoRA") {
@@ -278,30 +310,13 @@ TEST_CASE("PEFT adapter: mismatched configs, missing keys and wrong shapes are r
   with_config([](auto& c) { c["target_modules"] = {"0", "2"}; },
               "tensor 'base_model.model.4.lora_A.weight' belongs to no target module");
 
-  const auto with_weights = [&](const std::function<void(SafetensorsWriter&, const SafetensorsFile&)>& edit,
-                                const std::string& expected) {
-    const SafetensorsFile file = SafetensorsFile::parse(good_weights);
-    SafetensorsWriter writer;
-    edit(writer, file);
-    writer.write_atomically(dir.file("adapter_model.safetensors"));
-    require_import_refused(*target, dir.file(), expected);
-    write_file_atomically(dir.file("adapter_model.safetensors"), good_weights);
+  const auto with_weights = [&](const WeightsEdit& edit, const std::string& expected) {
+    require_weights_refused(*target, dir.file(), good_weights, edit, expected);
   };
-  with_weights(
-      [](SafetensorsWriter& w, const SafetensorsFile& f) {
-        for (const auto& n : f.names()) {
-          if (n != "base_model.model.2.lora_B.weight") w.add_raw(n, f.dtype(n), f.shape(n), f.raw_data(n));
-        }
-      },
-      "tensor 'base_model.model.2.lora_B.weight' is missing (module '2' is a target module)");
-  with_weights(
-      [](SafetensorsWriter& w, const SafetensorsFile& f) {
-        for (const auto& n : f.names()) {
-          const bool bad = n == "base_model.model.0.lora_A.weight";
-          w.add_raw(n, f.dtype(n), bad ? std::vector<std::int64_t>{16, 4} : f.shape(n), f.raw_data(n));
-        }
-      },
-      "tensor 'base_model.model.0.lora_A.weight' has shape [16 x 4], module '0' needs [4 x 16]");
+  with_weights(without_tensor("base_model.model.2.lora_B.weight"),
+               "tensor 'base_model.model.2.lora_B.weight' is missing (module '2' is a target module)");
+  with_weights(with_shape("base_model.model.0.lora_A.weight", {16, 4}),
+               "tensor 'base_model.model.0.lora_A.weight' has shape [16 x 4], module '0' needs [4 x 16]");
   with_weights(
       [](SafetensorsWriter& w, const SafetensorsFile& f) {
         for (const auto& n : f.names()) w.add_raw(n, f.dtype(n), f.shape(n), f.raw_data(n));
@@ -539,30 +554,13 @@ TEST_CASE("PEFT DoRA adapter: LoRA and DoRA files are refused by layers of the o
                            "tensor 'base_model.model.0.lora_magnitude_vector' is a DoRA magnitude, but");
     write_json(dora_dir.file("adapter_config.json"), good);
   }
-  const auto with_weights = [&](const std::function<void(SafetensorsWriter&, const SafetensorsFile&)>& edit,
-                                const std::string& expected) {
-    const SafetensorsFile file = SafetensorsFile::parse(good_weights);
-    SafetensorsWriter writer;
-    edit(writer, file);
-    writer.write_atomically(dora_dir.file("adapter_model.safetensors"));
-    require_import_refused(*dora_target, dora_dir.file(), expected);
-    write_file_atomically(dora_dir.file("adapter_model.safetensors"), good_weights);
+  const auto with_weights = [&](const WeightsEdit& edit, const std::string& expected) {
+    require_weights_refused(*dora_target, dora_dir.file(), good_weights, edit, expected);
   };
-  with_weights(
-      [](SafetensorsWriter& w, const SafetensorsFile& f) {
-        for (const auto& n : f.names()) {
-          if (n != "base_model.model.2.lora_magnitude_vector") w.add_raw(n, f.dtype(n), f.shape(n), f.raw_data(n));
-        }
-      },
-      "tensor 'base_model.model.2.lora_magnitude_vector' (the DoRA magnitude of module '2') is missing");
-  with_weights(
-      [](SafetensorsWriter& w, const SafetensorsFile& f) {
-        for (const auto& n : f.names()) {
-          const bool bad = n == "base_model.model.4.lora_magnitude_vector";
-          w.add_raw(n, f.dtype(n), bad ? std::vector<std::int64_t>{1, 8} : f.shape(n), f.raw_data(n));
-        }
-      },
-      "tensor 'base_model.model.4.lora_magnitude_vector' has shape [1 x 8], module '4' needs [8]");
+  with_weights(without_tensor("base_model.model.2.lora_magnitude_vector"),
+               "tensor 'base_model.model.2.lora_magnitude_vector' (the DoRA magnitude of module '2') is missing");
+  with_weights(with_shape("base_model.model.4.lora_magnitude_vector", {1, 8}),
+               "tensor 'base_model.model.4.lora_magnitude_vector' has shape [1 x 8], module '4' needs [8]");
   with_weights(
       [](SafetensorsWriter& w, const SafetensorsFile& f) {
         for (const auto& n : f.names()) {
