@@ -1,8 +1,9 @@
 // Does compute-sanitizer's initcheck see the stores of cuBLAS's 16-bit GEMM kernels on this GPU?
 // One product writes Y (every element, beta 0) into fresh memory and a plain kernel then reads Y.
 // Under initcheck, a report of an uninitialised read of Y means the tool missed the product's
-// stores: nothing but cuBLAS wrote Y. scripts/sanitize_cuda.sh runs this before it judges the
-// reports of the layers' kernels that read a 16-bit product's output.
+// stores: nothing but cuBLAS wrote Y. scripts/sanitize_cuda.sh runs it first and prints what it
+// shows: the reason the library marks those products' outputs as written
+// (lib/cuda/cuda_sanitizer_marks.cuh).
 //
 //   usage: cublas_16bit_store_probe [bf16|fp32] [n k d]
 //     bf16: cublasGemmEx with bf16 inputs, fp32 output and fp32 accumulation (FrozenBase's
