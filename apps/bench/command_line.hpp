@@ -37,7 +37,6 @@ class CommandLine {
     option_ = argv_[at_];
     return true;
   }
-  const std::string& option() const { return option_; }
   bool is(const char* name) const { return option_ == name; }
 
   std::string value() {

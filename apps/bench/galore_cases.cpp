@@ -120,6 +120,26 @@ GaloreOptions parse(int argc, char** argv) {
   return o;
 }
 
+// One row of the table as JSON; NaN (written null) where the row has no such figure.
+struct ResultRow {
+  std::string case_name, optimizer;
+  double rank = std::nan(""), power_iterations = std::nan("");
+  double step_ms = std::nan(""), svd_step_ms = std::nan(""), amortised_ms = std::nan(""), refresh_ms = std::nan("");
+  double state_mib = std::nan(""), adam_mib = std::nan(""), work_mib = std::nan("");
+  double amortised_over_adam = std::nan(""), subspace_distance = std::nan(""), energy_ratio = std::nan("");
+
+  std::string json() const {
+    return "{\"case\": " + json_string(case_name) + ", \"optimizer\": " + json_string(optimizer) +
+           ", \"rank\": " + json_number(rank) + ", \"power_iterations\": " + json_number(power_iterations) +
+           ", \"step_ms\": " + json_number(step_ms) + ", \"svd_step_ms\": " + json_number(svd_step_ms) +
+           ", \"amortised_ms\": " + json_number(amortised_ms) + ", \"refresh_ms\": " + json_number(refresh_ms) +
+           ", \"state_mib\": " + json_number(state_mib) + ", \"adam_mib\": " + json_number(adam_mib) +
+           ", \"work_mib\": " + json_number(work_mib) + ", \"amortised_over_adam\": " +
+           json_number(amortised_over_adam) + ", \"subspace_distance\": " + json_number(subspace_distance) +
+           ", \"energy_ratio\": " + json_number(energy_ratio) + "}";
+  }
+};
+
 struct Run {
   std::unique_ptr<relora::Model<T>> model;
   std::unique_ptr<relora::Trainer<T>> trainer;
@@ -180,18 +200,6 @@ int run_galore_cases(int argc, char** argv) {
 #endif
     auto backend = relora::make_backend<T>(o.device);
     std::vector<std::string> rows;  // JSON objects, one per optimizer and case
-    const auto row = [&](const char* name, const char* optimizer, double rank, double step, double svd_step,
-                         double amortised, double refresh, double state, double adam_state_mib, double work,
-                         double over_adam, double distance, double energy_ratio) {
-      rows.push_back("{\"case\": " + json_string(name) + ", \"optimizer\": " + json_string(optimizer) +
-                     ", \"rank\": " + json_number(rank) + ", \"power_iterations\": " + json_number(o.power_iterations) +
-                     ", \"step_ms\": " + json_number(step) + ", \"svd_step_ms\": " + json_number(svd_step) +
-                     ", \"amortised_ms\": " + json_number(amortised) + ", \"refresh_ms\": " + json_number(refresh) +
-                     ", \"state_mib\": " + json_number(state) + ", \"adam_mib\": " + json_number(adam_state_mib) +
-                     ", \"work_mib\": " + json_number(work) + ", \"amortised_over_adam\": " + json_number(over_adam) +
-                     ", \"subspace_distance\": " + json_number(distance) +
-                     ", \"energy_ratio\": " + json_number(energy_ratio) + "}");
-    };
     const double none = std::nan("");
     std::printf("relora_bench --galore  backend %s (%s), T = %lld, one-sided, scale 0.25, lr 1e-3\n",
                 relora::device_name(o.device), backend->description().c_str(), static_cast<long long>(o.gap));
@@ -211,8 +219,10 @@ int run_galore_cases(int argc, char** argv) {
         adam_step = time_steps(adam, *backend, o.repeats, o.batch);
         std::printf("%-8s %-11s %5s %10.3f %12s %12s %11s %10s %10.1f %10s\n", c.name, "adam", "-", adam_step, "-", "-",
                     "-", "-", mib(adam_state), "-");
-        row(c.name, "adam", none, adam_step, none, adam_step, none, mib(adam_state), mib(adam_state), none, 1.0, none,
-            none);
+        rows.push_back(ResultRow{.case_name = c.name, .optimizer = "adam", .power_iterations = o.power_iterations,
+                                 .step_ms = adam_step, .amortised_ms = adam_step, .state_mib = mib(adam_state),
+                                 .adam_mib = mib(adam_state), .amortised_over_adam = 1.0}
+                           .json());
         std::fflush(stdout);
       }
       relora::HostMatrix<T> exact_basis;
@@ -266,10 +276,15 @@ int run_galore_cases(int argc, char** argv) {
         const double amortised = step + (svd_step - step) / double(o.gap);
         const std::string optimizer =
             std::string("galore/") + (method == relora::SubspaceMethod::exact ? "svd" : "rsvd");
-        row(c.name, optimizer.c_str(), double(c.rank), step, svd_step, amortised, refresh_ms,
-            mib(double(galore.state_bytes())), mib(adam_state), mib(double(galore.workspace_bytes())),
-            adam_step > 0 ? amortised / adam_step : none, distance >= 0 ? distance : none,
-            distance >= 0 ? energy_ratio : none);
+        rows.push_back(ResultRow{.case_name = c.name, .optimizer = optimizer, .rank = double(c.rank),
+                                 .power_iterations = o.power_iterations, .step_ms = step, .svd_step_ms = svd_step,
+                                 .amortised_ms = amortised, .refresh_ms = refresh_ms,
+                                 .state_mib = mib(double(galore.state_bytes())), .adam_mib = mib(adam_state),
+                                 .work_mib = mib(double(galore.workspace_bytes())),
+                                 .amortised_over_adam = adam_step > 0 ? amortised / adam_step : none,
+                                 .subspace_distance = distance >= 0 ? distance : none,
+                                 .energy_ratio = distance >= 0 ? energy_ratio : none}
+                           .json());
         std::printf("%-8s %-11s %5lld %10.3f %12.1f %12.3f %11.1f %10.1f %10.1f %10.1f\n", c.name,
                     optimizer.c_str(),
                     static_cast<long long>(c.rank), step, svd_step, amortised, refresh_ms,
