@@ -73,6 +73,44 @@ TEST_CASE("cuda bf16 and fp16 base: forward and gradients against fp32 on the sa
   }
 }
 
+TEST_CASE("cuda bf16 base: operands larger than the cast buffer go in row blocks, every row as whole") {
+  // The 16-bit cast buffer holds 2^24 values: X (n x k) of the forward and dY (n x d) of the
+  // backward above that are cast and multiplied a block of rows at a time (1920 rows at width
+  // 8200, so n = 2085 is a full block and a partial one). X and dY are bf16 values already, so the
+  // cast is exact and each row of Y and dX must equal the fp32 layer's on the same weights to
+  // fp32 accumulation, 1e-5 relative row by row: a row of a block multiplied wrongly or not at all
+  // cannot hide in a norm over the whole matrix.
+  if (!cuda_or_skip("CUDA bf16 test")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  const Index n = 2085, wide = 8200, narrow = 64;
+  for (const bool wide_input : {true, false}) {
+    const Index k = wide_input ? wide : narrow, d = wide_input ? narrow : wide;
+    const LoraConfig config{.in_features = k, .out_features = d, .rank = 8, .alpha = 16, .seed = 6};
+    std::mt19937_64 gen(12);
+    HalfAndReference layers(*gpu, config, BasePrecision::bf16, gen);
+    const HostMatrix<float> x = relora::testing::rounded(normal_matrix<float>(n, k, gen), BasePrecision::bf16);
+    const HostMatrix<float> dy = relora::testing::rounded(normal_matrix<float>(n, d, gen), BasePrecision::bf16);
+    Tensor<float> gX = to_backend<float>(*gpu, x, "X");
+    Tensor<float> gdY = to_backend<float>(*gpu, dy, "dY"), gdY_ref = to_backend<float>(*gpu, dy, "dY");
+    const HostMatrix<float> y = to_host(*gpu, layers.half->forward(gX));
+    const HostMatrix<float> y_ref = to_host(*gpu, layers.reference->forward(gX));
+    layers.half->backward(gdY, true);
+    layers.reference->backward(gdY_ref, true);
+    const HostMatrix<float> dx = to_host(*gpu, layers.half->dX()), dx_ref = to_host(*gpu, layers.reference->dX());
+    auto worst_row = [](const HostMatrix<float>& a, const HostMatrix<float>& b) {
+      double worst = 0;
+      for (Index i = 0; i < a.rows(); ++i) {
+        worst = std::max(worst, double((a.row(i) - b.row(i)).norm()) / std::max(double(b.row(i).norm()), 1e-30));
+      }
+      return worst;
+    };
+    const double e_y = worst_row(y, y_ref), e_dx = worst_row(dx, dx_ref);
+    MESSAGE(n << " x " << k << " -> " << d << ": worst row of Y " << e_y << ", of dX " << e_dx);
+    CHECK(e_y <= 1e-5);
+    CHECK(e_dx <= 1e-5);
+  }
+}
+
 TEST_CASE("cuda bf16 base: stochastic and nearest merges give the CPU's bits") {
   if (!cuda_or_skip("CUDA bf16 test")) return;
   auto gpu = make_backend<float>(Device::cuda);

@@ -329,6 +329,70 @@ TEST_CASE("galore: the randomized range finder finds the exact SVD's subspace") 
   }
 }
 
+TEST_CASE("galore: the Gram finder's vectors are the exact SVD's") {
+  // The randomized test's matrix (rank 40 of 96 x 160, spectrum 0.8^k), both orientations and
+  // both projections: the Gram route changes how the vectors are computed, not which they are.
+  std::mt19937_64 gen(21);
+  const Index m = 96, n = 160, r = 8;
+  Mat<double> g = Mat<double>::Zero(m, n);
+  for (int k = 0; k < 40; ++k) {
+    g += std::pow(0.8, k) * normal_matrix(m, 1, gen) * normal_matrix(1, n, gen);
+  }
+  for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
+    for (bool tall : {false, true}) {
+      const Mat<double> G = tall ? Mat<double>(g.transpose()) : g;
+      auto backend = make_backend<double>(Device::cpu);
+      auto bases = [&](SubspaceMethod method) {
+        Weight<double> w(backend, Mat<double>::Zero(G.rows(), G.cols()));
+        Galore<double> galore(backend, std::vector<Parameter<double>>{w.param},
+                              GaloreConfig{.rank = r, .projection = projection, .subspace = method});
+        w.set_gradient(G);
+        galore.step();
+        std::vector<Mat<double>> out;
+        if (projection == GaloreProjection::two_sided || G.rows() <= G.cols()) out.push_back(to_host(*backend, galore.P(0)));
+        if (projection == GaloreProjection::two_sided || G.rows() > G.cols()) out.push_back(to_host(*backend, galore.Q(0)));
+        return out;
+      };
+      const auto exact = bases(SubspaceMethod::exact);
+      const auto gram = bases(SubspaceMethod::gram);
+      REQUIRE(exact.size() == gram.size());
+      for (std::size_t i = 0; i < exact.size(); ++i) {
+        const double vec_diff = max_abs_diff(exact[i], gram[i]);
+        INFO("two-sided " << (projection == GaloreProjection::two_sided) << ", tall " << tall << ", basis " << i
+                          << ": |U_svd - U_gram| " << vec_diff);
+        // In double, each vector's error is about epsilon s_1^2 / (s_j^2 - s_{j+1}^2): here
+        // 0.8^-16 / (1 - 0.64) epsilon, 1e-13 and more with the sums' rounding; the signs agree.
+        CHECK(vec_diff < 1e-9);
+      }
+    }
+  }
+}
+
+TEST_CASE("galore: the Gram finder completes the basis of a rank-deficient gradient") {
+  // Rank 3 of 12 x 20 and r = 5: two of the vectors lie in the null space, any orthonormal
+  // completion will do; P and Q must still be orthonormal and finite, and the step finite.
+  std::mt19937_64 gen(4);
+  const Mat<double> G = normal_matrix(12, 3, gen) * normal_matrix(3, 20, gen);
+  for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
+    auto backend = make_backend<double>(Device::cpu);
+    Weight<double> w(backend, Mat<double>::Zero(12, 20));
+    Galore<double> galore(backend, std::vector<Parameter<double>>{w.param},
+                          GaloreConfig{.rank = 5, .projection = projection, .subspace = SubspaceMethod::gram});
+    w.set_gradient(G);
+    galore.step();
+    const Mat<double> P = to_host(*backend, galore.P(0));
+    CHECK(max_abs_diff(Mat<double>(P.transpose() * P), Mat<double>::Identity(5, 5)) < 1e-12);
+    // The rank-3 range is inside the subspace: P P^T G = G.
+    CHECK(max_abs_diff(Mat<double>(P * P.transpose() * G), G) < 1e-10);
+    if (projection == GaloreProjection::two_sided) {
+      const Mat<double> Q = to_host(*backend, galore.Q(0));
+      CHECK(max_abs_diff(Mat<double>(Q.transpose() * Q), Mat<double>::Identity(5, 5)) < 1e-12);
+      CHECK(max_abs_diff(Mat<double>(G * Q * Q.transpose()), G) < 1e-10);
+    }
+    CHECK(w.value().allFinite());
+  }
+}
+
 namespace {
 
 struct ResumeRun {
@@ -360,7 +424,9 @@ TEST_CASE("galore: a checkpoint resumes bit for bit across an SVD boundary") {
         GaloreConfig{.lr = 5e-3, .rank = 2, .update_gap = 4, .projection = GaloreProjection::two_sided,
                      .moments = MomentsAtRefresh::reproject},
         GaloreConfig{.lr = 5e-3, .rank = 3, .update_gap = 5, .moments = MomentsAtRefresh::reset,
-                     .subspace = SubspaceMethod::randomized, .seed = 9}}) {
+                     .subspace = SubspaceMethod::randomized, .seed = 9},
+        GaloreConfig{.lr = 5e-3, .rank = 2, .update_gap = 4, .projection = GaloreProjection::two_sided,
+                     .subspace = SubspaceMethod::gram}}) {
     INFO("projection " << std::string(projection_name(galore.projection)) << ", moments "
                        << std::string(moments_name(galore.moments)) << ", subspace "
                        << std::string(subspace_name(galore.subspace)));
@@ -417,6 +483,9 @@ TEST_CASE("galore: bad settings are refused with the value and the shapes, and c
                        ConfigError);
   CHECK_THROWS_WITH_AS(parse_moments("forget"), doctest::Contains("'forget'"), ConfigError);
   CHECK_THROWS_WITH_AS(parse_subspace("lanczos"), doctest::Contains("'lanczos'"), ConfigError);
+  for (SubspaceMethod method : {SubspaceMethod::exact, SubspaceMethod::gram, SubspaceMethod::randomized}) {
+    CHECK(parse_subspace(subspace_name(method)) == method);
+  }
   // A rank above a small weight's min(m, n) is fine when min_elements leaves it to plain Adam.
   Galore<float> small(backend, params, GaloreConfig{.rank = 7, .min_elements = 100});
   CHECK_FALSE(small.projected(0));
@@ -536,14 +605,14 @@ constexpr double kComparedEps = 0.1;
 
 TEST_CASE("galore: float and double agree on the CPU (P P^T and the applied update)") {
   for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
-    for (SubspaceMethod subspace : {SubspaceMethod::exact, SubspaceMethod::randomized}) {
+    for (SubspaceMethod subspace : {SubspaceMethod::exact, SubspaceMethod::gram, SubspaceMethod::randomized}) {
       INFO(std::string(projection_name(projection)) << ", " << std::string(subspace_name(subspace)));
       const auto single = galore_run<float>(Device::cpu, projection, subspace, kComparedEps);
       const auto reference = galore_run<double>(Device::cpu, projection, subspace, kComparedEps);
       const double proj_diff = (single.first - reference.first).cwiseAbs().maxCoeff();
       const double update_diff =
           (single.second - reference.second).cwiseAbs().maxCoeff() / reference.second.cwiseAbs().maxCoeff();
-      MESSAGE(std::string(projection_name(projection)) << ", " << subspace_name(subspace) << ": max |PP^T float - double| "
+      MESSAGE(std::string(projection_name(projection)) << ", " << std::string(subspace_name(subspace)) << ": max |PP^T float - double| "
                                           << proj_diff << ", relative update difference " << update_diff);
       CHECK(proj_diff < 1e-4);
       CHECK(update_diff < 1e-3);
@@ -554,13 +623,13 @@ TEST_CASE("galore: float and double agree on the CPU (P P^T and the applied upda
 TEST_CASE("galore: CPU and CUDA agree (P P^T and the applied update)") {
   if (!testing::cuda_or_skip("CUDA GaLore test")) return;
   for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
-    for (SubspaceMethod subspace : {SubspaceMethod::exact, SubspaceMethod::randomized}) {
+    for (SubspaceMethod subspace : {SubspaceMethod::exact, SubspaceMethod::gram, SubspaceMethod::randomized}) {
       INFO(std::string(projection_name(projection)) << ", " << std::string(subspace_name(subspace)));
       const auto cpu = galore_run<float>(Device::cpu, projection, subspace, kComparedEps);
       const auto cuda = galore_run<float>(Device::cuda, projection, subspace, kComparedEps);
       const double proj_diff = (cpu.first - cuda.first).cwiseAbs().maxCoeff();
       const double update_diff = (cpu.second - cuda.second).cwiseAbs().maxCoeff() / cpu.second.cwiseAbs().maxCoeff();
-      MESSAGE(std::string(projection_name(projection)) << ", " << subspace_name(subspace) << ": max |PP^T cpu - cuda| "
+      MESSAGE(std::string(projection_name(projection)) << ", " << std::string(subspace_name(subspace)) << ": max |PP^T cpu - cuda| "
                                           << proj_diff << ", relative update difference " << update_diff);
       CHECK(proj_diff < 1e-4);
       CHECK(update_diff < 1e-3);

@@ -66,7 +66,8 @@ const std::vector<GaloreCase>& galore_cases() {
 struct GaloreOptions {
   relora::Device device = relora::Device::cpu;
   std::vector<std::string> cases;
-  std::vector<relora::SubspaceMethod> methods{relora::SubspaceMethod::exact, relora::SubspaceMethod::randomized};
+  std::vector<relora::SubspaceMethod> methods{relora::SubspaceMethod::exact, relora::SubspaceMethod::gram,
+                                              relora::SubspaceMethod::randomized};
   std::int64_t gap = 200;
   int power_iterations = 4;  // the randomized finder's passes (GaloreConfig's default)
   int repeats = 5;
@@ -80,10 +81,11 @@ struct GaloreOptions {
 [[noreturn]] void usage(const char* why) {
   if (why) std::fprintf(stderr, "relora_bench --galore: %s\n\n", why);
   std::fprintf(stderr,
-               "usage: relora_bench --galore [--backend cpu|cuda] [--cases a,b,...] [--svd exact|randomized|both]\n"
+               "usage: relora_bench --galore [--backend cpu|cuda] [--cases a,b,...] [--svd all|both|a,b,...]\n"
                "                             [--gap T] [--power-iterations Q] [--repeats R] [--batch K]\n"
                "                             [--svd-repeats S] [--threads N]\n"
                "                             [--no-adam] [--json FILE]\n"
+               "svd: exact, gram, randomized (all: the three, the default; both: exact,randomized)\n"
                "cases: mlp4x1k mlp4x2k mlp4x4k llm_mlp (default: mlp4x2k,mlp4x4k,llm_mlp on cuda, mlp4x1k on the cpu)\n");
   std::exit(why ? 2 : 0);
 }
@@ -101,8 +103,22 @@ GaloreOptions parse(int argc, char** argv) {
       });
     } else if (line.is("--svd")) {
       const std::string v = line.value();
-      if (v == "both") o.methods = {relora::SubspaceMethod::exact, relora::SubspaceMethod::randomized};
-      else o.methods = {relora::parse_subspace(v)};
+      if (v == "all") continue;  // the default
+      if (v == "both") {
+        o.methods = {relora::SubspaceMethod::exact, relora::SubspaceMethod::randomized};
+        continue;
+      }
+      o.methods.clear();
+      std::size_t start = 0;
+      while (start <= v.size()) {
+        const std::size_t comma = std::min(v.find(',', start), v.size());
+        try {
+          o.methods.push_back(relora::parse_subspace(v.substr(start, comma - start)));
+        } catch (const relora::ConfigError& e) {
+          line.refuse(std::string("--svd: ") + e.what());
+        }
+        start = comma + 1;
+      }
     } else if (line.is("--gap")) o.gap = line.whole(1);
     else if (line.is("--power-iterations")) o.power_iterations = int(line.whole(0));
     else if (line.is("--repeats")) o.repeats = int(line.whole(1));
@@ -274,8 +290,9 @@ int run_galore_cases(int argc, char** argv) {
         const double svd_step = svd_ms[svd_ms.size() / 2];
         const double refresh_ms = (galore.refresh_seconds() - refresh_before) * 1e3 / o.svd_repeats;
         const double amortised = step + (svd_step - step) / double(o.gap);
-        const std::string optimizer =
-            std::string("galore/") + (method == relora::SubspaceMethod::exact ? "svd" : "rsvd");
+        const std::string optimizer = std::string("galore/") + (method == relora::SubspaceMethod::exact  ? "svd"
+                                                                : method == relora::SubspaceMethod::gram ? "gram"
+                                                                                                         : "rsvd");
         rows.push_back(ResultRow{.case_name = c.name, .optimizer = optimizer, .rank = double(c.rank),
                                  .power_iterations = o.power_iterations, .step_ms = step, .svd_step_ms = svd_step,
                                  .amortised_ms = amortised, .refresh_ms = refresh_ms,

@@ -29,7 +29,7 @@ void validate(const GaloreConfig& c) {
   const int projection = int(c.projection), moments = int(c.moments), subspace = int(c.subspace);
   check(projection == 0 || projection == 1, "unknown projection mode " + std::to_string(projection));
   check(moments >= 0 && moments <= 2, "unknown moments-at-refresh mode " + std::to_string(moments));
-  check(subspace == 0 || subspace == 1, "unknown subspace method " + std::to_string(subspace));
+  check(subspace >= 0 && subspace <= 2, "unknown subspace method " + std::to_string(subspace));
 }
 
 }  // namespace
@@ -45,7 +45,14 @@ const char* moments_name(MomentsAtRefresh moments) {
   }
   return "?";
 }
-const char* subspace_name(SubspaceMethod method) { return method == SubspaceMethod::exact ? "exact" : "randomized"; }
+const char* subspace_name(SubspaceMethod method) {
+  switch (method) {
+    case SubspaceMethod::exact: return "exact";
+    case SubspaceMethod::randomized: return "randomized";
+    case SubspaceMethod::gram: return "gram";
+  }
+  return "?";
+}
 
 GaloreProjection parse_projection(const std::string& text) {
   if (text == "one_sided") return GaloreProjection::one_sided;
@@ -61,7 +68,8 @@ MomentsAtRefresh parse_moments(const std::string& text) {
 SubspaceMethod parse_subspace(const std::string& text) {
   if (text == "exact") return SubspaceMethod::exact;
   if (text == "randomized") return SubspaceMethod::randomized;
-  throw ConfigError("GaLore: unknown subspace method '" + text + "' (exact or randomized)");
+  if (text == "gram") return SubspaceMethod::gram;
+  throw ConfigError("GaLore: unknown subspace method '" + text + "' (exact, gram or randomized)");
 }
 
 template <typename T>
@@ -201,6 +209,9 @@ Galore<T>::Galore(std::shared_ptr<Backend<T>> backend, std::vector<ParamGroup<T>
       range_finder_ =
           std::make_unique<RangeFinder<T>>(*backend_, *kernels_, max_long, r + config_.oversample);
     }
+    if (config_.subspace == SubspaceMethod::gram) {
+      gram_finder_ = std::make_unique<GramFinder<T>>(*backend_, *kernels_, max_short);
+    }
   }
 }
 
@@ -258,7 +269,7 @@ std::size_t Galore<T>::workspace_bytes() const {
   Index elements = scratch_.size() + old_p_.size() + old_q_.size() + rotation_.size() + rotation_sq_.size();
   for (const auto& x : projected_) elements += x->R.size() + x->N.size();
   return std::size_t(elements) * sizeof(T) + (range_finder_ ? range_finder_->workspace_bytes() : 0) +
-         kernels_->workspace_bytes();
+         (gram_finder_ ? gram_finder_->workspace_bytes() : 0) + kernels_->workspace_bytes();
 }
 
 template <typename T>
@@ -296,6 +307,13 @@ void Galore<T>::refresh(Projected& x) {
   }
   if (config_.subspace == SubspaceMethod::exact) {
     kernels_->top_singular_vectors(G, x.uses_p ? &x.P : nullptr, x.uses_q ? &x.Q : nullptr);
+  } else if (config_.subspace == SubspaceMethod::gram) {
+    // The short side's vectors from its Gram matrix (one-sided GaLore uses only those); the long
+    // side's, for the two-sided projection, from them.
+    const bool wide = x.rows <= x.cols;
+    Tensor<T>& short_basis = wide ? x.P : x.Q;
+    gram_finder_->top_left_vectors(G, !wide, short_basis);
+    if (x.uses_p && x.uses_q) gram_finder_->right_vectors(G, !wide, short_basis, wide ? x.Q : x.P);
   } else {
     // One stream per weight and refresh: the same sketch on every backend and after a resume.
     const RngKey key{config_.seed, (std::uint64_t(steps_taken_) << 20) ^ std::uint64_t(x.index)};
@@ -310,9 +328,9 @@ void Galore<T>::refresh(Projected& x) {
   } else {
     fix_signs(*backend_, x.Q, static_cast<Tensor<T>*>(nullptr));
   }
-  if (x.uses_p && x.uses_q && config_.subspace == SubspaceMethod::randomized) {
-    // The two range finders fix each vector's sign on their own; u_j^T G v_j > 0 pairs them as
-    // an SVD does: the diagonal of P^T G Q (r x r, formed on the device in R's buffer).
+  if (x.uses_p && x.uses_q && config_.subspace != SubspaceMethod::exact) {
+    // The two range finders (or the Gram finder's QR) fix each vector's sign on their own;
+    // u_j^T G v_j > 0 pairs them as an SVD does: the diagonal of P^T G Q (r x r, formed on the device in R's buffer).
     Tensor<T> tmp = view_of(scratch_, r, x.cols);
     backend_->gemm(Trans::yes, Trans::no, T(1), x.P, G, T(0), tmp);
     backend_->gemm(Trans::no, Trans::no, T(1), tmp, x.Q, T(0), x.R);

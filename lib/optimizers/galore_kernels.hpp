@@ -26,6 +26,10 @@ class GaloreKernels {
   // The top-r singular vectors of G (m x n): U (m x r) left and V (n x r) right, either null when
   // not wanted, columns in order of decreasing singular value, signs not fixed. Exact (a full SVD).
   virtual void top_singular_vectors(const Tensor<T>& G, Tensor<T>* U, Tensor<T>* V) = 0;
+  // U (a x r) <- the eigenvectors of the symmetric C (a x a, read from one triangle; its contents
+  // are destroyed) that belong to its r largest eigenvalues, in order of decreasing eigenvalue,
+  // signs not fixed. The Gram finder's solve (SubspaceMethod::gram).
+  virtual void top_eigenvectors(Tensor<T>& C, Tensor<T>& U) = 0;
   // X (rows x k, rows >= k) <- the Q factor of its thin Householder QR: orthonormal columns that
   // span X's columns (and complete them where X is rank-deficient). The randomized range
   // finder's step between two products.

@@ -71,6 +71,36 @@ void RangeFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Index 
 }
 
 template <typename T>
+GramFinder<T>::GramFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_short)
+    : backend_(backend), kernels_(kernels) {
+  gram_ = backend_.allocate(max_short, max_short);
+}
+
+template <typename T>
+std::size_t GramFinder<T>::workspace_bytes() const {
+  return sizeof(T) * std::size_t(gram_.size());
+}
+
+template <typename T>
+void GramFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Tensor<T>& U) {
+  const Index a = transpose ? G.cols() : G.rows();
+  Tensor<T> C = view_of(gram_, a, a);
+  if (transpose) {
+    backend_.gemm(Trans::yes, Trans::no, T(1), G, G, T(0), C);  // G^T G
+  } else {
+    backend_.gemm(Trans::no, Trans::yes, T(1), G, G, T(0), C);  // G G^T
+  }
+  kernels_.top_eigenvectors(C, U);
+}
+
+template <typename T>
+void GramFinder<T>::right_vectors(const Tensor<T>& G, bool transpose, const Tensor<T>& U, Tensor<T>& V) {
+  // op(G)^T U: G^T U, or G U when op(G) = G^T.
+  backend_.gemm(transpose ? Trans::no : Trans::yes, Trans::no, T(1), G, U, T(0), V);
+  kernels_.orthonormalize(V);
+}
+
+template <typename T>
 void fix_signs(Backend<T>& backend, Tensor<T>& lead, Tensor<T>* follow) {
   HostMatrix<T> l = to_host(backend, lead);
   HostMatrix<T> f;
@@ -96,6 +126,8 @@ template Tensor<float> view_of(Tensor<float>&, Index, Index);
 template Tensor<double> view_of(Tensor<double>&, Index, Index);
 template class RangeFinder<float>;
 template class RangeFinder<double>;
+template class GramFinder<float>;
+template class GramFinder<double>;
 template void fix_signs(Backend<float>&, Tensor<float>&, Tensor<float>*);
 template void fix_signs(Backend<double>&, Tensor<double>&, Tensor<double>*);
 

@@ -82,7 +82,14 @@ enum class MomentsAtRefresh { keep, reset, reproject };
 enum class SubspaceMethod {
   exact,       // a full SVD: Eigen's BDCSVD in double on the CPU, cuSOLVER's gesvd on CUDA
   randomized,  // a randomized range finder (Halko et al. 2011): subspace iteration on the
-               // backend's GEMM, orthonormalised by Cholesky QR, then a Rayleigh-Ritz step
+               // backend's GEMM, orthonormalised by Householder QR, then a Rayleigh-Ritz step
+  gram,        // the leading eigenvectors of the short side's Gram matrix G G^T (or G^T G), formed
+               // by the backend's GEMM and solved by Eigen's SelfAdjointEigenSolver in double on the
+               // CPU, cuSOLVER's syevdx (only the top r) on CUDA; the other side's vectors, where the
+               // two-sided projection wants them, are G^T U (G V) orthonormalised. The same subspace
+               // as the SVD's in exact arithmetic; squaring G limits it to singular values above
+               // about sqrt(epsilon) of the largest (3e-4 in float), below which a direction holds
+               // less than 1e-7 of the gradient's energy
 };
 
 struct GaloreConfig {
@@ -109,7 +116,7 @@ struct GaloreConfig {
 const char* projection_name(GaloreProjection projection);
 const char* moments_name(MomentsAtRefresh moments);
 const char* subspace_name(SubspaceMethod method);
-// Parse the names above ("one_sided", "two_sided"; "keep", "reset", "reproject"; "exact",
+// Parse the names above ("one_sided", "two_sided"; "keep", "reset", "reproject"; "exact", "gram",
 // "randomized"); ConfigError naming the text otherwise.
 GaloreProjection parse_projection(const std::string& text);
 MomentsAtRefresh parse_moments(const std::string& text);
@@ -121,6 +128,8 @@ template <typename T>
 class GaloreKernels;  // lib/optimizers/galore_kernels.hpp
 template <typename T>
 class RangeFinder;  // lib/optimizers/galore_subspace.hpp
+template <typename T>
+class GramFinder;  // lib/optimizers/galore_subspace.hpp
 
 template <typename T>
 class Galore final : public Optimizer<T> {
@@ -190,6 +199,7 @@ class Galore final : public Optimizer<T> {
   std::unique_ptr<AdamKernels<T>> adam_;  // dense parameters' and projected moments' updates
   std::unique_ptr<GaloreKernels<T>> kernels_;
   std::unique_ptr<RangeFinder<T>> range_finder_;  // SubspaceMethod::randomized only
+  std::unique_ptr<GramFinder<T>> gram_finder_;    // SubspaceMethod::gram only
   Tensor<T> scratch_;                // two-sided products and re-projection, sized for the largest weight
   Tensor<T> old_p_, old_q_;          // the previous bases (MomentsAtRefresh::reproject)
   Tensor<T> rotation_, rotation_sq_;  // C = P_new^T P_old and C.C (r x r)

@@ -1,7 +1,8 @@
 // A bf16 or fp16 base on CUDA: X W^T and dY W on tensor cores (cublasGemmEx, 16-bit inputs, fp32
 // accumulation and output). cuBLAS takes both inputs in one format, so the fp32 operand (X, dY)
 // is first rounded to nearest into a 16-bit buffer shared by the backend's layers (allocated
-// through the backend, grown only when a larger batch appears: a steady step allocates nothing). That cast
+// through the backend, grown only when a larger batch appears: a steady step allocates nothing;
+// capped at 32 MiB, larger operands going in blocks of rows). That cast
 // reads 4 and writes 2 bytes per element, beside the product's 2 d flops per element.
 // Rounding and widening are grid-stride loops over the same functions the CPU uses
 // (half_precision.hpp), so both devices give the same bits.
@@ -137,31 +138,52 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
   void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
                        Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
-    std::uint16_t* Xh = cast_buffer(n * k);
-    round(X.data(), n * k, 0, format, HalfRounding::nearest, RngKey{}, Xh);
-    // Row-major Y = Xh W^T is column-major Y^T (d x n) = W (W^T stored: k x d, op T) times Xh^T (k x n).
+    const Index block = rows_per_block(n, k);
+    std::uint16_t* Xh = cast_buffer(block * k);
     const float alpha = 1, beta = 0;
-    RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_T, CUBLAS_OP_N, d, n, k, &alpha, W, cuda_type(format),
-                                        k, Xh, cuda_type(format), k, &beta, Y.data(), CUDA_R_32F, d,
-                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    mark_written_for_sanitizer(Y.data(), std::size_t(n) * std::size_t(d) * sizeof(float), context_->stream());
+    for (Index first = 0; first < n; first += block) {
+      const Index rows = std::min(block, n - first);
+      round(X.data() + first * k, rows * k, 0, format, HalfRounding::nearest, RngKey{}, Xh);
+      // Row-major Y = Xh W^T is column-major Y^T (d x rows) = W (W^T stored: k x d, op T) times Xh^T (k x rows).
+      float* Yb = Y.data() + first * d;
+      RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_T, CUBLAS_OP_N, d, rows, k, &alpha, W,
+                                          cuda_type(format), k, Xh, cuda_type(format), k, &beta, Yb, CUDA_R_32F, d,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      mark_written_for_sanitizer(Yb, std::size_t(rows) * std::size_t(d) * sizeof(float), context_->stream());
+    }
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
                               Tensor<float>& dX) override {
     const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
-    std::uint16_t* dYh = cast_buffer(n * d);
-    round(dY.data(), n * d, 0, format, HalfRounding::nearest, RngKey{}, dYh);
-    // Row-major dX = dYh W is column-major dX^T (k x n) = W^T (W stored: k x d, op N) times dYh^T (d x n).
+    const Index block = rows_per_block(n, d);
+    std::uint16_t* dYh = cast_buffer(block * d);
     const float alpha = 1;
-    RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_N, CUBLAS_OP_N, k, n, d, &alpha, W, cuda_type(format),
-                                        k, dYh, cuda_type(format), d, &beta, dX.data(), CUDA_R_32F, k,
-                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    mark_written_for_sanitizer(dX.data(), std::size_t(n) * std::size_t(k) * sizeof(float), context_->stream());
+    for (Index first = 0; first < n; first += block) {
+      const Index rows = std::min(block, n - first);
+      round(dY.data() + first * d, rows * d, 0, format, HalfRounding::nearest, RngKey{}, dYh);
+      // Row-major dX = dYh W is column-major dX^T (k x rows) = W^T (W stored: k x d, op N) times dYh^T (d x rows).
+      float* dXb = dX.data() + first * k;
+      RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_N, CUBLAS_OP_N, k, rows, d, &alpha, W,
+                                          cuda_type(format), k, dYh, cuda_type(format), d, &beta, dXb, CUDA_R_32F, k,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      mark_written_for_sanitizer(dXb, std::size_t(rows) * std::size_t(k) * sizeof(float), context_->stream());
+    }
   }
 
  private:
   static constexpr std::size_t kWorkspaceBytes = std::size_t(4) << 20;
+  // The cast buffer's cap: 2^24 16-bit values (32 MiB). A product whose fp32 operand is larger is
+  // cast and multiplied in blocks of rows (whole 128-row tiles where the cap allows), so the
+  // buffer does not grow with the batch and the widest layer: at n 4096 an 11008-wide operand
+  // goes in three blocks of 1408 rows instead of one 88 MiB copy; 4096-wide ones stay whole.
+  static constexpr Index kCastBufferElements = Index(1) << 24;
+
+  static Index rows_per_block(Index n, Index width) {
+    Index rows = std::max<Index>(1, kCastBufferElements / std::max<Index>(1, width));
+    if (rows >= 128) rows -= rows % 128;
+    return std::min(n, rows);
+  }
 
   // At least `count` 16-bit values of the backend's shared cast buffer.
   std::uint16_t* cast_buffer(Index count) {

@@ -1,8 +1,10 @@
 // GaLore's CPU kernels: the decoupled decay as one loop, the exact SVD through Eigen's BDCSVD in
-// double, and the range finder's Householder QR (in double too). Double because a gradient's singular values cluster (many near-equal small ones);
+// double, the Gram finder's eigenproblem through Eigen's SelfAdjointEigenSolver and the range
+// finder's Householder QR (in double too). Double because a gradient's singular values cluster (many near-equal small ones);
 // in float the trailing vectors of the top r, where the spectrum is flat, would be noise, and the
 // float result would differ from CUDA's by more than the sign convention can repair. The SVD runs
 // once every T steps, so its cost in double is amortised.
+#include <Eigen/Eigenvalues>
 #include <Eigen/QR>
 #include <Eigen/SVD>
 
@@ -33,6 +35,19 @@ class CpuGaloreKernels final : public GaloreKernels<T> {
     Eigen::HouseholderQR<Eigen::MatrixXd> qr(x);
     const Eigen::MatrixXd q = qr.householderQ() * Eigen::MatrixXd::Identity(x.rows(), x.cols());
     as_matrix(X) = q.template cast<T>();
+  }
+
+  void top_eigenvectors(Tensor<T>& C, Tensor<T>& U) override {
+    const Index a = C.rows(), r = U.cols();
+    if (C.cols() != a || U.rows() != a || r > a) {
+      throw ShapeError("GaLore eigenvectors: C " + C.shape() + " and U " + U.shape() + " do not match");
+    }
+    // The lower triangle (Eigen's default), in double.
+    const Eigen::MatrixXd c = as_matrix(C).template cast<double>();
+    const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(c);
+    if (eig.info() != Eigen::Success) throw Error("GaLore eigenvectors: Eigen's solver did not converge on " + C.shape());
+    // Eigenvalues ascending: the top r eigenvectors are the last r columns, reversed.
+    as_matrix(U) = eig.eigenvectors().rightCols(r).rowwise().reverse().template cast<T>();
   }
 
   void top_singular_vectors(const Tensor<T>& G, Tensor<T>* U, Tensor<T>* V) override {

@@ -1,6 +1,7 @@
 // GaLore's CUDA kernels: AdamW's decoupled decay of a projected weight (guarded by the step's
-// NaN/Inf flag, refreshable in a recorded step), the exact SVD through cuSOLVER's gesvd, and the
-// range finder's Householder QR through cuSOLVER's geqrf and orgqr (on a column-major copy).
+// NaN/Inf flag, refreshable in a recorded step), the exact SVD through cuSOLVER's gesvd, the Gram
+// finder's top eigenvectors through cuSOLVER's syevdx, and the range finder's Householder QR
+// through cuSOLVER's geqrf and orgqr (on a column-major copy).
 //
 // gesvd is column-major and wants rows >= cols. A row-major G (m x n) is the column-major G^T
 // (n x m): when n >= m it is handed over as it is (copied, since gesvd overwrites its input), and
@@ -101,6 +102,28 @@ cusolverStatus_t gesvd(cusolverDnHandle_t h, signed char jobu, signed char jobvt
   return cusolverDnDgesvd(h, jobu, jobvt, m, n, A, lda, S, U, ldu, VT, ldvt, work, lwork, nullptr, info);
 }
 
+// syevdx for the eigenvalues il..iu (1-based, ascending) and their vectors; C in the lower triangle.
+cusolverStatus_t syevdx_size(cusolverDnHandle_t h, int n, const float* A, int il, int iu, int* meig,
+                             const float* W, int* lwork) {
+  return cusolverDnSsyevdx_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_RANGE_I, CUBLAS_FILL_MODE_LOWER, n,
+                                      A, n, 0.f, 0.f, il, iu, meig, W, lwork);
+}
+cusolverStatus_t syevdx_size(cusolverDnHandle_t h, int n, const double* A, int il, int iu, int* meig,
+                             const double* W, int* lwork) {
+  return cusolverDnDsyevdx_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_RANGE_I, CUBLAS_FILL_MODE_LOWER, n,
+                                      A, n, 0.0, 0.0, il, iu, meig, W, lwork);
+}
+cusolverStatus_t syevdx(cusolverDnHandle_t h, int n, float* A, int il, int iu, int* meig, float* W, float* work,
+                        int lwork, int* info) {
+  return cusolverDnSsyevdx(h, CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_RANGE_I, CUBLAS_FILL_MODE_LOWER, n, A, n, 0.f,
+                           0.f, il, iu, meig, W, work, lwork, info);
+}
+cusolverStatus_t syevdx(cusolverDnHandle_t h, int n, double* A, int il, int iu, int* meig, double* W, double* work,
+                        int lwork, int* info) {
+  return cusolverDnDsyevdx(h, CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_RANGE_I, CUBLAS_FILL_MODE_LOWER, n, A, n, 0.0,
+                           0.0, il, iu, meig, W, work, lwork, info);
+}
+
 template <typename T>
 class CudaGaloreKernels final : public GaloreKernels<T> {
  public:
@@ -176,6 +199,52 @@ class CudaGaloreKernels final : public GaloreKernels<T> {
     launch_plain(&galore_gather_kernel<T>, dim3(grid_for(a * k, sms)), dim3(kThreads), 0, stream,
                  "galore_gather_kernel", static_cast<const T*>(qr_matrix_.data()), std::int64_t(a), std::int64_t(a),
                  std::int64_t(k), X.data(), false);
+  }
+
+  void top_eigenvectors(Tensor<T>& C, Tensor<T>& U) override {
+    context_.activate();
+    const Index a = C.rows(), r = U.cols();
+    if (C.cols() != a || U.rows() != a || r < 1 || r > a) {
+      throw ShapeError("GaLore eigenvectors: C " + C.shape() + " and U " + U.shape() + " do not match");
+    }
+    if (solver_ == nullptr || a > capacity_short_) {
+      throw ShapeError("GaLore eigenvectors: C " + C.shape() + " exceeds the workspace's " +
+                       shape_string(capacity_short_, capacity_short_));
+    }
+    cudaStream_t stream = context_.stream();
+    if (singular_values_.size() < a) {
+      // The eigenvalues' buffer, made at the first solve (the SVD's singular values share it).
+      backend_.synchronize();
+      singular_values_ = Tensor<T>();
+      singular_values_ = backend_.allocate(1, capacity_short_);
+    }
+    // The r largest of a ascending eigenvalues: il = a - r + 1 .. iu = a. C is symmetric, so the
+    // row-major buffer is the column-major C.
+    const int il = int(a - r + 1), iu = int(a);
+    int found = 0, lwork = 0;
+    RELORA_CUSOLVER_CHECK(syevdx_size(solver_, int(a), C.data(), il, iu, &found, singular_values_.data(), &lwork));
+    if (Index(lwork) > work_.size()) {
+      backend_.synchronize();
+      work_ = Tensor<T>();
+      work_ = backend_.allocate(1, lwork);
+    }
+    int* info = reinterpret_cast<int*>(info_.data());
+    RELORA_CUSOLVER_CHECK(syevdx(solver_, int(a), C.data(), il, iu, &found, singular_values_.data(), work_.data(),
+                                 int(work_.size()), info));
+    int host_info = 0;
+    RELORA_CUDA_CHECK(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, stream));
+    RELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (host_info != 0 || found != int(r)) {
+      throw DeviceError("GaLore eigenvectors: cuSOLVER syevdx of the Gram matrix " + C.shape() + " returned info " +
+                        std::to_string(host_info) + " and " + std::to_string(found) + " of " + std::to_string(r) +
+                        " eigenpairs" + (host_info > 0 ? " (did not converge)" : ""));
+    }
+    // The vectors are C's first r columns (column-major, ascending eigenvalues): U(i, j) is
+    // C(i, r - 1 - j), read from the last of them with a negative column stride.
+    const std::int64_t last_column = std::int64_t(r - 1) * a;
+    launch_plain(&galore_gather_kernel<T>, dim3(grid_for(a * r, context_.sm_count())), dim3(kThreads), 0, stream,
+                 "galore_gather_kernel", static_cast<const T*>(C.data() + last_column), -std::int64_t(a),
+                 std::int64_t(a), std::int64_t(r), U.data(), false);
   }
 
   void top_singular_vectors(const Tensor<T>& G, Tensor<T>* U, Tensor<T>* V) override {
