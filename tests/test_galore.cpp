@@ -86,8 +86,10 @@ TEST_CASE("galore: two projected steps equal the formulas computed by hand, in e
     auto backend = make_backend<double>(Device::cpu);
     const Mat<double> W0 = normal_matrix(c.m, c.n, gen);
     const Mat<double> G1 = normal_matrix(c.m, c.n, gen), G2 = normal_matrix(c.m, c.n, gen);
+    // The full SVD, as the reference below: this test checks the step's formulas; the Gram
+    // finder's vectors against the SVD's are the next tests' subject.
     const GaloreConfig config{.lr = 0.05, .weight_decay = 0.1, .rank = 2, .update_gap = 10, .scale = 0.25,
-                              .projection = c.projection};
+                              .projection = c.projection, .subspace = SubspaceMethod::exact};
     Weight<double> w(backend, W0);
     Galore<double> galore(backend, std::vector<Parameter<double>>{w.param}, config);
     w.set_gradient(G1);

@@ -104,7 +104,7 @@ struct GaloreConfig {
   double scale = 0.25;                                   // alpha, multiplying the projected update
   GaloreProjection projection = GaloreProjection::one_sided;
   MomentsAtRefresh moments = MomentsAtRefresh::keep;
-  SubspaceMethod subspace = SubspaceMethod::exact;
+  SubspaceMethod subspace = SubspaceMethod::gram;
   Index oversample = 8;                                  // randomized: extra columns of the sketch
   int power_iterations = 4;                              // randomized: passes of subspace iteration
                                                          // (each two GEMMs and two QRs; more passes,
