@@ -264,18 +264,25 @@ TEST_CASE("Backend::max_abs: the largest magnitude, +Inf for a NaN or Inf anywhe
   for (Device device : {Device::cpu, Device::cuda}) {
     if (device == Device::cuda && !relora::testing::cuda_or_skip("cuda max_abs")) continue;
     auto backend = make_backend<float>(device);
-    for (Index cols : {Index(7), Index(300000)}) {
+    for (Index cols : {Index(7), Index(300000), Index(3000000)}) {
       CAPTURE(cols);
       HostMatrix<float> host = normal_matrix<float>(2, cols, gen);
       host(1, cols - 3) = -1e6f;  // the largest, negative, late in the tensor
       Tensor<float> x = to_backend<float>(*backend, host, "x");
       CHECK(backend->max_abs(x) == 1e6f);
+      // A bad entry first, in the middle or last: on CUDA in the first, a middle or the last
+      // block's share of a many-block reduction.
       for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
-        HostMatrix<float> with_bad = host;
-        with_bad(1, cols - 1) = bad;
-        backend->upload(with_bad.data(), x);
-        CHECK(backend->max_abs(x) == std::numeric_limits<float>::infinity());
+        for (Index at : {Index(0), cols, 2 * cols - 1}) {
+          CAPTURE(at);
+          HostMatrix<float> with_bad = host;
+          with_bad.data()[at] = bad;
+          backend->upload(with_bad.data(), x);
+          CHECK(backend->max_abs(x) == std::numeric_limits<float>::infinity());
+        }
       }
+      backend->upload(host.data(), x);
+      CHECK(backend->max_abs(x) == 1e6f);
     }
     Tensor<float> empty = backend->allocate(0, 3);
     CHECK(backend->max_abs(empty) == 0.0f);

@@ -114,23 +114,39 @@ __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const T
   }
 }
 
-// The largest |x_i| by one block (merges call it, not training steps), +Inf for any NaN or Inf,
-// left in scratch->partials[0].
-template <typename T>
-__global__ void max_abs_kernel(std::int64_t n, const T* __restrict__ x, Scratch* scratch) {
-  __shared__ double block_max[kThreads];
-  double largest = 0;
-  for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const double a = fabs(double(x[i]));
-    if (!(a <= largest)) largest = isfinite(a) ? a : CUDART_INF;  // NaN fails <=
-  }
+// The largest |x_i|, +Inf for any NaN or Inf, in two launches: each block of the first writes
+// the largest of its grid-stride share to scratch->partials[block]; one block of the second
+// combines them into partials[0]. Merges and GaLore's pre-SVD check read whole weights with it
+// (up to 10^8 entries), so it runs on every SM: one block alone reads a few GB/s.
+__device__ inline double block_largest(double largest, double* block_max) {
   block_max[threadIdx.x] = largest;
   __syncthreads();
   for (int half = kThreads / 2; half > 0; half /= 2) {
     if (int(threadIdx.x) < half) block_max[threadIdx.x] = fmax(block_max[threadIdx.x], block_max[threadIdx.x + half]);
     __syncthreads();
   }
-  if (threadIdx.x == 0) scratch->partials[0] = block_max[0];
+  return block_max[0];
+}
+
+template <typename T>
+__global__ void max_abs_partial_kernel(std::int64_t n, const T* __restrict__ x, Scratch* scratch) {
+  __shared__ double block_max[kThreads];
+  double largest = 0;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const double a = fabs(double(x[i]));
+    if (!(a <= largest)) largest = isfinite(a) ? a : CUDART_INF;  // NaN fails <=
+  }
+  const double block = block_largest(largest, block_max);
+  if (threadIdx.x == 0) scratch->partials[blockIdx.x] = block;
+}
+
+__global__ void max_abs_combine_kernel(int blocks, Scratch* scratch) {
+  __shared__ double block_max[kThreads];
+  double largest = 0;
+  for (int i = threadIdx.x; i < blocks; i += blockDim.x) largest = fmax(largest, scratch->partials[i]);
+  const double all = block_largest(largest, block_max);  // every read of partials is done
+  if (threadIdx.x == 0) scratch->partials[0] = all;
 }
 
 // MSE value and gradient in one launch: each block writes its part of dY and a partial sum (in
@@ -266,7 +282,10 @@ template <typename T>
 T CudaBackend<T>::max_abs(const Tensor<T>& x) {
   if (x.empty()) return T(0);
   activate();
-  max_abs_kernel<T><<<1, kThreads, 0, stream_.stream>>>(std::int64_t(x.size()), x.data(), scratch());
+  const int blocks = std::min(grid_for(x.size(), sm_count_), kMaxReduceBlocks);
+  max_abs_partial_kernel<T><<<blocks, kThreads, 0, stream_.stream>>>(std::int64_t(x.size()), x.data(), scratch());
+  RELORA_CUDA_CHECK(cudaGetLastError());
+  max_abs_combine_kernel<<<1, kThreads, 0, stream_.stream>>>(blocks, scratch());
   RELORA_CUDA_CHECK(cudaGetLastError());
   double largest = 0;
   RELORA_CUDA_CHECK(cudaMemcpyAsync(&largest, &scratch()->partials[0], sizeof(double), cudaMemcpyDeviceToHost,
