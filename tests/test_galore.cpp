@@ -578,7 +578,7 @@ TEST_CASE("galore: trains through ReLoRA's full-rank warm start, then the adapte
 // separated: P P^T of the last subspace and W's change, in double.
 template <typename T>
 std::pair<Mat<double>, Mat<double>> galore_run(Device device, GaloreProjection projection, SubspaceMethod subspace,
-                                               double eps) {
+                                               double eps, MathMode math = MathMode::strict) {
   std::mt19937_64 gen(31);
   const Index m = 48, n = 80;
   const Mat<double> W0 = normal_matrix<double>(m, n, gen);
@@ -586,6 +586,7 @@ std::pair<Mat<double>, Mat<double>> galore_run(Device device, GaloreProjection p
                             .projection = projection, .moments = MomentsAtRefresh::reproject,
                             .subspace = subspace, .seed = 5};
   auto backend = make_backend<T>(device);
+  backend->set_math_mode(math);
   Weight<T> w(backend, W0.cast<T>());
   Galore<T> galore(backend, std::vector<Parameter<T>>{w.param}, config);
   for (int i = 0; i < 7; ++i) {
@@ -594,6 +595,7 @@ std::pair<Mat<double>, Mat<double>> galore_run(Device device, GaloreProjection p
     w.set_gradient(g.cast<T>());
     galore.step();
   }
+  CHECK(backend->math_mode() == math);  // a refresh that changes it for its products restores it
   const Mat<double> P = to_host(*backend, galore.P(0)).template cast<double>();
   return {P * P.transpose(), w.value().template cast<double>() - W0.cast<T>().template cast<double>()};
 }
@@ -636,6 +638,28 @@ TEST_CASE("galore: CPU and CUDA agree (P P^T and the applied update)") {
       CHECK(proj_diff < 1e-4);
       CHECK(update_diff < 1e-3);
     }
+  }
+}
+
+TEST_CASE("galore: on a TF32 backend the Gram finder's subspace is the strict one's") {
+  // The subspaces come from the gradients the test sets, not from the model. A finder whose
+  // products ran in TF32 (inputs rounded to 2^-11: an error of about 5e-4 of the largest
+  // eigenvalue in G G^T, against a gap of about 1.4e-2 of it between the 6th and 7th eigenvalues
+  // of these gradients) would turn P by about 5e-4 / 1.4e-2, some 3e-2 (an estimate); in strict
+  // products it stays the strict backend's to fp32 rounding. The steps' own products (R = P^T G,
+  // W += P N) do run in TF32, so the updates are compared loosely.
+  if (!testing::cuda_or_skip("CUDA GaLore test")) return;
+  for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
+    INFO(std::string(projection_name(projection)));
+    const auto strict = galore_run<float>(Device::cuda, projection, SubspaceMethod::gram, kComparedEps);
+    const auto tf32 = galore_run<float>(Device::cuda, projection, SubspaceMethod::gram, kComparedEps, MathMode::tf32);
+    const double proj_diff = (strict.first - tf32.first).cwiseAbs().maxCoeff();
+    const double update_diff =
+        (strict.second - tf32.second).cwiseAbs().maxCoeff() / strict.second.cwiseAbs().maxCoeff();
+    MESSAGE(std::string(projection_name(projection)) << ": max |PP^T strict - tf32| " << proj_diff
+                                                     << ", relative update difference " << update_diff);
+    CHECK(proj_diff < 1e-4);
+    CHECK(update_diff < 2e-2);
   }
 }
 

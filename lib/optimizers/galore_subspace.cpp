@@ -12,6 +12,26 @@ void no_release(T*) {}
 
 using HostMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+// The backend's products in strict precision while it lives, its math mode restored after (also
+// when a product throws). The Gram matrix must not take TF32's 10-bit mantissas: a relative
+// error of 1e-3 in C moves every eigenvector whose eigenvalue gap is below 1e-3 of the largest.
+template <typename T>
+class StrictProducts {
+ public:
+  explicit StrictProducts(Backend<T>& backend) : backend_(backend), mode_(backend.math_mode()) {
+    if (mode_ != MathMode::strict) backend_.set_math_mode(MathMode::strict);
+  }
+  ~StrictProducts() {
+    if (mode_ != MathMode::strict) backend_.set_math_mode(mode_);
+  }
+  StrictProducts(const StrictProducts&) = delete;
+  StrictProducts& operator=(const StrictProducts&) = delete;
+
+ private:
+  Backend<T>& backend_;
+  MathMode mode_;
+};
+
 }  // namespace
 
 template <typename T>
@@ -85,6 +105,7 @@ template <typename T>
 void GramFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Tensor<T>& U) {
   const Index a = transpose ? G.cols() : G.rows();
   Tensor<T> C = view_of(gram_, a, a);
+  const StrictProducts<T> strict(backend_);
   if (transpose) {
     backend_.gemm(Trans::yes, Trans::no, T(1), G, G, T(0), C);  // G^T G
   } else {
@@ -96,6 +117,7 @@ void GramFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Tensor<
 template <typename T>
 void GramFinder<T>::right_vectors(const Tensor<T>& G, bool transpose, const Tensor<T>& U, Tensor<T>& V) {
   // op(G)^T U: G^T U, or G U when op(G) = G^T.
+  const StrictProducts<T> strict(backend_);
   backend_.gemm(transpose ? Trans::no : Trans::yes, Trans::no, T(1), G, U, T(0), V);
   kernels_.orthonormalize(V);
 }
