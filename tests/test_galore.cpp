@@ -296,32 +296,46 @@ TEST_CASE("galore: moments at a subspace change: keep, reset, reproject") {
   }
 }
 
-TEST_CASE("galore: the randomized range finder finds the exact SVD's subspace") {
-  // A gradient-like matrix: a decaying spectrum, rank 40 of 96 x 160.
+namespace {
+
+// A gradient-like matrix: a decaying spectrum (0.8^k), rank 40 of 96 x 160, the same every call.
+Mat<double> decaying_gradient() {
   std::mt19937_64 gen(21);
-  const Index m = 96, n = 160, r = 8;
-  Mat<double> g = Mat<double>::Zero(m, n);
-  for (int k = 0; k < 40; ++k) {
-    g += std::pow(0.8, k) * normal_matrix(m, 1, gen) * normal_matrix(1, n, gen);
-  }
+  Mat<double> g = Mat<double>::Zero(96, 160);
+  for (int k = 0; k < 40; ++k) g += std::pow(0.8, k) * normal_matrix(96, 1, gen) * normal_matrix(1, 160, gen);
+  return g;
+}
+
+// The bases one GaLore step (CPU, double) takes from gradient G: the one the projection uses
+// first (P, or Q for one-sided GaLore of a tall G), then Q for the two-sided projection.
+std::vector<Mat<double>> galore_bases(const Mat<double>& G, Index r, GaloreProjection projection,
+                                      SubspaceMethod method) {
+  auto backend = make_backend<double>(Device::cpu);
+  Weight<double> w(backend, Mat<double>::Zero(G.rows(), G.cols()));
+  Galore<double> galore(backend, std::vector<Parameter<double>>{w.param},
+                        GaloreConfig{.rank = r, .projection = projection, .subspace = method, .seed = 3});
+  w.set_gradient(G);
+  galore.step();
+  const bool two = projection == GaloreProjection::two_sided;
+  std::vector<Mat<double>> bases;
+  if (two || G.rows() <= G.cols()) bases.push_back(to_host(*backend, galore.P(0)));
+  if (two || G.rows() > G.cols()) bases.push_back(to_host(*backend, galore.Q(0)));
+  return bases;
+}
+
+}  // namespace
+
+TEST_CASE("galore: the randomized range finder finds the exact SVD's subspace") {
+  const Mat<double> g = decaying_gradient();
+  const Index r = 8;
   for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
     for (bool tall : {false, true}) {
       const Mat<double> G = tall ? Mat<double>(g.transpose()) : g;
-      auto backend = make_backend<double>(Device::cpu);
-      auto projector = [&](SubspaceMethod method) {
-        Weight<double> w(backend, Mat<double>::Zero(G.rows(), G.cols()));
-        Galore<double> galore(backend, std::vector<Parameter<double>>{w.param},
-                              GaloreConfig{.rank = r, .projection = projection, .subspace = method, .seed = 3});
-        w.set_gradient(G);
-        galore.step();
-        const bool use_p = projection == GaloreProjection::two_sided || G.rows() <= G.cols();
-        const Mat<double> B = to_host(*backend, use_p ? galore.P(0) : galore.Q(0));
-        return std::make_pair(Mat<double>(B * B.transpose()), B);
-      };
-      const auto exact = projector(SubspaceMethod::exact);
-      const auto fast = projector(SubspaceMethod::randomized);
-      const double proj_diff = max_abs_diff(exact.first, fast.first);
-      const double vec_diff = max_abs_diff(exact.second, fast.second);
+      const Mat<double> exact = galore_bases(G, r, projection, SubspaceMethod::exact)[0];
+      const Mat<double> fast = galore_bases(G, r, projection, SubspaceMethod::randomized)[0];
+      const double proj_diff =
+          max_abs_diff(Mat<double>(exact * exact.transpose()), Mat<double>(fast * fast.transpose()));
+      const double vec_diff = max_abs_diff(exact, fast);
       INFO("two-sided " << (projection == GaloreProjection::two_sided) << ", tall " << tall << ": |PP^T - PP^T| "
                         << proj_diff << ", |P - P| " << vec_diff);
       // Subspace iteration converges as (s_{k+1} / s_r)^(2 q + 1): 0.8^8 ^ 5, about 1e-4, at worst.
@@ -332,31 +346,15 @@ TEST_CASE("galore: the randomized range finder finds the exact SVD's subspace") 
 }
 
 TEST_CASE("galore: the Gram finder's vectors are the exact SVD's") {
-  // The randomized test's matrix (rank 40 of 96 x 160, spectrum 0.8^k), both orientations and
-  // both projections: the Gram route changes how the vectors are computed, not which they are.
-  std::mt19937_64 gen(21);
-  const Index m = 96, n = 160, r = 8;
-  Mat<double> g = Mat<double>::Zero(m, n);
-  for (int k = 0; k < 40; ++k) {
-    g += std::pow(0.8, k) * normal_matrix(m, 1, gen) * normal_matrix(1, n, gen);
-  }
+  // The randomized test's matrix, both orientations and both projections (P and Q each): the
+  // Gram route changes how the vectors are computed, not which they are.
+  const Mat<double> g = decaying_gradient();
+  const Index r = 8;
   for (GaloreProjection projection : {GaloreProjection::one_sided, GaloreProjection::two_sided}) {
     for (bool tall : {false, true}) {
       const Mat<double> G = tall ? Mat<double>(g.transpose()) : g;
-      auto backend = make_backend<double>(Device::cpu);
-      auto bases = [&](SubspaceMethod method) {
-        Weight<double> w(backend, Mat<double>::Zero(G.rows(), G.cols()));
-        Galore<double> galore(backend, std::vector<Parameter<double>>{w.param},
-                              GaloreConfig{.rank = r, .projection = projection, .subspace = method});
-        w.set_gradient(G);
-        galore.step();
-        std::vector<Mat<double>> out;
-        if (projection == GaloreProjection::two_sided || G.rows() <= G.cols()) out.push_back(to_host(*backend, galore.P(0)));
-        if (projection == GaloreProjection::two_sided || G.rows() > G.cols()) out.push_back(to_host(*backend, galore.Q(0)));
-        return out;
-      };
-      const auto exact = bases(SubspaceMethod::exact);
-      const auto gram = bases(SubspaceMethod::gram);
+      const auto exact = galore_bases(G, r, projection, SubspaceMethod::exact);
+      const auto gram = galore_bases(G, r, projection, SubspaceMethod::gram);
       REQUIRE(exact.size() == gram.size());
       for (std::size_t i = 0; i < exact.size(); ++i) {
         const double vec_diff = max_abs_diff(exact[i], gram[i]);
