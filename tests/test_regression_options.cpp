@@ -100,7 +100,8 @@ TEST_CASE("regression options: --help, alone or among other flags") {
   const std::string usage = relora::demo::usage_text();
   for (const char* flag : {"--steps", "--rank", "--restart-every", "--restart-warmup", "--lr", "--samples",
                            "--in-features", "--out-features", "--noise", "--seed", "--threads", "--out",
-                           "--backend", "--methods", "--galore-rank", "--galore-gap", "--galore-scale", "--help"}) {
+                           "--backend", "--methods", "--galore-rank", "--galore-gap", "--galore-scale", "--galore-subspace",
+                           "--help"}) {
     INFO("flag: ", flag);
     CHECK(usage.find(flag) != std::string::npos);
   }
@@ -120,11 +121,15 @@ TEST_CASE("regression options: every method's key parses back; the DoRA and GaLo
   CHECK(std::string(relora::demo::method_column(Method::galore)) == "galore");
 }
 
-TEST_CASE("regression options: GaLore's rank, gap and scale") {
+TEST_CASE("regression options: GaLore's rank, gap, scale and subspace") {
   const Options o = parse_options({"--galore-rank", "3", "--galore-gap=20", "--galore-scale", "0.5"});
   CHECK(o.galore_rank == 3);
   CHECK(o.galore_gap == 20);
   CHECK(o.galore_scale == 0.5);
+  CHECK(o.galore_subspace == relora::GaloreConfig{}.subspace);
+  CHECK(parse_options({"--galore-subspace", "randomized"}).galore_subspace == relora::SubspaceMethod::randomized);
+  CHECK(parse_options({"--galore-subspace=exact"}).galore_subspace == relora::SubspaceMethod::exact);
+  check_refused({"--galore-subspace", "lanczos"}, "--galore-subspace", "lanczos");
   CHECK(parse_options({"--methods", "galore"}).methods == std::vector<Method>{Method::galore});
   check_refused({"--galore-rank", "0"}, "--galore-rank", "0");
   check_refused({"--galore-rank", "6"}, "--galore-rank", "6");

@@ -154,7 +154,8 @@ std::vector<double> train(Method method, const std::shared_ptr<relora::Backend<f
       // gradient that is taken anew every --galore-gap steps.
       config.method = relora::TrainingMethod::full_finetune;
       config.optimizer = relora::optimizer_factory<relora::Galore>(relora::GaloreConfig{
-          .lr = o.lr, .rank = o.galore_rank, .update_gap = o.galore_gap, .scale = o.galore_scale});
+          .lr = o.lr, .rank = o.galore_rank, .update_gap = o.galore_gap, .scale = o.galore_scale,
+          .subspace = o.galore_subspace});
       break;
     case Method::lora:
     case Method::dora: config.method = relora::TrainingMethod::lora; break;

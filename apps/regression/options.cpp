@@ -153,6 +153,14 @@ Options parse_options(const std::vector<std::string>& args) {
     else if (flag == "--galore-rank") o.galore_rank = parse_integer(flag, value(), 1);
     else if (flag == "--galore-gap") o.galore_gap = parse_integer(flag, value(), 1);
     else if (flag == "--galore-scale") o.galore_scale = parse_real(flag, value(), true);
+    else if (flag == "--galore-subspace") {
+      const std::string v = value();
+      try {
+        o.galore_subspace = parse_subspace(v);
+      } catch (const ConfigError& e) {
+        throw ConfigError("--galore-subspace: " + std::string(e.what()));
+      }
+    }
     else if (flag == "--precision") {
       const std::string v = value();
       if (v == "fp32") o.precision = BasePrecision::fp32;
@@ -219,6 +227,8 @@ std::string usage_text() {
     << "  --galore-rank R      GaLore's projection rank, 1 <= R <= min(in, out) (default " << d.galore_rank << ")\n"
     << "  --galore-gap T       GaLore's steps between two SVDs of the gradient (default " << d.galore_gap << ")\n"
     << "  --galore-scale A     GaLore's scale alpha of the projected update (default " << d.galore_scale << ")\n"
+    << "  --galore-subspace S  how GaLore finds P and Q: gram, exact or randomized (default "
+    << subspace_name(d.galore_subspace) << ")\n"
     << "  --methods LIST       comma list of full, lora, relora, seed, dora, relora_dora, galore; or all\n"
     << "                       (default all)\n"
     << "  --precision P        how W is stored: fp32, bf16 or fp16 (default fp32); adapters stay fp32\n"

@@ -7,6 +7,7 @@
 
 #include "relora/core/tensor.hpp"
 #include "relora/layers/lora_config.hpp"
+#include "relora/optimizers/galore.hpp"
 
 namespace relora::demo {
 
@@ -47,6 +48,7 @@ struct Options {
   Index galore_rank = 4;             // GaLore's projection rank, 1 <= r <= min(in_features, out_features)
   std::int64_t galore_gap = 50;      // GaLore's T: steps between two SVDs of W's gradient
   double galore_scale = 1;           // GaLore's alpha (its paper's 0.25 is for large models' lr)
+  relora::SubspaceMethod galore_subspace = relora::SubspaceMethod::gram;  // how P and Q are found
   std::vector<Method> methods = all_methods();
   std::string save_adapter;          // when set: LoRA's trained adapter as a PEFT adapter folder
   BasePrecision precision = BasePrecision::fp32;  // how W is stored (full fine-tuning: an fp32 master)
