@@ -69,13 +69,7 @@ void Adam<T>::step(double lr_factor) {
   if (!std::isfinite(lr_factor) || lr_factor < 0) {
     throw ConfigError("Adam step: lr_factor " + std::to_string(lr_factor) + " must be finite and >= 0");
   }
-  AdamHyper hyper;
-  hyper.lr_factor = lr_factor;
-  hyper.beta1 = config_.beta1;
-  hyper.beta2 = config_.beta2;
-  hyper.eps = config_.eps;
-  hyper.decoupled_weight_decay = config_.decoupled_weight_decay;
-  kernels_->update(hyper);
+  kernels_->update(adam_hyper(config_, lr_factor));
   ++steps_taken_;
 }
 

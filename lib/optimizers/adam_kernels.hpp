@@ -35,6 +35,18 @@ struct AdamHyper {
   bool decoupled_weight_decay = true;  // AdamW; false adds weight_decay * param to the gradient (Adam with L2)
 };
 
+// A step's settings from an optimizer's configuration (AdamConfig, GaloreConfig: the same fields).
+template <typename Config>
+AdamHyper adam_hyper(const Config& config, double lr_factor) {
+  AdamHyper hyper;
+  hyper.lr_factor = lr_factor;
+  hyper.beta1 = config.beta1;
+  hyper.beta2 = config.beta2;
+  hyper.eps = config.eps;
+  hyper.decoupled_weight_decay = config.decoupled_weight_decay;
+  return hyper;
+}
+
 template <typename T>
 class AdamKernels {
  public:

@@ -448,13 +448,7 @@ void Galore<T>::step(double lr_factor) {
   if (!replaying) {
     for (const auto& x : projected_) project_gradient(*x);
   }
-  AdamHyper hyper;
-  hyper.lr_factor = lr_factor;
-  hyper.beta1 = config_.beta1;
-  hyper.beta2 = config_.beta2;
-  hyper.eps = config_.eps;
-  hyper.decoupled_weight_decay = config_.decoupled_weight_decay;
-  adam_->update(hyper);
+  adam_->update(adam_hyper(config_, lr_factor));
   for (const auto& x : projected_) {
     if (x->weight_decay > 0) kernels_->decay(*x->param->value, x->lr * lr_factor * x->weight_decay);
     if (!replaying) apply_update(*x);
