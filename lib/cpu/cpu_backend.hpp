@@ -14,7 +14,7 @@ class CpuBackend final : public Backend<T> {
 
   Device device() const override { return Device::cpu; }
   std::string description() const override;
-  void set_math_mode(MathMode mode) override { math_ = mode; }  // the CPU always computes in full precision
+  void set_math_mode(MathMode mode) override { math_ = mode; }  // tf32: a bf16 base on AMX (backend.hpp)
   MathMode math_mode() const override { return math_; }
 
   Tensor<T> allocate(Index rows, Index cols) override;

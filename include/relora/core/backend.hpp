@@ -20,7 +20,10 @@ enum class Trans { no, yes };
 
 enum class Activation { identity, relu, tanh, gelu };
 
-// Strict IEEE fp32 products, or TF32 tensor-core products (CUDA only; about 3e-4 relative error).
+// Strict IEEE fp32 products, or TF32 tensor-core products (CUDA; about 3e-4 relative error). On
+// the CPU, tf32 lets a bf16 base's products run on AMX tiles where the CPU has them
+// (cpu_amx_bf16_available()), the fp32 operand rounded to bf16 as the CUDA backend always does;
+// every other CPU product is full precision in either mode.
 enum class MathMode { strict, tf32 };
 
 struct BackendOptions {
@@ -112,5 +115,10 @@ std::shared_ptr<Backend<T>> make_backend(Device device, const BackendOptions& op
 
 // Whether make_backend(Device::cuda) can succeed; if not, `why` says why.
 bool cuda_available(std::string* why = nullptr);
+
+// Whether the CPU backend runs a bf16 base's products on AMX tiles in tf32 mode: an x86-64 CPU
+// with AMX-BF16 under Linux, a library built by a compiler with AMX's flags, and the environment
+// variable RELORA_CPU_AMX not set to 0.
+bool cpu_amx_bf16_available();
 
 }  // namespace relora
