@@ -416,35 +416,39 @@ TEST_CASE("a steady step of a bf16 or fp16 base, ReLoRA restarts included, alloc
     return;
   }
   // 600 x 2000: W spans two of the CPU kernels' widened panels, so the column blocks are used too.
+  // In tf32 mode a bf16 base multiplies on AMX tiles where the CPU has them.
   for (const BaseMerge merge : {BaseMerge::stochastic, BaseMerge::fp32_master}) {
-    for (int threads : {1, 2}) {
-      CAPTURE(threads);
-      with_threads(threads, [&] {
-        auto backend = make_backend<float>(Device::cpu);
-        Model<float> model(backend);
-        const BasePrecision precision = merge == BaseMerge::stochastic ? BasePrecision::bf16 : BasePrecision::fp16;
-        model.add(LoraConfig{.in_features = 2000, .out_features = 600, .rank = 8, .bias = BiasMode::frozen,
-                             .base_precision = precision, .base_merge = merge},
-                  Activation::relu);
-        model.add(LoraConfig{.in_features = 600, .out_features = 64, .rank = 8, .base_precision = precision,
-                             .base_merge = merge},
-                  Activation::identity);
-        TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
-                             .relora = {.restart_every = 3, .restart_warmup_steps = 1}};
-        Trainer<float> trainer(model, config);
-        Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 2000), "X");
-        Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 64), "Y");
-        for (int i = 0; i < 4; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
-        const SteadyAllocations counted = count_allocations([&] {
-          for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // two more restarts in here
+    for (const MathMode math : {MathMode::strict, MathMode::tf32}) {
+      for (int threads : {1, 2}) {
+        CAPTURE(threads);
+        with_threads(threads, [&] {
+          auto backend = make_backend<float>(Device::cpu, BackendOptions{.math = math});
+          Model<float> model(backend);
+          const BasePrecision precision = merge == BaseMerge::stochastic ? BasePrecision::bf16 : BasePrecision::fp16;
+          model.add(LoraConfig{.in_features = 2000, .out_features = 600, .rank = 8, .bias = BiasMode::frozen,
+                               .base_precision = precision, .base_merge = merge},
+                    Activation::relu);
+          model.add(LoraConfig{.in_features = 600, .out_features = 64, .rank = 8, .base_precision = precision,
+                               .base_merge = merge},
+                    Activation::identity);
+          TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
+                               .relora = {.restart_every = 3, .restart_warmup_steps = 1}};
+          Trainer<float> trainer(model, config);
+          Tensor<float> X = to_backend<float>(*backend, HostMatrix<float>::Random(64, 2000), "X");
+          Tensor<float> Y = to_backend<float>(*backend, HostMatrix<float>::Random(64, 64), "Y");
+          for (int i = 0; i < 4; ++i) trainer.step(X, Y);  // sizes every buffer and workspace, passes a restart
+          const SteadyAllocations counted = count_allocations([&] {
+            for (int i = 0; i < 6; ++i) trainer.step(X, Y);  // two more restarts in here
+          });
+          const std::string what = std::string(precision_name(precision)) + " " + base_merge_name(merge) +
+                                   (math == MathMode::tf32 ? ", tf32" : ", strict");
+          MESSAGE(what << ", " << threads << " thread(s): operator new calls in 6 steady steps: " << counted.new_calls
+                       << ", malloc calls: " << counted.malloc_calls << " (and " << counted.other_thread_mallocs
+                       << " on threads outside the step)");
+          CHECK(counted.new_calls == 0);
+          CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
         });
-        const std::string what = std::string(precision_name(precision)) + " " + base_merge_name(merge);
-        MESSAGE(what << ", " << threads << " thread(s): operator new calls in 6 steady steps: " << counted.new_calls
-                     << ", malloc calls: " << counted.malloc_calls << " (and " << counted.other_thread_mallocs
-                     << " on threads outside the step)");
-        CHECK(counted.new_calls == 0);
-        CHECK_MESSAGE(counted.malloc_calls == 0, counted.callers);
-      });
+      }
     }
   }
 }
