@@ -1,6 +1,7 @@
 #pragma once
 // What the tests of 16-bit bases share: a layer with a bf16 or fp16 base and an fp32 reference
 // layer holding the same (rounded) weights, and the loss L = sum(Y .* G) whose gradient is G.
+#include <algorithm>
 #include <random>
 
 #include "relora/relora.hpp"
@@ -16,6 +17,16 @@ inline HostMatrix<float> rounded(const HostMatrix<float>& W, BasePrecision forma
         half_bits::round_float(W.data()[i], format, HalfRounding::nearest, 0.0f), format);
   }
   return r;
+}
+
+// The largest relative error of a row of `a` against the same row of `b` (a product that goes
+// wrong in one block of rows cannot hide in a norm over the whole matrix).
+inline double worst_row_error(const HostMatrix<float>& a, const HostMatrix<float>& b) {
+  double worst = 0;
+  for (Index i = 0; i < a.rows(); ++i) {
+    worst = std::max(worst, double((a.row(i) - b.row(i)).norm()) / std::max(double(b.row(i).norm()), 1e-30));
+  }
+  return worst;
 }
 
 // A 16-bit layer and an fp32 one on the same rounded W, b, A and B.

@@ -19,6 +19,7 @@ using namespace relora;
 using relora::testing::HalfAndReference;
 using relora::testing::normal_matrix;
 using relora::testing::rounded;
+using relora::testing::worst_row_error;
 
 namespace {
 
@@ -26,14 +27,6 @@ bool amx_or_skip() {
   if (cpu_amx_bf16_available()) return true;
   MESSAGE("CPU AMX test skipped: this CPU, OS or build has no AMX-BF16 (or RELORA_CPU_AMX=0)");
   return false;
-}
-
-double worst_row(const HostMatrix<float>& a, const HostMatrix<float>& b) {
-  double worst = 0;
-  for (Index i = 0; i < a.rows(); ++i) {
-    worst = std::max(worst, double((a.row(i) - b.row(i)).norm()) / std::max(double(b.row(i).norm()), 1e-30));
-  }
-  return worst;
 }
 
 double relative(const HostMatrix<float>& a, const HostMatrix<float>& b) {
@@ -68,8 +61,8 @@ TEST_CASE("cpu bf16 base on AMX tiles: on bf16 inputs every row equals the fp32 
     const HostMatrix<float> y_ref = to_host(*backend, layers.reference->forward(X));
     layers.half->backward(dY, true);
     layers.reference->backward(dY_ref, true);
-    const double e_y = worst_row(y, y_ref);
-    const double e_dx = worst_row(to_host(*backend, layers.half->dX()), to_host(*backend, layers.reference->dX()));
+    const double e_y = worst_row_error(y, y_ref);
+    const double e_dx = worst_row_error(to_host(*backend, layers.half->dX()), to_host(*backend, layers.reference->dX()));
     MESSAGE(s.n << " x " << s.k << " -> " << s.d << ": worst row of Y " << e_y << ", of dX " << e_dx);
     CHECK(e_y <= 1e-5);
     CHECK(e_dx <= 1e-5);

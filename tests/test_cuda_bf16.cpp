@@ -97,14 +97,8 @@ TEST_CASE("cuda bf16 base: operands larger than the cast buffer go in row blocks
     layers.half->backward(gdY, true);
     layers.reference->backward(gdY_ref, true);
     const HostMatrix<float> dx = to_host(*gpu, layers.half->dX()), dx_ref = to_host(*gpu, layers.reference->dX());
-    auto worst_row = [](const HostMatrix<float>& a, const HostMatrix<float>& b) {
-      double worst = 0;
-      for (Index i = 0; i < a.rows(); ++i) {
-        worst = std::max(worst, double((a.row(i) - b.row(i)).norm()) / std::max(double(b.row(i).norm()), 1e-30));
-      }
-      return worst;
-    };
-    const double e_y = worst_row(y, y_ref), e_dx = worst_row(dx, dx_ref);
+    const double e_y = relora::testing::worst_row_error(y, y_ref);
+    const double e_dx = relora::testing::worst_row_error(dx, dx_ref);
     MESSAGE(n << " x " << k << " -> " << d << ": worst row of Y " << e_y << ", of dX " << e_dx);
     CHECK(e_y <= 1e-5);
     CHECK(e_dx <= 1e-5);
