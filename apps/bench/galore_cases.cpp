@@ -109,16 +109,14 @@ GaloreOptions parse(int argc, char** argv) {
         continue;
       }
       o.methods.clear();
-      std::size_t start = 0;
-      while (start <= v.size()) {
-        const std::size_t comma = std::min(v.find(',', start), v.size());
+      for (const std::string& name : split(v, ',')) {
         try {
-          o.methods.push_back(relora::parse_subspace(v.substr(start, comma - start)));
+          o.methods.push_back(relora::parse_subspace(name));
         } catch (const relora::ConfigError& e) {
           line.refuse(std::string("--svd: ") + e.what());
         }
-        start = comma + 1;
       }
+      if (o.methods.empty()) line.refuse("--svd needs at least one name");
     } else if (line.is("--gap")) o.gap = line.whole(1);
     else if (line.is("--power-iterations")) o.power_iterations = int(line.whole(0));
     else if (line.is("--repeats")) o.repeats = int(line.whole(1));

@@ -116,8 +116,8 @@ __global__ void column_sums_kernel(std::int64_t rows, std::int64_t cols, const T
 
 // The largest |x_i|, +Inf for any NaN or Inf, in two launches: each block of the first writes
 // the largest of its grid-stride share to scratch->partials[block]; one block of the second
-// combines them into partials[0]. Merges and GaLore's pre-SVD check read whole weights with it
-// (up to 10^8 entries), so it runs on every SM: one block alone reads a few GB/s.
+// combines them into partials[0]. Merges and GaLore's pre-SVD check read whole weights with it,
+// so it runs on every SM: one block alone would read a weight at a single SM's bandwidth.
 __device__ inline double block_largest(double largest, double* block_max) {
   block_max[threadIdx.x] = largest;
   __syncthreads();

@@ -330,7 +330,8 @@ void Galore<T>::refresh(Projected& x) {
   }
   if (x.uses_p && x.uses_q && config_.subspace != SubspaceMethod::exact) {
     // The two range finders (or the Gram finder's QR) fix each vector's sign on their own;
-    // u_j^T G v_j > 0 pairs them as an SVD does: the diagonal of P^T G Q (r x r, formed on the device in R's buffer).
+    // u_j^T G v_j > 0 pairs them as an SVD does: the diagonal of P^T G Q (r x r, formed on the
+    // device in R's buffer).
     Tensor<T> tmp = view_of(scratch_, r, x.cols);
     backend_->gemm(Trans::yes, Trans::no, T(1), x.P, G, T(0), tmp);
     backend_->gemm(Trans::no, Trans::no, T(1), tmp, x.Q, T(0), x.R);

@@ -1,7 +1,8 @@
 #pragma once
 // How GaLore finds a weight's subspace, written once against the Backend: the exact SVD from the
-// device's kernels, the eigenvectors of the Gram matrix, or a randomized range finder (Halko, Martinsson & Tropp 2011, algorithm 4.4
-// with a Rayleigh-Ritz step) whose products run on the backend's GEMM; then the sign convention.
+// device's kernels, the eigenvectors of the Gram matrix, or a randomized range finder (Halko,
+// Martinsson & Tropp 2011, algorithm 4.4 with a Rayleigh-Ritz step) whose products run on the
+// backend's GEMM; then the sign convention.
 //
 // Legend: G is m x n; op(G) is G for left vectors (P, m x r) and G^T for right ones (Q, n x r);
 // a x b is op(G)'s shape, k = min(r + oversample, a, b) the sketch's width.
@@ -43,8 +44,8 @@ class RangeFinder {
 // The top singular vectors from the Gram matrix C = op(G) op(G)^T (a x a: GaLore asks it for
 // the short side, a = min(m, n)): its eigenvectors are op(G)'s left singular vectors and its
 // eigenvalues their squared singular values. One GEMM of a a b flops and a symmetric
-// eigenproblem of a x a instead of an SVD of a x b: cuSOLVER's syevdx is more than ten times
-// faster than its gesvd on a 4096 x 4096 gradient, and computes only the r vectors wanted.
+// eigenproblem of a x a instead of an SVD of a x b, of which the device's solver computes only
+// the r vectors wanted (docs/PERFORMANCE.md compares the two).
 // Its products run in strict precision on a TF32 backend too (the math mode is restored after).
 template <typename T>
 class GramFinder {

@@ -17,10 +17,10 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <new>
 
 #include "cpu/cpu_parallel.hpp"
 #include "layers/cpu/amx_support.hpp"
+#include "layers/cpu/grown_buffer.hpp"
 
 namespace relora {
 namespace {
@@ -41,26 +41,6 @@ struct alignas(64) TileConfig {
 };
 
 Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple * multiple; }
-
-// A 64-byte-aligned buffer of 16-bit values that grows to the largest size asked for and is kept.
-class HalfBuffer {
- public:
-  std::uint16_t* get(Index count) {
-    if (count > capacity_) {
-      data_.reset(static_cast<std::uint16_t*>(
-          ::operator new[](std::size_t(count) * sizeof(std::uint16_t), std::align_val_t(64))));
-      capacity_ = count;
-    }
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(std::uint16_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  std::unique_ptr<std::uint16_t, Free> data_;
-  Index capacity_ = 0;
-};
 
 // f(i) for every i in [0, count), on every thread when the pass is large.
 template <typename F>
@@ -223,8 +203,8 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
 
   Backend<float>& backend_;
   std::unique_ptr<FrozenBaseKernels> reference_;
-  HalfBuffer operand_;  // X or dY rounded to bf16, padded
-  HalfBuffer packed_;   // W^T or W in the tiles' layout, padded
+  GrownBuffer<std::uint16_t> operand_;  // X or dY rounded to bf16, in A's tiles
+  GrownBuffer<std::uint16_t> packed_;   // W^T or W in B's tiles
 };
 
 }  // namespace

@@ -4,40 +4,17 @@
 // product, small beside the product's n d k multiply-adds; it runs on every thread.
 #include <algorithm>
 #include <cmath>
-#include <new>
 
 #include "cpu/cpu_gemm.hpp"
 #include "cpu/cpu_parallel.hpp"
+#include "layers/cpu/grown_buffer.hpp"
 #include "layers/frozen_base_kernels.hpp"
 
 namespace relora {
 namespace {
 
-constexpr std::size_t kAlignment = 64;  // CpuGemm's requirement
 // Elements of W widened at once: 4 MiB of fp32, a panel that stays in the last-level cache.
 constexpr Index kPanelElements = Index(1) << 20;
-
-void free_aligned(float* p) { ::operator delete[](p, std::align_val_t(kAlignment)); }
-
-// A 64-byte-aligned fp32 buffer that grows to the largest size asked for and is kept.
-class Buffer {
- public:
-  // A rows x cols tensor viewing the buffer (valid until the next call).
-  Tensor<float> view(Index rows, Index cols) {
-    const Index count = std::max<Index>(rows * cols, 1);
-    if (count > capacity_) {
-      storage_ = Tensor<float>(static_cast<float*>(::operator new[](std::size_t(count) * sizeof(float),
-                                                                      std::align_val_t(kAlignment))),
-                               1, count, Device::cpu, &free_aligned);
-      capacity_ = count;
-    }
-    return Tensor<float>(storage_.data(), rows, cols, Device::cpu, [](float*) {});
-  }
-
- private:
-  Tensor<float> storage_;
-  Index capacity_ = 0;
-};
 
 class CpuFrozenBaseKernels final : public FrozenBaseKernels {
  public:
@@ -115,8 +92,8 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
 
  private:
   CpuGemm<float> gemm_;
-  Buffer panel_;    // W's rows, widened
-  Buffer columns_;  // a block of Y's or dY's columns
+  GrownBuffer<float> panel_;    // W's rows, widened
+  GrownBuffer<float> columns_;  // a block of Y's or dY's columns
 };
 
 }  // namespace

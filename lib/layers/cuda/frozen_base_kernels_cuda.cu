@@ -179,8 +179,7 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
   static constexpr std::size_t kWorkspaceBytes = std::size_t(4) << 20;
   // The cast buffer's cap: 2^24 16-bit values (32 MiB). A product whose fp32 operand is larger is
   // cast and multiplied in blocks of rows (whole 128-row tiles where the cap allows), so the
-  // buffer does not grow with the batch and the widest layer: at n 4096 an 11008-wide operand
-  // goes in three blocks of 1408 rows instead of one 88 MiB copy; 4096-wide ones stay whole.
+  // buffer does not grow with the batch and the widest layer; an operand within the cap goes whole.
   static constexpr Index kCastBufferElements = Index(1) << 24;
 
   static Index rows_per_block(Index n, Index width) {

@@ -1,7 +1,7 @@
 // GaLore's CPU kernels: the decoupled decay as one loop, the exact SVD through Eigen's BDCSVD in
 // double, the Gram finder's eigenproblem through Eigen's SelfAdjointEigenSolver and the range
-// finder's Householder QR (in double too). Double because a gradient's singular values cluster (many near-equal small ones);
-// in float the trailing vectors of the top r, where the spectrum is flat, would be noise, and the
+// finder's Householder QR (in double too). Double because a gradient's singular values cluster
+// (many near-equal small ones); in float the trailing vectors of the top r, where the spectrum is flat, would be noise, and the
 // float result would differ from CUDA's by more than the sign convention can repair. The SVD runs
 // once every T steps, so its cost in double is amortised.
 #include <Eigen/Eigenvalues>
