@@ -5,9 +5,9 @@
 //
 // C (n x N) = A (n x K) B (K x N), fp32 accumulation: the forward Y = X W^T (A = X, B = W^T,
 // K = k, N = d) and the backward dX = dY W + beta dX (A = dY, B = W, K = d, N = k). A is rounded
-// to bf16 to nearest (as the CUDA backend rounds X and dY before its tensor-core products) into
-// its tiles, 16 rows by 32 values each, contiguous and zero-padded; B is packed, zero-padded, into
-// the tiles' pair-interleaved ("VNNI") layout: a tile holds 32 values of K by 16 columns,
+// to bf16 to nearest (as the CUDA backend rounds X and dY before its tensor-core products) into a
+// buffer whose rows are padded with zeros to a multiple of 32 values; B is packed, zero-padded,
+// into the tiles' pair-interleaved ("VNNI") layout: a tile holds 32 values of K by 16 columns,
 // its row r the pairs (B[2r][c], B[2r+1][c]) of the 16 columns c. Each task computes a 32 x 32
 // block of C in four accumulator tiles, stepping through K 32 values at a time (tiles 0-3: C;
 // 4, 5: A's two row halves; 6, 7: B's two column halves). Both buffers are kept between products.
@@ -53,22 +53,20 @@ void for_each_row(Index count, Index values_per_row, F&& f) {
   }
 }
 
-// src (rows x cols, fp32) rounded to bf16 to nearest into A's tiles: the tile of rows
-// [16 t, 16 t + 16) and values [32 s, 32 s + 32) of K is the 16 x 32 block at
-// (t * k_steps + s) * kTileValues, so a tile loads from 1 KiB in a row (strided rows of the
-// unpacked matrix, a power of two apart, would fall into the same cache sets); zeros around it.
-void round_into_tiles(const float* src, Index rows, Index cols, Index rows_padded, Index cols_padded,
-                      std::uint16_t* dst) {
-  const Index k_steps = cols_padded / kStep;
+// dst (rows_padded x cols_padded) = src (rows x cols, fp32) rounded to bf16 to nearest, zeros
+// around it.
+void round_padded(const float* src, Index rows, Index cols, Index rows_padded, Index cols_padded, std::uint16_t* dst) {
   for_each_row(rows_padded, cols_padded, [&](Index i) {
-    std::uint16_t* tile_row = dst + (i / 16) * k_steps * kTileValues + (i % 16) * kStep;
-    for (Index s = 0; s < k_steps; ++s) {
-      std::uint16_t* out = tile_row + s * kTileValues;
-      const Index first = s * kStep, count = i < rows ? std::max<Index>(0, std::min(kStep, cols - first)) : 0;
-      const float* in = src + i * cols + first;
-      for (Index c = 0; c < count; ++c) out[c] = half_bits::round_float(in[c], BasePrecision::bf16, HalfRounding::nearest, 0.0f);
-      std::fill(out + count, out + kStep, std::uint16_t(0));
+    std::uint16_t* out = dst + i * cols_padded;
+    if (i >= rows) {
+      std::fill_n(out, cols_padded, std::uint16_t(0));
+      return;
     }
+    const float* in = src + i * cols;
+    for (Index p = 0; p < cols; ++p) {
+      out[p] = half_bits::round_float(in[p], BasePrecision::bf16, HalfRounding::nearest, 0.0f);
+    }
+    std::fill(out + cols, out + cols_padded, std::uint16_t(0));
   });
 }
 
@@ -96,7 +94,7 @@ void pack(const std::uint16_t* W, Index d, Index k, bool transpose, Index k_padd
 }
 
 // C (rows x cols, leading dimension ldc) = beta C + A B, A (rows_padded x k_padded, bf16) and B
-// (k_padded x n_padded) in their tiles; rows_padded and n_padded are multiples of 32.
+// packed (k_padded x n_padded); rows_padded and n_padded are multiples of 32.
 void multiply(const std::uint16_t* A, Index rows, Index rows_padded, Index k_padded, const std::uint16_t* B,
               Index cols, Index n_padded, float beta, float* C, Index ldc) {
   const Index k_steps = k_padded / kStep;
@@ -116,17 +114,18 @@ void multiply(const std::uint16_t* A, Index rows, Index rows_padded, Index k_pad
     const Index first = tasks * part / part_count, last = tasks * (part + 1) / part_count;
     for (Index task = first; task < last; ++task) {
       const Index rb = task / col_blocks, cb = task % col_blocks;
-      const std::uint16_t* a0 = A + (2 * rb) * k_steps * kTileValues;
-      const std::uint16_t* a1 = a0 + k_steps * kTileValues;
+      const std::uint16_t* a0 = A + rb * kStep * k_padded;
+      const std::uint16_t* a1 = a0 + 16 * k_padded;
       const std::uint16_t* b0 = B + (2 * cb) * k_steps * kTileValues;
       const std::uint16_t* b1 = b0 + k_steps * kTileValues;
+      const int a_stride = int(k_padded * Index(sizeof(std::uint16_t)));
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (Index s = 0; s < k_steps; ++s) {
-        _tile_loadd(4, a0 + s * kTileValues, kRowBytes);
-        _tile_loadd(5, a1 + s * kTileValues, kRowBytes);
+        _tile_loadd(4, a0 + s * kStep, a_stride);
+        _tile_loadd(5, a1 + s * kStep, a_stride);
         _tile_loadd(6, b0 + s * kTileValues, kRowBytes);
         _tile_loadd(7, b1 + s * kTileValues, kRowBytes);
         _tile_dpbf16ps(0, 4, 6);
@@ -177,7 +176,7 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
     const Index rows_padded = round_up(n, kStep), k_padded = round_up(k, kStep), n_padded = round_up(d, kStep);
     std::uint16_t* A = operand_.get(rows_padded * k_padded);
     std::uint16_t* B = packed_.get(k_padded * n_padded);
-    round_into_tiles(X.data(), n, k, rows_padded, k_padded, A);
+    round_padded(X.data(), n, k, rows_padded, k_padded, A);
     pack(W, d, k, true, k_padded, n_padded, B);
     multiply(A, n, rows_padded, k_padded, B, d, n_padded, 0.0f, Y.data(), d);
   }
@@ -189,7 +188,7 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
     const Index rows_padded = round_up(n, kStep), k_padded = round_up(d, kStep), n_padded = round_up(k, kStep);
     std::uint16_t* A = operand_.get(rows_padded * k_padded);
     std::uint16_t* B = packed_.get(k_padded * n_padded);
-    round_into_tiles(dY.data(), n, d, rows_padded, k_padded, A);
+    round_padded(dY.data(), n, d, rows_padded, k_padded, A);
     pack(W, d, k, false, k_padded, n_padded, B);
     multiply(A, n, rows_padded, k_padded, B, k, n_padded, beta, dX.data(), k);
   }
@@ -203,8 +202,8 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
 
   Backend<float>& backend_;
   std::unique_ptr<FrozenBaseKernels> reference_;
-  GrownBuffer<std::uint16_t> operand_;  // X or dY rounded to bf16, in A's tiles
-  GrownBuffer<std::uint16_t> packed_;   // W^T or W in B's tiles
+  GrownBuffer<std::uint16_t> operand_;  // X or dY rounded to bf16, padded
+  GrownBuffer<std::uint16_t> packed_;   // W^T or W in the tiles' layout, padded
 };
 
 }  // namespace
