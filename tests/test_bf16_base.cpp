@@ -77,6 +77,30 @@ TEST_CASE("bf16 and fp16 round to nearest, ties to even, and saturate") {
   }
 }
 
+TEST_CASE("bf16_nearest, the casts' rounding, equals round_float to nearest") {
+  // Every 257th bit pattern, and densely where the two could part: every tie and its neighbours
+  // (low 16 bits 0x7FFF, 0x8000, 0x8001 under every high half), every 7th of the subnormals and
+  // smallest normals, every 3rd of the top binades with Inf and NaN.
+  std::size_t checked = 0, differ = 0;
+  const auto check = [&](std::uint32_t bits) {
+    const float x = half_bits::bits_float(bits);
+    const auto fast = half_bits::bf16_nearest(x);
+    const auto reference = half_bits::round_float(x, BasePrecision::bf16, HalfRounding::nearest, 0.0f);
+    if (fast != reference && differ++ < 5) MESSAGE("bits " << bits << ": " << fast << " against " << reference);
+    ++checked;
+  };
+  for (std::uint64_t bits = 0; bits < (std::uint64_t(1) << 32); bits += 257) check(std::uint32_t(bits));
+  for (std::uint32_t high = 0; high < 0x10000u; ++high) {
+    for (const std::uint32_t low : {0x7FFFu, 0x8000u, 0x8001u}) check(high << 16 | low);
+  }
+  for (const std::uint32_t sign : {0u, 0x80000000u}) {
+    for (std::uint32_t m = 0; m < 0x01000000u; m += 7) check(sign | m);                     // around 2^-126
+    for (std::uint32_t m = 0x7F700000u; m <= 0x7FFFFFFFu; m += 3) check(sign | m);  // top, Inf, NaN
+  }
+  MESSAGE(checked << " floats, " << differ << " differ");
+  CHECK(differ == 0);
+}
+
 TEST_CASE("stochastic rounding to bf16 and fp16 is unbiased and reproducible") {
   for (const BasePrecision format : {BasePrecision::bf16, BasePrecision::fp16}) {
     // x a third of the way between two neighbours: up with probability 1/3.
@@ -361,4 +385,39 @@ TEST_CASE("a bf16 layer's state restores bit for bit; a state of another precisi
   MESSAGE(shape_message);
   CHECK(shape_message.find("[11 x 16]") != std::string::npos);
   CHECK(shape_message.find("[12 x 16]") != std::string::npos);
+}
+
+TEST_CASE("W A^T of a 16-bit base (DoRA's product) equals the double product to fp32 rounding, CPU and CUDA") {
+  // A bf16 W on CUDA multiplies A's three bf16 terms on tensor cores; elsewhere W is widened a
+  // block of rows at a time. Either way every entry of P = W A^T must be within fp32 summation's
+  // bound of the product in double: |P - P_ref| <= 2 k u32 (|W| |A|^T), u32 = 2^-24. A's values
+  // span 2^-20 to 2^4, so the terms below the first carry real bits.
+  std::vector<std::shared_ptr<Backend<float>>> backends{cpu()};
+  if (relora::testing::cuda_or_skip("CUDA W A^T")) backends.push_back(make_backend<float>(Device::cuda));
+  const Index d = 300, k = 1000, r = 24;
+  std::mt19937_64 gen(31);
+  const HostMatrix<float> W = normal_matrix<float>(d, k, gen, 0.5);
+  HostMatrix<float> A = normal_matrix<float>(r, k, gen);
+  std::uniform_int_distribution<int> exponent(-20, 4);
+  for (Index i = 0; i < A.size(); ++i) A.data()[i] = std::ldexp(A.data()[i], exponent(gen));
+  for (const BasePrecision format : {BasePrecision::bf16, BasePrecision::fp16}) {
+    const HostMatrix<double> Wr = rounded(W, format).cast<double>(), Ad = A.cast<double>();
+    const HostMatrix<double> reference = Wr * Ad.transpose();
+    const HostMatrix<double> bound = 2.0 * double(k) * std::ldexp(1.0, -24) * (Wr.cwiseAbs() * Ad.cwiseAbs().transpose());
+    for (const auto& backend : backends) {
+      FrozenBase<float> base(*backend, d, k, BiasMode::none, format, BaseMerge::nearest, 5, "W A^T test");
+      base.set_weight(W);
+      const Tensor<float> At = to_backend<float>(*backend, A, "A");
+      Tensor<float> P = backend->allocate(d, r);
+      base.weight_times_transposed(At, P);
+      const HostMatrix<double> got = to_host(*backend, P).cast<double>();
+      double worst = 0;  // the largest error as a fraction of its bound
+      for (Index i = 0; i < got.size(); ++i) {
+        worst = std::max(worst, std::abs(got.data()[i] - reference.data()[i]) / bound.data()[i]);
+      }
+      MESSAGE(std::string(precision_name(format)) << " on " << backend->description() << ": worst error " << worst
+                                     << " of the bound; relative " << (got - reference).norm() / reference.norm());
+      CHECK(worst <= 1.0);
+    }
+  }
 }

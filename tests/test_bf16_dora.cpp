@@ -44,15 +44,23 @@ struct DoraPair {
 
 }  // namespace
 
-TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on the same rounded weights (CPU)") {
+TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on the same rounded weights") {
   // Where the CPU has AMX the test runs again in tf32 mode (a bf16 base's products on the tiles,
-  // X and dY rounded to bf16) on inputs that are bf16 values already, so the bounds stay 1e-5 but
-  // for dX (below).
-  std::vector<MathMode> modes{MathMode::strict};
-  if (cpu_amx_bf16_available()) modes.push_back(MathMode::tf32);
-  for (const MathMode math : modes) {
-    CAPTURE(int(math));
-    auto backend = make_backend<float>(Device::cpu, BackendOptions{.math = math});
+  // X and dY rounded to bf16), and where a GPU is visible on CUDA (tensor cores, the operands
+  // rounded to W's format; W A^T from A's three bf16 terms), on inputs that are bf16 values
+  // already, so the bounds stay 1e-5 but for dX (below).
+  struct Run {
+    Device device;
+    MathMode math;
+  };
+  std::vector<Run> runs{{Device::cpu, MathMode::strict}};
+  if (cpu_amx_bf16_available()) runs.push_back({Device::cpu, MathMode::tf32});
+  if (relora::testing::cuda_or_skip("CUDA DoRA on a 16-bit base")) runs.push_back({Device::cuda, MathMode::strict});
+  for (const Run run : runs) {
+    const bool rounds_operands = run.device == Device::cuda || run.math == MathMode::tf32;
+    CAPTURE(int(run.device));
+    CAPTURE(int(run.math));
+    auto backend = make_backend<float>(run.device, BackendOptions{.math = run.math});
     std::mt19937_64 gen(31);
     for (const BasePrecision format : {BasePrecision::bf16, BasePrecision::fp16}) {
       for (const DoraGradient gradient : {DoraGradient::detached, DoraGradient::exact}) {
@@ -64,7 +72,7 @@ TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on
                                   .gradient = gradient};
           DoraPair pair(*backend, config, format, BaseMerge::stochastic, gen);
           HostMatrix<float> x = normal_matrix<float>(n, k, gen), dy = normal_matrix<float>(n, d, gen);
-          if (math == MathMode::tf32) {
+          if (rounds_operands) {
             x = rounded(x, BasePrecision::bf16);
             dy = rounded(dy, BasePrecision::bf16);
           }
@@ -83,13 +91,15 @@ TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on
           const double e_da = e(pair.half->dA(), pair.reference->dA()), e_db = e(pair.half->dB(), pair.reference->dB());
           const double e_dm = e(pair.half->dm(), pair.reference->dm());
           const std::string mode = gradient == DoraGradient::exact ? "exact" : "detached";
-          MESSAGE(std::string(precision_name(format)) << std::string(math == MathMode::tf32 ? " tf32 " : " ") << mode << " " << k << " -> " << d << ": Y " << e_y
+          MESSAGE(backend->description() << ", " << precision_name(format)
+                                          << (run.math == MathMode::tf32 ? " tf32 " : " ") << mode << " " << k
+                                          << " -> " << d << ": Y " << e_y
                                                       << ", dX " << e_dx << ", dA " << e_da << ", dB " << e_db
                                                       << ", dm " << e_dm);
           CHECK(e_y <= 1e-5);
-          // In tf32 the backward's operand is dY scaled by g (DoRA's row factors), no longer a
-          // bf16 value: the tiles round it, by up to u = 2^-8 of itself, as the CUDA backend does.
-          CHECK(e_dx <= (math == MathMode::tf32 ? 2 * half_unit_roundoff(BasePrecision::bf16) : 1e-5));
+          // Where the operands are rounded, the backward's is dY scaled by g (DoRA's row factors),
+          // no longer a bf16 value: it moves by up to u = 2^-8 of itself (2^-11 for fp16).
+          CHECK(e_dx <= (rounds_operands ? 2 * half_unit_roundoff(BasePrecision::bf16) : 1e-5));
           CHECK(e_da <= 1e-5);
           CHECK(e_db <= 1e-5);
           CHECK(e_dm <= 1e-5);

@@ -9,7 +9,9 @@
 // they agree with it to 1e-5.
 #include <doctest/doctest.h>
 
+#include <cstring>
 #include <random>
+#include <vector>
 
 #include "bf16_test_util.hpp"
 #include "relora/relora.hpp"
@@ -102,6 +104,51 @@ TEST_CASE("cuda bf16 base: operands larger than the cast buffer go in row blocks
     MESSAGE(n << " x " << k << " -> " << d << ": worst row of Y " << e_y << ", of dX " << e_dx);
     CHECK(e_y <= 1e-5);
     CHECK(e_dx <= 1e-5);
+  }
+}
+
+TEST_CASE("cuda bf16 and fp16 base: W rounded to nearest on the GPU has the CPU's bits") {
+  // The GPU rounds four values a thread at a time and the rest one by one; every value must land
+  // where round_float puts it on the CPU: ties both ways, values beside a tie, subnormals of both
+  // formats, fp16's overflow, signed zeros, and normal values of every scale. 37 x 41 values (not
+  // a multiple of 4, so the last ones take the scalar loop).
+  if (!cuda_or_skip("CUDA bf16 test")) return;
+  auto gpu = make_backend<float>(Device::cuda);
+  auto cpu = make_backend<float>(Device::cpu);
+  const Index d = 37, k = 41;
+  std::mt19937_64 gen(21);
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> exponent(-140, 20);
+  HostMatrix<float> W(d, k);
+  const auto from_bits = [](std::uint32_t b) { float f; std::memcpy(&f, &b, sizeof f); return f; };
+  const std::vector<float> edges = {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, 65519.0f, 65520.0f, -70000.0f,
+                                    6.0e-8f, 3.0e-8f, 1.0e-40f, -1.0e-45f, 1.17549435e-38f,
+                                    from_bits(0x3F808000u), from_bits(0x3F818000u), from_bits(0x3F808001u),
+                                    from_bits(0x3F807FFFu), from_bits(0x3F801000u), from_bits(0x3F803000u),
+                                    from_bits(0x7F7F8000u), from_bits(0x7F7FFFFFu), from_bits(0x00008000u)};
+  for (Index i = 0; i < W.size(); ++i) {
+    W.data()[i] = i < Index(edges.size()) ? edges[std::size_t(i)] : std::ldexp(normal(gen), exponent(gen));
+  }
+  for (const BasePrecision format : {BasePrecision::bf16, BasePrecision::fp16}) {
+    const LoraConfig config{.in_features = k, .out_features = d, .rank = 1, .alpha = 1, .seed = 3,
+                            .base_precision = format};
+    // With an fp32 master (full fine-tuning) set_W rounds on the device; without one, on the host.
+    const auto rounded_on = [&](Backend<float>& backend) {
+      auto layer = make_lora_linear<float>(backend, config, HostMatrix<float>::Zero(d, k));
+      layer->set_train_target(TrainTarget::base);
+      layer->set_W(W);
+      return layer->base().weight_bits().bits;
+    };
+    const auto gpu_bits = rounded_on(*gpu), cpu_bits = rounded_on(*cpu);
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < gpu_bits.size(); ++i) {
+      if (gpu_bits[i] != cpu_bits[i] && differ++ < 5) {
+        MESSAGE(std::string(precision_name(format)) << ": value " << i << " (" << W.data()[i] << ") is " << gpu_bits[i]
+                                       << " on the GPU and " << cpu_bits[i] << " on the CPU");
+      }
+    }
+    MESSAGE(std::string(precision_name(format)) << ": " << differ << " of " << gpu_bits.size() << " values differ");
+    CHECK(differ == 0);
   }
 }
 

@@ -166,10 +166,7 @@ void DoraLinear<T>::refresh_W_norms() {
 template <typename T>
 void DoraLinear<T>::refresh_factors() {
   Backend<T>& be = *backend_;
-  base_.for_each_row_block([&](Index first, Tensor<T>& rows) {  // P = W A^T   (d x r)
-    Tensor<T> part = rows_of(P_, first, rows.rows());
-    be.gemm(Trans::no, Trans::yes, T(1), rows, A_, T(0), part);
-  });
+  base_.weight_times_transposed(A_, P_);                    // P = W A^T   (d x r)
   be.gemm(Trans::no, Trans::yes, T(1), A_, A_, T(0), G_);   // G = A A^T   (r x r)
   be.gemm(Trans::no, Trans::no, T(1), B_, G_, T(0), BG_);   // B G         (d x r)
   kernels_->norms(wsq_, P_, B_, BG_, m_, scale_, eps_, n_, g_);
@@ -253,10 +250,11 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
   }
   // Without a mask Z is computed in Y's buffer and scaled in place: the backward reads it back.
   Tensor<T>& Z = keeps_Z() ? Z_ : Y_;
-  // Most of the time goes here and into the backward's products with W.
-  base_.product(*input, Z);                                    // Z = Xd W^T
+  // Most of the time goes into Z's product with W and the backward's: the adapter's term first,
+  // so that the large product adds it in its epilogue (as LoraLinear::forward does).
   be.gemm(Trans::no, Trans::yes, T(1), *input, A_, T(0), U_);  // U = Xd A^T
-  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Z);    // Z += s U B^T
+  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(0), Z);    // Z = s U B^T
+  base_.product(*input, T(1), Z);                              // Z += Xd W^T
   // Y (+)= Z diag(g) + b
   kernels_->scale_columns_add(Z, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);
   return Y_;
@@ -335,12 +333,12 @@ void DoraLinear<T>::backward(const Tensor<T>& dY_given, Tensor<T>* dX) {
     if (dropout_active_) {
       base_.input_gradient(dY, T(0), *dX);                            // dY W
       kern.scale_columns(dY, g_, T(-1), dY);                          // dY is done with: dY diag(g - 1)
-      base_.input_gradient(dY, T(0), dX_lora_);                       // dY diag(g - 1) W
-      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), dX_lora_);   // + dU A
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), dX_lora_);   // dU A
+      base_.input_gradient(dY, T(1), dX_lora_);                       // + dY diag(g - 1) W
       kern.add_masked(mask_, dX_lora_, *dX);                          // dX = dY W + M .* (...)
     } else {
-      base_.input_gradient(dY, T(0), *dX);                       // dX = dZ W
-      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);   // dX += dU A
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), *dX);   // dX = dU A
+      base_.input_gradient(dY, T(1), *dX);                       // dX += dZ W, in its epilogue
     }
   }
   if (dX == nullptr || dX == &dX_) {

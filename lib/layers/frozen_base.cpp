@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "layers/frozen_base_kernels.hpp"
 #include "layers/merge_check.hpp"
@@ -74,19 +75,34 @@ void FrozenBase<T>::require_half(const char* operation) const {
 
 template <typename T>
 void FrozenBase<T>::product(const Tensor<T>& X, Tensor<T>& Y) {
-  if (!low_precision()) {
-    backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, T(0), Y);
-  } else if constexpr (std::is_same<T, float>::value) {
-    require_shape(X, X.rows(), k_, "FrozenBase product X");
-    require_shape(Y, X.rows(), d_, "FrozenBase product Y");
-    kernels_->forward_product(X, bits(), precision_, Y);
-  }
+  product(X, T(0), Y);
+}
+
+template <typename T>
+void FrozenBase<T>::product(const Tensor<T>& X, T beta, Tensor<T>& Y) {
+  multiply(X, beta, false, Y);
 }
 
 template <typename T>
 void FrozenBase<T>::forward(const Tensor<T>& X, Tensor<T>& Y) {
-  product(X, Y);
-  if (has_bias()) backend_->add_row_vector(b_, Y);
+  forward(X, T(0), Y);
+}
+
+template <typename T>
+void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Tensor<T>& Y) {
+  multiply(X, beta, has_bias(), Y);
+}
+
+template <typename T>
+void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y) {
+  if (!low_precision()) {
+    backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, beta, Y);
+    if (with_bias) backend_->add_row_vector(b_, Y);
+  } else if constexpr (std::is_same<T, float>::value) {
+    require_shape(X, X.rows(), k_, "FrozenBase product X");
+    require_shape(Y, X.rows(), d_, "FrozenBase product Y");
+    kernels_->forward_product(X, bits(), precision_, with_bias ? b_.data() : nullptr, beta, Y);
+  }
 }
 
 template <typename T>
@@ -224,6 +240,24 @@ void FrozenBase<T>::for_each_row_block(const RowBlock& f) {
       f(first, block);
     }
   }
+}
+
+template <typename T>
+void FrozenBase<T>::weight_times_transposed(const Tensor<T>& A, Tensor<T>& P) {
+  if (A.cols() != k_ || P.rows() != d_ || P.cols() != A.rows()) {  // the message only when thrown: a step allocates nothing
+    throw ShapeError(name_ + " W A^T: A is " + A.shape() + " and P " + P.shape() + ", expected [r x " +
+                     std::to_string(k_) + "] and [" + std::to_string(d_) + " x r]");
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (low_precision() && kernels_->weight_times_transposed(bits(), d_, k_, precision_, A, P)) return;
+  }
+  // Two pointers captured, within std::function's inline storage: a step allocates nothing.
+  const std::pair<const Tensor<T>*, Tensor<T>*> operands{&A, &P};
+  for_each_row_block([this, &operands](Index first, Tensor<T>& rows) {
+    Tensor<T>& out = *operands.second;
+    Tensor<T> part(out.data() + first * out.cols(), rows.rows(), out.cols(), out.device(), [](T*) {});  // P's rows
+    backend_->gemm(Trans::no, Trans::yes, T(1), rows, *operands.first, T(0), part);
+  });
 }
 
 template <typename T>

@@ -25,9 +25,19 @@ class FrozenBaseKernels {
   virtual void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) = 0;
   // The largest |src[i]| (read back to the host, waiting for queued work); +Inf for NaN or Inf.
   virtual double max_abs(const std::uint16_t* src, Index count, BasePrecision format) = 0;
-  // Y = X W^T (W: d x k with d = Y.cols(), k = X.cols()).
+  // Y = X W^T + bias + beta Y (W: d x k with d = Y.cols(), k = X.cols(); bias: d fp32 values on the
+  // device, or null for none). A layer that has computed its adapter's term into Y first passes
+  // beta 1, so the product's epilogue adds it instead of a pass of its own.
   virtual void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
-                               Tensor<float>& Y) = 0;
+                               const float* bias, float beta, Tensor<float>& Y) = 0;
+  // P = W A^T (W: d x k, A: r x k fp32, P: d x r) where the device has a way without widening W
+  // (a bf16 W on CUDA); false, having done nothing, where it has not (FrozenBase then widens W's
+  // rows a block at a time).
+  virtual bool weight_times_transposed(const std::uint16_t* W, Index d, Index k, BasePrecision format,
+                                       const Tensor<float>& A, Tensor<float>& P) {
+    (void)W, (void)d, (void)k, (void)format, (void)A, (void)P;
+    return false;
+  }
   // dX = dY W + beta dX (W: d x k with d = dY.cols(), k = dX.cols()).
   virtual void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format,
                                       float beta, Tensor<float>& dX) = 0;

@@ -141,19 +141,23 @@ template <typename T>
 const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
   begin_forward(X);
   Backend<T>& be = *backend_;
-  // Most of the time goes here and into dY W in backward: the two d x k products.
   if (target_ == TrainTarget::base) base_.sync_from_master();  // the optimizer stepped the master
-  base_.forward(X, Y_);  // Y = X W^T + b
-  if (merged_) return Y_;
-
+  if (merged_) {
+    base_.forward(X, Y_);  // Y = X W^T + b
+    return Y_;
+  }
   const Tensor<T>* lora_input = &X;
   if (dropout_active_) {
     be.dropout_mask(next_mask_key(), T(config_.dropout), mask_);
     be.multiply(X, mask_, X_dropped_);
     lora_input = &X_dropped_;
   }
-  be.gemm(Trans::no, Trans::yes, T(1), *lora_input, A_, T(0), U_);
-  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(1), Y_);  // Y += s U B^T, in the GEMM epilogue
+  // The adapter's term first, then the base product onto it: most of the time goes into X W^T
+  // (and dY W in backward), and a product that large adds what Y holds in its epilogue at little
+  // cost, where adding the rank-r term afterwards would read and write Y once more.
+  be.gemm(Trans::no, Trans::yes, T(1), *lora_input, A_, T(0), U_);  // U = D(X) A^T
+  be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(0), Y_);          // Y = s U B^T
+  base_.forward(X, T(1), Y_);                                         // Y += X W^T + b
   return Y_;
 }
 
@@ -198,8 +202,8 @@ void LoraLinear<T>::backward(const Tensor<T>& dY, Tensor<T>* dX) {
       be.multiply(dX_lora_, mask_, *dX);                       // D'(dU A): the same mask, scale included
       base_.input_gradient(dY, T(1), *dX);  // dX += dY W
     } else {
-      base_.input_gradient(dY, T(0), *dX);  // dX = dY W
-      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(1), *dX);  // dX += dU A
+      be.gemm(Trans::no, Trans::no, T(1), dU_, A_, T(0), *dX);  // dX = dU A
+      base_.input_gradient(dY, T(1), *dX);  // dX += dY W, in the large product's epilogue
     }
   }
   finish_backward(dX);

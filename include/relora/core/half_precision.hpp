@@ -119,6 +119,16 @@ RELORA_HOST_DEVICE inline bool is_nan_or_inf(std::uint16_t h, BasePrecision p) {
   return p == BasePrecision::bf16 ? (h & 0x7F80u) == 0x7F80u : (h & 0x7C00u) == 0x7C00u;
 }
 
+// x rounded to the nearest bf16, ties to even, in a few integer operations: round_float(x, bf16,
+// nearest, 0) for every float (the casts of X and dY before each product run it). Beyond the
+// largest finite bf16 it saturates as round_float does; NaN and Inf keep toward_zero's bits.
+RELORA_HOST_DEVICE inline std::uint16_t bf16_nearest(float x) {
+  const std::uint32_t u = float_bits(x);
+  if ((u & 0x7F800000u) == 0x7F800000u) return bf16_toward_zero(x);
+  const auto h = std::uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return (h & 0x7FFFu) == 0x7F80u ? std::uint16_t(h - 1u) : h;
+}
+
 // x rounded to `p`: to nearest (ties to even), or stochastically with the uniform u in [0, 1).
 RELORA_HOST_DEVICE inline std::uint16_t round_float(float x, BasePrecision p, HalfRounding mode, float u) {
   const std::uint16_t down = toward_zero(x, p);

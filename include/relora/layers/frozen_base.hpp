@@ -47,8 +47,13 @@ class FrozenBase {
 
   // Y = X W^T (+ b).
   void forward(const Tensor<T>& X, Tensor<T>& Y);
+  // Y = X W^T (+ b) + beta Y: a layer that wrote its adapter's term into Y first adds the product
+  // onto it (on a 16-bit base in the product's epilogue, bias included, instead of passes of their own).
+  void forward(const Tensor<T>& X, T beta, Tensor<T>& Y);
   // Y = X W^T, without the bias (for a layer that adds it in a pass of its own).
   void product(const Tensor<T>& X, Tensor<T>& Y);
+  // Y = X W^T + beta Y, without the bias.
+  void product(const Tensor<T>& X, T beta, Tensor<T>& Y);
   // dX = dY W + beta dX.
   void input_gradient(const Tensor<T>& dY, T beta, Tensor<T>& dX);
 
@@ -78,6 +83,11 @@ class FrozenBase {
   // place, landing in a 16-bit W as merge_mode() says (into the master when there is one).
   void add_low_rank(T s, const Tensor<T>& B, const Tensor<T>& A, const RowBlock& before = {},
                     const RowBlock& after = {});
+  // P = W A^T (A: r x k, P: d x r), DoRA's product with W every step. A bf16 W on CUDA multiplies
+  // A split into three bf16 terms (hi + mid + lo = A exactly for normal values) on tensor cores,
+  // each product exact and summed in fp32: W is not widened. Elsewhere W's rows are widened a
+  // block at a time and multiplied by the backend's GEMM.
+  void weight_times_transposed(const Tensor<T>& A, Tensor<T>& P);
   // f(first, rows) over W's rows as fp32, in blocks, in order (norms of rows, W A^T, Bq^T W).
   void for_each_row_block(const RowBlock& f);
 
@@ -108,6 +118,8 @@ class FrozenBase {
 
  private:
   void require_half(const char* operation) const;
+  // Y = X W^T (+ b when with_bias) + beta Y.
+  void multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y);
   void bias_rounded_to_format();
   std::uint16_t* bits();
   const std::uint16_t* bits() const;

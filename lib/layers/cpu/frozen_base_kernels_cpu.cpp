@@ -7,6 +7,7 @@
 
 #include "cpu/cpu_gemm.hpp"
 #include "cpu/cpu_parallel.hpp"
+#include "layers/cpu/cpu_epilogue.hpp"
 #include "layers/cpu/grown_buffer.hpp"
 #include "layers/frozen_base_kernels.hpp"
 
@@ -21,7 +22,11 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
   void round(const float* src, Index count, Index first_index, BasePrecision format, HalfRounding mode, RngKey key,
              std::uint16_t* dst) override {
     if (mode == HalfRounding::nearest) {
-      for_each_element(count, [&](Index i) { dst[i] = half_bits::round_float(src[i], format, mode, 0.0f); });
+      if (format == BasePrecision::bf16) {
+        for_each_element(count, [&](Index i) { dst[i] = half_bits::bf16_nearest(src[i]); });
+      } else {
+        for_each_element(count, [&](Index i) { dst[i] = half_bits::round_float(src[i], format, mode, 0.0f); });
+      }
     } else {
       for_each_element(count, [&](Index i) {
         const float u = half_bits::rounding_uniform(key, std::uint64_t(first_index + i));
@@ -47,11 +52,11 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
     return largest;
   }
 
-  void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
-                       Tensor<float>& Y) override {
+  void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
+                       float beta, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
     const Index panel_rows = std::max<Index>(1, std::min<Index>(d, kPanelElements / std::max<Index>(k, 1)));
-    std::fill_n(Y.data(), Y.size(), 0.0f);
+    scale(beta, Y);
     for (Index first = 0; first < d; first += panel_rows) {
       const Index rows = std::min(panel_rows, d - first);
       Tensor<float> panel = panel_.view(rows, k);
@@ -60,21 +65,22 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
         gemm_.multiply_add(Trans::no, Trans::yes, 1.0f, X, panel, Y);  // the whole W in one panel
         continue;
       }
-      Tensor<float> part = columns_.view(n, rows);  // Y[:, first:first + rows] = X panel^T
+      Tensor<float> part = columns_.view(n, rows);  // Y[:, first:first + rows] += X panel^T
       std::fill_n(part.data(), part.size(), 0.0f);
       gemm_.multiply_add(Trans::no, Trans::yes, 1.0f, X, panel, part);
-      for (Index i = 0; i < n; ++i) std::copy_n(part.data() + i * rows, rows, Y.data() + i * d + first);
+      for (Index i = 0; i < n; ++i) {
+        float* row = Y.data() + i * d + first;
+        const float* from = part.data() + i * rows;
+        for (Index j = 0; j < rows; ++j) row[j] += from[j];
+      }
     }
+    if (bias) add_bias(bias, Y);
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
                               Tensor<float>& dX) override {
     const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
-    if (beta == 0.0f) {
-      std::fill_n(dX.data(), dX.size(), 0.0f);
-    } else if (beta != 1.0f) {
-      for_each_element(dX.size(), [&](Index i) { dX.data()[i] *= beta; });
-    }
+    scale(beta, dX);
     const Index panel_rows = std::max<Index>(1, std::min<Index>(d, kPanelElements / std::max<Index>(k, 1)));
     for (Index first = 0; first < d; first += panel_rows) {
       const Index rows = std::min(panel_rows, d - first);

@@ -1,11 +1,12 @@
-// A bf16 or fp16 base on CUDA: X W^T and dY W on tensor cores (cublasGemmEx, 16-bit inputs, fp32
-// accumulation and output). cuBLAS takes both inputs in one format, so the fp32 operand (X, dY)
-// is first rounded to nearest into a 16-bit buffer shared by the backend's layers (allocated
-// through the backend, grown only when a larger batch appears: a steady step allocates nothing;
-// capped at 32 MiB, larger operands going in blocks of rows). That cast
-// reads 4 and writes 2 bytes per element, beside the product's 2 d flops per element.
-// Rounding and widening are grid-stride loops over the same functions the CPU uses
-// (half_precision.hpp), so both devices give the same bits.
+// A bf16 or fp16 base on CUDA: X W^T and dY W on tensor cores, 16-bit inputs, fp32 accumulation
+// and output. The forward goes through cuBLASLt, whose epilogue adds the bias and what Y already
+// holds (the adapter's term); the backward through cublasGemmEx. cuBLAS takes both inputs in one
+// format, so the fp32 operand (X, dY) is first rounded to nearest into a 16-bit buffer shared by
+// the backend's layers (allocated through the backend, grown only when a larger batch appears: a
+// steady step allocates nothing; capped at 32 MiB, larger operands going in blocks of rows). That
+// cast reads 4 and writes 2 bytes per element, beside the product's 2 d flops per element.
+// Rounding and widening run the functions the CPU uses (half_precision.hpp), so both devices give
+// the same bits.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -18,6 +19,7 @@
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
+#include "cuda/cuda_lt_matmul.cuh"
 #include "cuda/cuda_resources.cuh"
 #include "cuda/cuda_sanitizer_marks.cuh"
 #include "layers/frozen_base_kernels.hpp"
@@ -34,6 +36,38 @@ __global__ void round_kernel(std::int64_t count, std::int64_t first_index, const
                         ? half_bits::rounding_uniform(key, std::uint64_t(first_index + i))
                         : 0.0f;
     dst[i] = half_bits::round_float(src[i], format, mode, u);
+  }
+}
+
+// round_kernel's nearest mode four values a thread at a time (16-byte loads, 8-byte stores): the
+// casts of X and dY before every product, which the scalar loop left at half the memory's speed.
+__global__ void round_nearest_kernel(std::int64_t quads, const float4* __restrict__ src, BasePrecision format,
+                                     uint2* __restrict__ dst) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < quads;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const float4 v = src[i];
+    const auto near = [format](float x) {
+      return std::uint32_t(format == BasePrecision::bf16 ? half_bits::bf16_nearest(x)
+                                                          : half_bits::round_float(x, format, HalfRounding::nearest, 0.0f));
+    };
+    dst[i] = make_uint2(near(v.x) | near(v.y) << 16, near(v.z) | near(v.w) << 16);  // little-endian pairs
+  }
+}
+
+// A (count fp32 values) as three bf16 terms, hi + mid + lo, each the nearest bf16 to what the
+// terms before it leave (the differences are exact in fp32): for a normal value whose last term
+// is not subnormal the three hold all of its 24 bits, so products with a bf16 W are exact.
+__global__ void split_bf16_kernel(std::int64_t count, const float* __restrict__ src, std::uint16_t* __restrict__ hi,
+                                  std::uint16_t* __restrict__ mid, std::uint16_t* __restrict__ lo) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    float rest = src[i];
+    std::uint16_t* const terms[3] = {hi, mid, lo};
+    for (std::uint16_t* term : terms) {
+      const std::uint16_t t = half_bits::round_float(rest, BasePrecision::bf16, HalfRounding::nearest, 0.0f);
+      term[i] = t;
+      rest -= half_bits::bf16_to_float(t);
+    }
   }
 }
 
@@ -107,14 +141,24 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     RELORA_CUDA_CHECK(cudaMemset(workspace_.ptr, 0, kWorkspaceBytes));
     RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, workspace_.ptr, kWorkspaceBytes));
     RELORA_CUDA_CHECK(cudaMalloc(&largest_.ptr, sizeof(unsigned int)));
+    lt_ = std::make_unique<LtMatmul>(context_->stream(), workspace_.ptr, kWorkspaceBytes);
   }
 
   void round(const float* src, Index count, Index first_index, BasePrecision format, HalfRounding mode, RngKey key,
              std::uint16_t* dst) override {
     if (count == 0) return;
     context_->activate();
-    round_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(
-        count, first_index, src, format, mode, key, dst);
+    const bool aligned = reinterpret_cast<std::uintptr_t>(src) % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 8 == 0;
+    const Index quads = mode == HalfRounding::nearest && aligned ? count / 4 : 0;
+    if (quads > 0) {
+      round_nearest_kernel<<<grid_for(quads, context_->sm_count()), kThreads, 0, context_->stream()>>>(
+          quads, reinterpret_cast<const float4*>(src), format, reinterpret_cast<uint2*>(dst));
+      RELORA_CHECK_LAUNCH("round_nearest_kernel");
+    }
+    const Index done = 4 * quads;
+    if (done == count) return;
+    round_kernel<<<grid_for(count - done, context_->sm_count()), kThreads, 0, context_->stream()>>>(
+        count - done, first_index + done, src + done, format, mode, key, dst + done);
     RELORA_CHECK_LAUNCH("round_kernel");
   }
 
@@ -139,22 +183,42 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     return double(half_bits::bits_float(bits));
   }
 
-  void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
-                       Tensor<float>& Y) override {
+  void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
+                       float beta, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
     const Index block = rows_per_block(n, k);
     std::uint16_t* Xh = cast_buffer(block * k);
-    const float alpha = 1, beta = 0;
     for (Index first = 0; first < n; first += block) {
       const Index rows = std::min(block, n - first);
       round(X.data() + first * k, rows * k, 0, format, HalfRounding::nearest, RngKey{}, Xh);
-      // Row-major Y = Xh W^T is column-major Y^T (d x rows) = W (W^T stored: k x d, op T) times Xh^T (k x rows).
+      // Row-major Y = Xh W^T + b is column-major Y^T (d x rows) = W (W^T stored: k x d, op T) times
+      // Xh^T (k x rows), plus b down every column: cuBLASLt's bias epilogue.
       float* Yb = Y.data() + first * d;
-      RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_T, CUBLAS_OP_N, d, rows, k, &alpha, W,
-                                          cuda_type(format), k, Xh, cuda_type(format), k, &beta, Yb, CUDA_R_32F, d,
-                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      lt_->multiply(true, d, rows, k, W, Xh, cuda_type(format), bias, beta, Yb);
       mark_written_for_sanitizer(Yb, std::size_t(rows) * std::size_t(d) * sizeof(float), context_->stream());
     }
+  }
+
+  bool weight_times_transposed(const std::uint16_t* W, Index d, Index k, BasePrecision format, const Tensor<float>& A,
+                               Tensor<float>& P) override {
+    if (format != BasePrecision::bf16) return false;  // fp16's range would lose the small terms
+    const Index r = A.rows(), count = r * k;
+    if (count == 0 || d == 0) return false;
+    std::uint16_t* terms = cast_buffer(3 * count);
+    context_->activate();
+    split_bf16_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(
+        count, A.data(), terms, terms + count, terms + 2 * count);
+    RELORA_CHECK_LAUNCH("split_bf16_kernel");
+    // Row-major P = W A^T is column-major P^T (r x d) = A (A^T stored: k x r, op T) times W^T (W
+    // stored: k x d, op N); the terms' products added in fp32, the largest first.
+    for (int t = 0; t < 3; ++t) {
+      const float alpha = 1, beta = t == 0 ? 0.0f : 1.0f;
+      RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_T, CUBLAS_OP_N, r, d, k, &alpha, terms + t * count,
+                                          CUDA_R_16BF, k, W, CUDA_R_16BF, k, &beta, P.data(), CUDA_R_32F, r,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    mark_written_for_sanitizer(P.data(), std::size_t(d) * std::size_t(r) * sizeof(float), context_->stream());
+    return true;
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
@@ -204,6 +268,7 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
   DeviceMemory workspace_;
   DeviceMemory largest_;  // max_abs's result
   std::shared_ptr<SharedCast> cast_;  // X or dY rounded to W's format
+  std::unique_ptr<LtMatmul> lt_;      // the forward's product with its bias (shares the workspace)
 };
 
 }  // namespace

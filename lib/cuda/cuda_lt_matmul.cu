@@ -1,0 +1,109 @@
+#include "cuda/cuda_lt_matmul.cuh"
+
+#include <initializer_list>
+#include <string>
+
+#include "cuda/cuda_check.cuh"
+#include "relora/core/errors.hpp"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+// The largest power of two (at most 256) dividing every address: the heuristic's minimum
+// alignments, so no plan is chosen that needs more than the operands have.
+unsigned common_alignment(std::initializer_list<const void*> pointers) {
+  unsigned alignment = 256;
+  for (const void* p : pointers) {
+    if (p == nullptr) continue;
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  }
+  return alignment;
+}
+
+template <typename V>
+void set(cublasLtMatmulDesc_t operation, cublasLtMatmulDescAttributes_t attribute, const V& value) {
+  RELORA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(operation, attribute, &value, sizeof value));
+}
+
+}  // namespace
+
+LtMatmul::LtMatmul(cudaStream_t stream, void* workspace, std::size_t workspace_bytes)
+    : stream_(stream), workspace_(workspace), workspace_bytes_(workspace_bytes) {
+  RELORA_CUBLAS_CHECK(cublasLtCreate(&handle_));
+}
+
+LtMatmul::~LtMatmul() {
+  for (auto& entry : plans_) release(entry.second);
+  if (handle_) (void)cublasLtDestroy(handle_);
+}
+
+void LtMatmul::release(Plan& plan) {
+  if (plan.a) (void)cublasLtMatrixLayoutDestroy(plan.a);
+  if (plan.b) (void)cublasLtMatrixLayoutDestroy(plan.b);
+  if (plan.d) (void)cublasLtMatrixLayoutDestroy(plan.d);
+  if (plan.operation) (void)cublasLtMatmulDescDestroy(plan.operation);
+}
+
+LtMatmul::Plan& LtMatmul::plan(const Key& key) {
+  auto found = plans_.find(key);
+  if (found != plans_.end()) return found->second;
+  const auto [transpose_a, m, n, k, type, with_bias, alignment] = key;
+  Plan p;
+  try {
+    RELORA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.operation, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    set(p.operation, CUBLASLT_MATMUL_DESC_TRANSA, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+    set(p.operation, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+    if (with_bias) {
+      set(p.operation, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
+      set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+    }
+    const auto data_type = cudaDataType_t(type);
+    RELORA_CUBLAS_CHECK(transpose_a ? cublasLtMatrixLayoutCreate(&p.a, data_type, k, m, k)
+                                    : cublasLtMatrixLayoutCreate(&p.a, data_type, m, k, m));
+    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, data_type, k, n, k));
+    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, m, n, m));
+    cublasLtMatmulPreference_t preference = nullptr;
+    RELORA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    const auto set_preference = [&](cublasLtMatmulPreferenceAttributes_t attribute, auto value) {
+      return cublasLtMatmulPreferenceSetAttribute(preference, attribute, &value, sizeof value);
+    };
+    cublasStatus_t status = set_preference(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, std::uint64_t(workspace_bytes_));
+    for (const auto attribute : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                 CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+      if (status == CUBLAS_STATUS_SUCCESS) status = set_preference(attribute, std::uint32_t(alignment));
+    }
+    cublasLtMatmulHeuristicResult_t result{};
+    int found_count = 0;
+    if (status == CUBLAS_STATUS_SUCCESS) {
+      status = cublasLtMatmulAlgoGetHeuristic(handle_, p.operation, p.a, p.b, p.d, p.d, preference, 1, &result,
+                                              &found_count);
+    }
+    (void)cublasLtMatmulPreferenceDestroy(preference);
+    RELORA_CUBLAS_CHECK(status);
+    if (found_count == 0) {
+      throw DeviceError("cuBLASLt has no algorithm for a 16-bit product of " + std::to_string(m) + " x " +
+                         std::to_string(k) + " by " + std::to_string(k) + " x " + std::to_string(n) +
+                         (with_bias ? " with a bias" : ""));
+    }
+    p.algo = result.algo;
+  } catch (...) {
+    release(p);
+    throw;
+  }
+  return plans_.emplace(key, p).first->second;
+}
+
+void LtMatmul::multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, const void* A,
+                        const void* B, cudaDataType_t type, const float* bias, float beta, float* D) {
+  const Key key{transpose_a, m, n, k, int(type), bias != nullptr, common_alignment({A, B, D, bias})};
+  Plan& p = plan(key);
+  if (bias) set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  const float alpha = 1;
+  RELORA_CUBLAS_CHECK(cublasLtMatmul(handle_, p.operation, &alpha, A, p.a, B, p.b, &beta, D, p.d, D, p.d, &p.algo,
+                                     workspace_, workspace_bytes_, stream_));
+}
+
+}  // namespace cuda_detail
+}  // namespace relora
