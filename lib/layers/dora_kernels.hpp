@@ -28,9 +28,11 @@ class DoraKernels {
                                  Tensor<T>& Y) = 0;
   // out = X diag(g + shift); out may alias X.
   virtual void scale_columns(const Tensor<T>& X, const Tensor<T>& g, T shift, Tensor<T>& out) = 0;
-  // dm_i = sum_t dY_ti Z_ti / max(n_i, eps) (summed in double), from a stored Z (dropout's forward).
-  virtual void magnitude_gradient(const Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& n, T eps,
-                                  Tensor<T>& dm) = 0;
+  // dm_i = sum_t dY_ti Z_ti / max(n_i, eps) from a stored Z (dropout's forward, a 16-bit base), and
+  // db_i = sum_t dY_ti when db is not null, sums in double; with scale_dY, dY then becomes
+  // dZ = dY diag(g) in place. One read of dY and Z, one write of dY.
+  virtual void magnitude_gradient(Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>& n, T eps,
+                                  bool scale_dY, Tensor<T>& dm, Tensor<T>* db) = 0;
   // The magnitude's gradient without a stored Z, in one pass over dY and Y = Z diag(g) + b (b may be
   // null). For a column whose g_i is invertible (dora_recovery.hpp), Z_ti = (Y_ti - b_i) / g_i and
   //   dm_i = sum_t dY_ti Z_ti / max(n_i, eps),

@@ -287,9 +287,7 @@ void DoraLinear<T>::backward(const Tensor<T>& dY_given, Tensor<T>* dX) {
   // and g goes into the d x r operands: dB = s diag(g) (dY^T U), dU = s dY (diag(g) B).
   const bool dZ_in_dY = !dropout_active_ && (dX != nullptr || !adapter);
   if (keeps_Z()) {
-    kern.magnitude_gradient(dY, Z_, n_, eps_, dm_);  // Z kept by the forward
-    if (db) be.column_sums(dY, T(0), *db);
-    if (dZ_in_dY) kern.scale_columns(dY, g_, T(0), dY);  // dZ = dY diag(g), in place
+    kern.magnitude_gradient(dY, Z_, g_, n_, eps_, dZ_in_dY, dm_, db);  // Z kept by the forward; dZ in place
   } else {
     kern.magnitude_gradient_from_output(dY, Y_, has_bias() ? &base_.bias() : nullptr, g_, n_, eps_, dZ_in_dY, dm_,
                                         db, recompute_);

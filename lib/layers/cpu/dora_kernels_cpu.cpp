@@ -97,21 +97,31 @@ class CpuDoraKernels final : public DoraKernels<T> {
     });
   }
 
-  void magnitude_gradient(const Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& n, T eps,
-                          Tensor<T>& dm) override {
+  void magnitude_gradient(Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>& n, T eps,
+                          bool scale_dY, Tensor<T>& dm, Tensor<T>* db) override {
     // Columns in blocks, each block's sums in double over all rows: the rows are read in order.
     const Index rows = dY.rows(), d = dY.cols();
     constexpr Index kBlock = 256;
     const Index blocks = (d + kBlock - 1) / kBlock;
     for_each_row(blocks, dY.size(), [&](Index block) {
-      const Index first = block * kBlock, last = std::min(d, first + kBlock);
-      double sums[kBlock] = {};
+      const Index first = block * kBlock, width = std::min(d, first + kBlock) - first;
+      double sums[kBlock] = {}, column_sum[kBlock] = {};
+      const T* factor = g.data() + first;
       for (Index t = 0; t < rows; ++t) {
-        const T* a = dY.data() + t * d;
-        const T* z = Z.data() + t * d;
-        for (Index i = first; i < last; ++i) sums[i - first] += double(a[i]) * double(z[i]);
+        T* a = dY.data() + t * d + first;
+        const T* z = Z.data() + t * d + first;
+#pragma omp simd
+        for (Index i = 0; i < width; ++i) {
+          sums[i] += double(a[i]) * double(z[i]);
+          column_sum[i] += double(a[i]);
+          if (scale_dY) a[i] = a[i] * factor[i];  // loop-invariant: the compiler splits the loop
+        }
       }
-      for (Index i = first; i < last; ++i) dm.data()[i] = T(sums[i - first] / double(std::max(n.data()[i], eps)));
+      for (Index i = 0; i < width; ++i) {
+        const Index c = first + i;
+        dm.data()[c] = T(sums[i] / double(std::max(n.data()[c], eps)));
+        if (db) db->data()[c] = T(column_sum[i]);
+      }
     });
   }
 

@@ -94,28 +94,6 @@ __global__ void scale_columns_kernel(std::int64_t size, std::int64_t cols, const
   }
 }
 
-// dm[i] = sum_t dY[t, i] Z[t, i] / max(n[i], eps): 32 columns per block, its 32 rows of threads
-// take every 32nd row, so reads are coalesced along the columns.
-template <typename T>
-__global__ void magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, const T* __restrict__ dY,
-                                          const T* __restrict__ Z, const T* __restrict__ n, T eps,
-                                          T* __restrict__ dm) {
-  __shared__ double partial[32][33];  // padded against bank conflicts
-  const std::int64_t col = std::int64_t(blockIdx.x) * 32 + threadIdx.x;
-  double sum = 0;
-  if (col < cols) {
-    for (std::int64_t t = threadIdx.y; t < rows; t += 32) sum += double(dY[t * cols + col]) * double(Z[t * cols + col]);
-  }
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    double total = 0;
-    for (int y = 0; y < 32; ++y) total += partial[y][threadIdx.x];
-    const T norm = n[col];
-    dm[col] = T(total / double(norm > eps ? norm : eps));
-  }
-}
-
 // The sum over a 32 x 32 block's rows of threads of each thread column's `value`, on threadIdx.y == 0.
 __device__ double column_total(double (&partial)[32][33], double value) {
   partial[threadIdx.y][threadIdx.x] = value;
@@ -126,6 +104,35 @@ __device__ double column_total(double (&partial)[32][33], double value) {
   }
   __syncthreads();  // partial is reused by the next total
   return total;
+}
+
+// dm[i] = sum_t dY[t, i] Z[t, i] / max(n[i], eps) and db[i] = sum_t dY[t, i] (db not null), with
+// dY scaled by g in place after it is read (scale_dY): 32 columns per block, its 32 rows of threads
+// take every 32nd row, so reads are coalesced along the columns.
+template <typename T>
+__global__ void magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, T* __restrict__ dY,
+                                          const T* __restrict__ Z, const T* __restrict__ g, const T* __restrict__ n,
+                                          T eps, bool scale_dY, T* __restrict__ dm, T* __restrict__ db) {
+  __shared__ double partial[32][33];  // padded against bank conflicts
+  const std::int64_t col = std::int64_t(blockIdx.x) * 32 + threadIdx.x;
+  double sum = 0, column_sum = 0;
+  if (col < cols) {
+    const T factor = g[col];
+    for (std::int64_t t = threadIdx.y; t < rows; t += 32) {
+      const std::int64_t e = t * cols + col;
+      const T a = dY[e];
+      sum += double(a) * double(Z[e]);
+      column_sum += double(a);
+      if (scale_dY) dY[e] = a * factor;
+    }
+  }
+  sum = column_total(partial, sum);
+  if (db != nullptr) column_sum = column_total(partial, column_sum);
+  if (threadIdx.y == 0 && col < cols) {
+    const T norm = n[col];
+    dm[col] = T(sum / double(norm > eps ? norm : eps));
+    if (db != nullptr) db[col] = T(column_sum);
+  }
 }
 
 // magnitude_gradient's layout (32 columns per block, coalesced along the columns), reading Z back
@@ -307,14 +314,15 @@ class CudaDoraKernels final : public DoraKernels<T> {
     RELORA_CHECK_LAUNCH("scale_columns_kernel");
   }
 
-  void magnitude_gradient(const Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& n, T eps,
-                          Tensor<T>& dm) override {
+  void magnitude_gradient(Tensor<T>& dY, const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>& n, T eps,
+                          bool scale_dY, Tensor<T>& dm, Tensor<T>* db) override {
     if (dY.cols() == 0) return;
     context_.activate();
     const dim3 block(32, 32);
     const dim3 blocks(unsigned((dY.cols() + 31) / 32));
-    magnitude_gradient_kernel<T><<<blocks, block, 0, context_.stream()>>>(dY.rows(), dY.cols(), dY.data(), Z.data(),
-                                                                         n.data(), eps, dm.data());
+    magnitude_gradient_kernel<T><<<blocks, block, 0, context_.stream()>>>(
+        dY.rows(), dY.cols(), dY.data(), Z.data(), g.data(), n.data(), eps, scale_dY, dm.data(),
+        db ? db->data() : nullptr);
     RELORA_CHECK_LAUNCH("magnitude_gradient_kernel");
   }
 
