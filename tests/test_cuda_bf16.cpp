@@ -9,7 +9,6 @@
 // they agree with it to 1e-5.
 #include <doctest/doctest.h>
 
-#include <cstring>
 #include <random>
 #include <vector>
 
@@ -120,7 +119,7 @@ TEST_CASE("cuda bf16 and fp16 base: W rounded to nearest on the GPU has the CPU'
   std::normal_distribution<float> normal;
   std::uniform_int_distribution<int> exponent(-140, 20);
   HostMatrix<float> W(d, k);
-  const auto from_bits = [](std::uint32_t b) { float f; std::memcpy(&f, &b, sizeof f); return f; };
+  const auto from_bits = [](std::uint32_t b) { return half_bits::bits_float(b); };
   const std::vector<float> edges = {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, 65519.0f, 65520.0f, -70000.0f,
                                     6.0e-8f, 3.0e-8f, 1.0e-40f, -1.0e-45f, 1.17549435e-38f,
                                     from_bits(0x3F808000u), from_bits(0x3F818000u), from_bits(0x3F808001u),
