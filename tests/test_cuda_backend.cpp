@@ -14,6 +14,7 @@
 #include <random>
 #include <regex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "relora/core/backend.hpp"
@@ -260,6 +261,55 @@ TEST_CASE("cuda: tf32 gemm stays near 1e-3 relative error, and strict comes back
   MESSAGE("gemm strict float, same data: rel error " << strict << " (bound 1e-5)");
   CHECK(strict <= 1e-5);
   CHECK(strict < tf32);
+}
+
+TEST_CASE_TEMPLATE("cuda: gemm_add_row_vector (the bias in the product's epilogue) matches the CPU's gemm then bias",
+                   T, float, double) {
+  // CUDA adds the bias in cuBLASLt's epilogue (float; double takes the default, gemm then
+  // add_row_vector); the CPU runs the default. All transposes, beta 0 (C poisoned with NaN) and 1,
+  // strict and TF32 (float's bound there is TF32's, as in the tf32 gemm test).
+  SKIP_WITHOUT_CUDA();
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (const MathMode math : {MathMode::strict, MathMode::tf32}) {
+    auto b = make_backends<T>(math);
+    const bool rounds = math == MathMode::tf32 && std::is_same<T, float>::value;
+    MaxError err{std::string("gemm_add_row_vector ") + (rounds ? "tf32 " : "strict ") + type_name<T>(), 0,
+                 rounds ? 2e-3 : tolerance<T>()};
+    struct Size {
+      Index m, k, n;
+    };
+    for (const Size s : {Size{37, 53, 29}, Size{129, 257, 65}, Size{1024, 1024, 16}, Size{300, 999, 7}}) {
+      for (const Trans ta : {Trans::no, Trans::yes}) {
+        for (const Trans tb : {Trans::no, Trans::yes}) {
+          const Index ar = ta == Trans::no ? s.m : s.k, ac = ta == Trans::no ? s.k : s.m;
+          const Index br = tb == Trans::no ? s.k : s.n, bc = tb == Trans::no ? s.n : s.k;
+          auto A = twin(b, ar, ac, random_values<T>(std::size_t(ar * ac), rng));
+          auto B = twin(b, br, bc, random_values<T>(std::size_t(br * bc), rng));
+          auto bias = twin(b, 1, s.n, random_values<T>(std::size_t(s.n), rng));
+          for (const T beta : {T(0), T(1)}) {
+            auto C = beta == T(0) ? poisoned(b, s.m, s.n)
+                                  : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
+            b.cpu->gemm_add_row_vector(ta, tb, T(0.75), A.cpu, B.cpu, beta, bias.cpu, C.cpu);
+            b.gpu->gemm_add_row_vector(ta, tb, T(0.75), A.gpu, B.gpu, beta, bias.gpu, C.gpu);
+            err.add(compare(b, C), "m=" + std::to_string(s.m) + " k=" + std::to_string(s.k) + " n=" +
+                                       std::to_string(s.n) + " ta=" + std::to_string(int(ta)) + " tb=" +
+                                       std::to_string(int(tb)) + " beta=" + std::to_string(double(beta)));
+          }
+        }
+      }
+    }
+    // A bias that is not one row of C's width is refused, naming both shapes.
+    auto A = twin(b, 3, 4, random_values<T>(12, rng));
+    auto B = twin(b, 4, 6, random_values<T>(24, rng));
+    auto C = twin(b, 3, 6, random_values<T>(18, rng));
+    auto wrong = twin(b, 1, 5, random_values<T>(5, rng));
+    const std::string message =
+        what_of([&] { b.gpu->gemm_add_row_vector(Trans::no, Trans::no, T(1), A.gpu, B.gpu, T(0), wrong.gpu, C.gpu); });
+    CHECK(message.find("[1 x 5]") != std::string::npos);
+    CHECK(message.find("[3 x 6]") != std::string::npos);
+  }
 }
 
 TEST_CASE_TEMPLATE("cuda: bias, column sums, multiply, activations and MSE match the CPU", T, float, double) {

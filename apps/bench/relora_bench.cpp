@@ -304,6 +304,11 @@ class CountingBackend final : public relora::Backend<T> {
             T beta, relora::Tensor<T>& C) override {
     in_->gemm(ta, tb, alpha, A, B, beta, C);
   }
+  void gemm_add_row_vector(relora::Trans ta, relora::Trans tb, T alpha, const relora::Tensor<T>& A,
+                           const relora::Tensor<T>& B, T beta, const relora::Tensor<T>& b,
+                           relora::Tensor<T>& C) override {
+    in_->gemm_add_row_vector(ta, tb, alpha, A, B, beta, b, C);
+  }
   void add_row_vector(const relora::Tensor<T>& b, relora::Tensor<T>& Y) override { in_->add_row_vector(b, Y); }
   void column_sums(const relora::Tensor<T>& dY, T beta, relora::Tensor<T>& db) override {
     in_->column_sums(dY, beta, db);

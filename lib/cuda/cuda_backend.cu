@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <limits>
+#include <type_traits>
 
 #include "cuda/cuda_backend.hpp"
 #include "cuda/cuda_backend_impl.cuh"
@@ -79,6 +80,11 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
   const std::size_t workspace_bytes = std::size_t(cc_major_ >= 9 ? 32 : 4) << 20;
   RELORA_CUDA_CHECK(cudaMalloc(&blas_workspace_.ptr, workspace_bytes));
   RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, blas_workspace_.ptr, workspace_bytes));
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr std::size_t kLtWorkspaceBytes = std::size_t(4) << 20;
+    RELORA_CUDA_CHECK(cudaMalloc(&lt_workspace_.ptr, kLtWorkspaceBytes));
+    lt_ = std::make_unique<LtMatmul>(stream_.stream, lt_workspace_.ptr, kLtWorkspaceBytes);
+  }
 
   RELORA_CUDA_CHECK(cudaMalloc(&scratch_memory_.ptr, sizeof(Scratch)));
   RELORA_CUDA_CHECK(cudaMemsetAsync(scratch_memory_.ptr, 0, sizeof(Scratch), stream_.stream));
@@ -219,8 +225,8 @@ void CudaBackend<T>::scale(T beta, Tensor<T>& C) {
 }
 
 template <typename T>
-void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
-                          Tensor<T>& C) {
+Index CudaBackend<T>::gemm_depth(Trans trans_a, Trans trans_b, const Tensor<T>& A, const Tensor<T>& B,
+                                 const Tensor<T>& C) {
   const Index m = trans_a == Trans::no ? A.rows() : A.cols();
   const Index k = trans_a == Trans::no ? A.cols() : A.rows();
   const Index kb = trans_b == Trans::no ? B.rows() : B.cols();
@@ -229,6 +235,43 @@ void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>
     throw ShapeError("gemm: op(A) " + shape_string(m, k) + " times op(B) " + shape_string(kb, n) + " into C " +
                      C.shape());
   }
+  return k;
+}
+
+template <typename T>
+void CudaBackend<T>::gemm_add_row_vector(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A,
+                                         const Tensor<T>& B, T beta, const Tensor<T>& b, Tensor<T>& C) {
+  const Index k = gemm_depth(trans_a, trans_b, A, B, C);
+  if (b.rows() != 1 || b.cols() != C.cols()) {
+    throw ShapeError("gemm_add_row_vector: b is " + b.shape() + " but C is " + C.shape() + " (b must be [1 x " +
+                     std::to_string(C.cols()) + "])");
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (C.rows() == 0 || C.cols() == 0 || k == 0) {
+      Backend<T>::gemm_add_row_vector(trans_a, trans_b, alpha, A, B, beta, b, C);
+      return;
+    }
+    activate();
+    // As gemm: the row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, whose rows
+    // are C's columns, so b is the epilogue's bias down C^T's columns.
+    LtMatmul::Product p;
+    p.transpose_a = trans_b == Trans::yes, p.transpose_b = trans_a == Trans::yes;
+    p.m = C.cols(), p.n = C.rows(), p.k = k;
+    p.alpha = alpha, p.A = B.data(), p.lda = B.cols(), p.B = A.data(), p.ldb = A.cols();
+    p.type = CUDA_R_32F;
+    p.compute = math_ == MathMode::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    p.bias = b.data(), p.beta = beta, p.D = C.data(), p.ldd = C.cols();
+    lt_->multiply(p);
+  } else {
+    Backend<T>::gemm_add_row_vector(trans_a, trans_b, alpha, A, B, beta, b, C);
+  }
+}
+
+template <typename T>
+void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
+                          Tensor<T>& C) {
+  const Index k = gemm_depth(trans_a, trans_b, A, B, C);
+  const Index m = C.rows(), n = C.cols();
   if (m == 0 || n == 0) return;
   activate();
   if (k == 0) {

@@ -21,6 +21,7 @@
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
+#include "cuda/cuda_lt_matmul.cuh"
 #include "cuda/cuda_resources.cuh"
 #include "relora/core/backend.hpp"
 
@@ -59,6 +60,8 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
 
   void gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
             Tensor<T>& C) override;
+  void gemm_add_row_vector(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
+                           const Tensor<T>& b, Tensor<T>& C) override;
 
   void add_row_vector(const Tensor<T>& b, Tensor<T>& Y) override;
   void column_sums(const Tensor<T>& dY, T beta, Tensor<T>& db) override;
@@ -96,6 +99,8 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   void raise_device_errors();
   // Scales C by beta (zero when beta == 0, ignoring NaN in C, as BLAS does): a product with k == 0.
   void scale(T beta, Tensor<T>& C);
+  // The inner dimension of op(A) op(B) into C; throws ShapeError naming the three shapes.
+  static Index gemm_depth(Trans trans_a, Trans trans_b, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& C);
 
   int device_id_ = 0;
   int sm_count_ = 0;
@@ -113,6 +118,8 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   cuda_detail::Event join_event_;
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
+  cuda_detail::DeviceMemory lt_workspace_;     // cuBLASLt's, apart from cuBLAS's own
+  std::unique_ptr<cuda_detail::LtMatmul> lt_;  // gemm_add_row_vector's products (float)
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
   std::unique_ptr<cuda_detail::NonFiniteReport> nonfinite_;  // made once the stream exists
   std::unique_ptr<cuda_detail::StepRecorder> recorder_;

@@ -49,21 +49,23 @@ void LtMatmul::release(Plan& plan) {
 LtMatmul::Plan& LtMatmul::plan(const Key& key) {
   auto found = plans_.find(key);
   if (found != plans_.end()) return found->second;
-  const auto [transpose_a, m, n, k, type, with_bias, alignment] = key;
+  const auto [transpose_a, transpose_b, m, n, k, lda, ldb, ldd, type, compute, with_bias, alignment] = key;
   Plan p;
   try {
-    RELORA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.operation, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    RELORA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.operation, cublasComputeType_t(compute), CUDA_R_32F));
     set(p.operation, CUBLASLT_MATMUL_DESC_TRANSA, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N);
-    set(p.operation, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+    set(p.operation, CUBLASLT_MATMUL_DESC_TRANSB, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N);
     if (with_bias) {
       set(p.operation, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
       set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
     }
     const auto data_type = cudaDataType_t(type);
-    RELORA_CUBLAS_CHECK(transpose_a ? cublasLtMatrixLayoutCreate(&p.a, data_type, k, m, k)
-                                    : cublasLtMatrixLayoutCreate(&p.a, data_type, m, k, m));
-    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, data_type, k, n, k));
-    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, m, n, m));
+    // A stored column-major: op(A) is m x k, so A is k x m when transposed.
+    RELORA_CUBLAS_CHECK(transpose_a ? cublasLtMatrixLayoutCreate(&p.a, data_type, k, m, lda)
+                                    : cublasLtMatrixLayoutCreate(&p.a, data_type, m, k, lda));
+    RELORA_CUBLAS_CHECK(transpose_b ? cublasLtMatrixLayoutCreate(&p.b, data_type, n, k, ldb)
+                                    : cublasLtMatrixLayoutCreate(&p.b, data_type, k, n, ldb));
+    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, m, n, ldd));
     cublasLtMatmulPreference_t preference = nullptr;
     RELORA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
     const auto set_preference = [&](cublasLtMatmulPreferenceAttributes_t attribute, auto value) {
@@ -83,9 +85,9 @@ LtMatmul::Plan& LtMatmul::plan(const Key& key) {
     (void)cublasLtMatmulPreferenceDestroy(preference);
     RELORA_CUBLAS_CHECK(status);
     if (found_count == 0) {
-      throw DeviceError("cuBLASLt has no algorithm for a 16-bit product of " + std::to_string(m) + " x " +
-                         std::to_string(k) + " by " + std::to_string(k) + " x " + std::to_string(n) +
-                         (with_bias ? " with a bias" : ""));
+      throw DeviceError("cuBLASLt has no algorithm for the product of " + std::to_string(m) + " x " +
+                        std::to_string(k) + " by " + std::to_string(k) + " x " + std::to_string(n) +
+                        (with_bias ? " with a bias" : ""));
     }
     p.algo = result.algo;
   } catch (...) {
@@ -95,14 +97,13 @@ LtMatmul::Plan& LtMatmul::plan(const Key& key) {
   return plans_.emplace(key, p).first->second;
 }
 
-void LtMatmul::multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, const void* A,
-                        const void* B, cudaDataType_t type, const float* bias, float beta, float* D) {
-  const Key key{transpose_a, m, n, k, int(type), bias != nullptr, common_alignment({A, B, D, bias})};
+void LtMatmul::multiply(const Product& q) {
+  const Key key{q.transpose_a, q.transpose_b, q.m, q.n, q.k, q.lda, q.ldb, q.ldd, int(q.type), int(q.compute),
+                q.bias != nullptr, common_alignment({q.A, q.B, q.D, q.bias})};
   Plan& p = plan(key);
-  if (bias) set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-  const float alpha = 1;
-  RELORA_CUBLAS_CHECK(cublasLtMatmul(handle_, p.operation, &alpha, A, p.a, B, p.b, &beta, D, p.d, D, p.d, &p.algo,
-                                     workspace_, workspace_bytes_, stream_));
+  if (q.bias) set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_POINTER, q.bias);
+  RELORA_CUBLAS_CHECK(cublasLtMatmul(handle_, p.operation, &q.alpha, q.A, p.a, q.B, p.b, &q.beta, q.D, p.d, q.D, p.d,
+                                     &p.algo, workspace_, workspace_bytes_, stream_));
 }
 
 }  // namespace cuda_detail

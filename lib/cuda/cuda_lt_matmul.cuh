@@ -1,10 +1,11 @@
 #pragma once
-// A cuBLASLt product of two 16-bit operands into fp32 with the bias added in the GEMM's epilogue:
-//   D (m x n, column-major, ld m) = op(A) B + bias 1^T + beta D,
-// A k x m stored (op T) or m x k (op N), B k x n, bias m values or none, accumulation in fp32.
-// cublasGemmEx has no bias; a separate pass would read and write D once more. One plan per shape
-// (descriptors and the heuristic's algorithm), made on first use and kept: a steady step makes no
-// plan, and a plan is made on the host only, so a step being recorded into a graph can make one.
+// A cuBLASLt product into fp32 with the bias added in the GEMM's epilogue:
+//   D (m x n, column-major, ld ldd) = alpha op(A) op(B) + bias 1^T + beta D,
+// A and B of one type (fp32, bf16 or fp16), bias m values or none, accumulation in fp32 (strict,
+// or TF32 for fp32 operands where the compute type says so). cublasGemmEx has no bias; a separate
+// pass would read and write D once more. One plan per shape (descriptors and the heuristic's
+// algorithm), made on first use and kept: a steady step makes no plan, and a plan is made on the
+// host only, so a step being recorded into a graph can make one.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -23,8 +24,22 @@ class LtMatmul {
   LtMatmul(const LtMatmul&) = delete;
   LtMatmul& operator=(const LtMatmul&) = delete;
 
-  void multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, const void* A,
-                const void* B, cudaDataType_t type, const float* bias, float beta, float* D);
+  struct Product {
+    bool transpose_a = false, transpose_b = false;
+    std::int64_t m = 0, n = 0, k = 0;
+    float alpha = 1;
+    const void* A = nullptr;
+    std::int64_t lda = 0;
+    const void* B = nullptr;
+    std::int64_t ldb = 0;
+    cudaDataType_t type = CUDA_R_32F;  // A's and B's
+    cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+    const float* bias = nullptr;  // m values, or none
+    float beta = 0;
+    float* D = nullptr;
+    std::int64_t ldd = 0;
+  };
+  void multiply(const Product& p);
 
  private:
   struct Plan {
@@ -32,8 +47,10 @@ class LtMatmul {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
-  // transpose_a, m, n, k, type, bias or not, the operands' common alignment (bytes, up to 256)
-  using Key = std::tuple<bool, std::int64_t, std::int64_t, std::int64_t, int, bool, unsigned>;
+  // transposes, m, n, k, leading dimensions, type, compute type, bias or not, the operands' common
+  // alignment (bytes, up to 256)
+  using Key = std::tuple<bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                         std::int64_t, int, int, bool, unsigned>;
   Plan& plan(const Key& key);
   static void release(Plan& plan);
 

@@ -96,8 +96,11 @@ void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Tensor<T>& Y) {
 template <typename T>
 void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y) {
   if (!low_precision()) {
-    backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, beta, Y);
-    if (with_bias) backend_->add_row_vector(b_, Y);
+    if (with_bias) {
+      backend_->gemm_add_row_vector(Trans::no, Trans::yes, T(1), X, W_, beta, b_, Y);
+    } else {
+      backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, beta, Y);
+    }
   } else if constexpr (std::is_same<T, float>::value) {
     require_shape(X, X.rows(), k_, "FrozenBase product X");
     require_shape(Y, X.rows(), d_, "FrozenBase product Y");

@@ -57,6 +57,14 @@ class Backend {
   // ---- products: C = alpha op(A) op(B) + beta C, row-major, shapes checked
   virtual void gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
                     T beta, Tensor<T>& C) = 0;
+  // C = alpha op(A) op(B) + beta C, then b (1 x C.cols()) added to every row: a layer's product
+  // with its bias. By default gemm, then add_row_vector; a device that can add the bias in the
+  // product's epilogue (CUDA, float) does so, saving a pass over C.
+  virtual void gemm_add_row_vector(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
+                                   T beta, const Tensor<T>& b, Tensor<T>& C) {
+    gemm(trans_a, trans_b, alpha, A, B, beta, C);
+    add_row_vector(b, C);
+  }
 
   // ---- element-wise and reductions
   virtual void add_row_vector(const Tensor<T>& b, Tensor<T>& Y) = 0;           // Y[i, :] += b

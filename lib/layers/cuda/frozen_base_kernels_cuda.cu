@@ -194,7 +194,12 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
       // Row-major Y = Xh W^T + b is column-major Y^T (d x rows) = W (W^T stored: k x d, op T) times
       // Xh^T (k x rows), plus b down every column: cuBLASLt's bias epilogue.
       float* Yb = Y.data() + first * d;
-      lt_->multiply(true, d, rows, k, W, Xh, cuda_type(format), bias, beta, Yb);
+      LtMatmul::Product p;
+      p.transpose_a = true;
+      p.m = d, p.n = rows, p.k = k;
+      p.A = W, p.lda = k, p.B = Xh, p.ldb = k, p.type = cuda_type(format);
+      p.bias = bias, p.beta = beta, p.D = Yb, p.ldd = d;
+      lt_->multiply(p);
       mark_written_for_sanitizer(Yb, std::size_t(rows) * std::size_t(d) * sizeof(float), context_->stream());
     }
   }
