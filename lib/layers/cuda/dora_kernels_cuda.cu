@@ -180,24 +180,45 @@ __global__ void magnitude_gradient_from_output_kernel(std::int64_t rows, std::in
   }
 }
 
-// One block per flagged column (grid-stride over the columns; the flag is the same for the whole
-// block): a warp per row of X, its lanes along k, so X and W are read coalesced.
+// The recompute of flagged columns, spread over the whole GPU whether one column is flagged or a
+// thousand: the flagged columns are listed first (their order does not matter: each column's sum
+// is formed alone), then every (column, chunk of rows) pair is a work item of a fixed grid, and
+// each column's chunk sums are added in chunk order, so the result is the same bits on every run
+// and a recorded step replays it (the count is data, the launches are fixed). One block per
+// column, as before, streamed all of X through a single SM: about a millisecond per column at
+// n = k = 4096, a step several times its usual length whenever one column failed the test.
+constexpr int kRecomputeChunks = 32;
+
 template <typename T>
-__global__ void recompute_magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, std::int64_t k,
-                                                    std::int64_t r, T* __restrict__ dY, bool dY_scaled,
-                                                    const T* __restrict__ X, const T* __restrict__ W,
-                                                    const T* __restrict__ U, const T* __restrict__ B, T s,
-                                                    const T* __restrict__ g, const T* __restrict__ n, T eps,
-                                                    const T* __restrict__ recompute, T* __restrict__ dm) {
+__global__ void list_flagged_kernel(std::int64_t cols, const T* __restrict__ recompute, unsigned int* count,
+                                    int* __restrict__ list) {
+  for (std::int64_t c = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; c < cols;
+       c += std::int64_t(gridDim.x) * blockDim.x) {
+    if (recompute[c] != T(0)) list[atomicAdd(count, 1u)] = int(c);
+  }
+}
+
+// Item i: column list[i / chunks], rows [chunk * chunk_rows, ...): a warp per row of X, its lanes
+// along k (X and W read coalesced); partials[i] = the chunk's sum of dY_tc Z_tc in double.
+template <typename T>
+__global__ void recompute_partials_kernel(std::int64_t rows, std::int64_t cols, std::int64_t k, std::int64_t r,
+                                          T* __restrict__ dY, bool dY_scaled, const T* __restrict__ X,
+                                          const T* __restrict__ W, const T* __restrict__ U,
+                                          const T* __restrict__ B, T s, const T* __restrict__ g,
+                                          const unsigned int* count, const int* __restrict__ list,
+                                          double* __restrict__ partials) {
   constexpr int kWarps = kThreads / 32;
   __shared__ double partial[kWarps];
   const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
-  for (std::int64_t c = blockIdx.x; c < cols; c += gridDim.x) {
-    if (recompute[c] == T(0)) continue;
+  const std::int64_t items = std::int64_t(*count) * kRecomputeChunks;
+  const std::int64_t chunk_rows = (rows + kRecomputeChunks - 1) / kRecomputeChunks;
+  for (std::int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const std::int64_t c = list[item / kRecomputeChunks], first = (item % kRecomputeChunks) * chunk_rows;
+    const std::int64_t last = first + chunk_rows < rows ? first + chunk_rows : rows;
     const T gc = g[c];
     const bool inv = dora_recovery::invertible(gc);
     double total = 0;
-    for (std::int64_t t = warp; t < rows; t += kWarps) {
+    for (std::int64_t t = first + warp; t < last; t += kWarps) {
       double z = 0, adapter = 0;
       for (std::int64_t j = lane; j < k; j += 32) z += double(X[t * k + j]) * double(W[c * k + j]);
       for (std::int64_t j = lane; j < r; j += 32) adapter += double(U[t * r + j]) * double(B[c * r + j]);
@@ -216,10 +237,24 @@ __global__ void recompute_magnitude_gradient_kernel(std::int64_t rows, std::int6
     if (threadIdx.x == 0) {
       double sum = 0;
       for (int w = 0; w < kWarps; ++w) sum += partial[w];
-      const T norm = n[c];
-      dm[c] = T(sum / double(norm > eps ? norm : eps));
+      partials[item] = sum;
     }
-    __syncthreads();  // partial is reused by the next column
+    __syncthreads();  // partial is reused by the next item
+  }
+}
+
+template <typename T>
+__global__ void recompute_finish_kernel(const unsigned int* count, const int* __restrict__ list,
+                                        const double* __restrict__ partials, const T* __restrict__ n, T eps,
+                                        T* __restrict__ dm) {
+  const std::int64_t listed = *count;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < listed;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    double sum = 0;
+    for (int chunk = 0; chunk < kRecomputeChunks; ++chunk) sum += partials[i * kRecomputeChunks + chunk];
+    const int c = list[i];
+    const T norm = n[c];
+    dm[c] = T(sum / double(norm > eps ? norm : eps));
   }
 }
 
@@ -342,13 +377,32 @@ class CudaDoraKernels final : public DoraKernels<T> {
   void recompute_magnitude_gradient(Tensor<T>& dY, bool dY_scaled, const Tensor<T>& X, const Tensor<T>& W,
                                     const Tensor<T>& U, const Tensor<T>& B, T s, const Tensor<T>& g,
                                     const Tensor<T>& n, T eps, const Tensor<T>& recompute, Tensor<T>& dm) override {
-    if (dY.cols() == 0) return;
+    const Index cols = dY.cols();
+    if (cols == 0) return;
     context_.activate();
-    const unsigned blocks = unsigned(dY.cols() < 65535 ? dY.cols() : 65535);
-    recompute_magnitude_gradient_kernel<T><<<blocks, kThreads, 0, context_.stream()>>>(
-        dY.rows(), dY.cols(), X.cols(), U.cols(), dY.data(), dY_scaled, X.data(), W.data(), U.data(), B.data(), s,
-        g.data(), n.data(), eps, recompute.data(), dm.data());
-    RELORA_CHECK_LAUNCH("recompute_magnitude_gradient_kernel");
+    if (cols > listed_capacity_) {  // the first step's (a layer's width does not change)
+      for (DeviceMemory* memory : {&flagged_count_, &flagged_list_, &chunk_sums_}) {
+        if (memory->ptr) RELORA_CUDA_CHECK(cudaFree(memory->ptr));
+        memory->ptr = nullptr;
+      }
+      RELORA_CUDA_CHECK(cudaMalloc(&flagged_count_.ptr, sizeof(unsigned int)));
+      RELORA_CUDA_CHECK(cudaMalloc(&flagged_list_.ptr, std::size_t(cols) * sizeof(int)));
+      RELORA_CUDA_CHECK(cudaMalloc(&chunk_sums_.ptr, std::size_t(cols) * kRecomputeChunks * sizeof(double)));
+      listed_capacity_ = cols;
+    }
+    auto* count = static_cast<unsigned int*>(flagged_count_.ptr);
+    auto* list = static_cast<int*>(flagged_list_.ptr);
+    auto* sums = static_cast<double*>(chunk_sums_.ptr);
+    RELORA_CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(unsigned int), context_.stream()));
+    list_flagged_kernel<T><<<grid(cols), kThreads, 0, context_.stream()>>>(cols, recompute.data(), count, list);
+    RELORA_CHECK_LAUNCH("list_flagged_kernel");
+    recompute_partials_kernel<T><<<unsigned(4 * context_.sm_count()), kThreads, 0, context_.stream()>>>(
+        dY.rows(), cols, X.cols(), U.cols(), dY.data(), dY_scaled, X.data(), W.data(), U.data(), B.data(), s,
+        g.data(), count, list, sums);
+    RELORA_CHECK_LAUNCH("recompute_partials_kernel");
+    recompute_finish_kernel<T><<<grid(cols), kThreads, 0, context_.stream()>>>(count, list, sums, n.data(), eps,
+                                                                               dm.data());
+    RELORA_CHECK_LAUNCH("recompute_finish_kernel");
   }
 
   void add_masked(const Tensor<T>& mask, const Tensor<T>& M, Tensor<T>& out) override {
@@ -392,6 +446,10 @@ class CudaDoraKernels final : public DoraKernels<T> {
   unsigned grid(std::int64_t n) const { return unsigned(grid_for(n, context_.sm_count())); }
 
   CudaContext& context_;
+  // recompute_magnitude_gradient's list of flagged columns and their chunk sums, for up to
+  // listed_capacity_ columns.
+  DeviceMemory flagged_count_, flagged_list_, chunk_sums_;
+  Index listed_capacity_ = 0;
 };
 
 }  // namespace
