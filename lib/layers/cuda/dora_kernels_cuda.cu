@@ -46,8 +46,7 @@ __global__ void row_norms_kernel(std::int64_t rows, const T* __restrict__ wsq, T
 }
 
 // One warp per row: the lanes read the row's r values of B, P and B G side by side (coalesced),
-// their double sums joined by shuffles. (A thread per row read r-strided values and left most
-// of the GPU idle at d in the thousands.)
+// their double sums joined by shuffles.
 template <typename T>
 __global__ void norms_kernel(std::int64_t rows, std::int64_t r, const T* __restrict__ wsq, const T* __restrict__ P,
                              const T* __restrict__ B, const T* __restrict__ BG, const T* __restrict__ m, T s, T eps,
@@ -184,9 +183,8 @@ __global__ void magnitude_gradient_from_output_kernel(std::int64_t rows, std::in
 // thousand: the flagged columns are listed first (their order does not matter: each column's sum
 // is formed alone), then every (column, chunk of rows) pair is a work item of a fixed grid, and
 // each column's chunk sums are added in chunk order, so the result is the same bits on every run
-// and a recorded step replays it (the count is data, the launches are fixed). One block per
-// column, as before, streamed all of X through a single SM: about a millisecond per column at
-// n = k = 4096, a step several times its usual length whenever one column failed the test.
+// and a recorded step replays it (the count is data, the launches are fixed). A column's work is
+// a pass over all of X (n k values): one block per column would stream it through one SM.
 constexpr int kRecomputeChunks = 32;
 
 template <typename T>

@@ -40,7 +40,7 @@ __global__ void round_kernel(std::int64_t count, std::int64_t first_index, const
 }
 
 // round_kernel's nearest mode four values a thread at a time (16-byte loads, 8-byte stores): the
-// casts of X and dY before every product, which the scalar loop left at half the memory's speed.
+// casts of X and dY before every product, bound by memory bandwidth.
 __global__ void round_nearest_kernel(std::int64_t quads, const float4* __restrict__ src, BasePrecision format,
                                      uint2* __restrict__ dst) {
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < quads;
