@@ -185,6 +185,30 @@ TEST_CASE_TEMPLATE("cuda: description, math mode and upload/download round trip"
   b.gpu->synchronize();
 }
 
+namespace {
+
+// f(ta, tb, A, B, label) for each of the four transposes: A and B random, shaped so that
+// op(A) op(B) is m x n; label names the case.
+struct ProductShape {
+  Index m, k, n;
+};
+template <typename T, typename F>
+void for_each_transpose(Backends<T>& b, const ProductShape& s, std::mt19937_64& rng, F&& f) {
+  for (const Trans ta : {Trans::no, Trans::yes}) {
+    for (const Trans tb : {Trans::no, Trans::yes}) {
+      const Index ar = ta == Trans::no ? s.m : s.k, ac = ta == Trans::no ? s.k : s.m;
+      const Index br = tb == Trans::no ? s.k : s.n, bc = tb == Trans::no ? s.n : s.k;
+      auto A = twin(b, ar, ac, random_values<T>(std::size_t(ar * ac), rng));
+      auto B = twin(b, br, bc, random_values<T>(std::size_t(br * bc), rng));
+      f(ta, tb, A, B,
+        "m=" + std::to_string(s.m) + " k=" + std::to_string(s.k) + " n=" + std::to_string(s.n) +
+            " ta=" + std::to_string(int(ta)) + " tb=" + std::to_string(int(tb)));
+    }
+  }
+}
+
+}  // namespace
+
 TEST_CASE_TEMPLATE("cuda: gemm matches the CPU for all transposes, alpha and beta", T, float, double) {
   SKIP_WITHOUT_CUDA();
   const auto seed = fresh_seed();
@@ -192,30 +216,20 @@ TEST_CASE_TEMPLATE("cuda: gemm matches the CPU for all transposes, alpha and bet
   std::mt19937_64 rng(seed);
   auto b = make_backends<T>();
   MaxError err{std::string("gemm strict ") + type_name<T>(), 0, tolerance<T>()};
-  struct Size {
-    Index m, k, n;
-  };
   // The last four are products with a rank-sized side and a long depth, as LoRA's are.
-  for (const Size s : {Size{37, 53, 29}, Size{129, 257, 65}, Size{1, 7, 3}, Size{1024, 1024, 16}, Size{16, 1024, 1024},
-                       Size{300, 999, 7}, Size{70, 513, 1}}) {
-    for (const Trans ta : {Trans::no, Trans::yes}) {
-      for (const Trans tb : {Trans::no, Trans::yes}) {
-        const Index ar = ta == Trans::no ? s.m : s.k, ac = ta == Trans::no ? s.k : s.m;
-        const Index br = tb == Trans::no ? s.k : s.n, bc = tb == Trans::no ? s.n : s.k;
-        auto A = twin(b, ar, ac, random_values<T>(std::size_t(ar * ac), rng));
-        auto B = twin(b, br, bc, random_values<T>(std::size_t(br * bc), rng));
-        for (const T beta : {T(0), T(1), T(-0.5)}) {
-          // beta = 0 must ignore C entirely, NaN included.
-          auto C = beta == T(0) ? poisoned(b, s.m, s.n) : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
-          const T alpha = T(0.75);
-          b.cpu->gemm(ta, tb, alpha, A.cpu, B.cpu, beta, C.cpu);
-          b.gpu->gemm(ta, tb, alpha, A.gpu, B.gpu, beta, C.gpu);
-          err.add(compare(b, C), "m=" + std::to_string(s.m) + " k=" + std::to_string(s.k) + " n=" +
-                                     std::to_string(s.n) + " ta=" + std::to_string(int(ta)) + " tb=" +
-                                     std::to_string(int(tb)) + " beta=" + std::to_string(double(beta)));
-        }
+  for (const ProductShape s : {ProductShape{37, 53, 29}, ProductShape{129, 257, 65}, ProductShape{1, 7, 3},
+                               ProductShape{1024, 1024, 16}, ProductShape{16, 1024, 1024}, ProductShape{300, 999, 7},
+                               ProductShape{70, 513, 1}}) {
+    for_each_transpose(b, s, rng, [&](Trans ta, Trans tb, const Twin<T>& A, const Twin<T>& B, const std::string& label) {
+      for (const T beta : {T(0), T(1), T(-0.5)}) {
+        // beta = 0 must ignore C entirely, NaN included.
+        auto C = beta == T(0) ? poisoned(b, s.m, s.n) : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
+        const T alpha = T(0.75);
+        b.cpu->gemm(ta, tb, alpha, A.cpu, B.cpu, beta, C.cpu);
+        b.gpu->gemm(ta, tb, alpha, A.gpu, B.gpu, beta, C.gpu);
+        err.add(compare(b, C), label + " beta=" + std::to_string(double(beta)));
       }
-    }
+    });
   }
   // k = 0: C = beta C (and zero for beta = 0, whatever C held).
   auto A0 = twin(b, 5, 0, std::vector<T>());
@@ -277,28 +291,17 @@ TEST_CASE_TEMPLATE("cuda: gemm_add_row_vector (the bias in the product's epilogu
     const bool rounds = math == MathMode::tf32 && std::is_same<T, float>::value;
     MaxError err{std::string("gemm_add_row_vector ") + (rounds ? "tf32 " : "strict ") + type_name<T>(), 0,
                  rounds ? 2e-3 : tolerance<T>()};
-    struct Size {
-      Index m, k, n;
-    };
-    for (const Size s : {Size{37, 53, 29}, Size{129, 257, 65}, Size{1024, 1024, 16}, Size{300, 999, 7}}) {
-      for (const Trans ta : {Trans::no, Trans::yes}) {
-        for (const Trans tb : {Trans::no, Trans::yes}) {
-          const Index ar = ta == Trans::no ? s.m : s.k, ac = ta == Trans::no ? s.k : s.m;
-          const Index br = tb == Trans::no ? s.k : s.n, bc = tb == Trans::no ? s.n : s.k;
-          auto A = twin(b, ar, ac, random_values<T>(std::size_t(ar * ac), rng));
-          auto B = twin(b, br, bc, random_values<T>(std::size_t(br * bc), rng));
-          auto bias = twin(b, 1, s.n, random_values<T>(std::size_t(s.n), rng));
-          for (const T beta : {T(0), T(1)}) {
-            auto C = beta == T(0) ? poisoned(b, s.m, s.n)
-                                  : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
-            b.cpu->gemm_add_row_vector(ta, tb, T(0.75), A.cpu, B.cpu, beta, bias.cpu, C.cpu);
-            b.gpu->gemm_add_row_vector(ta, tb, T(0.75), A.gpu, B.gpu, beta, bias.gpu, C.gpu);
-            err.add(compare(b, C), "m=" + std::to_string(s.m) + " k=" + std::to_string(s.k) + " n=" +
-                                       std::to_string(s.n) + " ta=" + std::to_string(int(ta)) + " tb=" +
-                                       std::to_string(int(tb)) + " beta=" + std::to_string(double(beta)));
-          }
+    for (const ProductShape s :
+         {ProductShape{37, 53, 29}, ProductShape{129, 257, 65}, ProductShape{1024, 1024, 16}, ProductShape{300, 999, 7}}) {
+      for_each_transpose(b, s, rng, [&](Trans ta, Trans tb, const Twin<T>& A, const Twin<T>& B, const std::string& label) {
+        auto bias = twin(b, 1, s.n, random_values<T>(std::size_t(s.n), rng));
+        for (const T beta : {T(0), T(1)}) {
+          auto C = beta == T(0) ? poisoned(b, s.m, s.n) : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
+          b.cpu->gemm_add_row_vector(ta, tb, T(0.75), A.cpu, B.cpu, beta, bias.cpu, C.cpu);
+          b.gpu->gemm_add_row_vector(ta, tb, T(0.75), A.gpu, B.gpu, beta, bias.gpu, C.gpu);
+          err.add(compare(b, C), label + " beta=" + std::to_string(double(beta)));
         }
-      }
+      });
     }
     // A bias that is not one row of C's width is refused, naming both shapes.
     auto A = twin(b, 3, 4, random_values<T>(12, rng));

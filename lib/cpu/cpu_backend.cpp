@@ -1,5 +1,6 @@
 #include "cpu/cpu_backend.hpp"
 #include "cpu/cpu_parallel.hpp"
+#include "cpu/cpu_row_passes.hpp"
 #include "cpu/eigen_maps.hpp"
 
 #include <Eigen/Core>
@@ -80,25 +81,6 @@ void CpuBackend<T>::fill(Tensor<T>& x, T value) {
   std::fill_n(x.data(), x.size(), value);
 }
 
-namespace {
-
-// C = beta C over every element (beta = 0 ignores C's contents, NaN included, as BLAS does), in
-// parallel: Eigen's setZero and scaling run on one thread, which for large layers costs more than
-// the products' share of a step would suggest.
-template <typename T>
-void scale_in_place(T beta, Tensor<T>& C) {
-  T* c = C.data();
-  const Index size = C.size();
-  if (beta == T(1)) return;
-  if (beta == T(0)) {
-    for_each_element(size, [&](Index i) { c[i] = T(0); });
-  } else {
-    for_each_element(size, [&](Index i) { c[i] *= beta; });
-  }
-}
-
-}  // namespace
-
 template <typename T>
 void CpuBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
                          T beta, Tensor<T>& C) {
@@ -119,21 +101,7 @@ void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
   if (b.size() != Y.cols()) {
     throw ShapeError("add_row_vector: bias " + b.shape() + " does not match " + Y.shape() + " columns");
   }
-  const T* bias = b.data();
-  T* y = Y.data();
-  const Index rows = Y.rows(), cols = Y.cols();
-  // Row by row on every thread (Eigen's rowwise() += runs on one).
-  auto add_row = [&](Index i) {
-    T* row = y + i * cols;
-#pragma omp simd
-    for (Index j = 0; j < cols; ++j) row[j] += bias[j];
-  };
-  if (run_parallel(Y.size())) {
-#pragma omp parallel for schedule(static)
-    for (Index i = 0; i < rows; ++i) add_row(i);
-  } else {
-    for (Index i = 0; i < rows; ++i) add_row(i);
-  }
+  add_to_every_row(b.data(), Y);
 }
 
 template <typename T>

@@ -19,8 +19,8 @@
 #include <memory>
 
 #include "cpu/cpu_parallel.hpp"
+#include "cpu/cpu_row_passes.hpp"
 #include "layers/cpu/amx_support.hpp"
-#include "layers/cpu/cpu_epilogue.hpp"
 #include "layers/cpu/grown_buffer.hpp"
 
 namespace relora {
@@ -180,7 +180,7 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
     round_padded(X.data(), n, k, rows_padded, k_padded, A);
     pack(W, d, k, true, k_padded, n_padded, B);
     multiply(A, n, rows_padded, k_padded, B, d, n_padded, beta, Y.data(), d);
-    if (bias) add_bias(bias, Y);
+    if (bias) add_to_every_row(bias, Y);
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,

@@ -7,7 +7,7 @@
 
 #include "cpu/cpu_gemm.hpp"
 #include "cpu/cpu_parallel.hpp"
-#include "layers/cpu/cpu_epilogue.hpp"
+#include "cpu/cpu_row_passes.hpp"
 #include "layers/cpu/grown_buffer.hpp"
 #include "layers/frozen_base_kernels.hpp"
 
@@ -56,7 +56,7 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
                        float beta, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
     const Index panel_rows = std::max<Index>(1, std::min<Index>(d, kPanelElements / std::max<Index>(k, 1)));
-    scale(beta, Y);
+    scale_in_place(beta, Y);
     for (Index first = 0; first < d; first += panel_rows) {
       const Index rows = std::min(panel_rows, d - first);
       Tensor<float> panel = panel_.view(rows, k);
@@ -74,13 +74,13 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
         for (Index j = 0; j < rows; ++j) row[j] += from[j];
       }
     }
-    if (bias) add_bias(bias, Y);
+    if (bias) add_to_every_row(bias, Y);
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
                               Tensor<float>& dX) override {
     const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
-    scale(beta, dX);
+    scale_in_place(beta, dX);
     const Index panel_rows = std::max<Index>(1, std::min<Index>(d, kPanelElements / std::max<Index>(k, 1)));
     for (Index first = 0; first < d; first += panel_rows) {
       const Index rows = std::min(panel_rows, d - first);

@@ -64,7 +64,7 @@ __global__ void split_bf16_kernel(std::int64_t count, const float* __restrict__ 
     float rest = src[i];
     std::uint16_t* const terms[3] = {hi, mid, lo};
     for (std::uint16_t* term : terms) {
-      const std::uint16_t t = half_bits::round_float(rest, BasePrecision::bf16, HalfRounding::nearest, 0.0f);
+      const std::uint16_t t = half_bits::bf16_nearest(rest);
       term[i] = t;
       rest -= half_bits::bf16_to_float(t);
     }
