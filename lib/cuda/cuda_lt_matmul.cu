@@ -49,15 +49,17 @@ void LtMatmul::release(Plan& plan) {
 LtMatmul::Plan& LtMatmul::plan(const Key& key) {
   auto found = plans_.find(key);
   if (found != plans_.end()) return found->second;
-  const auto [transpose_a, transpose_b, m, n, k, lda, ldb, ldd, type, compute, with_bias, alignment] = key;
+  const auto [transpose_a, transpose_b, m, n, k, lda, ldb, ldd, type, compute, with_bias, alignment, relu] = key;
   Plan p;
   try {
     RELORA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.operation, cublasComputeType_t(compute), CUDA_R_32F));
     set(p.operation, CUBLASLT_MATMUL_DESC_TRANSA, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N);
     set(p.operation, CUBLASLT_MATMUL_DESC_TRANSB, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N);
-    if (with_bias) {
-      set(p.operation, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
-      set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+    if (with_bias) set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+    if (with_bias || relu) {
+      const cublasLtEpilogue_t epilogue = relu ? (with_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
+                                               : CUBLASLT_EPILOGUE_BIAS;
+      set(p.operation, CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
     }
     const auto data_type = cudaDataType_t(type);
     // A stored column-major: op(A) is m x k, so A is k x m when transposed.
@@ -87,7 +89,7 @@ LtMatmul::Plan& LtMatmul::plan(const Key& key) {
     if (found_count == 0) {
       throw DeviceError("cuBLASLt has no algorithm for the product of " + std::to_string(m) + " x " +
                         std::to_string(k) + " by " + std::to_string(k) + " x " + std::to_string(n) +
-                        (with_bias ? " with a bias" : ""));
+                        (with_bias ? " with a bias" : "") + (relu ? (with_bias ? " and a ReLU" : " with a ReLU") : ""));
     }
     p.algo = result.algo;
   } catch (...) {
@@ -99,7 +101,7 @@ LtMatmul::Plan& LtMatmul::plan(const Key& key) {
 
 void LtMatmul::multiply(const Product& q) {
   const Key key{q.transpose_a, q.transpose_b, q.m, q.n, q.k, q.lda, q.ldb, q.ldd, int(q.type), int(q.compute),
-                q.bias != nullptr, common_alignment({q.A, q.B, q.D, q.bias})};
+                q.bias != nullptr, common_alignment({q.A, q.B, q.D, q.bias}), q.relu};
   Plan& p = plan(key);
   if (q.bias) set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_POINTER, q.bias);
   RELORA_CUBLAS_CHECK(cublasLtMatmul(handle_, p.operation, &q.alpha, q.A, p.a, q.B, p.b, &q.beta, q.D, p.d, q.D, p.d,

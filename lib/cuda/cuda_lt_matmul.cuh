@@ -1,6 +1,6 @@
 #pragma once
-// A cuBLASLt product into fp32 with the bias added in the GEMM's epilogue:
-//   D (m x n, column-major, ld ldd) = alpha op(A) op(B) + bias 1^T + beta D,
+// A cuBLASLt product into fp32 with the bias (and a ReLU) applied in the GEMM's epilogue:
+//   D (m x n, column-major, ld ldd) = f(alpha op(A) op(B) + bias 1^T + beta D), f ReLU or none,
 // A and B of one type (fp32, bf16 or fp16), bias m values or none, accumulation in fp32 (strict,
 // or TF32 for fp32 operands where the compute type says so). cublasGemmEx has no bias; a separate
 // pass would read and write D once more. One plan per shape (descriptors and the heuristic's
@@ -35,6 +35,7 @@ class LtMatmul {
     cudaDataType_t type = CUDA_R_32F;  // A's and B's
     cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
     const float* bias = nullptr;  // m values, or none
+    bool relu = false;            // D = max(D, 0) last
     float beta = 0;
     float* D = nullptr;
     std::int64_t ldd = 0;
@@ -48,9 +49,9 @@ class LtMatmul {
     cublasLtMatmulAlgo_t algo{};
   };
   // transposes, m, n, k, leading dimensions, type, compute type, bias or not, the operands' common
-  // alignment (bytes, up to 256)
+  // alignment (bytes, up to 256), ReLU or not
   using Key = std::tuple<bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                         std::int64_t, int, int, bool, unsigned>;
+                         std::int64_t, int, int, bool, unsigned, bool>;
   Plan& plan(const Key& key);
   static void release(Plan& plan);
 

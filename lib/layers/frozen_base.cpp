@@ -94,6 +94,24 @@ void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Tensor<T>& Y) {
 }
 
 template <typename T>
+void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Activation f, Tensor<T>& Y) {
+  if (f == Activation::identity) return forward(X, beta, Y);
+  if (f != Activation::relu) {
+    throw ConfigError(name_ + ": forward applies only ReLU to Y in place; tanh and GELU need a buffer "
+                      "of their own (the model's)");
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (low_precision()) {
+      require_shape(X, X.rows(), k_, "FrozenBase product X");
+      require_shape(Y, X.rows(), d_, "FrozenBase product Y");
+      if (kernels_->forward_product_relu(X, bits(), precision_, has_bias() ? b_.data() : nullptr, beta, Y)) return;
+    }
+  }
+  forward(X, beta, Y);
+  backend_->activation_forward(f, Y, Y);
+}
+
+template <typename T>
 void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y) {
   if (!low_precision()) {
     if (with_bias) {

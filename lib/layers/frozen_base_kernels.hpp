@@ -30,6 +30,15 @@ class FrozenBaseKernels {
   // beta 1, so the product's epilogue adds it instead of a pass of its own.
   virtual void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
                                const float* bias, float beta, Tensor<float>& Y) = 0;
+  // forward_product, then Y = max(Y, 0) (ReLU; the same values as the backend's activation_forward
+  // wherever Y is finite),
+  // where the device folds the ReLU into the product (cuBLASLt's epilogue on CUDA); false, having
+  // done nothing, where it does not (FrozenBase then runs forward_product and the backend's pass).
+  virtual bool forward_product_relu(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
+                                    const float* bias, float beta, Tensor<float>& Y) {
+    (void)X, (void)W, (void)format, (void)bias, (void)beta, (void)Y;
+    return false;
+  }
   // P = W A^T (W: d x k, A: r x k fp32, P: d x r) where the device has a way without widening W
   // (a bf16 W on CUDA); false, having done nothing, where it has not (FrozenBase then widens W's
   // rows a block at a time).

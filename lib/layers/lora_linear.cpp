@@ -143,7 +143,7 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
   Backend<T>& be = *backend_;
   if (target_ == TrainTarget::base) base_.sync_from_master();  // the optimizer stepped the master
   if (merged_) {
-    base_.forward(X, Y_);  // Y = X W^T + b
+    base_.forward(X, T(0), output_activation_, Y_);  // Y = f(X W^T + b)
     return Y_;
   }
   const Tensor<T>* lora_input = &X;
@@ -157,8 +157,15 @@ const Tensor<T>& LoraLinear<T>::forward(const Tensor<T>& X) {
   // cost, where adding the rank-r term afterwards would read and write Y once more.
   be.gemm(Trans::no, Trans::yes, T(1), *lora_input, A_, T(0), U_);  // U = D(X) A^T
   be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(0), Y_);          // Y = s U B^T
-  base_.forward(X, T(1), Y_);                                         // Y += X W^T + b
+  base_.forward(X, T(1), output_activation_, Y_);                    // Y = f(Y + X W^T + b)
   return Y_;
+}
+
+template <typename T>
+bool LoraLinear<T>::take_output_activation(Activation f) {
+  if (f != Activation::relu) return false;
+  output_activation_ = f;
+  return true;
 }
 
 template <typename T>

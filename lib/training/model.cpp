@@ -18,6 +18,7 @@ Layer<T>& Model<T>::add(std::unique_ptr<Layer<T>> layer, Activation activation, 
   Stage stage;
   stage.layer = std::move(layer);
   stage.activation = activation;
+  stage.layer_applies_activation = activation == Activation::relu && stage.layer->take_output_activation(activation);
   stage.name = name.empty() ? "layers." + std::to_string(layers_.size()) : name;
   for (const Stage& other : layers_) {
     if (other.name == stage.name) throw ConfigError("Model: two layers named '" + stage.name + "'");
@@ -122,7 +123,8 @@ const Tensor<T>& Model<T>::forward_layers(const Tensor<T>& X, std::size_t count)
     stage.layer->forward(*input);
     Tensor<T>& Y = stage.layer->mutable_output();
     if (stage.activation == Activation::relu) {
-      backend_->activation_forward(stage.activation, Y, Y);  // element-wise, same index read and written
+      // Element-wise, the same index read and written; unless the layer applied it already.
+      if (!stage.layer_applies_activation) backend_->activation_forward(stage.activation, Y, Y);
     } else if (stage.activation != Activation::identity) {
       if (!stage.Z.same_shape(Y.rows(), Y.cols())) stage.Z = backend_->allocate(Y.rows(), Y.cols());
       backend_->activation_forward(stage.activation, Y, stage.Z);

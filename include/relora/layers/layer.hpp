@@ -48,8 +48,19 @@ class Layer {
   // caller that needs them again keeps a copy. dY and dX must not overlap.
   virtual void backward(const Tensor<T>& dY, Tensor<T>* dX) = 0;
 
-  // The output of the last forward, and its buffer: a Model applies ReLU to it in place and
-  // reuses it for a dX once backward no longer needs Y (the next forward rewrites it).
+  // Asks the layer to apply `f` to its own output from now on, so that forward leaves f(Y) in
+  // output(): true where the layer takes it (it can fold f into the work that writes Y, such as a
+  // product's epilogue, instead of a pass of its own over Y), false where the caller applies it.
+  // Only an activation the model applies in place (ReLU) can be taken: backward still receives the
+  // gradient at f(Y) and the caller applies f's derivative from output(), as it does otherwise.
+  virtual bool take_output_activation(Activation f) {
+    (void)f;
+    return false;
+  }
+
+  // The output of the last forward, and its buffer: a Model applies ReLU to it in place (unless
+  // the layer took it) and reuses it for a dX once backward no longer needs Y (the next forward
+  // rewrites it).
   virtual const Tensor<T>& output() const = 0;
   virtual Tensor<T>& mutable_output() = 0;
 

@@ -57,6 +57,11 @@ class LoraLinear : public Layer<T> {
   // backward into the layer's own dX buffer (need_dX), or with no dX.
   void backward(const Tensor<T>& dY, bool need_dX) { backward(dY, need_dX ? &own_dX() : nullptr); }
 
+  // Takes ReLU: the base's product applies it (in a 16-bit base's epilogue on CUDA), after the
+  // adapter's term, which is written first.
+  bool take_output_activation(Activation f) override;
+  // The activation forward applies to Y (identity unless taken).
+  Activation output_activation() const { return output_activation_; }
   const Tensor<T>& output() const override { return Y_; }
   Tensor<T>& mutable_output() override { return Y_; }
   std::vector<Parameter<T>> parameters(const std::string& prefix) override;
@@ -146,6 +151,7 @@ class LoraLinear : public Layer<T> {
   Tensor<T> A_, B_;
   Tensor<T> dW_, db_, dA_, dB_;
   Tensor<T> U_, Y_, dU_;  // per batch
+  Activation output_activation_ = Activation::identity;
 
  private:
   void allocate_parameters();

@@ -5,7 +5,9 @@
 // the implementation.
 //
 // Memory, as PyTorch frees what backward no longer needs: ReLU runs in place (a hidden layer's
-// output() holds relu(Y); ReLU's derivative is the same taken from y or relu(y)); activation
+// output() holds relu(Y); ReLU's derivative is the same taken from y or relu(y)), by the layer
+// itself where it takes it (Layer::take_output_activation: a 16-bit base's product applies it in
+// its epilogue) and by the model otherwise; activation
 // backward runs in place in the model's own gradient buffers; and each layer's dX is written into
 // a buffer that backward no longer needs (the layer's own Y, once its activation's backward has
 // read it) or a scratch buffer of the model. So after backward the hidden layers' output() and
@@ -91,6 +93,7 @@ class Model {
   struct Stage {
     std::unique_ptr<Layer<T>> layer;
     Activation activation;
+    bool layer_applies_activation = false;  // the layer took it (Layer::take_output_activation)
     std::string name;
     Tensor<T> Z;   // activation output for tanh and GELU; identity and ReLU leave it in Y
     Tensor<T> dY;  // gradient at the pre-activation output, when the incoming one is not ours

@@ -56,6 +56,11 @@ class CpuTinyLoraLinear final : public LoraLinear<T> {
   // Whether a layer of this config is within the passes' widths.
   static bool suits(const LoraConfig& config);
   const char* implementation() const override { return "cpu_tiny"; }
+  // The strips write Y without an activation: the model's pass applies it.
+  bool take_output_activation(Activation f) override {
+    (void)f;
+    return false;
+  }
   // Up to a batch of this work the pass is ahead of the separate products.
   bool fast_path_for(Index rows) const override;
 

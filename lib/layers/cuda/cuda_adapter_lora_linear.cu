@@ -35,6 +35,7 @@
 #include "layers/cuda/cuda_lora_linear.hpp"
 #include "cuda/cuda_launch.cuh"
 #include "cuda/cuda_pack.cuh"
+#include "relora/core/elementwise_math.hpp"
 
 namespace relora {
 namespace cuda_detail {
@@ -192,7 +193,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) adapter_row_kernel(const RowPa
 }
 
 // Y[i, q] += b[q] + s sum_j U[i, j] B[q, j], the forward's rank-r update once U and X W^T are
-// both in hand. Unlike the row pass it needs no whole row: a block owns a tile of
+// both in hand, then ReLU where the layer took it (LoraLinear::take_output_activation). Unlike the row pass it needs no whole row: a block owns a tile of
 // kExpandRows x (kExpandThreadsX Width) of Y, stages its rows of U and its columns of B, and
 // each thread updates kExpandRowsPerThread rows of Width columns. The sums run over j in order
 // with fma, as the row pass's output phase does, so either path gives the same bits.
@@ -210,6 +211,7 @@ struct ExpandPass {
   T scale;
   std::int64_t n;
   int d, r;
+  bool relu;
 };
 
 template <typename T, int MaxRank, int Width>
@@ -267,7 +269,10 @@ __global__ void __launch_bounds__(kExpandThreadsX * kExpandThreadsY) adapter_exp
     const std::int64_t i = i0 + threadIdx.y + w * kExpandThreadsY;
     if (i >= a.n) continue;
 #pragma unroll
-    for (int e = 0; e < Width; ++e) y[w].v[e] = fma(a.scale, sums[w][e], y[w].v[e] + bias.v[e]);
+    for (int e = 0; e < Width; ++e) {
+      const T value = fma(a.scale, sums[w][e], y[w].v[e] + bias.v[e]);
+      y[w].v[e] = a.relu ? activation_value(Activation::relu, value) : value;
+    }
     store_pack(a.Y + i * a.d + q, y[w]);
   }
 }
@@ -504,7 +509,8 @@ bool CudaAdapterLoraLinear<T>::adapter_forward(const Tensor<T>& X) {
   this->begin_forward(X);
   project_beside_product(X);
   expand_pass(ExpandPass<T>{this->U_.data(), this->B_.data(), this->has_bias() ? this->base_.bias().data() : nullptr,
-                            this->Y_.data(), this->scale_, n, int(d), int(r)},
+                            this->Y_.data(), this->scale_, n, int(d), int(r),
+                            this->output_activation() == Activation::relu},
               cuda().stream());
   return true;
 }

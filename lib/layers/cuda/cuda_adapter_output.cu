@@ -179,7 +179,7 @@ void CudaAdapterLoraLinear<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& lo
   auto* mse = dynamic_cast<MseLoss<T>*>(&loss);
   const Index n = X.rows(), k = X.cols(), d = this->out_features(), r = this->rank();
   if (mse == nullptr || this->merged() || this->dropout_in_use() || X.cols() != this->in_features() ||
-      !adapter_passes_apply(n, k, d, r)) {
+      this->output_activation() != Activation::identity || !adapter_passes_apply(n, k, d, r)) {
     return Layer<T>::forward_with_loss(X, loss, target);
   }
   if (!target.same_shape(n, d)) {
