@@ -2,8 +2,8 @@
 // taken ReLU must give ReLU of the twin's output, on every implementation that takes it (the
 // reference's base product with the backend's pass after it on the CPU and for an fp32 base, a
 // 16-bit base's product with the ReLU in cuBLASLt's epilogue, the CUDA adapter layer's expand
-// pass), merged or not, with and without a bias; and a model whose layers take it must train as
-// one whose layers do not.
+// pass, DoRA's pass that scales Z into Y), merged or not, with and without a bias; and a model
+// whose layers take it must train as one whose layers do not.
 //
 // Tolerances. Where the taken ReLU runs after the same product as the twin's (CPU, fp32 base,
 // the expand pass), the values must be the same bits. cuBLASLt may pick another kernel for a
@@ -11,6 +11,7 @@
 // may differ by fp32 summation over k terms, bounded by 1e-5 of the largest |Y|.
 #include <doctest/doctest.h>
 
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -98,78 +99,146 @@ TEST_CASE("a layer that takes its ReLU gives ReLU of its twin's output: every im
   }
 }
 
-TEST_CASE("a model whose layers take their ReLU trains as one whose model applies it") {
+namespace {
+
+// Forwards every call to the layer it holds but declines the activation, so that the model's own
+// pass applies it.
+struct Declining final : Layer<float> {
+  explicit Declining(std::unique_ptr<Layer<float>> inner) : in(std::move(inner)) {}
+  std::unique_ptr<Layer<float>> in;
+  const char* kind() const override { return in->kind(); }
+  const char* implementation() const override { return in->implementation(); }
+  Index in_features() const override { return in->in_features(); }
+  Index out_features() const override { return in->out_features(); }
+  const Tensor<float>& forward(const Tensor<float>& X) override { return in->forward(X); }
+  void backward(const Tensor<float>& dY, Tensor<float>* dX) override { in->backward(dY, dX); }
+  const Tensor<float>& output() const override { return in->output(); }
+  Tensor<float>& mutable_output() override { return in->mutable_output(); }
+  std::vector<Parameter<float>> parameters(const std::string& prefix) override { return in->parameters(prefix); }
+  void set_training(bool training) override { in->set_training(training); }
+  void set_batch_offset(Index first_row) override { in->set_batch_offset(first_row); }
+  bool training() const override { return in->training(); }
+  void set_train_target(TrainTarget target) override { in->set_train_target(target); }
+  TrainTarget train_target() const override { return in->train_target(); }
+  void merge() override { in->merge(); }
+  void check_merge() override { in->check_merge(); }
+  void unmerge() override { in->unmerge(); }
+  bool merged() const override { return in->merged(); }
+  void reinit() override { in->reinit(); }
+  bool replayable() const override { return in->replayable(); }
+  std::uint32_t step_signature() const override { return in->step_signature(); }
+  void save_state(StateDict<float>& state) const override { in->save_state(state); }
+  void check_state(const StateDict<float>& state) const override { in->check_state(state); }
+  void restore_state(const StateDict<float>& state) override { in->restore_state(state); }
+};
+
+// A layer of the kind under test on W, with B set (so that the adapter moves the output).
+using LayerMaker = std::function<std::unique_ptr<Layer<float>>(Backend<float>&, const LoraConfig&,
+                                                               const HostMatrix<float>& W, const HostMatrix<float>& B)>;
+
+}  // namespace
+
+TEST_CASE("a model whose layers take their ReLU trains as one whose model applies it: LoRA and DoRA") {
   // The same 3-layer model twice on one backend: in the first, Model::add gives each hidden layer
-  // its ReLU; in the second the layers are wrapped in a Layer that forwards every call but declines
-  // the activation, so the model's own pass applies it. Loss and every gradient must agree.
-  struct Declining : Layer<float> {
-    explicit Declining(std::unique_ptr<LoraLinear<float>> inner) : in(std::move(inner)) {}
-    std::unique_ptr<LoraLinear<float>> in;
-    const char* kind() const override { return in->kind(); }
-    const char* implementation() const override { return in->implementation(); }
-    Index in_features() const override { return in->in_features(); }
-    Index out_features() const override { return in->out_features(); }
-    const Tensor<float>& forward(const Tensor<float>& X) override { return in->forward(X); }
-    void backward(const Tensor<float>& dY, Tensor<float>* dX) override { in->backward(dY, dX); }
-    const Tensor<float>& output() const override { return in->output(); }
-    Tensor<float>& mutable_output() override { return in->mutable_output(); }
-    std::vector<Parameter<float>> parameters(const std::string& prefix) override { return in->parameters(prefix); }
-    void set_training(bool training) override { in->set_training(training); }
-    void set_batch_offset(Index first_row) override { in->set_batch_offset(first_row); }
-    bool training() const override { return in->training(); }
-    void set_train_target(TrainTarget target) override { in->set_train_target(target); }
-    TrainTarget train_target() const override { return in->train_target(); }
-    void merge() override { in->merge(); }
-    void check_merge() override { in->check_merge(); }
-    void unmerge() override { in->unmerge(); }
-    bool merged() const override { return in->merged(); }
-    void reinit() override { in->reinit(); }
-    bool replayable() const override { return in->replayable(); }
-    std::uint32_t step_signature() const override { return in->step_signature(); }
-    void save_state(StateDict<float>& state) const override { in->save_state(state); }
-    void check_state(const StateDict<float>& state) const override { in->check_state(state); }
-    void restore_state(const StateDict<float>& state) override { in->restore_state(state); }
+  // its ReLU; in the second each layer is wrapped in Declining, so the model's own pass applies
+  // it. Loss and every gradient must agree (the same values, up to the order a cuBLASLt epilogue
+  // sums in).
+  const LayerMaker lora = [](Backend<float>& backend, const LoraConfig& config, const HostMatrix<float>& W,
+                             const HostMatrix<float>& B) -> std::unique_ptr<Layer<float>> {
+    auto layer = make_lora_linear<float>(backend, config, W, LayerChoice::reference);
+    layer->set_B(B);
+    return layer;
+  };
+  const LayerMaker dora = [](Backend<float>& backend, const LoraConfig& config, const HostMatrix<float>& W,
+                             const HostMatrix<float>& B) -> std::unique_ptr<Layer<float>> {
+    auto layer = std::make_unique<DoraLinear<float>>(backend, DoraConfig{.lora = config}, W);
+    layer->set_B(B);
+    return layer;
   };
   for (const Device device : devices_here()) {
     auto backend = make_backend<float>(device);
     for (const BasePrecision format : {BasePrecision::fp32, BasePrecision::bf16}) {
-      const std::vector<Index> widths{48, 160, 96, 24};
-      Model<float> taking(backend, LayerChoice::reference), declining(backend, LayerChoice::reference);
-      std::mt19937_64 gen(33);
-      for (std::size_t i = 0; i + 1 < widths.size(); ++i) {
-        const LoraConfig config{.in_features = widths[i], .out_features = widths[i + 1], .rank = 4, .alpha = 8,
-                                .bias = BiasMode::trainable, .seed = 7 + i, .base_precision = format};
-        const HostMatrix<float> W = normal_matrix<float>(widths[i + 1], widths[i], gen, 0.3);
-        const HostMatrix<float> B = normal_matrix<float>(widths[i + 1], 4, gen, 0.2);
-        const Activation f = i + 2 < widths.size() ? Activation::relu : Activation::identity;
-        LoraLinear<float>& a = taking.add(config, f, W);
-        auto inner = make_lora_linear<float>(*backend, config, W, LayerChoice::reference);
-        LoraLinear<float>& b = *inner;
-        declining.add(std::make_unique<Declining>(std::move(inner)), f);
-        a.set_B(B);
-        b.set_B(B);
-        CHECK(a.output_activation() == f);
-        CHECK(b.output_activation() == Activation::identity);
+      for (const bool use_dora : {false, true}) {
+        const LayerMaker& make = use_dora ? dora : lora;
+        const std::vector<Index> widths{48, 160, 96, 24};
+        Model<float> taking(backend), declining(backend);
+        std::mt19937_64 gen(33);
+        for (std::size_t i = 0; i + 1 < widths.size(); ++i) {
+          const LoraConfig config{.in_features = widths[i], .out_features = widths[i + 1], .rank = 4, .alpha = 8,
+                                  .bias = BiasMode::trainable, .seed = 7 + i, .base_precision = format};
+          const HostMatrix<float> W = normal_matrix<float>(widths[i + 1], widths[i], gen, 0.3);
+          const HostMatrix<float> B = normal_matrix<float>(widths[i + 1], 4, gen, 0.2);
+          const Activation f = i + 2 < widths.size() ? Activation::relu : Activation::identity;
+          taking.add(make(*backend, config, W, B), f);
+          declining.add(std::make_unique<Declining>(make(*backend, config, W, B)), f);
+        }
+        const HostMatrix<float> x = normal_matrix<float>(64, widths.front(), gen);
+        const HostMatrix<float> t = normal_matrix<float>(64, widths.back(), gen);
+        const Tensor<float> X = to_backend<float>(*backend, x, "X");
+        const Tensor<float> target = to_backend<float>(*backend, t, "target");
+        MseLoss<float> loss_a(*backend), loss_b(*backend);
+        taking.forward_with_loss(X, loss_a, target);
+        declining.forward_with_loss(X, loss_b, target);
+        taking.backward(loss_a.gradient());
+        declining.backward(loss_b.gradient());
+        const double loss_error = std::abs(loss_a.value() - loss_b.value()) / std::abs(loss_b.value());
+        INFO(device_name(device) << " " << precision_name(format) << (use_dora ? " DoRA" : " LoRA") << ": loss "
+                                 << loss_a.value() << " vs " << loss_b.value());
+        CHECK(loss_error <= 1e-6);
+        const auto pa = taking.parameters(), pb = declining.parameters();
+        REQUIRE(pa.size() == pb.size());
+        for (std::size_t p = 0; p < pa.size(); ++p) {
+          const HostMatrix<float> ga = to_host(*backend, *pa[p].grad), gb = to_host(*backend, *pb[p].grad);
+          const double err = double((ga - gb).norm()) / std::max(double(gb.norm()), 1e-30);
+          INFO(pa[p].name << ": relative difference " << err);
+          CHECK(err <= 1e-5);
+        }
       }
-      const HostMatrix<float> x = normal_matrix<float>(64, widths.front(), gen);
-      const HostMatrix<float> t = normal_matrix<float>(64, widths.back(), gen);
-      const Tensor<float> X = to_backend<float>(*backend, x, "X"), target = to_backend<float>(*backend, t, "target");
-      MseLoss<float> loss_a(*backend), loss_b(*backend);
-      taking.forward_with_loss(X, loss_a, target);
-      declining.forward_with_loss(X, loss_b, target);
-      taking.backward(loss_a.gradient());
-      declining.backward(loss_b.gradient());
-      const double worst_loss = std::abs(loss_a.value() - loss_b.value()) / std::abs(loss_b.value());
-      INFO(device_name(device) << " " << precision_name(format) << ": loss " << loss_a.value() << " vs "
-                               << loss_b.value());
-      CHECK(worst_loss <= 1e-6);
-      const auto pa = taking.parameters(), pb = declining.parameters();
-      REQUIRE(pa.size() == pb.size());
-      for (std::size_t p = 0; p < pa.size(); ++p) {
-        const HostMatrix<float> ga = to_host(*backend, *pa[p].grad), gb = to_host(*backend, *pb[p].grad);
-        const double err = double((ga - gb).norm()) / std::max(double(gb.norm()), 1e-30);
-        INFO(pa[p].name << ": relative difference " << err);
-        CHECK(err <= 1e-5);
+    }
+  }
+}
+
+TEST_CASE("a DoRA layer that takes its ReLU gives ReLU of its twin's output: with dropout, merged or not") {
+  for (const Device device : devices_here()) {
+    auto backend = make_backend<float>(device);
+    for (const BasePrecision format : {BasePrecision::fp32, BasePrecision::bf16}) {
+      for (const double dropout : {0.0, 0.25}) {
+        const LoraConfig lora{.in_features = 96, .out_features = 80, .rank = 8, .alpha = 16, .dropout = dropout,
+                              .bias = BiasMode::frozen, .seed = 5, .base_precision = format};
+        std::mt19937_64 gen(22);
+        const HostMatrix<float> W = normal_matrix<float>(80, 96, gen, 0.3);
+        const HostMatrix<float> B = normal_matrix<float>(80, 8, gen, 0.2);
+        const HostMatrix<float> b = normal_matrix<float>(1, 80, gen, 0.1);
+        DoraLinear<float> taken(*backend, DoraConfig{.lora = lora}, W), plain(*backend, DoraConfig{.lora = lora}, W);
+        for (DoraLinear<float>* layer : {&taken, &plain}) {
+          layer->set_B(B);
+          layer->set_b(b);
+        }
+        REQUIRE(taken.take_output_activation(Activation::relu));
+        CHECK_FALSE(plain.take_output_activation(Activation::tanh));
+        CHECK(taken.output_activation() == Activation::relu);
+        CHECK(plain.output_activation() == Activation::identity);
+        const Tensor<float> X = to_backend<float>(*backend, normal_matrix<float>(131, 96, gen), "X");
+        for (const bool merged : {false, true}) {
+          if (merged) {
+            taken.merge();
+            plain.merge();
+          }
+          // The twins draw the same dropout masks: the same seed and the same number of draws.
+          const HostMatrix<float> y = to_host(*backend, taken.forward(X));
+          const HostMatrix<float> want = to_host(*backend, plain.forward(X)).cwiseMax(0.0f);
+          const double worst = double((y - want).cwiseAbs().maxCoeff());
+          const double scale = double(want.cwiseAbs().maxCoeff());
+          INFO(device_name(device) << " " << precision_name(format) << " dropout " << dropout
+                                   << (merged ? " merged" : "") << ": worst " << worst << " of " << scale);
+          CHECK(y.minCoeff() >= 0.0f);
+          CHECK((y.array() > 0).count() > y.size() / 4);
+          if (merged && format != BasePrecision::fp32 && device == Device::cuda) {
+            CHECK(worst <= 1e-5 * scale);  // the merged 16-bit product with cuBLASLt's ReLU epilogue
+          } else {
+            CHECK(worst == 0.0);
+          }
+        }
       }
     }
   }

@@ -22,10 +22,11 @@ class DoraKernels {
   // g_i = m_i / max(n_i, eps).
   virtual void norms(const Tensor<T>& wsq, const Tensor<T>& P, const Tensor<T>& B, const Tensor<T>& BG,
                      const Tensor<T>& m, T s, T eps, Tensor<T>& n, Tensor<T>& g) = 0;
-  // Y = Z diag(g) + b, or Y += Z diag(g) + b with accumulate; b may be null (no bias). Y may alias Z
-  // when not accumulating (the forward without dropout computes Z in Y's buffer).
+  // Y = Z diag(g) + b, or Y += Z diag(g) + b with accumulate; b may be null (no bias); then, with
+  // relu, Y = max(Y, 0) (as the backend's activation_forward). Y may alias Z when not accumulating
+  // (the forward without dropout computes Z in Y's buffer).
   virtual void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate,
-                                 Tensor<T>& Y) = 0;
+                                 bool relu, Tensor<T>& Y) = 0;
   // out = X diag(g + shift); out may alias X.
   virtual void scale_columns(const Tensor<T>& X, const Tensor<T>& g, T shift, Tensor<T>& out) = 0;
   // dm_i = sum_t dY_ti Z_ti / max(n_i, eps) from a stored Z (dropout's forward, a 16-bit base), and

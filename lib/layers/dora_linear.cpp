@@ -234,7 +234,7 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
   Backend<T>& be = *backend_;
   if (target_ == TrainTarget::base) base_.sync_from_master();  // the optimizer stepped a 16-bit W's master
   if (merged_) {  // W = diag(g) V already
-    base_.forward(X, Y_);
+    base_.forward(X, T(0), output_activation_, Y_);
     return Y_;
   }
   if (target_ == TrainTarget::base) refresh_W_norms();  // W trains: it changed since the last step
@@ -255,9 +255,17 @@ const Tensor<T>& DoraLinear<T>::forward(const Tensor<T>& X) {
   be.gemm(Trans::no, Trans::yes, T(1), *input, A_, T(0), U_);  // U = Xd A^T
   be.gemm(Trans::no, Trans::yes, scale_, U_, B_, T(0), Z);    // Z = s U B^T
   base_.product(*input, T(1), Z);                              // Z += Xd W^T
-  // Y (+)= Z diag(g) + b
-  kernels_->scale_columns_add(Z, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_, Y_);
+  // Y (+)= Z diag(g) + b, then the ReLU where the layer took it
+  kernels_->scale_columns_add(Z, g_, has_bias() ? &base_.bias() : nullptr, dropout_active_,
+                              output_activation_ == Activation::relu, Y_);
   return Y_;
+}
+
+template <typename T>
+bool DoraLinear<T>::take_output_activation(Activation f) {
+  if (f != Activation::relu) return false;
+  output_activation_ = f;
+  return true;
 }
 
 template <typename T>

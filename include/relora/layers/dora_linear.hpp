@@ -125,6 +125,11 @@ class DoraLinear : public Layer<T> {
   const Tensor<T>& forward(const Tensor<T>& X) override;
   void backward(const Tensor<T>& dY, Tensor<T>* dX) override;
 
+  // Takes ReLU: the pass that scales Z into Y applies it (the base's product when merged). The
+  // entries ReLU clamps get a zero gradient, so the backward's reading of Z back from Y is
+  // unaffected, as when the model applies the ReLU in place.
+  bool take_output_activation(Activation f) override;
+  Activation output_activation() const { return output_activation_; }
   const Tensor<T>& output() const override { return Y_; }
   Tensor<T>& mutable_output() override { return Y_; }
   // Adapter training: prefix.lora_A, prefix.lora_B, prefix.lora_magnitude_vector (PEFT's names:
@@ -236,6 +241,7 @@ class DoraLinear : public Layer<T> {
   Tensor<T> dX_view_;
 
   TrainTarget target_ = TrainTarget::adapter;
+  Activation output_activation_ = Activation::identity;
   bool training_ = true;
   bool merged_ = false;
   std::uint64_t rng_stream_ = 0;

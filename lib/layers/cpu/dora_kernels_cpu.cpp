@@ -8,6 +8,7 @@
 #include "cpu/cpu_parallel.hpp"
 #include "layers/dora_kernels.hpp"
 #include "layers/dora_recovery.hpp"
+#include "relora/core/elementwise_math.hpp"
 
 namespace relora {
 namespace {
@@ -58,7 +59,7 @@ class CpuDoraKernels final : public DoraKernels<T> {
     });
   }
 
-  void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate,
+  void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate, bool relu,
                          Tensor<T>& Y) override {
     const Index d = Z.cols();
     const T* z = Z.data();
@@ -82,6 +83,10 @@ class CpuDoraKernels final : public DoraKernels<T> {
       } else {
 #pragma omp simd
         for (Index i = 0; i < d; ++i) yr[i] = zr[i] * gv[i];
+      }
+      if (relu) {
+#pragma omp simd
+        for (Index i = 0; i < d; ++i) yr[i] = activation_value(Activation::relu, yr[i]);
       }
     });
   }

@@ -9,6 +9,7 @@
 #include "cuda/cuda_resources.cuh"
 #include "layers/dora_kernels.hpp"
 #include "layers/dora_recovery.hpp"
+#include "relora/core/elementwise_math.hpp"
 
 namespace relora {
 namespace cuda_detail {
@@ -73,13 +74,14 @@ __global__ void norms_kernel(std::int64_t rows, std::int64_t r, const T* __restr
 template <typename T>
 __global__ void scale_columns_add_kernel(std::int64_t size, std::int64_t cols, const T* Z,
                                          const T* __restrict__ g, const T* __restrict__ b, bool accumulate,
-                                         T* Y) {
+                                         bool relu, T* Y) {
   for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < size;
        e += std::int64_t(gridDim.x) * blockDim.x) {
     const std::int64_t i = e % cols;
     T value = Z[e] * g[i];
     if (b != nullptr) value += b[i];
-    Y[e] = accumulate ? Y[e] + value : value;
+    if (accumulate) value = Y[e] + value;
+    Y[e] = relu ? activation_value(Activation::relu, value) : value;
   }
 }
 
@@ -332,11 +334,11 @@ class CudaDoraKernels final : public DoraKernels<T> {
     RELORA_CHECK_LAUNCH("norms_kernel");
   }
 
-  void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate,
+  void scale_columns_add(const Tensor<T>& Z, const Tensor<T>& g, const Tensor<T>* b, bool accumulate, bool relu,
                          Tensor<T>& Y) override {
     context_.activate();
     scale_columns_add_kernel<T><<<grid(Z.size()), kThreads, 0, context_.stream()>>>(
-        Z.size(), Z.cols(), Z.data(), g.data(), b ? b->data() : nullptr, accumulate, Y.data());
+        Z.size(), Z.cols(), Z.data(), g.data(), b ? b->data() : nullptr, accumulate, relu, Y.data());
     RELORA_CHECK_LAUNCH("scale_columns_add_kernel");
   }
 
