@@ -277,10 +277,11 @@ TEST_CASE("cuda: tf32 gemm stays near 1e-3 relative error, and strict comes back
   CHECK(strict < tf32);
 }
 
-TEST_CASE_TEMPLATE("cuda: gemm_add_row_vector (the bias in the product's epilogue) matches the CPU's gemm then bias",
+TEST_CASE_TEMPLATE("cuda: gemm_bias_activation (bias and ReLU in the product's epilogue) matches the CPU's passes",
                    T, float, double) {
-  // CUDA adds the bias in cuBLASLt's epilogue (float; double takes the default, gemm then
-  // add_row_vector); the CPU runs the default. All transposes, beta 0 (C poisoned with NaN) and 1,
+  // CUDA adds the bias and applies the ReLU in cuBLASLt's epilogue (float; double takes the
+  // default, gemm then add_row_vector then activation_forward); the CPU runs the default. All
+  // transposes, with and without a bias, identity and ReLU, beta 0 (C poisoned with NaN) and 1,
   // strict and TF32 (float's bound there is TF32's, as in the tf32 gemm test).
   SKIP_WITHOUT_CUDA();
   const auto seed = fresh_seed();
@@ -289,29 +290,48 @@ TEST_CASE_TEMPLATE("cuda: gemm_add_row_vector (the bias in the product's epilogu
   for (const MathMode math : {MathMode::strict, MathMode::tf32}) {
     auto b = make_backends<T>(math);
     const bool rounds = math == MathMode::tf32 && std::is_same<T, float>::value;
-    MaxError err{std::string("gemm_add_row_vector ") + (rounds ? "tf32 " : "strict ") + type_name<T>(), 0,
+    MaxError err{std::string("gemm_bias_activation ") + (rounds ? "tf32 " : "strict ") + type_name<T>(), 0,
                  rounds ? 2e-3 : tolerance<T>()};
     for (const ProductShape s :
          {ProductShape{37, 53, 29}, ProductShape{129, 257, 65}, ProductShape{1024, 1024, 16}, ProductShape{300, 999, 7}}) {
       for_each_transpose(b, s, rng, [&](Trans ta, Trans tb, const Twin<T>& A, const Twin<T>& B, const std::string& label) {
         auto bias = twin(b, 1, s.n, random_values<T>(std::size_t(s.n), rng));
-        for (const T beta : {T(0), T(1)}) {
-          auto C = beta == T(0) ? poisoned(b, s.m, s.n) : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
-          b.cpu->gemm_add_row_vector(ta, tb, T(0.75), A.cpu, B.cpu, beta, bias.cpu, C.cpu);
-          b.gpu->gemm_add_row_vector(ta, tb, T(0.75), A.gpu, B.gpu, beta, bias.gpu, C.gpu);
-          err.add(compare(b, C), label + " beta=" + std::to_string(double(beta)));
+        for (const bool with_bias : {true, false}) {
+          for (const Activation f : {Activation::identity, Activation::relu}) {
+            for (const T beta : {T(0), T(1)}) {
+              auto C = beta == T(0) ? poisoned(b, s.m, s.n)
+                                    : twin(b, s.m, s.n, random_values<T>(std::size_t(s.m * s.n), rng));
+              b.cpu->gemm_bias_activation(ta, tb, T(0.75), A.cpu, B.cpu, beta, with_bias ? &bias.cpu : nullptr, f,
+                                          C.cpu);
+              b.gpu->gemm_bias_activation(ta, tb, T(0.75), A.gpu, B.gpu, beta, with_bias ? &bias.gpu : nullptr, f,
+                                          C.gpu);
+              err.add(compare(b, C), label + (with_bias ? " bias" : "") + (f == Activation::relu ? " relu" : "") +
+                                         " beta=" + std::to_string(double(beta)));
+            }
+          }
         }
       });
     }
-    // A bias that is not one row of C's width is refused, naming both shapes.
+    // A bias that is not one row of C's width is refused, naming both shapes; so is an activation
+    // that cannot be applied in place.
     auto A = twin(b, 3, 4, random_values<T>(12, rng));
     auto B = twin(b, 4, 6, random_values<T>(24, rng));
     auto C = twin(b, 3, 6, random_values<T>(18, rng));
     auto wrong = twin(b, 1, 5, random_values<T>(5, rng));
-    const std::string message =
-        what_of([&] { b.gpu->gemm_add_row_vector(Trans::no, Trans::no, T(1), A.gpu, B.gpu, T(0), wrong.gpu, C.gpu); });
+    const std::string message = what_of([&] {
+      b.gpu->gemm_bias_activation(Trans::no, Trans::no, T(1), A.gpu, B.gpu, T(0), &wrong.gpu, Activation::identity,
+                                  C.gpu);
+    });
     CHECK(message.find("[1 x 5]") != std::string::npos);
     CHECK(message.find("[3 x 6]") != std::string::npos);
+    for (Backend<T>* backend : {b.cpu.get(), b.gpu.get()}) {
+      Tensor<T>& target = backend == b.cpu.get() ? C.cpu : C.gpu;
+      const Tensor<T>& left = backend == b.cpu.get() ? A.cpu : A.gpu;
+      const Tensor<T>& right = backend == b.cpu.get() ? B.cpu : B.gpu;
+      const std::string refused = what_of(
+          [&] { backend->gemm_bias_activation(Trans::no, Trans::no, T(1), left, right, T(0), nullptr, Activation::tanh, target); });
+      CHECK(refused.find("only identity or ReLU") != std::string::npos);
+    }
   }
 }
 

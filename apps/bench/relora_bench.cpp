@@ -304,10 +304,10 @@ class CountingBackend final : public relora::Backend<T> {
             T beta, relora::Tensor<T>& C) override {
     in_->gemm(ta, tb, alpha, A, B, beta, C);
   }
-  void gemm_add_row_vector(relora::Trans ta, relora::Trans tb, T alpha, const relora::Tensor<T>& A,
-                           const relora::Tensor<T>& B, T beta, const relora::Tensor<T>& b,
-                           relora::Tensor<T>& C) override {
-    in_->gemm_add_row_vector(ta, tb, alpha, A, B, beta, b, C);
+  void gemm_bias_activation(relora::Trans ta, relora::Trans tb, T alpha, const relora::Tensor<T>& A,
+                            const relora::Tensor<T>& B, T beta, const relora::Tensor<T>* b, relora::Activation f,
+                            relora::Tensor<T>& C) override {
+    in_->gemm_bias_activation(ta, tb, alpha, A, B, beta, b, f, C);
   }
   void add_row_vector(const relora::Tensor<T>& b, relora::Tensor<T>& Y) override { in_->add_row_vector(b, Y); }
   void column_sums(const relora::Tensor<T>& dY, T beta, relora::Tensor<T>& db) override {

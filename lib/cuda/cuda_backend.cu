@@ -239,32 +239,34 @@ Index CudaBackend<T>::gemm_depth(Trans trans_a, Trans trans_b, const Tensor<T>& 
 }
 
 template <typename T>
-void CudaBackend<T>::gemm_add_row_vector(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A,
-                                         const Tensor<T>& B, T beta, const Tensor<T>& b, Tensor<T>& C) {
+void CudaBackend<T>::gemm_bias_activation(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A,
+                                          const Tensor<T>& B, T beta, const Tensor<T>* b, Activation f,
+                                          Tensor<T>& C) {
+  require_in_place_activation(f, "gemm_bias_activation");
   const Index k = gemm_depth(trans_a, trans_b, A, B, C);
-  if (b.rows() != 1 || b.cols() != C.cols()) {
-    throw ShapeError("gemm_add_row_vector: b is " + b.shape() + " but C is " + C.shape() + " (b must be [1 x " +
+  if (b != nullptr && (b->rows() != 1 || b->cols() != C.cols())) {
+    throw ShapeError("gemm_bias_activation: b is " + b->shape() + " but C is " + C.shape() + " (b must be [1 x " +
                      std::to_string(C.cols()) + "])");
   }
+  const bool epilogue = b != nullptr || f == Activation::relu;
   if constexpr (std::is_same<T, float>::value) {
-    if (C.rows() == 0 || C.cols() == 0 || k == 0) {
-      Backend<T>::gemm_add_row_vector(trans_a, trans_b, alpha, A, B, beta, b, C);
+    if (epilogue && C.rows() > 0 && C.cols() > 0 && k > 0) {
+      activate();
+      // As gemm: the row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, whose rows
+      // are C's columns, so b is the epilogue's bias down C^T's columns; the ReLU comes last.
+      LtMatmul::Product p;
+      p.transpose_a = trans_b == Trans::yes, p.transpose_b = trans_a == Trans::yes;
+      p.m = C.cols(), p.n = C.rows(), p.k = k;
+      p.alpha = alpha, p.A = B.data(), p.lda = B.cols(), p.B = A.data(), p.ldb = A.cols();
+      p.type = CUDA_R_32F;
+      p.compute = math_ == MathMode::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+      p.bias = b != nullptr ? b->data() : nullptr, p.relu = f == Activation::relu;
+      p.beta = beta, p.D = C.data(), p.ldd = C.cols();
+      lt_->multiply(p);
       return;
     }
-    activate();
-    // As gemm: the row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, whose rows
-    // are C's columns, so b is the epilogue's bias down C^T's columns.
-    LtMatmul::Product p;
-    p.transpose_a = trans_b == Trans::yes, p.transpose_b = trans_a == Trans::yes;
-    p.m = C.cols(), p.n = C.rows(), p.k = k;
-    p.alpha = alpha, p.A = B.data(), p.lda = B.cols(), p.B = A.data(), p.ldb = A.cols();
-    p.type = CUDA_R_32F;
-    p.compute = math_ == MathMode::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-    p.bias = b.data(), p.beta = beta, p.D = C.data(), p.ldd = C.cols();
-    lt_->multiply(p);
-  } else {
-    Backend<T>::gemm_add_row_vector(trans_a, trans_b, alpha, A, B, beta, b, C);
   }
+  Backend<T>::gemm_bias_activation(trans_a, trans_b, alpha, A, B, beta, b, f, C);
 }
 
 template <typename T>

@@ -60,8 +60,8 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
 
   void gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
             Tensor<T>& C) override;
-  void gemm_add_row_vector(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
-                           const Tensor<T>& b, Tensor<T>& C) override;
+  void gemm_bias_activation(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta,
+                            const Tensor<T>* b, Activation f, Tensor<T>& C) override;
 
   void add_row_vector(const Tensor<T>& b, Tensor<T>& Y) override;
   void column_sums(const Tensor<T>& dY, T beta, Tensor<T>& db) override;
@@ -119,7 +119,7 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
   cuda_detail::DeviceMemory lt_workspace_;     // cuBLASLt's, apart from cuBLAS's own
-  std::unique_ptr<cuda_detail::LtMatmul> lt_;  // gemm_add_row_vector's products (float)
+  std::unique_ptr<cuda_detail::LtMatmul> lt_;  // gemm_bias_activation's products (float)
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
   std::unique_ptr<cuda_detail::NonFiniteReport> nonfinite_;  // made once the stream exists
   std::unique_ptr<cuda_detail::StepRecorder> recorder_;

@@ -95,17 +95,17 @@ void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Tensor<T>& Y) {
 
 template <typename T>
 void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Activation f, Tensor<T>& Y) {
+  // The layer's name only for the message: a steady step builds no string.
+  if (f != Activation::identity && f != Activation::relu) require_in_place_activation(f, (name_ + " forward").c_str());
   if (f == Activation::identity) return forward(X, beta, Y);
-  if (f != Activation::relu) {
-    throw ConfigError(name_ + ": forward applies only ReLU to Y in place; tanh and GELU need a buffer "
-                      "of their own (the model's)");
+  if (!low_precision()) {
+    backend_->gemm_bias_activation(Trans::no, Trans::yes, T(1), X, W_, beta, has_bias() ? &b_ : nullptr, f, Y);
+    return;
   }
   if constexpr (std::is_same<T, float>::value) {
-    if (low_precision()) {
-      require_shape(X, X.rows(), k_, "FrozenBase product X");
-      require_shape(Y, X.rows(), d_, "FrozenBase product Y");
-      if (kernels_->forward_product_relu(X, bits(), precision_, has_bias() ? b_.data() : nullptr, beta, Y)) return;
-    }
+    require_shape(X, X.rows(), k_, "FrozenBase product X");
+    require_shape(Y, X.rows(), d_, "FrozenBase product Y");
+    if (kernels_->forward_product_relu(X, bits(), precision_, has_bias() ? b_.data() : nullptr, beta, Y)) return;
   }
   forward(X, beta, Y);
   backend_->activation_forward(f, Y, Y);
@@ -115,7 +115,7 @@ template <typename T>
 void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y) {
   if (!low_precision()) {
     if (with_bias) {
-      backend_->gemm_add_row_vector(Trans::no, Trans::yes, T(1), X, W_, beta, b_, Y);
+      backend_->gemm_bias_activation(Trans::no, Trans::yes, T(1), X, W_, beta, &b_, Activation::identity, Y);
     } else {
       backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, beta, Y);
     }

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "relora/core/counter_rng.hpp"
+#include "relora/core/errors.hpp"
 #include "relora/core/tensor.hpp"
 
 namespace relora {
@@ -19,6 +20,16 @@ namespace relora {
 enum class Trans { no, yes };
 
 enum class Activation { identity, relu, tanh, gelu };
+
+// Throws ConfigError naming `where` unless f can be applied to a product's output in place
+// (identity or ReLU); tanh and GELU keep their input for the backward, so they need a buffer of
+// their own (the model's).
+inline void require_in_place_activation(Activation f, const char* where) {
+  if (f != Activation::identity && f != Activation::relu) {
+    throw ConfigError(std::string(where) + ": only identity or ReLU is applied to the output in place; tanh and "
+                      "GELU need a buffer of their own (the model's)");
+  }
+}
 
 // Strict IEEE fp32 products, or TF32 tensor-core products (CUDA; about 3e-4 relative error). On
 // the CPU, tf32 lets a bf16 base's products run on AMX tiles where the CPU has them
@@ -57,13 +68,16 @@ class Backend {
   // ---- products: C = alpha op(A) op(B) + beta C, row-major, shapes checked
   virtual void gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
                     T beta, Tensor<T>& C) = 0;
-  // C = alpha op(A) op(B) + beta C, then b (1 x C.cols()) added to every row: a layer's product
-  // with its bias. By default gemm, then add_row_vector; a device that can add the bias in the
-  // product's epilogue (CUDA, float) does so, saving a pass over C.
-  virtual void gemm_add_row_vector(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
-                                   T beta, const Tensor<T>& b, Tensor<T>& C) {
+  // C = f(alpha op(A) op(B) + beta C + 1 b^T): a layer's product with its bias (b: 1 x C.cols(), or
+  // null for none) and its activation f, identity or ReLU (applied in place; ConfigError for
+  // another). By default gemm, add_row_vector and activation_forward; a device that can add the
+  // bias and apply the ReLU in the product's epilogue (CUDA, float) does so, saving passes over C.
+  virtual void gemm_bias_activation(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>& A, const Tensor<T>& B,
+                                    T beta, const Tensor<T>* b, Activation f, Tensor<T>& C) {
+    require_in_place_activation(f, "gemm_bias_activation");
     gemm(trans_a, trans_b, alpha, A, B, beta, C);
-    add_row_vector(b, C);
+    if (b != nullptr) add_row_vector(*b, C);
+    if (f == Activation::relu) activation_forward(f, C, C);
   }
 
   // ---- element-wise and reductions

@@ -50,8 +50,8 @@ class FrozenBase {
   // Y = X W^T (+ b) + beta Y: a layer that wrote its adapter's term into Y first adds the product
   // onto it (on a 16-bit base in the product's epilogue, bias included, instead of passes of their own).
   void forward(const Tensor<T>& X, T beta, Tensor<T>& Y);
-  // Y = f(X W^T (+ b) + beta Y), f identity or ReLU (ConfigError for another): a 16-bit base on
-  // CUDA applies ReLU in the product's epilogue, elsewhere the backend's pass follows the product.
+  // Y = f(X W^T (+ b) + beta Y), f identity or ReLU (ConfigError for another): on CUDA (float) the
+  // product's epilogue applies the ReLU, elsewhere the backend's pass follows the product.
   void forward(const Tensor<T>& X, T beta, Activation f, Tensor<T>& Y);
   // Y = X W^T, without the bias (for a layer that adds it in a pass of its own).
   void product(const Tensor<T>& X, Tensor<T>& Y);
