@@ -80,7 +80,7 @@ void FrozenBase<T>::product(const Tensor<T>& X, Tensor<T>& Y) {
 
 template <typename T>
 void FrozenBase<T>::product(const Tensor<T>& X, T beta, Tensor<T>& Y) {
-  multiply(X, beta, false, Y);
+  multiply(X, beta, false, Activation::identity, Y);
 }
 
 template <typename T>
@@ -90,39 +90,31 @@ void FrozenBase<T>::forward(const Tensor<T>& X, Tensor<T>& Y) {
 
 template <typename T>
 void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Tensor<T>& Y) {
-  multiply(X, beta, has_bias(), Y);
+  multiply(X, beta, has_bias(), Activation::identity, Y);
 }
 
 template <typename T>
 void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Activation f, Tensor<T>& Y) {
   // The layer's name only for the message: a steady step builds no string.
   if (f != Activation::identity && f != Activation::relu) require_in_place_activation(f, (name_ + " forward").c_str());
-  if (f == Activation::identity) return forward(X, beta, Y);
-  if (!low_precision()) {
-    backend_->gemm_bias_activation(Trans::no, Trans::yes, T(1), X, W_, beta, has_bias() ? &b_ : nullptr, f, Y);
-    return;
-  }
-  if constexpr (std::is_same<T, float>::value) {
-    require_shape(X, X.rows(), k_, "FrozenBase product X");
-    require_shape(Y, X.rows(), d_, "FrozenBase product Y");
-    if (kernels_->forward_product_relu(X, bits(), precision_, has_bias() ? b_.data() : nullptr, beta, Y)) return;
-  }
-  forward(X, beta, Y);
-  backend_->activation_forward(f, Y, Y);
+  multiply(X, beta, has_bias(), f, Y);
 }
 
 template <typename T>
-void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y) {
+void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Activation f, Tensor<T>& Y) {
   if (!low_precision()) {
-    if (with_bias) {
-      backend_->gemm_bias_activation(Trans::no, Trans::yes, T(1), X, W_, beta, &b_, Activation::identity, Y);
+    if (with_bias || f != Activation::identity) {
+      backend_->gemm_bias_activation(Trans::no, Trans::yes, T(1), X, W_, beta, with_bias ? &b_ : nullptr, f, Y);
     } else {
       backend_->gemm(Trans::no, Trans::yes, T(1), X, W_, beta, Y);
     }
   } else if constexpr (std::is_same<T, float>::value) {
     require_shape(X, X.rows(), k_, "FrozenBase product X");
     require_shape(Y, X.rows(), d_, "FrozenBase product Y");
-    kernels_->forward_product(X, bits(), precision_, with_bias ? b_.data() : nullptr, beta, Y);
+    const float* bias = with_bias ? b_.data() : nullptr;
+    if (f == Activation::relu && kernels_->forward_product_relu(X, bits(), precision_, bias, beta, Y)) return;
+    kernels_->forward_product(X, bits(), precision_, bias, beta, Y);
+    if (f != Activation::identity) backend_->activation_forward(f, Y, Y);
   }
 }
 

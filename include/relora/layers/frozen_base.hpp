@@ -121,8 +121,8 @@ class FrozenBase {
 
  private:
   void require_half(const char* operation) const;
-  // Y = X W^T (+ b when with_bias) + beta Y.
-  void multiply(const Tensor<T>& X, T beta, bool with_bias, Tensor<T>& Y);
+  // Y = f(X W^T (+ b when with_bias) + beta Y), f identity or ReLU.
+  void multiply(const Tensor<T>& X, T beta, bool with_bias, Activation f, Tensor<T>& Y);
   void bias_rounded_to_format();
   std::uint16_t* bits();
   const std::uint16_t* bits() const;

@@ -257,7 +257,6 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     }
   }
 
-
   static constexpr std::size_t kWorkspaceBytes = std::size_t(4) << 20;
   // The cast buffer's cap: 2^24 16-bit values (32 MiB). A product whose fp32 operand is larger is
   // cast and multiplied in blocks of rows (whole 128-row tiles where the cap allows), so the
