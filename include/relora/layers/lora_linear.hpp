@@ -57,8 +57,8 @@ class LoraLinear : public Layer<T> {
   // backward into the layer's own dX buffer (need_dX), or with no dX.
   void backward(const Tensor<T>& dY, bool need_dX) { backward(dY, need_dX ? &own_dX() : nullptr); }
 
-  // Takes ReLU: the base's product applies it (in a 16-bit base's epilogue on CUDA), after the
-  // adapter's term, which is written first.
+  // Takes ReLU: the base's product applies it (on CUDA in cuBLASLt's epilogue; the CUDA adapter
+  // layer in its expand pass), after the adapter's term, which is written first.
   bool take_output_activation(Activation f) override;
   // The activation forward applies to Y (identity unless taken).
   Activation output_activation() const { return output_activation_; }

@@ -6,8 +6,8 @@
 //
 // Memory, as PyTorch frees what backward no longer needs: ReLU runs in place (a hidden layer's
 // output() holds relu(Y); ReLU's derivative is the same taken from y or relu(y)), by the layer
-// itself where it takes it (Layer::take_output_activation: a 16-bit base's product applies it in
-// its epilogue) and by the model otherwise; activation
+// itself where it takes it (Layer::take_output_activation: a LoRA layer's product on CUDA applies
+// it in its epilogue) and by the model otherwise; activation
 // backward runs in place in the model's own gradient buffers; and each layer's dX is written into
 // a buffer that backward no longer needs (the layer's own Y, once its activation's backward has
 // read it) or a scratch buffer of the model. So after backward the hidden layers' output() and
