@@ -101,7 +101,7 @@ void CpuBackend<T>::add_row_vector(const Tensor<T>& b, Tensor<T>& Y) {
   if (b.size() != Y.cols()) {
     throw ShapeError("add_row_vector: bias " + b.shape() + " does not match " + Y.shape() + " columns");
   }
-  add_to_every_row(b.data(), Y);
+  finish_rows(b.data(), false, Y);
 }
 
 template <typename T>

@@ -1,8 +1,9 @@
 #pragma once
 // The two passes around a product on the CPU, shared by the CPU backend (gemm, add_row_vector)
 // and the kernels of a 16-bit base (where cuBLASLt's epilogue does them on CUDA): C = beta C
-// before a product adds into it, and a bias added to every row after.
+// before a product adds into it, and a bias (and a ReLU) applied to every row after.
 #include "cpu/cpu_parallel.hpp"
+#include "relora/core/elementwise_math.hpp"
 #include "relora/core/tensor.hpp"
 
 namespace relora {
@@ -22,22 +23,30 @@ void scale_in_place(T beta, Tensor<T>& C) {
   }
 }
 
-// Every row of Y += bias (Y.cols() values), row by row on every thread (Eigen's rowwise() +=
-// runs on one).
+// Every row of Y += bias (Y.cols() values; none when null), then, with relu, Y = max(Y, 0) as
+// activation_value computes it: one pass, row by row on every thread (Eigen's rowwise() += runs
+// on one).
 template <typename T>
-void add_to_every_row(const T* bias, Tensor<T>& Y) {
+void finish_rows(const T* bias, bool relu, Tensor<T>& Y) {
+  if (bias == nullptr && !relu) return;
   T* y = Y.data();
   const Index rows = Y.rows(), cols = Y.cols();
-  auto add_row = [&](Index i) {
+  auto finish_row = [&](Index i) {
     T* row = y + i * cols;
+    if (bias != nullptr) {
 #pragma omp simd
-    for (Index j = 0; j < cols; ++j) row[j] += bias[j];
+      for (Index j = 0; j < cols; ++j) row[j] += bias[j];
+    }
+    if (relu) {
+#pragma omp simd
+      for (Index j = 0; j < cols; ++j) row[j] = activation_value(Activation::relu, row[j]);
+    }
   };
   if (run_parallel(Y.size())) {
 #pragma omp parallel for schedule(static)
-    for (Index i = 0; i < rows; ++i) add_row(i);
+    for (Index i = 0; i < rows; ++i) finish_row(i);
   } else {
-    for (Index i = 0; i < rows; ++i) add_row(i);
+    for (Index i = 0; i < rows; ++i) finish_row(i);
   }
 }
 

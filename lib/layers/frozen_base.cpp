@@ -111,10 +111,7 @@ void FrozenBase<T>::multiply(const Tensor<T>& X, T beta, bool with_bias, Activat
   } else if constexpr (std::is_same<T, float>::value) {
     require_shape(X, X.rows(), k_, "FrozenBase product X");
     require_shape(Y, X.rows(), d_, "FrozenBase product Y");
-    const float* bias = with_bias ? b_.data() : nullptr;
-    if (f == Activation::relu && kernels_->forward_product_relu(X, bits(), precision_, bias, beta, Y)) return;
-    kernels_->forward_product(X, bits(), precision_, bias, beta, Y);
-    if (f != Activation::identity) backend_->activation_forward(f, Y, Y);
+    kernels_->forward_product(X, bits(), precision_, with_bias ? b_.data() : nullptr, beta, f == Activation::relu, Y);
   }
 }
 

@@ -25,20 +25,13 @@ class FrozenBaseKernels {
   virtual void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) = 0;
   // The largest |src[i]| (read back to the host, waiting for queued work); +Inf for NaN or Inf.
   virtual double max_abs(const std::uint16_t* src, Index count, BasePrecision format) = 0;
-  // Y = X W^T + bias + beta Y (W: d x k with d = Y.cols(), k = X.cols(); bias: d fp32 values on the
-  // device, or null for none). A layer that has computed its adapter's term into Y first passes
-  // beta 1, so the product's epilogue adds it instead of a pass of its own.
+  // Y = f(X W^T + bias + beta Y) (W: d x k with d = Y.cols(), k = X.cols(); bias: d fp32 values on
+  // the device, or null for none; f ReLU when relu, max(y, 0) as activation_value computes it,
+  // else none). A layer that has computed its adapter's term into Y first passes beta 1, so the
+  // product's epilogue adds it instead of a pass of its own; CUDA applies the bias and the ReLU in
+  // that epilogue too, the CPU in one pass over Y after the product.
   virtual void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
-                               const float* bias, float beta, Tensor<float>& Y) = 0;
-  // forward_product, then Y = max(Y, 0) (ReLU; the same values as the backend's activation_forward
-  // wherever Y is finite),
-  // where the device folds the ReLU into the product (cuBLASLt's epilogue on CUDA); false, having
-  // done nothing, where it does not (FrozenBase then runs forward_product and the backend's pass).
-  virtual bool forward_product_relu(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format,
-                                    const float* bias, float beta, Tensor<float>& Y) {
-    (void)X, (void)W, (void)format, (void)bias, (void)beta, (void)Y;
-    return false;
-  }
+                               const float* bias, float beta, bool relu, Tensor<float>& Y) = 0;
   // P = W A^T (W: d x k, A: r x k fp32, P: d x r) where the device has a way without widening W
   // (a bf16 W on CUDA); false, having done nothing, where it has not (FrozenBase then widens W's
   // rows a block at a time).

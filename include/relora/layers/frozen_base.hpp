@@ -51,7 +51,7 @@ class FrozenBase {
   // onto it (on a 16-bit base in the product's epilogue, bias included, instead of passes of their own).
   void forward(const Tensor<T>& X, T beta, Tensor<T>& Y);
   // Y = f(X W^T (+ b) + beta Y), f identity or ReLU (ConfigError for another): on CUDA (float) the
-  // product's epilogue applies the ReLU, elsewhere the backend's pass follows the product.
+  // product's epilogue applies the ReLU, on the CPU a pass after the product.
   void forward(const Tensor<T>& X, T beta, Activation f, Tensor<T>& Y);
   // Y = X W^T, without the bias (for a layer that adds it in a pass of its own).
   void product(const Tensor<T>& X, Tensor<T>& Y);

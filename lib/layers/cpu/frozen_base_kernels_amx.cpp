@@ -171,16 +171,16 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
   }
 
   void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
-                       float beta, Tensor<float>& Y) override {
+                       float beta, bool relu, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
-    if (!on_tiles(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, Y);
+    if (!on_tiles(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, relu, Y);
     const Index rows_padded = round_up(n, kStep), k_padded = round_up(k, kStep), n_padded = round_up(d, kStep);
     std::uint16_t* A = operand_.get(rows_padded * k_padded);
     std::uint16_t* B = packed_.get(k_padded * n_padded);
     round_padded(X.data(), n, k, rows_padded, k_padded, A);
     pack(W, d, k, true, k_padded, n_padded, B);
     multiply(A, n, rows_padded, k_padded, B, d, n_padded, beta, Y.data(), d);
-    if (bias) add_to_every_row(bias, Y);
+    finish_rows(bias, relu, Y);
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,

@@ -53,7 +53,7 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
   }
 
   void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
-                       float beta, Tensor<float>& Y) override {
+                       float beta, bool relu, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
     const Index panel_rows = std::max<Index>(1, std::min<Index>(d, kPanelElements / std::max<Index>(k, 1)));
     scale_in_place(beta, Y);
@@ -74,7 +74,7 @@ class CpuFrozenBaseKernels final : public FrozenBaseKernels {
         for (Index j = 0; j < rows; ++j) row[j] += from[j];
       }
     }
-    if (bias) add_to_every_row(bias, Y);
+    finish_rows(bias, relu, Y);
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,

@@ -193,7 +193,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) adapter_row_kernel(const RowPa
 }
 
 // Y[i, q] += b[q] + s sum_j U[i, j] B[q, j], the forward's rank-r update once U and X W^T are
-// both in hand, then ReLU where the layer took it (LoraLinear::take_output_activation). Unlike the row pass it needs no whole row: a block owns a tile of
+// both in hand, then ReLU where the layer took it (LoraLinear::take_output_activation). Unlike
+// the row pass it needs no whole row: a block owns a tile of
 // kExpandRows x (kExpandThreadsX Width) of Y, stages its rows of U and its columns of B, and
 // each thread updates kExpandRowsPerThread rows of Width columns. The sums run over j in order
 // with fma, as the row pass's output phase does, so either path gives the same bits.

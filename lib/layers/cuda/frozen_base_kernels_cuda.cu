@@ -183,15 +183,26 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     return double(half_bits::bits_float(bits));
   }
 
+  // In blocks of rows that fit the cast buffer.
   void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
-                       float beta, Tensor<float>& Y) override {
-    product(X, W, format, bias, beta, false, Y);
-  }
-
-  bool forward_product_relu(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
-                            float beta, Tensor<float>& Y) override {
-    product(X, W, format, bias, beta, true, Y);
-    return true;
+                       float beta, bool relu, Tensor<float>& Y) override {
+    const Index n = X.rows(), k = X.cols(), d = Y.cols();
+    const Index block = rows_per_block(n, k);
+    std::uint16_t* Xh = cast_buffer(block * k);
+    for (Index first = 0; first < n; first += block) {
+      const Index rows = std::min(block, n - first);
+      round(X.data() + first * k, rows * k, 0, format, HalfRounding::nearest, RngKey{}, Xh);
+      // Row-major Y = Xh W^T + b is column-major Y^T (d x rows) = W (W^T stored: k x d, op T) times
+      // Xh^T (k x rows), plus b down every column, then the ReLU: cuBLASLt's epilogue.
+      float* Yb = Y.data() + first * d;
+      LtMatmul::Product p;
+      p.transpose_a = true;
+      p.m = d, p.n = rows, p.k = k;
+      p.A = W, p.lda = k, p.B = Xh, p.ldb = k, p.type = cuda_type(format);
+      p.bias = bias, p.relu = relu, p.beta = beta, p.D = Yb, p.ldd = d;
+      lt_->multiply(p);
+      mark_written_for_sanitizer(Yb, std::size_t(rows) * std::size_t(d) * sizeof(float), context_->stream());
+    }
   }
 
   bool weight_times_transposed(const std::uint16_t* W, Index d, Index k, BasePrecision format, const Tensor<float>& A,
@@ -235,28 +246,6 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
   }
 
  private:
-  // Y = f(X W^T + bias + beta Y), f ReLU or none, in blocks of rows that fit the cast buffer.
-  void product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias, float beta,
-               bool relu, Tensor<float>& Y) {
-    const Index n = X.rows(), k = X.cols(), d = Y.cols();
-    const Index block = rows_per_block(n, k);
-    std::uint16_t* Xh = cast_buffer(block * k);
-    for (Index first = 0; first < n; first += block) {
-      const Index rows = std::min(block, n - first);
-      round(X.data() + first * k, rows * k, 0, format, HalfRounding::nearest, RngKey{}, Xh);
-      // Row-major Y = Xh W^T + b is column-major Y^T (d x rows) = W (W^T stored: k x d, op T) times
-      // Xh^T (k x rows), plus b down every column, then the ReLU: cuBLASLt's epilogue.
-      float* Yb = Y.data() + first * d;
-      LtMatmul::Product p;
-      p.transpose_a = true;
-      p.m = d, p.n = rows, p.k = k;
-      p.A = W, p.lda = k, p.B = Xh, p.ldb = k, p.type = cuda_type(format);
-      p.bias = bias, p.relu = relu, p.beta = beta, p.D = Yb, p.ldd = d;
-      lt_->multiply(p);
-      mark_written_for_sanitizer(Yb, std::size_t(rows) * std::size_t(d) * sizeof(float), context_->stream());
-    }
-  }
-
   static constexpr std::size_t kWorkspaceBytes = std::size_t(4) << 20;
   // The cast buffer's cap: 2^24 16-bit values (32 MiB). A product whose fp32 operand is larger is
   // cast and multiplied in blocks of rows (whole 128-row tiles where the cap allows), so the
