@@ -84,12 +84,6 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
     constexpr std::size_t kLtWorkspaceBytes = std::size_t(4) << 20;
     RELORA_CUDA_CHECK(cudaMalloc(&lt_workspace_.ptr, kLtWorkspaceBytes));
     lt_ = std::make_unique<LtMatmul>(stream_.stream, lt_workspace_.ptr, kLtWorkspaceBytes);
-    // The rank-sized products' split small operand and partial sums: room for rank 64 at a depth of
-    // 65536 with a few splits, and for LoRA's rank-16 products at every split count they use; a
-    // product that needs more takes fewer splits, or cuBLAS.
-    constexpr std::size_t kRankWorkspaceBytes = std::size_t(32) << 20;
-    RELORA_CUDA_CHECK(cudaMalloc(&rank_workspace_.ptr, kRankWorkspaceBytes));
-    rank_ = std::make_unique<RankProducts>(stream_.stream, sm_count_, rank_workspace_.ptr, kRankWorkspaceBytes);
   }
 
   RELORA_CUDA_CHECK(cudaMalloc(&scratch_memory_.ptr, sizeof(Scratch)));
@@ -132,8 +126,7 @@ void CudaBackend<T>::set_math_mode(MathMode mode) {
   activate();
   // Strict: CUBLAS_DEFAULT_MATH keeps single precision in IEEE fp32 (TF32 and the BF16x9
   // emulation each need their own math mode). TF32 only changes single-precision routines; the
-  // double backend always computes in fp64. The rank-sized products (cuda_rank_gemm.cuh) are
-  // fp32-accurate in both modes.
+  // double backend always computes in fp64.
   const cublasMath_t blas_mode =
       mode == MathMode::tf32 && sizeof(T) == 4 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
   RELORA_CUBLAS_CHECK(cublasSetMathMode(blas_.handle, blas_mode));
@@ -286,9 +279,6 @@ void CudaBackend<T>::gemm(Trans trans_a, Trans trans_b, T alpha, const Tensor<T>
   if (k == 0) {
     scale(beta, C);
     return;
-  }
-  if constexpr (std::is_same<T, float>::value) {
-    if (rank_->multiply(trans_a, trans_b, alpha, A, B, beta, C)) return;
   }
   // cuBLAS is column-major; a row-major X (r x c) is the column-major X^T with leading dimension c.
   // So the row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, which

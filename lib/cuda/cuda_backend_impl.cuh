@@ -1,10 +1,8 @@
 #pragma once
 // The CUDA backend: tensors live in device memory (cudaMalloc, released by cudaFree), all work is
 // queued on one stream per backend, products go to cuBLAS (row-major through the column-major
-// transpose trick) except fp32 rank-sized ones, everything else to the small kernels in the .cu
-// files beside this one:
+// transpose trick), everything else to the small kernels in the .cu files beside this one:
 //   cuda_backend.cu      lifecycle, memory, GEMM, synchronize and the non-finite flag, factory
-//   cuda_rank_gemm.cu    fp32 products with a rank-sized side and a long depth (LoRA's U, dU, dA, dB)
 //   cuda_elementwise.cu  bias, column sums, multiply, activations, MSE, fill, random fills
 //   cuda_recording.cu    recorded steps (CUDA graphs), kernels re-parameterised per replay
 //   cuda_nonfinite_report.cu  NaN or Inf found by kernels, reported by name at synchronize()
@@ -24,7 +22,6 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
 #include "cuda/cuda_lt_matmul.cuh"
-#include "cuda/cuda_rank_gemm.cuh"
 #include "cuda/cuda_resources.cuh"
 #include "relora/core/backend.hpp"
 
@@ -123,8 +120,6 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
   cuda_detail::DeviceMemory lt_workspace_;     // cuBLASLt's, apart from cuBLAS's own
   std::unique_ptr<cuda_detail::LtMatmul> lt_;  // gemm_bias_activation's products (float)
-  cuda_detail::DeviceMemory rank_workspace_;   // the rank-sized products' partial sums
-  std::unique_ptr<cuda_detail::RankProducts> rank_;  // gemm's rank-sized products (float)
   cuda_detail::DeviceMemory scratch_memory_;  // one cuda_detail::Scratch
   std::unique_ptr<cuda_detail::NonFiniteReport> nonfinite_;  // made once the stream exists
   std::unique_ptr<cuda_detail::StepRecorder> recorder_;
