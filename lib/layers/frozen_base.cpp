@@ -96,7 +96,7 @@ void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Tensor<T>& Y) {
 template <typename T>
 void FrozenBase<T>::forward(const Tensor<T>& X, T beta, Activation f, Tensor<T>& Y) {
   // The layer's name only for the message: a steady step builds no string.
-  if (f != Activation::identity && f != Activation::relu) require_in_place_activation(f, (name_ + " forward").c_str());
+  if (!applies_in_place(f)) require_in_place_activation(f, (name_ + " forward").c_str());
   multiply(X, beta, has_bias(), f, Y);
 }
 

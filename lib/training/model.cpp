@@ -74,8 +74,6 @@ Index Model<T>::out_features() const {
 
 namespace {
 
-bool in_place(Activation f) { return f == Activation::identity || f == Activation::relu; }
-
 // A non-owning rows x cols view of the start of `buffer` (no allocation).
 template <typename T>
 Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
@@ -86,7 +84,7 @@ Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
 
 template <typename T>
 const Tensor<T>& Model<T>::output_of(Stage& stage) {
-  return in_place(stage.activation) ? stage.layer->output() : stage.Z;
+  return applies_in_place(stage.activation) ? stage.layer->output() : stage.Z;
 }
 
 template <typename T>

@@ -21,11 +21,13 @@ enum class Trans { no, yes };
 
 enum class Activation { identity, relu, tanh, gelu };
 
-// Throws ConfigError naming `where` unless f can be applied to a product's output in place
-// (identity or ReLU); tanh and GELU keep their input for the backward, so they need a buffer of
-// their own (the model's).
+// Whether f can overwrite its input (identity and ReLU: ReLU's derivative is the same taken from y
+// or relu(y)); tanh and GELU keep their input for the backward, so they need a buffer of their own.
+inline bool applies_in_place(Activation f) { return f == Activation::identity || f == Activation::relu; }
+
+// Throws ConfigError naming `where` unless f can be applied to a product's output in place.
 inline void require_in_place_activation(Activation f, const char* where) {
-  if (f != Activation::identity && f != Activation::relu) {
+  if (!applies_in_place(f)) {
     throw ConfigError(std::string(where) + ": only identity or ReLU is applied to the output in place; tanh and "
                       "GELU need a buffer of their own (the model's)");
   }

@@ -53,10 +53,7 @@ class Layer {
   // product's epilogue, instead of a pass of its own over Y), false where the caller applies it.
   // Only an activation the model applies in place (ReLU) can be taken: backward still receives the
   // gradient at f(Y) and the caller applies f's derivative from output(), as it does otherwise.
-  virtual bool take_output_activation(Activation f) {
-    (void)f;
-    return false;
-  }
+  virtual bool take_output_activation(Activation) { return false; }
 
   // The output of the last forward, and its buffer: a Model applies ReLU to it in place (unless
   // the layer took it) and reuses it for a dX once backward no longer needs Y (the next forward

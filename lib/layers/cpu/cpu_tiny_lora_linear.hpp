@@ -57,10 +57,7 @@ class CpuTinyLoraLinear final : public LoraLinear<T> {
   static bool suits(const LoraConfig& config);
   const char* implementation() const override { return "cpu_tiny"; }
   // The strips write Y without an activation: the model's pass applies it.
-  bool take_output_activation(Activation f) override {
-    (void)f;
-    return false;
-  }
+  bool take_output_activation(Activation) override { return false; }
   // Up to a batch of this work the pass is ahead of the separate products.
   bool fast_path_for(Index rows) const override;
 

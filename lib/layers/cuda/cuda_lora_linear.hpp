@@ -65,10 +65,7 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
   static bool suits(const LoraConfig& config);
   const char* implementation() const override { return "cuda_tiny"; }
   // The one-kernel forward writes Y without an activation: the model's pass applies it.
-  bool take_output_activation(Activation f) override {
-    (void)f;
-    return false;
-  }
+  bool take_output_activation(Activation) override { return false; }
   // The one-kernel forward's rows (the backward takes the adapter passes beyond its own limit).
   bool fast_path_for(Index rows) const override;
 
