@@ -3,7 +3,8 @@
 // devices' kernels apply (cpu/dora_kernels_cpu.cpp, cuda/dora_kernels_cuda.cu), written once.
 //
 // The forward keeps Y = Z diag(g) + b and no Z, so the magnitude's gradient
-// dm_i = sum_t dY_ti Z_ti / max(n_i, eps) reads Z_ti back as (Y_ti - b_i) / g_i (in double).
+// dm_i = sum_t dY_ti Z_ti / max(n_i, eps) reads Z_ti back as (Y_ti - b_i) / g_i (in double; the kernels
+// sum dY_ti (Y_ti - b_i) and divide the column's sum by g_i once).
 //
 // Invertible: g_i finite and |g_i| >= sqrt(smallest normal) (about 1e-19 in float). Below that,
 // Z's column is lost in Y (g_i = 0: m_i = 0, or a zero row with eps) or dY_ti g_i may underflow, so

@@ -157,13 +157,17 @@ class CpuDoraKernels final : public DoraKernels<T> {
 #pragma omp simd
         for (Index i = 0; i < width; ++i) {
           const double ai = double(a[i]);
-          const double product = ai * ((double(y[i]) - bias[i]) / divisor[i]);
+          const double product = ai * (double(y[i]) - bias[i]);  // dY (Z g), divided by g below
           sum[i] += product;
           abs_product[i] += std::abs(product);
           abs_dY[i] += std::abs(ai);
           column_sum[i] += ai;
           if (scale_dY) a[i] = a[i] * factor[i];  // loop-invariant: the compiler splits the loop
         }
+      }
+      for (Index i = 0; i < width; ++i) {  // sum_t dY (Y - b) / g: the division once per column
+        sum[i] /= divisor[i];
+        abs_product[i] /= std::abs(divisor[i]);
       }
       for (Index i = 0; i < width; ++i) {
         const Index c = first + i;

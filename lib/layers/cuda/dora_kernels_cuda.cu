@@ -153,18 +153,32 @@ __global__ void magnitude_gradient_from_output_kernel(std::int64_t rows, std::in
     gc = g[col];
     inv = dora_recovery::invertible(gc);
     bias = b != nullptr ? double(b[col]) : 0.0;
-    const double divisor = inv ? double(gc) : 1.0;  // a column not invertible is recomputed
     const T factor = scale_dY && inv ? gc : T(1);
-    for (std::int64_t t = threadIdx.y; t < rows; t += 32) {
-      const std::int64_t e = t * cols + col;
-      const T a = dY[e];
-      const double product = double(a) * ((double(Y[e]) - bias) / divisor);
-      sum += product;
-      abs_product += fabs(product);
-      abs_dY += fabs(double(a));
-      column_sum += double(a);
-      if (scale_dY) dY[e] = a * factor;
+    // Rows in groups of kRowsInFlight, all loaded before any is summed: one thread's loads overlap.
+    constexpr int kRowsInFlight = 4;
+    for (std::int64_t t0 = threadIdx.y; t0 < rows; t0 += 32 * kRowsInFlight) {
+      T a[kRowsInFlight], y[kRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const std::int64_t t = t0 + 32 * u;
+        a[u] = t < rows ? dY[t * cols + col] : T(0);
+        y[u] = t < rows ? Y[t * cols + col] : T(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const double product = double(a[u]) * (double(y[u]) - bias);  // dY (Z g), divided by g below
+        sum += product;
+        abs_product += fabs(product);
+        abs_dY += fabs(double(a[u]));
+        column_sum += double(a[u]);
+        const std::int64_t t = t0 + 32 * u;
+        if (scale_dY && t < rows) dY[t * cols + col] = a[u] * factor;
+      }
     }
+    // sum_t dY (Y - b) / g: the division once per column (a column not invertible is recomputed).
+    const double divisor = inv ? double(gc) : 1.0;
+    sum /= divisor;
+    abs_product /= fabs(divisor);
   }
   sum = column_total(partial, sum);
   abs_dY = column_total(partial, abs_dY);
