@@ -107,6 +107,10 @@ __device__ double column_total(double (&partial)[32][33], double value) {
   return total;
 }
 
+// The magnitude-gradient passes take rows in groups of kRowsInFlight per thread, all loaded before
+// any is summed, so that one thread's loads overlap (a block covers only 32 columns).
+constexpr int kRowsInFlight = 4;
+
 // dm[i] = sum_t dY[t, i] Z[t, i] / max(n[i], eps) and db[i] = sum_t dY[t, i] (db not null), with
 // dY scaled by g in place after it is read (scale_dY): 32 columns per block, its 32 rows of threads
 // take every 32nd row, so reads are coalesced along the columns.
@@ -119,12 +123,21 @@ __global__ void magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, 
   double sum = 0, column_sum = 0;
   if (col < cols) {
     const T factor = g[col];
-    for (std::int64_t t = threadIdx.y; t < rows; t += 32) {
-      const std::int64_t e = t * cols + col;
-      const T a = dY[e];
-      sum += double(a) * double(Z[e]);
-      column_sum += double(a);
-      if (scale_dY) dY[e] = a * factor;
+    for (std::int64_t t0 = threadIdx.y; t0 < rows; t0 += 32 * kRowsInFlight) {
+      T a[kRowsInFlight], z[kRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const std::int64_t t = t0 + 32 * u;
+        a[u] = t < rows ? dY[t * cols + col] : T(0);
+        z[u] = t < rows ? Z[t * cols + col] : T(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        sum += double(a[u]) * double(z[u]);
+        column_sum += double(a[u]);
+        const std::int64_t t = t0 + 32 * u;
+        if (scale_dY && t < rows) dY[t * cols + col] = a[u] * factor;
+      }
     }
   }
   sum = column_total(partial, sum);
@@ -154,8 +167,6 @@ __global__ void magnitude_gradient_from_output_kernel(std::int64_t rows, std::in
     inv = dora_recovery::invertible(gc);
     bias = b != nullptr ? double(b[col]) : 0.0;
     const T factor = scale_dY && inv ? gc : T(1);
-    // Rows in groups of kRowsInFlight, all loaded before any is summed: one thread's loads overlap.
-    constexpr int kRowsInFlight = 4;
     for (std::int64_t t0 = threadIdx.y; t0 < rows; t0 += 32 * kRowsInFlight) {
       T a[kRowsInFlight], y[kRowsInFlight];
 #pragma unroll
