@@ -107,9 +107,32 @@ __device__ double column_total(double (&partial)[32][33], double value) {
   return total;
 }
 
-// The magnitude-gradient passes take rows in groups of kRowsInFlight per thread, all loaded before
-// any is summed, so that one thread's loads overlap (a block covers only 32 columns).
+// f(dY[t, col], M[t, col]) for this thread's rows t = threadIdx.y + 32 j, then dY[t, col] *= factor
+// where scale_dY: the magnitude-gradient passes' walk down a column. The rows come in groups of
+// kRowsInFlight, all loaded before f sees any, so that one thread's loads overlap (a block covers
+// only 32 columns).
 constexpr int kRowsInFlight = 4;
+
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_row_of_column(std::int64_t rows, std::int64_t cols, std::int64_t col,
+                                                       T* __restrict__ dY, const T* __restrict__ M, bool scale_dY,
+                                                       T factor, F&& f) {
+  for (std::int64_t t0 = threadIdx.y; t0 < rows; t0 += 32 * kRowsInFlight) {
+    T a[kRowsInFlight], m[kRowsInFlight];
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      const std::int64_t t = t0 + 32 * u;
+      a[u] = t < rows ? dY[t * cols + col] : T(0);
+      m[u] = t < rows ? M[t * cols + col] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      f(a[u], m[u]);  // a row past the end gives zeros, which add nothing
+      const std::int64_t t = t0 + 32 * u;
+      if (scale_dY && t < rows) dY[t * cols + col] = a[u] * factor;
+    }
+  }
+}
 
 // dm[i] = sum_t dY[t, i] Z[t, i] / max(n[i], eps) and db[i] = sum_t dY[t, i] (db not null), with
 // dY scaled by g in place after it is read (scale_dY): 32 columns per block, its 32 rows of threads
@@ -122,23 +145,10 @@ __global__ void magnitude_gradient_kernel(std::int64_t rows, std::int64_t cols, 
   const std::int64_t col = std::int64_t(blockIdx.x) * 32 + threadIdx.x;
   double sum = 0, column_sum = 0;
   if (col < cols) {
-    const T factor = g[col];
-    for (std::int64_t t0 = threadIdx.y; t0 < rows; t0 += 32 * kRowsInFlight) {
-      T a[kRowsInFlight], z[kRowsInFlight];
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const std::int64_t t = t0 + 32 * u;
-        a[u] = t < rows ? dY[t * cols + col] : T(0);
-        z[u] = t < rows ? Z[t * cols + col] : T(0);
-      }
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        sum += double(a[u]) * double(z[u]);
-        column_sum += double(a[u]);
-        const std::int64_t t = t0 + 32 * u;
-        if (scale_dY && t < rows) dY[t * cols + col] = a[u] * factor;
-      }
-    }
+    for_each_row_of_column(rows, cols, col, dY, Z, scale_dY, g[col], [&](T a, T z) {
+      sum += double(a) * double(z);
+      column_sum += double(a);
+    });
   }
   sum = column_total(partial, sum);
   if (db != nullptr) column_sum = column_total(partial, column_sum);
@@ -167,25 +177,13 @@ __global__ void magnitude_gradient_from_output_kernel(std::int64_t rows, std::in
     inv = dora_recovery::invertible(gc);
     bias = b != nullptr ? double(b[col]) : 0.0;
     const T factor = scale_dY && inv ? gc : T(1);
-    for (std::int64_t t0 = threadIdx.y; t0 < rows; t0 += 32 * kRowsInFlight) {
-      T a[kRowsInFlight], y[kRowsInFlight];
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const std::int64_t t = t0 + 32 * u;
-        a[u] = t < rows ? dY[t * cols + col] : T(0);
-        y[u] = t < rows ? Y[t * cols + col] : T(0);
-      }
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const double product = double(a[u]) * (double(y[u]) - bias);  // dY (Z g), divided by g below
-        sum += product;
-        abs_product += fabs(product);
-        abs_dY += fabs(double(a[u]));
-        column_sum += double(a[u]);
-        const std::int64_t t = t0 + 32 * u;
-        if (scale_dY && t < rows) dY[t * cols + col] = a[u] * factor;
-      }
-    }
+    for_each_row_of_column(rows, cols, col, dY, Y, scale_dY, factor, [&](T a, T y) {
+      const double product = double(a) * (double(y) - bias);  // dY (Z g), divided by g below
+      sum += product;
+      abs_product += fabs(product);
+      abs_dY += fabs(double(a));
+      column_sum += double(a);
+    });
     // sum_t dY (Y - b) / g: the division once per column (a column not invertible is recomputed).
     const double divisor = inv ? double(gc) : 1.0;
     sum /= divisor;
