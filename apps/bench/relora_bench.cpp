@@ -93,6 +93,7 @@ struct Options {
   bool thread_sweep = false;       // CPU: every sweep size at 1 thread, the default and all cores
   std::vector<CaseSpec> custom;    // --custom n:k,d1,...:r
   relora::BasePrecision precision = relora::BasePrecision::fp32;  // --precision: how every W is stored
+  relora::BasePrecision activations = relora::BasePrecision::fp32;  // --activations: between layers
   std::vector<int> ranks;          // --ranks: data-parallel weak scaling at these rank counts
   std::string json;
   double cpu_skip_seconds = 1;  // CPU default list: skip cases whose step is estimated above this
@@ -105,13 +106,15 @@ struct Options {
                "                    [--repeats R] [--warmup W] [--batch K] [--batch-ms MS] [--max-seconds S]\n"
                "                    [--threads N] [--scaling] [--no-memory] [--no-floor] [--json FILE]\n"
                "                    [--unfused] [--layer lora|dora] [--custom n:k,d1,d2,...:r ...]\n"
-               "                    [--thread-sweep] [--precision fp32|bf16|fp16] [--ranks N|1,2,...]\n"
+               "                    [--thread-sweep] [--precision fp32|bf16|fp16] [--activations fp32|bf16|fp16]\n"
+               "                    [--ranks N|1,2,...]\n"
                "cases: seed_demo layer1k layer4k mlp4x2k mlp4x4k llm_mlp (default: all on cuda; on the cpu\n"
                "       those whose step is estimated under --cpu-skip-seconds, 1 by default)\n"
                "--thread-sweep (cpu): models from the seed demo's to mlp4x2k (3 layers of width 16 to 2048,\n"
                "       n 64 to 4096), each at 1 thread, OpenMP's default and every core (two passes, the lower median); default/best is the\n"
                "       default's time over the faster of the other two\n"
                "--precision: how every layer's frozen W is stored (bf16, fp16: 16 bits, products on tensor cores)\n"
+               "--activations: the format of the activations between layers (Model::set_activation_format)\n"
                "--ranks N|1,2,...: data-parallel weak scaling (data_parallel_cases.cpp): each case at 1..N ranks\n"
                "       (or the counts listed), every rank on its own batch of the case's n rows; cuda: one GPU\n"
                "       per rank through NCCL, cpu: thread ranks sharing the OpenMP threads (default cases:\n"
@@ -186,6 +189,12 @@ Options parse(int argc, char** argv) {
       else if (v == "bf16") o.precision = relora::BasePrecision::bf16;
       else if (v == "fp16") o.precision = relora::BasePrecision::fp16;
       else line.refuse("--precision: '" + v + "' is not fp32, bf16 or fp16");
+    } else if (line.is("--activations")) {
+      const std::string v = line.value();
+      if (v == "fp32") o.activations = relora::BasePrecision::fp32;
+      else if (v == "bf16") o.activations = relora::BasePrecision::bf16;
+      else if (v == "fp16") o.activations = relora::BasePrecision::fp16;
+      else line.refuse("--activations: '" + v + "' is not fp32, bf16 or fp16");
     } else if (line.is("--ranks")) {
       try {
         o.ranks = relora_bench::parse_rank_counts(line.value());
@@ -350,11 +359,12 @@ struct Setup {
 };
 
 Setup build(const CaseSpec& c, const std::shared_ptr<relora::Backend<T>>& backend, bool fused, bool dora,
-            relora::BasePrecision precision) {
+            relora::BasePrecision precision, relora::BasePrecision activations) {
   Setup s;
   s.model = std::make_unique<relora::Model<T>>(
       backend, fused ? relora::LayerChoice::fastest : relora::LayerChoice::reference);
   relora_bench::add_case_layers(*s.model, c, precision, dora);
+  s.model->set_activation_format(activations);
   std::srand(1);
   const relora::HostMatrix<T> X = relora::HostMatrix<T>::Random(c.n, c.dims.front());
   const relora::HostMatrix<T> Y = relora::HostMatrix<T>::Random(c.n, c.dims.back());
@@ -464,7 +474,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
   res.spec = c;
   const double rss0 = peak_rss_bytes();
   {
-    Setup s = build(c, backend, o.fused, o.dora, o.precision);
+    Setup s = build(c, backend, o.fused, o.dora, o.precision, o.activations);
     s.trainer->step(s.X, s.target);
     res.loss_first = s.trainer->loss();
     res.step = time_batches([&] { s.trainer->step(s.X, s.target); }, *backend, o);
@@ -497,7 +507,7 @@ CaseResult run_case(const CaseSpec& c, const Options& o, const std::shared_ptr<r
     reg.live = reg.peak = 0;
     auto counting = std::make_shared<CountingBackend>(backend);
     {
-      Setup s = build(c, counting, o.fused, o.dora, o.precision);
+      Setup s = build(c, counting, o.fused, o.dora, o.precision, o.activations);
       s.trainer->step(s.X, s.target);
       s.trainer->step(s.X, s.target);
       counting->synchronize();
@@ -771,9 +781,9 @@ int main(int argc, char** argv) {
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     const double fma_peak = cpu ? measure_fma_peak_gflops() : -1;
-    std::printf("relora_bench  %s  backend %s, math %s, layer %s, base %s, fast layers %s  (%s)\n",
+    std::printf("relora_bench  %s  backend %s, math %s, layer %s, base %s, activations %s, fast layers %s  (%s)\n",
                 now_utc().c_str(), backend_name.c_str(), math_name.c_str(), o.dora ? "dora" : "lora",
-                relora::precision_name(o.precision), o.fused ? "on" : "off",
+                relora::precision_name(o.precision), relora::precision_name(o.activations), o.fused ? "on" : "off",
                 backend->description().c_str());
     if (cpu) {
       std::printf("cpu: %d OpenMP threads, Eigen %d threads, measured FMA peak %.1f GFLOP/s\n", threads,
@@ -833,6 +843,7 @@ int main(int argc, char** argv) {
                       ", \"host\": " + json_string(host) + ",\n \"backend\": " + json_string(backend_name) +
                       ", \"math\": " + json_string(math_name) +
                       ", \"precision\": " + json_string(relora::precision_name(o.precision)) +
+                      ", \"activations\": " + json_string(relora::precision_name(o.activations)) +
                       ", \"device\": " + json_string(backend->description()) +
                       ",\n \"threads\": " + std::to_string(threads) + ", \"fma_peak_gflops\": " + json_number(fma_peak) +
                       ", \"scaling\": " + (o.scaling ? "true" : "false") +

@@ -49,7 +49,7 @@ void LtMatmul::release(Plan& plan) {
 LtMatmul::Plan& LtMatmul::plan(const Key& key) {
   auto found = plans_.find(key);
   if (found != plans_.end()) return found->second;
-  const auto [transpose_a, transpose_b, m, n, k, lda, ldb, ldd, type, compute, with_bias, alignment, relu] = key;
+  const auto [transpose_a, transpose_b, m, n, k, lda, ldb, ldd, type, compute, with_bias, alignment, relu, d_type] = key;
   Plan p;
   try {
     RELORA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.operation, cublasComputeType_t(compute), CUDA_R_32F));
@@ -67,7 +67,7 @@ LtMatmul::Plan& LtMatmul::plan(const Key& key) {
                                     : cublasLtMatrixLayoutCreate(&p.a, data_type, m, k, lda));
     RELORA_CUBLAS_CHECK(transpose_b ? cublasLtMatrixLayoutCreate(&p.b, data_type, n, k, ldb)
                                     : cublasLtMatrixLayoutCreate(&p.b, data_type, k, n, ldb));
-    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, m, n, ldd));
+    RELORA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, cudaDataType_t(d_type), m, n, ldd));
     cublasLtMatmulPreference_t preference = nullptr;
     RELORA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
     const auto set_preference = [&](cublasLtMatmulPreferenceAttributes_t attribute, auto value) {
@@ -100,8 +100,11 @@ LtMatmul::Plan& LtMatmul::plan(const Key& key) {
 }
 
 void LtMatmul::multiply(const Product& q) {
+  if (q.bias != nullptr && q.d_type != CUDA_R_32F) {
+    throw ConfigError("cuBLASLt product: an fp32 bias needs an fp32 result (a 16-bit result takes its bias elsewhere)");
+  }
   const Key key{q.transpose_a, q.transpose_b, q.m, q.n, q.k, q.lda, q.ldb, q.ldd, int(q.type), int(q.compute),
-                q.bias != nullptr, common_alignment({q.A, q.B, q.D, q.bias}), q.relu};
+                q.bias != nullptr, common_alignment({q.A, q.B, q.D, q.bias}), q.relu, int(q.d_type)};
   Plan& p = plan(key);
   if (q.bias) set(p.operation, CUBLASLT_MATMUL_DESC_BIAS_POINTER, q.bias);
   RELORA_CUBLAS_CHECK(cublasLtMatmul(handle_, p.operation, &q.alpha, q.A, p.a, q.B, p.b, &q.beta, q.D, p.d, q.D, p.d,

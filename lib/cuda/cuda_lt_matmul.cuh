@@ -1,5 +1,5 @@
 #pragma once
-// A cuBLASLt product into fp32 with the bias (and a ReLU) applied in the GEMM's epilogue:
+// A cuBLASLt product into fp32 (or 16 bits) with the bias (and a ReLU) applied in the GEMM's epilogue:
 //   D (m x n, column-major, ld ldd) = f(alpha op(A) op(B) + bias 1^T + beta D), f ReLU or none,
 // A and B of one type (fp32, bf16 or fp16), bias m values or none, accumulation in fp32 (strict,
 // or TF32 for fp32 operands where the compute type says so). cublasGemmEx has no bias; a separate
@@ -34,10 +34,11 @@ class LtMatmul {
     std::int64_t ldb = 0;
     cudaDataType_t type = CUDA_R_32F;  // A's and B's
     cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-    const float* bias = nullptr;  // m values, or none
+    const float* bias = nullptr;  // m values, or none (an fp32 D only: cuBLASLt takes D's type for the bias)
     bool relu = false;            // D = max(D, 0) last
     float beta = 0;
-    float* D = nullptr;
+    void* D = nullptr;                   // C and D: what beta scales and the result
+    cudaDataType_t d_type = CUDA_R_32F;  // fp32, or A's 16-bit type (activations in 16 bits)
     std::int64_t ldd = 0;
   };
   void multiply(const Product& p);
@@ -49,9 +50,9 @@ class LtMatmul {
     cublasLtMatmulAlgo_t algo{};
   };
   // transposes, m, n, k, leading dimensions, type, compute type, bias or not, the operands' common
-  // alignment (bytes, up to 256), ReLU or not
+  // alignment (bytes, up to 256), ReLU or not, D's type
   using Key = std::tuple<bool, bool, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                         std::int64_t, int, int, bool, unsigned, bool>;
+                         std::int64_t, int, int, bool, unsigned, bool, int>;
   Plan& plan(const Key& key);
   static void release(Plan& plan);
 

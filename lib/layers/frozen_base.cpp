@@ -127,6 +127,34 @@ void FrozenBase<T>::input_gradient(const Tensor<T>& dY, T beta, Tensor<T>& dX) {
 }
 
 template <typename T>
+bool FrozenBase<T>::has_half_activation_products(BasePrecision format) const {
+  return low_precision() && format == precision_ && kernels_ && kernels_->has_half_activation_products();
+}
+
+template <typename T>
+void FrozenBase<T>::forward_half(const HalfTensor& X, float beta, Activation f, HalfTensor& Y) {
+  if (!has_half_activation_products(precision_)) {
+    throw ConfigError(name_ + ": no product on 16-bit activations for a " + precision_name(precision_) + " base on " +
+                      backend_->description());
+  }
+  if (!applies_in_place(f)) require_in_place_activation(f, (name_ + " forward").c_str());
+  require_shape(X, X.rows(), k_, "FrozenBase product X (16-bit)");
+  require_shape(Y, X.rows(), d_, "FrozenBase product Y (16-bit)");
+  kernels_->forward_product_half(X, bits(), precision_, beta, f == Activation::relu, Y);
+}
+
+template <typename T>
+void FrozenBase<T>::input_gradient_half(const HalfTensor& dY, float beta, HalfTensor& dX) {
+  if (!has_half_activation_products(precision_)) {
+    throw ConfigError(name_ + ": no product on 16-bit activations for a " + precision_name(precision_) + " base on " +
+                      backend_->description());
+  }
+  require_shape(dY, dY.rows(), d_, "FrozenBase input gradient dY (16-bit)");
+  require_shape(dX, dY.rows(), k_, "FrozenBase input gradient dX (16-bit)");
+  kernels_->input_gradient_product_half(dY, bits(), precision_, beta, dX);
+}
+
+template <typename T>
 Tensor<T>& FrozenBase<T>::weight() {
   return const_cast<Tensor<T>&>(static_cast<const FrozenBase&>(*this).weight());
 }

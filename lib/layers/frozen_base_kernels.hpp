@@ -11,6 +11,7 @@
 
 #include "relora/core/backend.hpp"
 #include "relora/core/half_precision.hpp"
+#include "relora/core/half_tensor.hpp"
 
 namespace relora {
 
@@ -43,6 +44,24 @@ class FrozenBaseKernels {
   // dX = dY W + beta dX (W: d x k with d = dY.cols(), k = dX.cols()).
   virtual void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format,
                                       float beta, Tensor<float>& dX) = 0;
+
+  // The same two products on 16-bit activations in W's format (a layer that takes them,
+  // Layer::take_half_activations): X, Y, dY and dX hold 16-bit values, the products accumulate in
+  // fp32 and Y and dX are rounded to nearest once, after the epilogue. The forward takes no bias
+  // (cuBLASLt adds only a bias of the result's type, and the bias is fp32): the layer adds it with
+  // its adapter's term. Only where has_half_activation_products() (CUDA); the CPU's layers run on
+  // fp32 activations, the model converting around them.
+  virtual bool has_half_activation_products() const { return false; }
+  virtual void forward_product_half(const HalfTensor& X, const std::uint16_t* W, BasePrecision format, float beta,
+                                    bool relu, HalfTensor& Y) {
+    (void)X, (void)W, (void)format, (void)beta, (void)relu, (void)Y;
+    throw DeviceError("16-bit activations: no product on this device's 16-bit base");
+  }
+  virtual void input_gradient_product_half(const HalfTensor& dY, const std::uint16_t* W, BasePrecision format,
+                                           float beta, HalfTensor& dX) {
+    (void)dY, (void)W, (void)format, (void)beta, (void)dX;
+    throw DeviceError("16-bit activations: no product on this device's 16-bit base");
+  }
 };
 
 // The kernels for `backend`'s device.

@@ -1,11 +1,20 @@
 #include "relora/training/model.hpp"
 
+#include "training/half_activation_kernels.hpp"
+
 namespace relora {
 
 template <typename T>
 Model<T>::Model(std::shared_ptr<Backend<T>> backend, LayerChoice choice) : backend_(std::move(backend)), choice_(choice) {
   if (!backend_) throw ConfigError("Model: no backend given");
 }
+
+template <typename T>
+Model<T>::~Model() = default;
+template <typename T>
+Model<T>::Model(Model&&) noexcept = default;
+template <typename T>
+Model<T>& Model<T>::operator=(Model&&) noexcept = default;
 
 template <typename T>
 Layer<T>& Model<T>::add(std::unique_ptr<Layer<T>> layer, Activation activation, const std::string& name) {
@@ -22,6 +31,10 @@ Layer<T>& Model<T>::add(std::unique_ptr<Layer<T>> layer, Activation activation, 
   stage.name = name.empty() ? "layers." + std::to_string(layers_.size()) : name;
   for (const Stage& other : layers_) {
     if (other.name == stage.name) throw ConfigError("Model: two layers named '" + stage.name + "'");
+  }
+  if (half()) {
+    require_half_activation(activation, layers_.size());
+    stage.layer_takes_half = stage.layer->take_half_activations(activation_format_);
   }
   layers_.push_back(std::move(stage));
   return *layers_.back().layer;
@@ -72,16 +85,6 @@ Index Model<T>::out_features() const {
   return layers_.back().layer->out_features();
 }
 
-namespace {
-
-// A non-owning rows x cols view of the start of `buffer` (no allocation).
-template <typename T>
-Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
-  return Tensor<T>(buffer.data(), rows, cols, buffer.device(), [](T*) {});
-}
-
-}  // namespace
-
 template <typename T>
 const Tensor<T>& Model<T>::output_of(Stage& stage) {
   return applies_in_place(stage.activation) ? stage.layer->output() : stage.Z;
@@ -90,7 +93,7 @@ const Tensor<T>& Model<T>::output_of(Stage& stage) {
 template <typename T>
 const Tensor<T>& Model<T>::forward(const Tensor<T>& X) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
-  const Tensor<T>& output = forward_layers(X, layers_.size());
+  const Tensor<T>& output = half() ? forward_half_layers(X) : forward_layers(X, layers_.size());
   activations_valid_ = true;
   return output;
 }
@@ -99,7 +102,7 @@ template <typename T>
 void Model<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
   Stage& last = layers_.back();
-  if (last.activation != Activation::identity) {
+  if (last.activation != Activation::identity || half()) {
     loss.compute(forward(X), target);
     return;
   }
@@ -110,7 +113,7 @@ void Model<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor
 template <typename T>
 const Tensor<T>& Model<T>::output() {
   if (layers_.empty()) throw ConfigError("Model output: no layers");
-  return output_of(layers_.back());
+  return half() ? wide_output_ : output_of(layers_.back());
 }
 
 template <typename T>
@@ -138,11 +141,15 @@ void Model<T>::backward(const Tensor<T>& dY, BackwardObserver<T>* observer) {
   if (!activations_valid_) {
     throw ConfigError("Model backward: no forward since the last backward (backward reuses the activations' buffers)");
   }
-  const Tensor<T>& output = output_of(layers_.back());
+  const Tensor<T>& output = half() ? wide_output_ : output_of(layers_.back());
   if (!dY.same_shape(output.rows(), output.cols())) {
     throw ShapeError("Model backward: dY is " + dY.shape() + " but the output is " + output.shape());
   }
   activations_valid_ = false;
+  if (half()) {
+    backward_half(dY, observer);
+    return;
+  }
   const Tensor<T>* grad = &dY;
   Tensor<T> grad_view;            // the model's own buffer that grad points into, when it does
   const T* grad_storage = nullptr;  // its start, so that dX never lands on it
@@ -156,7 +163,7 @@ void Model<T>::backward(const Tensor<T>& dY, BackwardObserver<T>* observer) {
       } else {
         if (!stage.dY.same_shape(Y.rows(), Y.cols())) stage.dY = backend_->allocate(Y.rows(), Y.cols());
         backend_->activation_backward(stage.activation, Y, *grad, stage.dY);
-        grad_view = view_of(stage.dY, Y.rows(), Y.cols());
+        grad_view = leading_view(stage.dY, Y.rows(), Y.cols());
         grad_storage = stage.dY.data();
         grad = &grad_view;
       }
@@ -190,7 +197,7 @@ void Model<T>::backward(const Tensor<T>& dY, BackwardObserver<T>* observer) {
         target = &scratch_.back();
       }
     }
-    Tensor<T> dX = view_of(*target, rows, cols);
+    Tensor<T> dX = leading_view(*target, rows, cols);
     layer.backward(*grad, &dX);
     if (observer != nullptr) observer->layer_backward_done(i);
     grad_view = std::move(dX);

@@ -48,6 +48,13 @@ class Tensor {
   Device device_ = Device::cpu;
 };
 
+// A non-owning rows x cols view of the start of `t`'s memory (rows * cols <= t.size()): a buffer
+// sized once and reused for smaller shapes, without an allocation.
+template <typename T>
+Tensor<T> leading_view(const Tensor<T>& t, Index rows, Index cols) {
+  return Tensor<T>(const_cast<T*>(t.data()), rows, cols, t.device(), [](T*) {});
+}
+
 // Throws ShapeError naming `what` and both shapes unless `t` is rows x cols.
 // `what` is a C string so that the check, which runs on every step, builds no std::string.
 template <typename T>

@@ -19,6 +19,7 @@
 #include <string>
 
 #include "relora/core/half_precision.hpp"
+#include "relora/core/half_tensor.hpp"
 #include "relora/core/host_matrix.hpp"
 #include "relora/layers/lora_config.hpp"
 
@@ -59,6 +60,16 @@ class FrozenBase {
   void product(const Tensor<T>& X, T beta, Tensor<T>& Y);
   // dX = dY W + beta dX.
   void input_gradient(const Tensor<T>& dY, T beta, Tensor<T>& dX);
+
+  // The same products on 16-bit activations in `format` (Layer::take_half_activations): whether
+  // this base has them (a 16-bit W of that format, on a device with such products: CUDA).
+  bool has_half_activation_products(BasePrecision format) const;
+  // Y = f(X W^T + beta Y) and dX = dY W + beta dX, all four 16-bit in W's format, rounded to
+  // nearest once after the fp32 accumulation. The forward leaves the bias out: the layer adds it
+  // into Y first (beta 1), with its adapter's term. ConfigError where has_half_activation_products
+  // is false.
+  void forward_half(const HalfTensor& X, float beta, Activation f, HalfTensor& Y);
+  void input_gradient_half(const HalfTensor& dY, float beta, HalfTensor& dX);
 
   // W as fp32: W itself, or a 16-bit W's master. ConfigError when a 16-bit W has no master.
   Tensor<T>& weight();

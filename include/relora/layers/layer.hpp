@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "relora/core/backend.hpp"
+#include "relora/core/half_tensor.hpp"
 #include "relora/core/parameter.hpp"
 #include "relora/core/state_dict.hpp"
 #include "relora/losses/loss.hpp"
@@ -60,6 +61,38 @@ class Layer {
   // rewrites it).
   virtual const Tensor<T>& output() const = 0;
   virtual Tensor<T>& mutable_output() = 0;
+
+  // ---- Activations in 16 bits (Model::set_activation_format). The model hands a layer its input
+  // rounded to bf16 or fp16 and keeps the layer's output in that format. For a layer that does not
+  // take the format, the model widens the input exactly, runs forward and backward in fp32 and
+  // rounds Y (after the activation) and dX to nearest: that is the reference, and a layer that
+  // takes the format computes the same within the format's rounding (its fast path may round the
+  // adapter's term before adding it, a second rounding of at most that size). A, B, their
+  // gradients and the loss stay fp32.
+  //
+  // Asks the layer to read its input and write its output (and dX) in `format` from now on: true
+  // where it does, false where the model converts for it. fp32 asks it to go back (the answer is
+  // then ignored). A layer that took its output activation applies it in forward_half too.
+  virtual bool take_half_activations(BasePrecision format) {
+    (void)format;
+    return false;
+  }
+  // Y (n x out_features) from X (n x in_features), both 16-bit in the format taken; X must stay
+  // alive and unchanged until backward_half. Called only after take_half_activations said true.
+  virtual const HalfTensor& forward_half(const HalfTensor& X) {
+    (void)X;
+    throw ConfigError(std::string(kind()) + " layer: forward_half without take_half_activations");
+  }
+  // As backward, from dY in the format taken (the layer's scratch): dX (rounded to the format)
+  // when dX is not null.
+  virtual void backward_half(const HalfTensor& dY, HalfTensor* dX) {
+    (void)dY, (void)dX;
+    throw ConfigError(std::string(kind()) + " layer: backward_half without take_half_activations");
+  }
+  // The output of the last forward_half, and its buffer (the model may apply ReLU to it in place).
+  virtual HalfTensor& mutable_half_output() {
+    throw ConfigError(std::string(kind()) + " layer: no 16-bit output without take_half_activations");
+  }
 
   // The parameters that train now, named prefix + "." + their own name.
   virtual std::vector<Parameter<T>> parameters(const std::string& prefix) = 0;

@@ -20,6 +20,8 @@
 
 namespace relora {
 
+class HalfActivationKernels;  // lib/training/half_activation_kernels.hpp
+
 // Told by Model::backward as each layer's backward ends (from the last layer down to the first),
 // when that layer's gradients are written and the layers below have not run yet: data-parallel
 // training starts the sum of a layer's gradients over the ranks there, so that it overlaps the
@@ -38,6 +40,9 @@ class Model {
   // `choice`: the implementation of the LoRA layers add() builds (LayerChoice::reference: every
   // layer is LoraLinear itself).
   explicit Model(std::shared_ptr<Backend<T>> backend, LayerChoice choice = LayerChoice::fastest);
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
 
   // Appends any layer; its in_features must equal the previous layer's out_features.
   Layer<T>& add(std::unique_ptr<Layer<T>> layer, Activation activation, const std::string& name = "");
@@ -69,6 +74,16 @@ class Model {
   // Every parameter that trains now, in layer order.
   std::vector<Parameter<T>> parameters();
 
+  // The format the activations travel in between layers: fp32 (the default), or bf16 / fp16 as
+  // under PyTorch's autocast, which halves their memory traffic. forward() rounds its input to the
+  // format and widens the last output back to fp32 for the loss; backward() rounds the loss's
+  // gradient and passes 16-bit gradients down. A layer reads and writes the format itself where it
+  // can (Layer::take_half_activations), and the model converts around it where not (the
+  // reference). The adapter's parameters, their gradients and the loss stay fp32. Float models
+  // only, and only identity and ReLU between layers (ConfigError otherwise, the model unchanged).
+  void set_activation_format(BasePrecision format);
+  BasePrecision activation_format() const { return activation_format_; }
+
   void set_training(bool training);
   // Every layer's Layer::set_batch_offset (data-parallel training: this rank's first row).
   void set_batch_offset(Index first_row);
@@ -97,13 +112,31 @@ class Model {
     std::string name;
     Tensor<T> Z;   // activation output for tanh and GELU; identity and ReLU leave it in Y
     Tensor<T> dY;  // gradient at the pre-activation output, when the incoming one is not ours
+    // 16-bit activations (half_activations.cpp): whether the layer takes them itself, and for one
+    // that does not, the model's conversions around it.
+    bool layer_takes_half = false;
+    Tensor<T> wide_input, wide_grad, wide_dX;  // X, dY and dX widened to fp32
+    HalfBuffer half_output;                    // the layer's Y rounded
   };
   const Tensor<T>& output_of(Stage& stage);
   // Runs the first `count` layers and their activations; returns the last one's output (X if none).
   const Tensor<T>& forward_layers(const Tensor<T>& X, std::size_t count);
 
+  // The same with 16-bit activations (half_activations.cpp).
+  bool half() const { return activation_format_ != BasePrecision::fp32; }
+  void require_half_activation(Activation f, std::size_t layer) const;
+  HalfTensor& half_output_of(Stage& stage);
+  const Tensor<T>& forward_half_layers(const Tensor<T>& X);
+  void backward_half(const Tensor<T>& dY, BackwardObserver<T>* observer);
+
   std::shared_ptr<Backend<T>> backend_;
   LayerChoice choice_;
+  BasePrecision activation_format_ = BasePrecision::fp32;
+  std::unique_ptr<HalfActivationKernels> half_kernels_;
+  HalfBuffer half_input_;      // forward's X rounded
+  Tensor<T> wide_output_;      // the last layer's 16-bit output widened: forward's result
+  HalfBuffer half_top_grad_;   // backward's dY rounded
+  std::vector<HalfBuffer> half_scratch_;  // 16-bit dX buffers where no dead output fits
   std::vector<Stage> layers_;
   std::vector<Tensor<T>> scratch_;  // dX buffers where no dead output fits, sized on the first backward
   bool activations_valid_ = false;  // forward ran since the last backward

@@ -2,6 +2,8 @@
 #include "cuda/cuda_context.cuh"
 #include "layers/cuda/cuda_lora_linear.hpp"
 
+#include <type_traits>
+
 namespace relora {
 
 template <typename T>
@@ -20,6 +22,9 @@ std::unique_ptr<LoraLinear<T>> make_cuda_lora_linear(Backend<T>& backend, const 
   // FrozenBase, so it takes a 16-bit base too.
   if (config.base_precision == BasePrecision::fp32 && CudaTinyLoraLinear<T>::suits(config)) {
     return build(static_cast<CudaTinyLoraLinear<T>*>(nullptr));
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (CudaHalfLoraLinear::suits(config)) return build(static_cast<CudaHalfLoraLinear*>(nullptr));
   }
   if (CudaAdapterLoraLinear<T>::suits(config)) return build(static_cast<CudaAdapterLoraLinear<T>*>(nullptr));
   return nullptr;

@@ -8,6 +8,9 @@
 // - CudaTinyLoraLinear: k, d and r up to 32: forward and backward as one kernel each
 //   (cuda_tiny_lora_linear.cu); a batch too large for the one-block backward takes the adapter
 //   passes.
+// - CudaHalfLoraLinear: the adapter layer on a bf16 base that also takes bf16 activations
+//   (Layer::take_half_activations), with every product on tensor cores
+//   (cuda_half_lora_linear.cu).
 // Each falls back to LoraLinear's products outside its range (dropout, a merged adapter, W
 // training, shapes beyond the passes').
 #include <memory>
@@ -18,6 +21,7 @@ namespace relora {
 
 namespace cuda_detail {
 class CudaContext;
+class HalfGemm;
 }
 
 template <typename T>
@@ -80,6 +84,62 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
  private:
   bool tiny_forward(const Tensor<T>& X);
   bool tiny_backward(const Tensor<T>& dY, Tensor<T>* dX);
+};
+
+// CudaAdapterLoraLinear<float> on a bf16 base, which also reads and writes bf16 activations
+// (a model's set_activation_format(bf16)). Every product then runs on tensor cores: X W^T and
+// dY W on the bf16 W; the adapter's, whose fp32 operands (A, B, b, s U, dU) are split into bf16
+// terms (hi + mid + lo, half_convert.cuh), each term's product exact and the sum accumulated in fp32:
+//
+//   forward:   P = X [A_hi; A_mid; A_lo]^T             V = s (P_1 + P_2 + P_3)   (= s U, n x r, fp32)
+//              Y = round([V_hi V_hi V_mid 1 1] [B_hi B_mid B_hi b_hi b_mid]^T)  (the adapter's term and b)
+//              Y = round(f(X W^T + Y))                                          (cuBLASLt's epilogue)
+//   backward:  P = dY [B_hi B_mid B_lo]                 dU = s (P_1 + P_2 + P_3)
+//              P = dY^T [V_hi V_mid V_lo 1]             dB = P_1 + P_2 + P_3, db = P_4
+//              P = [dU_hi dU_mid dU_lo]^T X              dA = P_1 + P_2 + P_3
+//              dX = round([dU_hi dU_hi dU_mid] [A_hi; A_mid; A_hi]), dX = round(dY W + dX)
+//
+// U, dU, dA, dB and db are as accurate as fp32 products of the same operands; the adapter's term
+// of Y with the bias, and of dX (operands split in two, three cross terms kept: 16 significant
+// bits), are rounded to bf16 before the base's product adds them, a second rounding beside the
+// model's definition (Layer::take_half_activations). (cuBLASLt adds a bias of the result's type
+// only, so b travels with the adapter's term.) Dropout and training W (full fine-tuning) take the
+// model's definition literally: X widened, the fp32 step, Y and dX rounded.
+class CudaHalfLoraLinear final : public CudaAdapterLoraLinear<float> {
+ public:
+  template <typename... Args>
+  explicit CudaHalfLoraLinear(cuda_detail::CudaContext& cuda, Backend<float>& backend, Args&&... args)
+      : CudaAdapterLoraLinear<float>(cuda, backend, std::forward<Args>(args)...) {}
+
+  // A bf16 base on CUDA (what the tensor-core products take).
+  static bool suits(const LoraConfig& config);
+  const char* implementation() const override { return "cuda_half"; }
+  std::uint32_t step_signature() const override;
+
+  bool take_half_activations(BasePrecision format) override;
+  const HalfTensor& forward_half(const HalfTensor& X) override;
+  void backward_half(const HalfTensor& dY, HalfTensor* dX) override;
+  HalfTensor& mutable_half_output() override { return Y_half_.tensor(); }
+
+ private:
+  void size_half_batch(Index n);
+  // The fp32 step, for what the tensor-core path does not cover (dropout, W training).
+  bool through_fp32() const { return this->dropout_in_use() || this->train_target() == TrainTarget::base; }
+
+  BasePrecision format_ = BasePrecision::fp32;  // fp32: activations not taken
+  std::shared_ptr<cuda_detail::HalfGemm> gemm_;
+  const HalfTensor* X_half_ = nullptr;  // the forward's input
+  bool last_forward_fp32_ = false;      // the last forward_half went through the fp32 step
+  Index half_rows_ = -1;
+  HalfBuffer Y_half_;
+  Tensor<float> products_;     // the split products' fp32 results (P above)
+  // Rows of 3r terms and two more columns, padded to 8 values (terms_ld):
+  HalfBuffer U_terms_;     // n rows: [V_hi V_mid V_lo 1], written by the forward
+  HalfBuffer left_terms_;  // n rows: the forward's [V_hi V_hi V_mid 1 1], the backward's [dU_hi dU_hi dU_mid]
+  HalfBuffer dU_terms_;    // n rows: [dU_hi dU_mid dU_lo]
+  HalfBuffer B_terms_;     // d rows: the forward's [B_hi B_mid B_hi b_hi b_mid], the backward's [B_hi B_mid B_lo]
+  HalfBuffer A_terms_;     // 3r x k: the forward's [A_hi; A_mid; A_lo], the backward's [A_hi; A_mid; A_hi]
+  Tensor<float> wide_X_, wide_dY_, wide_dX_;  // the fp32 step's conversions, sized when it runs
 };
 
 // The CUDA sibling that suits `config` on `backend` (null when none does, or when

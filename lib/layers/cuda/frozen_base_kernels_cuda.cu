@@ -22,60 +22,31 @@
 #include "cuda/cuda_lt_matmul.cuh"
 #include "cuda/cuda_resources.cuh"
 #include "cuda/cuda_sanitizer_marks.cuh"
+#include "cuda/half_convert.cuh"
 #include "layers/frozen_base_kernels.hpp"
 
 namespace relora {
 namespace cuda_detail {
 namespace {
 
-__global__ void round_kernel(std::int64_t count, std::int64_t first_index, const float* __restrict__ src,
-                             BasePrecision format, HalfRounding mode, RngKey key, std::uint16_t* __restrict__ dst) {
+// Stochastic rounding (nearest goes through half_convert.cuh).
+__global__ void stochastic_round_kernel(std::int64_t count, std::int64_t first_index, const float* __restrict__ src,
+                                        BasePrecision format, RngKey key, std::uint16_t* __restrict__ dst) {
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
        i += std::int64_t(gridDim.x) * blockDim.x) {
-    const float u = mode == HalfRounding::stochastic
-                        ? half_bits::rounding_uniform(key, std::uint64_t(first_index + i))
-                        : 0.0f;
-    dst[i] = half_bits::round_float(src[i], format, mode, u);
+    const float u = half_bits::rounding_uniform(key, std::uint64_t(first_index + i));
+    dst[i] = half_bits::round_float(src[i], format, HalfRounding::stochastic, u);
   }
 }
 
-// round_kernel's nearest mode four values a thread at a time (16-byte loads, 8-byte stores): the
-// casts of X and dY before every product, bound by memory bandwidth.
-__global__ void round_nearest_kernel(std::int64_t quads, const float4* __restrict__ src, BasePrecision format,
-                                     uint2* __restrict__ dst) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < quads;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    const float4 v = src[i];
-    const auto near = [format](float x) {
-      return std::uint32_t(format == BasePrecision::bf16 ? half_bits::bf16_nearest(x)
-                                                          : half_bits::round_float(x, format, HalfRounding::nearest, 0.0f));
-    };
-    dst[i] = make_uint2(near(v.x) | near(v.y) << 16, near(v.z) | near(v.w) << 16);  // little-endian pairs
-  }
-}
-
-// A (count fp32 values) as three bf16 terms, hi + mid + lo, each the nearest bf16 to what the
-// terms before it leave (the differences are exact in fp32): for a normal value whose last term
-// is not subnormal the three hold all of its 24 bits, so products with a bf16 W are exact.
+// A (count fp32 values) as its three bf16 terms (half_convert::split_bf16), term by term.
 __global__ void split_bf16_kernel(std::int64_t count, const float* __restrict__ src, std::uint16_t* __restrict__ hi,
                                   std::uint16_t* __restrict__ mid, std::uint16_t* __restrict__ lo) {
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
        i += std::int64_t(gridDim.x) * blockDim.x) {
-    float rest = src[i];
-    std::uint16_t* const terms[3] = {hi, mid, lo};
-    for (std::uint16_t* term : terms) {
-      const std::uint16_t t = half_bits::bf16_nearest(rest);
-      term[i] = t;
-      rest -= half_bits::bf16_to_float(t);
-    }
-  }
-}
-
-__global__ void widen_kernel(std::int64_t count, const std::uint16_t* __restrict__ src, BasePrecision format,
-                             float* __restrict__ dst) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    dst[i] = half_bits::half_to_float(src[i], format);
+    std::uint16_t terms[3];
+    half_convert::split_bf16(src[i], terms);
+    hi[i] = terms[0], mid[i] = terms[1], lo[i] = terms[2];
   }
 }
 
@@ -148,25 +119,18 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
              std::uint16_t* dst) override {
     if (count == 0) return;
     context_->activate();
-    const bool aligned = reinterpret_cast<std::uintptr_t>(src) % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 8 == 0;
-    const Index quads = mode == HalfRounding::nearest && aligned ? count / 4 : 0;
-    if (quads > 0) {
-      round_nearest_kernel<<<grid_for(quads, context_->sm_count()), kThreads, 0, context_->stream()>>>(
-          quads, reinterpret_cast<const float4*>(src), format, reinterpret_cast<uint2*>(dst));
-      RELORA_CHECK_LAUNCH("round_nearest_kernel");
+    if (mode == HalfRounding::nearest) {
+      half_convert::round_to_nearest(src, count, format, dst, context_->stream(), context_->sm_count());
+      return;
     }
-    const Index done = 4 * quads;
-    if (done == count) return;
-    round_kernel<<<grid_for(count - done, context_->sm_count()), kThreads, 0, context_->stream()>>>(
-        count - done, first_index + done, src + done, format, mode, key, dst + done);
-    RELORA_CHECK_LAUNCH("round_kernel");
+    stochastic_round_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(
+        count, first_index, src, format, key, dst);
+    RELORA_CHECK_LAUNCH("stochastic_round_kernel");
   }
 
   void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) override {
-    if (count == 0) return;
     context_->activate();
-    widen_kernel<<<grid_for(count, context_->sm_count()), kThreads, 0, context_->stream()>>>(count, src, format, dst);
-    RELORA_CHECK_LAUNCH("widen_kernel");
+    half_convert::widen(src, count, format, dst, context_->stream(), context_->sm_count());
   }
 
   double max_abs(const std::uint16_t* src, Index count, BasePrecision format) override {
@@ -225,6 +189,32 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
     }
     mark_written_for_sanitizer(P.data(), std::size_t(d) * std::size_t(r) * sizeof(float), context_->stream());
     return true;
+  }
+
+  bool has_half_activation_products() const override { return true; }
+
+  void forward_product_half(const HalfTensor& X, const std::uint16_t* W, BasePrecision format, float beta, bool relu,
+                            HalfTensor& Y) override {
+    // As forward_product, with X read as it is and Y (C and D) in W's format.
+    LtMatmul::Product p;
+    p.transpose_a = true;
+    p.m = Y.cols(), p.n = X.rows(), p.k = X.cols();
+    p.A = W, p.lda = X.cols(), p.B = X.data(), p.ldb = X.cols(), p.type = cuda_type(format);
+    p.relu = relu, p.beta = beta, p.D = Y.data(), p.d_type = cuda_type(format), p.ldd = Y.cols();
+    lt_->multiply(p);
+    mark_written_for_sanitizer(Y.data(), std::size_t(Y.size()) * sizeof(std::uint16_t), context_->stream());
+  }
+
+  void input_gradient_product_half(const HalfTensor& dY, const std::uint16_t* W, BasePrecision format, float beta,
+                                   HalfTensor& dX) override {
+    const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
+    const float alpha = 1;
+    context_->activate();
+    // Column-major dX^T (k x n) = W^T (W stored: k x d, op N) times dY^T (d x n).
+    RELORA_CUBLAS_CHECK(cublasGemmEx_64(blas_.handle, CUBLAS_OP_N, CUBLAS_OP_N, k, n, d, &alpha, W, cuda_type(format), k,
+                                        dY.data(), cuda_type(format), d, &beta, dX.data(), cuda_type(format), k,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    mark_written_for_sanitizer(dX.data(), std::size_t(dX.size()) * sizeof(std::uint16_t), context_->stream());
   }
 
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,

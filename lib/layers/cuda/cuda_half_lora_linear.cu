@@ -1,0 +1,261 @@
+// CudaHalfLoraLinear: the adapter layer on bf16 activations (cuda_lora_linear.hpp has the math).
+// Its own kernels are the splits of fp32 operands into bf16 terms and the sums of the split
+// products; every product is a cuBLAS one (HalfGemm, and FrozenBase's for W).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include "cuda/cuda_check.cuh"
+#include "cuda/cuda_context.cuh"
+#include "cuda/cuda_half_gemm.cuh"
+#include "cuda/cuda_resources.cuh"
+#include "cuda/half_convert.cuh"
+#include "layers/cuda/cuda_lora_linear.hpp"
+
+namespace relora {
+namespace cuda_detail {
+namespace {
+
+// Where a split operand's terms go: element (i, j) of term slot t < slots at
+// ptr[t * slot_stride + i * ld + j], slot t holding term which[t] (0 hi, 1 mid, 2 lo) of the value.
+struct TermLayout {
+  std::uint16_t* ptr = nullptr;  // null: not written
+  std::int64_t slot_stride = 0, ld = 0;
+  int which[3] = {0, 1, 2};
+  int slots = 3;
+};
+
+// value(i, j) = scale (sum over `slots` of P[t * p_slot + i * p_ld + j]) for i < rows, j < cols,
+// the slots added from the last (smallest) to the first; written to `sum` (row-major, ld cols)
+// when it is not null, and split into bf16 terms laid out as `first` and `second` say. `extra`,
+// when not null, takes the column after the slots unscaled: extra[i] = P[i * p_ld + slots * p_slot].
+struct SumAndSplit {
+  const float* P;
+  int slots;
+  std::int64_t p_slot, p_ld;
+  std::int64_t rows;
+  int cols;
+  float scale;
+  float* sum;
+  float* extra;
+  TermLayout first, second;
+};
+
+__device__ void write_terms(const TermLayout& layout, std::int64_t i, int j, const std::uint16_t (&terms)[3]) {
+  if (layout.ptr == nullptr) return;
+  for (int t = 0; t < layout.slots; ++t) layout.ptr[t * layout.slot_stride + i * layout.ld + j] = terms[layout.which[t]];
+}
+
+__global__ void sum_and_split_kernel(const SumAndSplit a) {
+  const std::int64_t count = a.rows * a.cols;
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < count;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t i = e / a.cols;
+    const int j = int(e % a.cols);
+    const float* p = a.P + i * a.p_ld + j;
+    float value = 0;
+    for (int t = a.slots - 1; t >= 0; --t) value += p[t * a.p_slot];
+    value *= a.scale;
+    if (a.sum) a.sum[e] = value;
+    if (a.extra && j == 0) a.extra[i] = a.P[i * a.p_ld + a.slots * a.p_slot];
+    std::uint16_t terms[3];
+    half_convert::split_bf16(value, terms);
+    write_terms(a.first, i, j, terms);
+    write_terms(a.second, i, j, terms);
+  }
+}
+
+__global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16_t* __restrict__ dst) {
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < count;
+       e += std::int64_t(gridDim.x) * blockDim.x) {
+    dst[e] = value;
+  }
+}
+
+void sum_and_split(const SumAndSplit& a, CudaContext& context) {
+  if (a.rows == 0 || a.cols == 0) return;
+  context.activate();
+  sum_and_split_kernel<<<grid_for(a.rows * a.cols, context.sm_count()), kThreads, 0, context.stream()>>>(a);
+  RELORA_CHECK_LAUNCH("sum_and_split_kernel");
+}
+
+// The terms of a plain fp32 matrix (rows x cols, row-major).
+void split(const float* src, std::int64_t rows, int cols, const TermLayout& layout, CudaContext& context) {
+  sum_and_split(SumAndSplit{src, 1, 0, cols, rows, cols, 1.0f, nullptr, nullptr, layout, TermLayout{}}, context);
+}
+
+// The row length of the 16-bit term buffers: 3r terms and two more columns (the bias's, or db's
+// ones), rounded up to 8 values (16 bytes) so that every row starts aligned for the tensor cores.
+Index terms_ld(Index r) { return (3 * r + 2 + 7) / 8 * 8; }
+
+// Slots side by side along the columns of a buffer whose rows are `ld` long, or stacked along its
+// rows (rows x cols each).
+TermLayout side_by_side(std::uint16_t* ptr, int cols, Index ld, int a, int b, int c) {
+  return TermLayout{ptr, cols, ld, {a, b, c}, 3};
+}
+TermLayout stacked(std::uint16_t* ptr, std::int64_t rows, int cols, int a, int b, int c) {
+  return TermLayout{ptr, rows * cols, cols, {a, b, c}, 3};
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+bool CudaHalfLoraLinear::suits(const LoraConfig& config) { return config.base_precision == BasePrecision::bf16; }
+
+std::uint32_t CudaHalfLoraLinear::step_signature() const {
+  return CudaAdapterLoraLinear<float>::step_signature() | (format_ != BasePrecision::fp32 ? 16u : 0u);
+}
+
+bool CudaHalfLoraLinear::take_half_activations(BasePrecision format) {
+  const bool takes = format != BasePrecision::fp32 && this->base_.has_half_activation_products(format) &&
+                     format == BasePrecision::bf16;  // the splits are bf16 terms
+  format_ = takes ? format : BasePrecision::fp32;
+  if (takes && !gemm_) gemm_ = std::make_shared<HalfGemm>(cuda());
+  return takes;
+}
+
+void CudaHalfLoraLinear::size_half_batch(Index n) {
+  if (n == half_rows_) return;
+  Backend<float>& be = *this->backend_;
+  const Index k = this->in_features(), d = this->out_features(), r = this->rank(), ld = terms_ld(r);
+  Y_half_ = HalfBuffer(be, n, d);
+  products_ = be.allocate(1, std::max({n * 3 * r, d * ld, 3 * r * k}));
+  left_terms_ = HalfBuffer(be, n, ld);
+  U_terms_ = HalfBuffer(be, n, ld);
+  dU_terms_ = HalfBuffer(be, n, ld);
+  if (A_terms_.empty()) {
+    A_terms_ = HalfBuffer(be, 3 * r, k);
+    B_terms_ = HalfBuffer(be, d, ld);
+  }
+  // Ones everywhere: the columns after the 3r terms stay ones (the bias's pair in the forward's
+  // left operand, db's column beside U's terms); the terms are rewritten by every step.
+  CudaContext& context = cuda();
+  context.activate();
+  for (HalfBuffer* buffer : {&left_terms_, &U_terms_}) {
+    const std::int64_t count = buffer->tensor().size();
+    fill_kernel<<<grid_for(count, context.sm_count()), kThreads, 0, context.stream()>>>(
+        count, half_bits::bf16_nearest(1.0f), buffer->tensor().data());
+    RELORA_CHECK_LAUNCH("fill_kernel");
+  }
+  wide_X_ = Tensor<float>(), wide_dY_ = Tensor<float>(), wide_dX_ = Tensor<float>();
+  half_rows_ = n;
+}
+
+const HalfTensor& CudaHalfLoraLinear::forward_half(const HalfTensor& X) {
+  if (format_ == BasePrecision::fp32) {
+    throw ConfigError("CudaHalfLoraLinear forward_half: 16-bit activations were not taken");
+  }
+  const Index n = X.rows(), k = this->in_features(), d = this->out_features(), r = this->rank();
+  if (X.cols() != k || n <= 0) {
+    throw ShapeError("LoraLinear forward (16-bit): X is " + X.shape() + " but the layer takes [n x " +
+                     std::to_string(k) + "] with n >= 1");
+  }
+  size_half_batch(n);
+  X_half_ = &X;
+  CudaContext& context = cuda();
+  HalfTensor& Y = Y_half_.tensor();
+  last_forward_fp32_ = through_fp32();
+  if (last_forward_fp32_) {
+    if (!wide_X_.same_shape(n, k)) wide_X_ = this->backend_->allocate(n, k);
+    half_convert::widen(X.data(), X.size(), format_, wide_X_.data(), context.stream(), context.sm_count());
+    const Tensor<float>& Y32 = CudaAdapterLoraLinear<float>::forward(wide_X_);
+    half_convert::round_to_nearest(Y32.data(), Y32.size(), format_, Y.data(), context.stream(), context.sm_count());
+    return Y;
+  }
+  const Index ld = terms_ld(r);
+  const int rank = int(r);
+  std::uint16_t* left = left_terms_.tensor().data();
+  std::uint16_t* right = B_terms_.tensor().data();
+  const bool bias = this->has_bias();
+  if (bias) {  // b's two terms after B's, against the left operand's two columns of ones
+    split(this->base_.bias().data(), d, 1, TermLayout{right + 3 * r, 1, ld, {0, 1, 2}, 2}, context);
+  }
+  if (this->merged()) {
+    // Y = round(b), then Y = round(f(X W^T + Y)).
+    if (bias) {
+      gemm_->multiply(Trans::no, Trans::yes, n, d, 2, 1.0f, left + 3 * r, ld, right + 3 * r, ld, 0.0f, Y.data(), d,
+                      format_, HalfGemm::Output::half);
+    }
+    this->base_.forward_half(X, bias ? 1.0f : 0.0f, this->output_activation(), Y);
+    return Y;
+  }
+  float* P = products_.data();
+  // U = X A^T from A's three terms; s U's terms for the adapter's term of Y and (with db's ones
+  // after them) for dB.
+  split(this->A_.data(), r, int(k), stacked(A_terms_.tensor().data(), r, int(k), 0, 1, 2), context);
+  gemm_->multiply(Trans::no, Trans::yes, n, 3 * r, k, 1.0f, X.data(), k, A_terms_.tensor().data(), k, 0.0f, P, 3 * r,
+                  format_, HalfGemm::Output::fp32);
+  sum_and_split(SumAndSplit{P, 3, r, 3 * r, n, rank, this->scale_, nullptr, nullptr, side_by_side(left, rank, ld, 0, 0, 1),
+                            side_by_side(U_terms_.tensor().data(), rank, ld, 0, 1, 2)},
+                context);
+  // Y = round(s U B^T + b), then Y = round(f(X W^T + Y)).
+  split(this->B_.data(), d, rank, side_by_side(right, rank, ld, 0, 1, 0), context);
+  gemm_->multiply(Trans::no, Trans::yes, n, d, 3 * r + (bias ? 2 : 0), 1.0f, left, ld, right, ld, 0.0f, Y.data(), d,
+                  format_, HalfGemm::Output::half);
+  this->base_.forward_half(X, 1.0f, this->output_activation(), Y);
+  return Y;
+}
+
+void CudaHalfLoraLinear::backward_half(const HalfTensor& dY, HalfTensor* dX) {
+  if (X_half_ == nullptr) throw ConfigError("LoraLinear backward (16-bit): forward_half was not called");
+  if (this->merged()) {
+    throw ConfigError("LoraLinear " + std::to_string(this->in_features()) + " -> " +
+                      std::to_string(this->out_features()) +
+                      ": cannot train while the adapter is merged into W; unmerge() or reinit() first");
+  }
+  const Index n = half_rows_, k = this->in_features(), d = this->out_features(), r = this->rank();
+  require_shape(dY, n, d, "LoraLinear backward dY (16-bit)");
+  if (dX) require_shape(*dX, n, k, "LoraLinear backward dX (16-bit)");
+  CudaContext& context = cuda();
+  if (last_forward_fp32_) {
+    Backend<float>& be = *this->backend_;
+    if (!wide_dY_.same_shape(n, d)) wide_dY_ = be.allocate(n, d);
+    half_convert::widen(dY.data(), dY.size(), format_, wide_dY_.data(), context.stream(), context.sm_count());
+    if (dX && !wide_dX_.same_shape(n, k)) wide_dX_ = be.allocate(n, k);
+    CudaAdapterLoraLinear<float>::backward(wide_dY_, dX ? &wide_dX_ : nullptr);
+    if (dX) {
+      half_convert::round_to_nearest(wide_dX_.data(), wide_dX_.size(), format_, dX->data(), context.stream(),
+                                     context.sm_count());
+    }
+    return;
+  }
+  const HalfTensor& X = *X_half_;
+  const Index ld = terms_ld(r);
+  const int rank = int(r);
+  float* P = products_.data();
+  std::uint16_t* dU_terms = dU_terms_.tensor().data();
+  std::uint16_t* left = left_terms_.tensor().data();
+  // dU = s dY B from B's three terms; dU's terms for dA and for dX.
+  split(this->B_.data(), d, rank, side_by_side(B_terms_.tensor().data(), rank, ld, 0, 1, 2), context);
+  gemm_->multiply(Trans::no, Trans::no, n, 3 * r, d, 1.0f, dY.data(), d, B_terms_.tensor().data(), ld, 0.0f, P, 3 * r,
+                  format_, HalfGemm::Output::fp32);
+  sum_and_split(SumAndSplit{P, 3, r, 3 * r, n, rank, this->scale_, nullptr, nullptr,
+                            side_by_side(dU_terms, rank, ld, 0, 1, 2),
+                            dX ? side_by_side(left, rank, ld, 0, 0, 1) : TermLayout{}},
+                context);
+  // dB = dY^T (s U) and db = dY^T 1 in one product.
+  const bool db = this->bias_trains();
+  gemm_->multiply(Trans::yes, Trans::no, d, 3 * r + (db ? 1 : 0), n, 1.0f, dY.data(), d, U_terms_.tensor().data(), ld,
+                  0.0f, P, ld, format_, HalfGemm::Output::fp32);
+  sum_and_split(SumAndSplit{P, 3, r, ld, d, rank, 1.0f, this->dB_.data(), db ? this->db_.data() : nullptr, TermLayout{},
+                            TermLayout{}},
+                context);
+  // dA = dU^T X.
+  gemm_->multiply(Trans::yes, Trans::no, 3 * r, k, n, 1.0f, dU_terms, ld, X.data(), k, 0.0f, P, k, format_,
+                  HalfGemm::Output::fp32);
+  sum_and_split(SumAndSplit{P, 3, r * k, k, r, int(k), 1.0f, this->dA_.data(), nullptr, TermLayout{}, TermLayout{}},
+                context);
+  if (dX) {
+    // dX = round(dU A), then dX = round(dY W + dX).
+    split(this->A_.data(), r, int(k), stacked(A_terms_.tensor().data(), r, int(k), 0, 1, 0), context);
+    gemm_->multiply(Trans::no, Trans::no, n, k, 3 * r, 1.0f, left, ld, A_terms_.tensor().data(), k, 0.0f, dX->data(), k,
+                    format_, HalfGemm::Output::half);
+    this->base_.input_gradient_half(dY, 1.0f, *dX);
+  }
+}
+
+}  // namespace relora
