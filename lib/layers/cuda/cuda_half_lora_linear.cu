@@ -19,16 +19,17 @@ namespace cuda_detail {
 namespace {
 
 // Where a split operand's terms go: element (i, j) of term slot t < slots at
-// ptr[t * slot_stride + i * ld + j], slot t holding term which[t] (0 hi, 1 mid, 2 lo) of the value.
+// ptr[t * slot_stride + i * row_stride + j * col_stride], slot t holding term which[t] (0 hi,
+// 1 mid, 2 lo) of the value.
 struct TermLayout {
   std::uint16_t* ptr = nullptr;  // null: not written
-  std::int64_t slot_stride = 0, ld = 0;
+  std::int64_t slot_stride = 0, row_stride = 0, col_stride = 1;
   int which[3] = {0, 1, 2};
   int slots = 3;
 };
 
-// value(i, j) = scale (sum over `slots` of P[t * p_slot + i * p_ld + j]) for i < rows, j < cols,
-// the slots added from the last (smallest) to the first; written to `sum` (row-major, ld cols)
+// value(i, j) = scale (sum over `slots`, 1 or 3, of P[t * p_slot + i * p_ld + j]) for i < rows,
+// j < cols, the slots added from the last (smallest) to the first; written to `sum` (row-major, ld cols)
 // when it is not null, and split into bf16 terms laid out as `first` and `second` say. `extra`,
 // when not null, takes the column after the slots unscaled: extra[i] = P[i * p_ld + slots * p_slot].
 struct SumAndSplit {
@@ -45,18 +46,27 @@ struct SumAndSplit {
 
 __device__ void write_terms(const TermLayout& layout, std::int64_t i, int j, const std::uint16_t (&terms)[3]) {
   if (layout.ptr == nullptr) return;
-  for (int t = 0; t < layout.slots; ++t) layout.ptr[t * layout.slot_stride + i * layout.ld + j] = terms[layout.which[t]];
+  std::uint16_t* at = layout.ptr + i * layout.row_stride + j * layout.col_stride;
+#pragma unroll
+  for (int t = 0; t < 3; ++t) {
+    // Selected, not indexed, so that the terms stay in registers.
+    const int w = layout.which[t];
+    if (t < layout.slots) at[t * layout.slot_stride] = w == 0 ? terms[0] : (w == 1 ? terms[1] : terms[2]);
+  }
 }
 
+// One thread per element (rows x cols is far below 2^31: rank-sized operands and sums).
 __global__ void sum_and_split_kernel(const SumAndSplit a) {
-  const std::int64_t count = a.rows * a.cols;
-  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < count;
-       e += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t i = e / a.cols;
-    const int j = int(e % a.cols);
+  const int count = int(a.rows) * a.cols;
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < count; e += gridDim.x * blockDim.x) {
+    const int i = e / a.cols, j = e - i * a.cols;
     const float* p = a.P + i * a.p_ld + j;
     float value = 0;
-    for (int t = a.slots - 1; t >= 0; --t) value += p[t * a.p_slot];
+    if (a.slots == 3) {
+      value = (p[2 * a.p_slot] + p[a.p_slot]) + p[0];  // the smallest terms first
+    } else {
+      value = p[0];
+    }
     value *= a.scale;
     if (a.sum) a.sum[e] = value;
     if (a.extra && j == 0) a.extra[i] = a.P[i * a.p_ld + a.slots * a.p_slot];
@@ -76,27 +86,32 @@ __global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16
 
 void sum_and_split(const SumAndSplit& a, CudaContext& context) {
   if (a.rows == 0 || a.cols == 0) return;
+  if (a.rows * a.cols > std::int64_t(1) << 30) throw ShapeError("CudaHalfLoraLinear: a rank-sized operand of over 2^30 values");
   context.activate();
   sum_and_split_kernel<<<grid_for(a.rows * a.cols, context.sm_count()), kThreads, 0, context.stream()>>>(a);
   RELORA_CHECK_LAUNCH("sum_and_split_kernel");
 }
 
-// The terms of a plain fp32 matrix (rows x cols, row-major).
-void split(const float* src, std::int64_t rows, int cols, const TermLayout& layout, CudaContext& context) {
-  sum_and_split(SumAndSplit{src, 1, 0, cols, rows, cols, 1.0f, nullptr, nullptr, layout, TermLayout{}}, context);
+// The terms of a plain fp32 matrix (rows x cols, row-major), in one layout or two.
+void split(const float* src, std::int64_t rows, int cols, const TermLayout& layout, const TermLayout& second,
+           CudaContext& context) {
+  sum_and_split(SumAndSplit{src, 1, 0, cols, rows, cols, 1.0f, nullptr, nullptr, layout, second}, context);
 }
 
 // The row length of the 16-bit term buffers: 3r terms and two more columns (the bias's, or db's
 // ones), rounded up to 8 values (16 bytes) so that every row starts aligned for the tensor cores.
 Index terms_ld(Index r) { return (3 * r + 2 + 7) / 8 * 8; }
 
-// Slots side by side along the columns of a buffer whose rows are `ld` long, or stacked along its
-// rows (rows x cols each).
+// Slots side by side along the columns of a buffer whose rows are `ld` long; stacked along its
+// rows (rows x cols each); or the same for the transposed matrix (cols x rows each, stacked).
 TermLayout side_by_side(std::uint16_t* ptr, int cols, Index ld, int a, int b, int c) {
-  return TermLayout{ptr, cols, ld, {a, b, c}, 3};
+  return TermLayout{ptr, cols, ld, 1, {a, b, c}, 3};
 }
 TermLayout stacked(std::uint16_t* ptr, std::int64_t rows, int cols, int a, int b, int c) {
-  return TermLayout{ptr, rows * cols, cols, {a, b, c}, 3};
+  return TermLayout{ptr, rows * cols, cols, 1, {a, b, c}, 3};
+}
+TermLayout stacked_transposed(std::uint16_t* ptr, std::int64_t rows, int cols, int a, int b, int c) {
+  return TermLayout{ptr, rows * cols, 1, rows, {a, b, c}, 3};
 }
 
 }  // namespace
@@ -127,9 +142,19 @@ void CudaHalfLoraLinear::size_half_batch(Index n) {
   left_terms_ = HalfBuffer(be, n, ld);
   U_terms_ = HalfBuffer(be, n, ld);
   dU_terms_ = HalfBuffer(be, n, ld);
-  if (A_terms_.empty()) {
-    A_terms_ = HalfBuffer(be, 3 * r, k);
-    B_terms_ = HalfBuffer(be, d, ld);
+  if (A_forward_terms_.empty()) {
+    A_forward_terms_ = HalfBuffer(be, 3 * r, k);
+    A_backward_terms_ = HalfBuffer(be, 3 * r, k);
+    B_forward_terms_ = HalfBuffer(be, ld, d);
+    // Rows past b's terms stay zero: the product with the bias runs over all ld rows (a depth
+    // that is a multiple of 8 takes cuBLAS's fast kernels; the left operand has ones there).
+    const std::int64_t pad = (ld - 3 * r - 2) * d;
+    if (pad > 0) {
+      fill_kernel<<<grid_for(pad, cuda().sm_count()), kThreads, 0, cuda().stream()>>>(
+          pad, std::uint16_t(0), B_forward_terms_.tensor().data() + (3 * r + 2) * d);
+      RELORA_CHECK_LAUNCH("fill_kernel");
+    }
+    B_backward_terms_ = HalfBuffer(be, d, ld);
   }
   // Ones everywhere: the columns after the 3r terms stay ones (the bias's pair in the forward's
   // left operand, db's column beside U's terms); the terms are rewritten by every step.
@@ -169,32 +194,36 @@ const HalfTensor& CudaHalfLoraLinear::forward_half(const HalfTensor& X) {
   const Index ld = terms_ld(r);
   const int rank = int(r);
   std::uint16_t* left = left_terms_.tensor().data();
-  std::uint16_t* right = B_terms_.tensor().data();
+  std::uint16_t* right = B_forward_terms_.tensor().data();
   const bool bias = this->has_bias();
   if (bias) {  // b's two terms after B's, against the left operand's two columns of ones
-    split(this->base_.bias().data(), d, 1, TermLayout{right + 3 * r, 1, ld, {0, 1, 2}, 2}, context);
+    split(this->base_.bias().data(), d, 1, TermLayout{right + 3 * r * d, d, 1, 1, {0, 1, 2}, 2}, TermLayout{}, context);
   }
   if (this->merged()) {
     // Y = round(b), then Y = round(f(X W^T + Y)).
     if (bias) {
-      gemm_->multiply(Trans::no, Trans::yes, n, d, 2, 1.0f, left + 3 * r, ld, right + 3 * r, ld, 0.0f, Y.data(), d,
+      gemm_->multiply(Trans::no, Trans::no, n, d, ld - 3 * r, 1.0f, left + 3 * r, ld, right + 3 * r * d, d, 0.0f, Y.data(), d,
                       format_, HalfGemm::Output::half);
     }
     this->base_.forward_half(X, bias ? 1.0f : 0.0f, this->output_activation(), Y);
     return Y;
   }
   float* P = products_.data();
+  // A's and B's terms for this step, forward's and backward's layouts at once (the optimizer
+  // changes them only after the backward).
+  split(this->A_.data(), r, int(k), stacked(A_forward_terms_.tensor().data(), r, int(k), 0, 1, 2),
+        stacked(A_backward_terms_.tensor().data(), r, int(k), 0, 1, 0), context);
+  split(this->B_.data(), d, rank, stacked_transposed(right, d, rank, 0, 1, 0),
+        side_by_side(B_backward_terms_.tensor().data(), rank, ld, 0, 1, 2), context);
   // U = X A^T from A's three terms; s U's terms for the adapter's term of Y and (with db's ones
   // after them) for dB.
-  split(this->A_.data(), r, int(k), stacked(A_terms_.tensor().data(), r, int(k), 0, 1, 2), context);
-  gemm_->multiply(Trans::no, Trans::yes, n, 3 * r, k, 1.0f, X.data(), k, A_terms_.tensor().data(), k, 0.0f, P, 3 * r,
-                  format_, HalfGemm::Output::fp32);
+  gemm_->multiply(Trans::no, Trans::yes, n, 3 * r, k, 1.0f, X.data(), k, A_forward_terms_.tensor().data(), k, 0.0f, P,
+                  3 * r, format_, HalfGemm::Output::fp32);
   sum_and_split(SumAndSplit{P, 3, r, 3 * r, n, rank, this->scale_, nullptr, nullptr, side_by_side(left, rank, ld, 0, 0, 1),
                             side_by_side(U_terms_.tensor().data(), rank, ld, 0, 1, 2)},
                 context);
   // Y = round(s U B^T + b), then Y = round(f(X W^T + Y)).
-  split(this->B_.data(), d, rank, side_by_side(right, rank, ld, 0, 1, 0), context);
-  gemm_->multiply(Trans::no, Trans::yes, n, d, 3 * r + (bias ? 2 : 0), 1.0f, left, ld, right, ld, 0.0f, Y.data(), d,
+  gemm_->multiply(Trans::no, Trans::no, n, d, bias ? ld : 3 * r, 1.0f, left, ld, right, d, 0.0f, Y.data(), d,
                   format_, HalfGemm::Output::half);
   this->base_.forward_half(X, 1.0f, this->output_activation(), Y);
   return Y;
@@ -230,16 +259,15 @@ void CudaHalfLoraLinear::backward_half(const HalfTensor& dY, HalfTensor* dX) {
   std::uint16_t* dU_terms = dU_terms_.tensor().data();
   std::uint16_t* left = left_terms_.tensor().data();
   // dU = s dY B from B's three terms; dU's terms for dA and for dX.
-  split(this->B_.data(), d, rank, side_by_side(B_terms_.tensor().data(), rank, ld, 0, 1, 2), context);
-  gemm_->multiply(Trans::no, Trans::no, n, 3 * r, d, 1.0f, dY.data(), d, B_terms_.tensor().data(), ld, 0.0f, P, 3 * r,
-                  format_, HalfGemm::Output::fp32);
+  gemm_->multiply(Trans::no, Trans::no, n, 3 * r, d, 1.0f, dY.data(), d, B_backward_terms_.tensor().data(), ld, 0.0f, P,
+                  3 * r, format_, HalfGemm::Output::fp32);
   sum_and_split(SumAndSplit{P, 3, r, 3 * r, n, rank, this->scale_, nullptr, nullptr,
                             side_by_side(dU_terms, rank, ld, 0, 1, 2),
                             dX ? side_by_side(left, rank, ld, 0, 0, 1) : TermLayout{}},
                 context);
   // dB = dY^T (s U) and db = dY^T 1 in one product.
   const bool db = this->bias_trains();
-  gemm_->multiply(Trans::yes, Trans::no, d, 3 * r + (db ? 1 : 0), n, 1.0f, dY.data(), d, U_terms_.tensor().data(), ld,
+  gemm_->multiply(Trans::yes, Trans::no, d, db ? ld : 3 * r, n, 1.0f, dY.data(), d, U_terms_.tensor().data(), ld,
                   0.0f, P, ld, format_, HalfGemm::Output::fp32);
   sum_and_split(SumAndSplit{P, 3, r, ld, d, rank, 1.0f, this->dB_.data(), db ? this->db_.data() : nullptr, TermLayout{},
                             TermLayout{}},
@@ -251,9 +279,8 @@ void CudaHalfLoraLinear::backward_half(const HalfTensor& dY, HalfTensor* dX) {
                 context);
   if (dX) {
     // dX = round(dU A), then dX = round(dY W + dX).
-    split(this->A_.data(), r, int(k), stacked(A_terms_.tensor().data(), r, int(k), 0, 1, 0), context);
-    gemm_->multiply(Trans::no, Trans::no, n, k, 3 * r, 1.0f, left, ld, A_terms_.tensor().data(), k, 0.0f, dX->data(), k,
-                    format_, HalfGemm::Output::half);
+    gemm_->multiply(Trans::no, Trans::no, n, k, 3 * r, 1.0f, left, ld, A_backward_terms_.tensor().data(), k, 0.0f,
+                    dX->data(), k, format_, HalfGemm::Output::half);
     this->base_.input_gradient_half(dY, 1.0f, *dX);
   }
 }

@@ -92,7 +92,8 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
 // terms (hi + mid + lo, half_convert.cuh), each term's product exact and the sum accumulated in fp32:
 //
 //   forward:   P = X [A_hi; A_mid; A_lo]^T             V = s (P_1 + P_2 + P_3)   (= s U, n x r, fp32)
-//              Y = round([V_hi V_hi V_mid 1 1] [B_hi B_mid B_hi b_hi b_mid]^T)  (the adapter's term and b)
+//              Y = round([V_hi V_hi V_mid 1 1] [B_hi B_mid B_hi b_hi b_mid]^T)  (the adapter's term and b;
+//                                                                     the right operand stored transposed)
 //              Y = round(f(X W^T + Y))                                          (cuBLASLt's epilogue)
 //   backward:  P = dY [B_hi B_mid B_lo]                 dU = s (P_1 + P_2 + P_3)
 //              P = dY^T [V_hi V_mid V_lo 1]             dB = P_1 + P_2 + P_3, db = P_4
@@ -102,8 +103,10 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
 // U, dU, dA, dB and db are as accurate as fp32 products of the same operands; the adapter's term
 // of Y with the bias, and of dX (operands split in two, three cross terms kept: 16 significant
 // bits), are rounded to bf16 before the base's product adds them, a second rounding beside the
-// model's definition (Layer::take_half_activations). (cuBLASLt adds a bias of the result's type
-// only, so b travels with the adapter's term.) Dropout and training W (full fine-tuning) take the
+// model's definition (Layer::take_half_activations), and some of cuBLAS's kernels round X W^T
+// (dY W) to bf16 before they add that 16-bit term, a third: Y is within u (|X W^T| + |s U B^T + b|)
+// and half a spacing of the definition (PEFT on a bf16 base rounds X W^T + b, then the sum).
+// (cuBLASLt adds a bias of the result's type only, so b travels with the adapter's term.) Dropout and training W (full fine-tuning) take the
 // model's definition literally: X widened, the fp32 step, Y and dX rounded.
 class CudaHalfLoraLinear final : public CudaAdapterLoraLinear<float> {
  public:
@@ -137,8 +140,11 @@ class CudaHalfLoraLinear final : public CudaAdapterLoraLinear<float> {
   HalfBuffer U_terms_;     // n rows: [V_hi V_mid V_lo 1], written by the forward
   HalfBuffer left_terms_;  // n rows: the forward's [V_hi V_hi V_mid 1 1], the backward's [dU_hi dU_hi dU_mid]
   HalfBuffer dU_terms_;    // n rows: [dU_hi dU_mid dU_lo]
-  HalfBuffer B_terms_;     // d rows: the forward's [B_hi B_mid B_hi b_hi b_mid], the backward's [B_hi B_mid B_lo]
-  HalfBuffer A_terms_;     // 3r x k: the forward's [A_hi; A_mid; A_lo], the backward's [A_hi; A_mid; A_hi]
+  HalfBuffer B_forward_terms_;   // terms_ld x d: [B_hi B_mid B_hi b_hi b_mid 0]^T (the product then
+                                 // takes both operands untransposed, its fastest layout: PERFORMANCE.md)
+  HalfBuffer B_backward_terms_;  // d rows: [B_hi B_mid B_lo]
+  HalfBuffer A_forward_terms_;   // 3r x k: [A_hi; A_mid; A_lo]
+  HalfBuffer A_backward_terms_;  // 3r x k: [A_hi; A_mid; A_hi]
   Tensor<float> wide_X_, wide_dY_, wide_dX_;  // the fp32 step's conversions, sized when it runs
 };
 
