@@ -15,11 +15,11 @@
 //   model's output must be the last layer's output rounded, bit for bit.
 // - bounded, for any layer, the native CUDA ones (cuda_half: a bf16 base on bf16 activations)
 //   included, which round the adapter's terms of Y and dX to the format before adding them to the
-//   base's product (which cuBLAS may round too, before the addition): each layer's 16-bit output (read from the layer where it keeps it) must lie,
-//   entry by entry, within a bound of the exact math on its 16-bit input, and dA, dB, db within a
-//   bound propagated down from the top through the gradients' roundings (check_bounds says how
-//   the bound is built). The bound is a few u of the terms' magnitudes, so a wrong term, mask or
-//   scale lies far outside it.
+//   base's product (which cuBLAS may round too, before the addition): each layer's 16-bit output
+//   (read from the layer where it keeps it) must lie, entry by entry, within a bound of the exact
+//   math on its 16-bit input, and dA, dB, db within a bound propagated down from the top through
+//   the gradients' roundings (check_bounds says how the bound is built). The bound is a few u of
+//   the terms' magnitudes, so a wrong term, mask or scale lies far outside it.
 // - the whole definition from the host weights alone: a value within fp32 error of a tie between
 //   two format values rounds either way, and that one-ulp step travels up the layers, so the
 //   output is compared within two format ulps of each entry, the gradients within u (Frobenius).

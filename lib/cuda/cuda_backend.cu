@@ -72,14 +72,8 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
   RELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_.stream, cudaStreamNonBlocking));
   RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_event_.event, cudaEventDisableTiming));
   RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&join_event_.event, cudaEventDisableTiming));
-  RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
-  RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, stream_.stream));
-  // A workspace of our own (cuBLAS's recommended size: 32 MiB on Hopper and newer, 4 MiB before),
-  // set after the stream (cublasSetStream resets it): cuBLAS then allocates nothing itself, not
-  // even while a step is captured into a graph.
-  const std::size_t workspace_bytes = std::size_t(cc_major_ >= 9 ? 32 : 4) << 20;
-  RELORA_CUDA_CHECK(cudaMalloc(&blas_workspace_.ptr, workspace_bytes));
-  RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, blas_workspace_.ptr, workspace_bytes));
+  // cuBLAS's recommended workspace: 32 MiB on Hopper and newer, 4 MiB before.
+  create_blas_on_stream(stream_.stream, std::size_t(cc_major_ >= 9 ? 32 : 4) << 20, blas_, blas_workspace_);
   if constexpr (std::is_same<T, float>::value) {
     constexpr std::size_t kLtWorkspaceBytes = std::size_t(4) << 20;
     RELORA_CUDA_CHECK(cudaMalloc(&lt_workspace_.ptr, kLtWorkspaceBytes));

@@ -10,12 +10,7 @@ namespace cuda_detail {
 
 HalfGemm::HalfGemm(CudaContext& context) : context_(&context) {
   context_->activate();
-  RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
-  RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, context_->stream()));
-  RELORA_CUDA_CHECK(cudaMalloc(&workspace_.ptr, kWorkspaceBytes));
-  // Zeroed once for compute-sanitizer's initcheck (split-K partial sums, cuda_sanitizer_marks.cuh).
-  RELORA_CUDA_CHECK(cudaMemset(workspace_.ptr, 0, kWorkspaceBytes));
-  RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, workspace_.ptr, kWorkspaceBytes));
+  create_blas_on_stream(context_->stream(), kWorkspaceBytes, blas_, workspace_);
 }
 
 void HalfGemm::multiply(Trans trans_a, Trans trans_b, Index m, Index n, Index k, float alpha, const std::uint16_t* A,

@@ -5,7 +5,10 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+
+#include "cuda/cuda_check.cuh"
 
 namespace relora {
 namespace cuda_detail {
@@ -96,6 +99,19 @@ struct BlasHandle {
     if (handle) (void)cublasDestroy(handle);
   }
 };
+
+// A cuBLAS handle on `stream` with a workspace of its own (`bytes`), set after the stream (which
+// resets it): cuBLAS then allocates nothing itself, not even while a step is captured into a graph.
+// The workspace is zeroed once, for compute-sanitizer's initcheck: a split-K product's partial
+// sums reach it through stores the tool does not see (cuda_sanitizer_marks.cuh), and the reduce
+// kernel's reads of them would be reported as reads of memory never written.
+inline void create_blas_on_stream(cudaStream_t stream, std::size_t bytes, BlasHandle& blas, DeviceMemory& workspace) {
+  RELORA_CUBLAS_CHECK(cublasCreate(&blas.handle));
+  RELORA_CUBLAS_CHECK(cublasSetStream(blas.handle, stream));
+  RELORA_CUDA_CHECK(cudaMalloc(&workspace.ptr, bytes));
+  RELORA_CUDA_CHECK(cudaMemset(workspace.ptr, 0, bytes));
+  RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas.handle, workspace.ptr, bytes));
+}
 
 }  // namespace cuda_detail
 }  // namespace relora

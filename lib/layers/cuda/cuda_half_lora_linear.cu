@@ -86,7 +86,10 @@ __global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16
 
 void sum_and_split(const SumAndSplit& a, CudaContext& context) {
   if (a.rows == 0 || a.cols == 0) return;
-  if (a.rows * a.cols > std::int64_t(1) << 30) throw ShapeError("CudaHalfLoraLinear: a rank-sized operand of over 2^30 values");
+  if (a.rows * a.cols > std::int64_t(1) << 30) {
+    throw ShapeError("CudaHalfLoraLinear: a rank-sized operand of " + shape_string(a.rows, a.cols) +
+                     ", over 2^30 values");
+  }
   context.activate();
   sum_and_split_kernel<<<grid_for(a.rows * a.cols, context.sm_count()), kThreads, 0, context.stream()>>>(a);
   RELORA_CHECK_LAUNCH("sum_and_split_kernel");

@@ -100,14 +100,15 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
 //              P = [dU_hi dU_mid dU_lo]^T X              dA = P_1 + P_2 + P_3
 //              dX = round([dU_hi dU_hi dU_mid] [A_hi; A_mid; A_hi]), dX = round(dY W + dX)
 //
-// U, dU, dA, dB and db are as accurate as fp32 products of the same operands; the adapter's term
-// of Y with the bias, and of dX (operands split in two, three cross terms kept: 16 significant
-// bits), are rounded to bf16 before the base's product adds them, a second rounding beside the
-// model's definition (Layer::take_half_activations), and some of cuBLAS's kernels round X W^T
-// (dY W) to bf16 before they add that 16-bit term, a third: Y is within u (|X W^T| + |s U B^T + b|)
-// and half a spacing of the definition (PEFT on a bf16 base rounds X W^T + b, then the sum).
-// (cuBLASLt adds a bias of the result's type only, so b travels with the adapter's term.) Dropout and training W (full fine-tuning) take the
-// model's definition literally: X widened, the fp32 step, Y and dX rounded.
+// U, dU, dA, dB and db are as accurate as fp32 products of the same operands; the adapter's term of
+// Y with the bias, and of dX (operands split in two, three cross terms kept: 16 significant bits),
+// are rounded to bf16 before the base's product adds them, a second rounding beside the model's
+// definition (Layer::take_half_activations), and some of cuBLAS's kernels round X W^T (dY W) to
+// bf16 before they add that 16-bit term, a third: Y is within u (|X W^T| + |s U B^T + b|) and half
+// a spacing of the definition (PEFT on a bf16 base rounds X W^T + b, then the sum). (cuBLASLt adds
+// a bias of the result's type only, so b travels with the adapter's term.) Dropout and training W
+// (full fine-tuning) take the model's definition literally: X widened, the fp32 step, Y and dX
+// rounded.
 class CudaHalfLoraLinear final : public CudaAdapterLoraLinear<float> {
  public:
   template <typename... Args>

@@ -101,16 +101,7 @@ class CudaFrozenBaseKernels final : public FrozenBaseKernels {
   explicit CudaFrozenBaseKernels(Backend<float>& backend)
       : backend_(&backend), context_(&cuda_context(backend)), cast_(SharedCast::of(context_)) {
     context_->activate();
-    RELORA_CUBLAS_CHECK(cublasCreate(&blas_.handle));
-    RELORA_CUBLAS_CHECK(cublasSetStream(blas_.handle, context_->stream()));
-    // Our own workspace, set after the stream (which resets it): cuBLAS allocates nothing itself,
-    // not even while a step is captured into a graph.
-    RELORA_CUDA_CHECK(cudaMalloc(&workspace_.ptr, kWorkspaceBytes));
-    // Zeroed once, for compute-sanitizer's initcheck: a split-K 16-bit product's partial sums go
-    // to the workspace through stores the tool does not see (cuda_sanitizer_marks.cuh), and its
-    // reduce kernel's reads of them would be reported as reads of memory never written.
-    RELORA_CUDA_CHECK(cudaMemset(workspace_.ptr, 0, kWorkspaceBytes));
-    RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle, workspace_.ptr, kWorkspaceBytes));
+    create_blas_on_stream(context_->stream(), kWorkspaceBytes, blas_, workspace_);  // shared with the Lt products
     RELORA_CUDA_CHECK(cudaMalloc(&largest_.ptr, sizeof(unsigned int)));
     lt_ = std::make_unique<LtMatmul>(context_->stream(), workspace_.ptr, kWorkspaceBytes);
   }
