@@ -297,11 +297,11 @@ void Galore<T>::refresh(Projected& x) {
   Tensor<T> P_old, Q_old;
   if (reproject) {
     if (x.uses_p) {
-      P_old = view_of(old_p_, x.rows, r);
+      P_old = leading_view(old_p_, x.rows, r);
       backend_->copy(x.P, P_old);
     }
     if (x.uses_q) {
-      Q_old = view_of(old_q_, x.cols, r);
+      Q_old = leading_view(old_q_, x.cols, r);
       backend_->copy(x.Q, Q_old);
     }
   }
@@ -332,7 +332,7 @@ void Galore<T>::refresh(Projected& x) {
     // The two range finders (or the Gram finder's QR) fix each vector's sign on their own;
     // u_j^T G v_j > 0 pairs them as an SVD does: the diagonal of P^T G Q (r x r, formed on the
     // device in R's buffer).
-    Tensor<T> tmp = view_of(scratch_, r, x.cols);
+    Tensor<T> tmp = leading_view(scratch_, r, x.cols);
     backend_->gemm(Trans::yes, Trans::no, T(1), x.P, G, T(0), tmp);
     backend_->gemm(Trans::no, Trans::no, T(1), tmp, x.Q, T(0), x.R);
     const HostMatrix<T> pairing = to_host(*backend_, x.R);
@@ -352,7 +352,7 @@ void Galore<T>::refresh(Projected& x) {
     backend_->fill(x.step, T(0));
   } else if (reproject) {
     // m <- C m D^T, v <- (C.C) v (D.D)^T with C = P_new^T P_old, D = Q_new^T Q_old.
-    Tensor<T> tmp = view_of(scratch_, x.m.rows(), x.m.cols());
+    Tensor<T> tmp = leading_view(scratch_, x.m.rows(), x.m.cols());
     auto rotate = [&](const Tensor<T>& basis_new, const Tensor<T>& basis_old, bool on_left) {
       backend_->gemm(Trans::yes, Trans::no, T(1), basis_new, basis_old, T(0), rotation_);
       backend_->multiply(rotation_, rotation_, rotation_sq_);
@@ -376,7 +376,7 @@ template <typename T>
 void Galore<T>::project_gradient(Projected& x) {
   const Tensor<T>& G = *x.param->grad;
   if (x.uses_p && x.uses_q) {
-    Tensor<T> tmp = view_of(scratch_, config_.rank, x.cols);
+    Tensor<T> tmp = leading_view(scratch_, config_.rank, x.cols);
     backend_->gemm(Trans::yes, Trans::no, T(1), x.P, G, T(0), tmp);  // P^T G
     backend_->gemm(Trans::no, Trans::no, T(1), tmp, x.Q, T(0), x.R);  // (P^T G) Q
   } else if (x.uses_p) {
@@ -392,7 +392,7 @@ void Galore<T>::apply_update(Projected& x) {
   Tensor<T>& W = *x.param->value;
   // N holds -lr alpha N: W += P N (N Q^T, P N Q^T) with beta = 1.
   if (x.uses_p && x.uses_q) {
-    Tensor<T> tmp = view_of(scratch_, config_.rank, x.cols);
+    Tensor<T> tmp = leading_view(scratch_, config_.rank, x.cols);
     backend_->gemm(Trans::no, Trans::yes, T(1), x.N, x.Q, T(0), tmp);
     backend_->gemm(Trans::no, Trans::no, T(1), x.P, tmp, T(1), W);
   } else if (x.uses_p) {

@@ -7,9 +7,6 @@
 namespace relora {
 namespace {
 
-template <typename T>
-void no_release(T*) {}
-
 using HostMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 // The backend's products in strict precision while it lives, its math mode restored after (also
@@ -35,14 +32,6 @@ class StrictProducts {
 }  // namespace
 
 template <typename T>
-Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols) {
-  if (rows * cols > buffer.size()) {
-    throw ShapeError("GaLore workspace: a view of " + shape_string(rows, cols) + " does not fit " + buffer.shape());
-  }
-  return Tensor<T>(buffer.data(), rows, cols, buffer.device(), &no_release<T>);
-}
-
-template <typename T>
 RangeFinder<T>::RangeFinder(Backend<T>& backend, GaloreKernels<T>& kernels, Index max_long, Index max_width)
     : backend_(backend), kernels_(kernels) {
   sketch_ = backend_.allocate(max_long, max_width);
@@ -64,8 +53,8 @@ void RangeFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Index 
   const Index k = std::min({r + oversample, a, b});
   const Trans op = transpose ? Trans::yes : Trans::no;
   const Trans op_t = transpose ? Trans::no : Trans::yes;
-  Tensor<T> Y = view_of(sketch_, a, k);  // the range's basis
-  Tensor<T> Z = view_of(other_, b, k);   // op(G)^T's
+  Tensor<T> Y = leading_view(sketch_, a, k);  // the range's basis
+  Tensor<T> Z = leading_view(other_, b, k);   // op(G)^T's
   backend_.random_normal(key, T(0), T(1), Z);
   backend_.gemm(op, Trans::no, T(1), G, Z, T(0), Y);  // Y = op(G) Omega
   kernels_.orthonormalize(Y);
@@ -78,14 +67,14 @@ void RangeFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Index 
   // Rayleigh-Ritz: with B = Y^T op(G) (k x b), the left singular vectors of B are the
   // eigenvectors of B B^T (k x k, formed on the device, solved on the host in double).
   backend_.gemm(op_t, Trans::no, T(1), G, Y, T(0), Z);  // Z = B^T
-  Tensor<T> BBt = view_of(small_, k, k);
+  Tensor<T> BBt = leading_view(small_, k, k);
   backend_.gemm(Trans::yes, Trans::no, T(1), Z, Z, T(0), BBt);
   const HostMatrixD s = to_host(backend_, BBt).template cast<double>();
   const Eigen::SelfAdjointEigenSolver<HostMatrixD> eig(0.5 * (s + s.transpose()));
   // Eigenvalues ascending: the top r eigenvectors are the last r columns, reversed.
   HostMatrix<T> rotation(k, r);
   for (Index j = 0; j < r; ++j) rotation.col(j) = eig.eigenvectors().col(k - 1 - j).template cast<T>();
-  Tensor<T> E = view_of(small_, k, r);
+  Tensor<T> E = leading_view(small_, k, r);
   backend_.upload(rotation.data(), E);
   backend_.gemm(Trans::no, Trans::no, T(1), Y, E, T(0), U);
 }
@@ -104,7 +93,7 @@ std::size_t GramFinder<T>::workspace_bytes() const {
 template <typename T>
 void GramFinder<T>::top_left_vectors(const Tensor<T>& G, bool transpose, Tensor<T>& U) {
   const Index a = transpose ? G.cols() : G.rows();
-  Tensor<T> C = view_of(gram_, a, a);
+  Tensor<T> C = leading_view(gram_, a, a);
   const StrictProducts<T> strict(backend_);
   if (transpose) {
     backend_.gemm(Trans::yes, Trans::no, T(1), G, G, T(0), C);  // G^T G
@@ -144,8 +133,6 @@ void fix_signs(Backend<T>& backend, Tensor<T>& lead, Tensor<T>* follow) {
   if (follow) backend.upload(f.data(), *follow);
 }
 
-template Tensor<float> view_of(Tensor<float>&, Index, Index);
-template Tensor<double> view_of(Tensor<double>&, Index, Index);
 template class RangeFinder<float>;
 template class RangeFinder<double>;
 template class GramFinder<float>;

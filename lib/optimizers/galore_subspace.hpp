@@ -13,11 +13,6 @@
 
 namespace relora {
 
-// A tensor that views `rows * cols` elements of `buffer` without owning them (GaLore's workspace
-// is allocated once and seen in the shape each product needs).
-template <typename T>
-Tensor<T> view_of(Tensor<T>& buffer, Index rows, Index cols);
-
 template <typename T>
 class RangeFinder {
  public:

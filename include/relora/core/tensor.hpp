@@ -48,10 +48,13 @@ class Tensor {
   Device device_ = Device::cpu;
 };
 
-// A non-owning rows x cols view of the start of `t`'s memory (rows * cols <= t.size()): a buffer
-// sized once and reused for smaller shapes, without an allocation.
+// A non-owning rows x cols view of the start of `t`'s memory: a buffer sized once and reused for
+// smaller shapes, without an allocation. ShapeError when rows * cols exceeds t.size().
 template <typename T>
 Tensor<T> leading_view(const Tensor<T>& t, Index rows, Index cols) {
+  if (rows * cols > t.size()) {
+    throw ShapeError("a view of " + shape_string(rows, cols) + " does not fit the buffer " + t.shape());
+  }
   return Tensor<T>(const_cast<T*>(t.data()), rows, cols, t.device(), [](T*) {});
 }
 

@@ -66,9 +66,9 @@ class Layer {
   // rounded to bf16 or fp16 and keeps the layer's output in that format. For a layer that does not
   // take the format, the model widens the input exactly, runs forward and backward in fp32 and
   // rounds Y (after the activation) and dX to nearest: that is the reference, and a layer that
-  // takes the format computes the same within the format's rounding (its fast path may round the
-  // adapter's term before adding it, a second rounding of at most that size). A, B, their
-  // gradients and the loss stay fp32.
+  // takes the format computes the same within a few of the format's roundings (its fast path may
+  // round the adapter's term, and the base's product, before adding them). A, B, their gradients
+  // and the loss stay fp32.
   //
   // Asks the layer to read its input and write its output (and dX) in `format` from now on: true
   // where it does, false where the model converts for it. fp32 asks it to go back (the answer is

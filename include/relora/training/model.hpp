@@ -112,7 +112,7 @@ class Model {
     std::string name;
     Tensor<T> Z;   // activation output for tanh and GELU; identity and ReLU leave it in Y
     Tensor<T> dY;  // gradient at the pre-activation output, when the incoming one is not ours
-    // 16-bit activations (half_activations.cpp): whether the layer takes them itself, and for one
+    // 16-bit activations (model_half_activations.cpp): whether the layer takes them itself, and for one
     // that does not, the model's conversions around it.
     bool layer_takes_half = false;
     Tensor<T> wide_input, wide_grad, wide_dX;  // X, dY and dX widened to fp32
@@ -122,7 +122,7 @@ class Model {
   // Runs the first `count` layers and their activations; returns the last one's output (X if none).
   const Tensor<T>& forward_layers(const Tensor<T>& X, std::size_t count);
 
-  // The same with 16-bit activations (half_activations.cpp).
+  // The same with 16-bit activations (model_half_activations.cpp).
   bool half() const { return activation_format_ != BasePrecision::fp32; }
   void require_half_activation(Activation f, std::size_t layer) const;
   HalfTensor& half_output_of(Stage& stage);
