@@ -45,7 +45,7 @@ struct DoraPair {
 }  // namespace
 
 TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on the same rounded weights") {
-  // Where the CPU has AMX the test runs again in tf32 mode (a bf16 base's products on the tiles,
+  // Where the CPU has AMX or AVX-512 BF16 the test runs again in tf32 mode (a bf16 base's products on them,
   // X and dY rounded to bf16), and where a GPU is visible on CUDA (tensor cores, the operands
   // rounded to W's format; W A^T from A's three bf16 terms), on inputs that are bf16 values
   // already, so the bounds stay 1e-5 but for dX (below).
@@ -54,7 +54,7 @@ TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on
     MathMode math;
   };
   std::vector<Run> runs{{Device::cpu, MathMode::strict}};
-  if (cpu_amx_bf16_available()) runs.push_back({Device::cpu, MathMode::tf32});
+  if (cpu_amx_bf16_available() || cpu_avx512_bf16_available()) runs.push_back({Device::cpu, MathMode::tf32});
   if (relora::testing::cuda_or_skip("CUDA DoRA on a 16-bit base")) runs.push_back({Device::cuda, MathMode::strict});
   for (const Run run : runs) {
     const bool rounds_operands = run.device == Device::cuda || run.math == MathMode::tf32;
@@ -91,8 +91,9 @@ TEST_CASE("bf16 and fp16 DoRA: forward and gradients match an fp32 DoraLinear on
           const double e_da = e(pair.half->dA(), pair.reference->dA()), e_db = e(pair.half->dB(), pair.reference->dB());
           const double e_dm = e(pair.half->dm(), pair.reference->dm());
           const std::string mode = gradient == DoraGradient::exact ? "exact" : "detached";
-          MESSAGE(backend->description() << ", " << precision_name(format)
-                                          << (run.math == MathMode::tf32 ? " tf32 " : " ") << mode << " " << k
+          // (const char* values as std::string: doctest prints a const char* as a pointer.)
+          MESSAGE(backend->description() << ", " << std::string(precision_name(format))
+                                          << std::string(run.math == MathMode::tf32 ? " tf32 " : " ") << mode << " " << k
                                           << " -> " << d << ": Y " << e_y
                                                       << ", dX " << e_dx << ", dA " << e_da << ", dB " << e_db
                                                       << ", dm " << e_dm);

@@ -190,7 +190,7 @@ TEST_CASE_TEMPLATE("cuda adam: many parameters at different counts equal the CPU
       worst = std::max(worst, twin.compare(0.0));
     }
   }
-  MESSAGE("adam " << (sizeof(T) == 4 ? "float" : "double") << ": max element-wise rel error " << worst
+  MESSAGE("adam " << std::string(sizeof(T) == 4 ? "float" : "double") << ": max element-wise rel error " << worst
                   << " (bound 0: bit for bit)");
 }
 

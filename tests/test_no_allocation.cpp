@@ -416,7 +416,7 @@ TEST_CASE("a steady step of a bf16 or fp16 base, ReLoRA restarts included, alloc
     return;
   }
   // 600 x 2000: W spans two of the CPU kernels' widened panels, so the column blocks are used too.
-  // In tf32 mode a bf16 base multiplies on AMX tiles where the CPU has them.
+  // In tf32 mode a bf16 base multiplies on AMX tiles or AVX-512 BF16 where the CPU has them.
   for (const BaseMerge merge : {BaseMerge::stochastic, BaseMerge::fp32_master}) {
     for (const MathMode math : {MathMode::strict, MathMode::tf32}) {
       for (int threads : {1, 2}) {

@@ -83,10 +83,10 @@ TEST_CASE("a layer that takes its ReLU gives ReLU of its twin's output: every im
             const bool same_product = device == Device::cpu || (choice == LayerChoice::fastest && !merged);
             const double worst = double((y - want).cwiseAbs().maxCoeff());
             const double scale = double(want.cwiseAbs().maxCoeff());
-            INFO(std::string(device_name(device)) << " " << precision_name(format) << " "
+            INFO(std::string(device_name(device)) << " " << std::string(precision_name(format)) << " "
                                                   << layers.taken->implementation()
-                                     << (bias == BiasMode::none ? " no bias" : " bias")
-                                     << (merged ? " merged" : "") << ": worst " << worst << " of " << scale);
+                                     << std::string(bias == BiasMode::none ? " no bias" : " bias")
+                                     << std::string(merged ? " merged" : "") << ": worst " << worst << " of " << scale);
             CHECK(y.minCoeff() >= 0.0f);
             CHECK((y.array() > 0).count() > y.size() / 4);  // the ReLU left a real share positive
             if (same_product) {
@@ -184,7 +184,7 @@ TEST_CASE("a model whose layers take their ReLU trains as one whose model applie
         taking.backward(loss_a.gradient());
         declining.backward(loss_b.gradient());
         const double loss_error = std::abs(loss_a.value() - loss_b.value()) / std::abs(loss_b.value());
-        INFO(std::string(device_name(device)) << " " << precision_name(format) << (use_dora ? " DoRA" : " LoRA")
+        INFO(std::string(device_name(device)) << " " << std::string(precision_name(format)) << std::string(use_dora ? " DoRA" : " LoRA")
                                               << ": loss "
                                  << loss_a.value() << " vs " << loss_b.value());
         CHECK(loss_error <= 1e-6);
@@ -232,8 +232,8 @@ TEST_CASE("a DoRA layer that takes its ReLU gives ReLU of its twin's output: wit
           const HostMatrix<float> want = to_host(*backend, plain.forward(X)).cwiseMax(0.0f);
           const double worst = double((y - want).cwiseAbs().maxCoeff());
           const double scale = double(want.cwiseAbs().maxCoeff());
-          INFO(std::string(device_name(device)) << " " << precision_name(format) << " dropout " << dropout
-                                   << (merged ? " merged" : "") << ": worst " << worst << " of " << scale);
+          INFO(std::string(device_name(device)) << " " << std::string(precision_name(format)) << " dropout " << dropout
+                                   << std::string(merged ? " merged" : "") << ": worst " << worst << " of " << scale);
           CHECK(y.minCoeff() >= 0.0f);
           CHECK((y.array() > 0).count() > y.size() / 4);
           if (merged && device == Device::cuda) {

@@ -49,7 +49,8 @@ std::string CpuBackend<T>::description() const {
 #endif
   return std::string("cpu (Eigen ") + std::to_string(EIGEN_WORLD_VERSION) + "." +
          std::to_string(EIGEN_MAJOR_VERSION) + "." + std::to_string(EIGEN_MINOR_VERSION) + ", " +
-         std::to_string(threads) + " threads)";
+         std::to_string(threads) + " threads; a bf16 base in tf32 mode on " +
+         (cpu_amx_bf16_available() ? "AMX tiles" : cpu_avx512_bf16_available() ? "AVX-512 BF16" : "fp32 products") + ")";
 }
 
 template <typename T>

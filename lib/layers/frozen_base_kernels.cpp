@@ -1,6 +1,7 @@
 #include "layers/frozen_base_kernels.hpp"
 
 #include "layers/cpu/amx_support.hpp"
+#include "layers/cpu/avx512_bf16_support.hpp"
 
 #include "relora/core/errors.hpp"
 
@@ -12,6 +13,9 @@ std::unique_ptr<FrozenBaseKernels> make_frozen_base_kernels(Backend<float>& back
       auto reference = make_cpu_frozen_base_kernels();
 #if defined(RELORA_WITH_AMX)
       if (amx_bf16_usable()) return make_amx_frozen_base_kernels(backend, std::move(reference));
+#endif
+#if defined(RELORA_WITH_AVX512_BF16)
+      if (avx512_bf16_usable()) return make_avx512_bf16_frozen_base_kernels(backend, std::move(reference));
 #endif
       return reference;
     }

@@ -2,7 +2,9 @@
 // The kernels of a base weight stored in bf16 or fp16 (FrozenBase), one implementation per
 // device: cpu/frozen_base_kernels_cpu.cpp (products on Eigen's fp32 kernels, W widened a panel of
 // rows at a time) and cuda/frozen_base_kernels_cuda.cu (tensor-core products through
-// cublasGemmEx with fp32 accumulation, the fp32 operand cast into a 16-bit buffer first).
+// cublasGemmEx with fp32 accumulation, the fp32 operand cast into a 16-bit buffer first). The CPU
+// has siblings for a bf16 base in tf32 mode, chosen at run time (frozen_base_kernels.cpp): AMX
+// tiles (cpu/frozen_base_kernels_amx.cpp) and AVX-512 BF16 (cpu/frozen_base_kernels_avx512_bf16.cpp).
 // Letters as in lora_linear.hpp: X is n x k, W is d x k (16-bit), Y is n x d, dY n x d, dX n x k.
 // 16-bit values are raw bits (half_precision.hpp). Float layers only: cuBLAS has no 16-bit
 // product into fp64, and an fp64 model has no reason to store its base in 16 bits.

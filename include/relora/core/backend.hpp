@@ -34,9 +34,10 @@ inline void require_in_place_activation(Activation f, const char* where) {
 }
 
 // Strict IEEE fp32 products, or TF32 tensor-core products (CUDA; about 3e-4 relative error). On
-// the CPU, tf32 lets a bf16 base's products run on AMX tiles where the CPU has them
-// (cpu_amx_bf16_available()), the fp32 operand rounded to bf16 as the CUDA backend always does;
-// every other CPU product is full precision in either mode.
+// the CPU, tf32 lets a bf16 base's products run on AMX tiles (cpu_amx_bf16_available()) or, on a
+// CPU without AMX, on AVX-512 BF16 dot products (cpu_avx512_bf16_available()), the fp32 operand
+// rounded to bf16 as the CUDA backend always does; every other CPU product is full precision in
+// either mode.
 enum class MathMode { strict, tf32 };
 
 struct BackendOptions {
@@ -144,5 +145,11 @@ bool cuda_available(std::string* why = nullptr);
 // with AMX-BF16 under Linux, a library built by a compiler with AMX's flags, and the environment
 // variable RELORA_CPU_AMX not set to 0.
 bool cpu_amx_bf16_available();
+
+// Whether the CPU backend has AVX-512 BF16 kernels for a bf16 base's products in tf32 mode (they
+// run where cpu_amx_bf16_available() is false): an x86-64 CPU with AVX512F, BW, VL and BF16 (AMD
+// Zen 4 and later, Intel from Cooper Lake), a library built by a compiler that can compile them,
+// and the environment variable RELORA_CPU_AVX512_BF16 not set to 0.
+bool cpu_avx512_bf16_available();
 
 }  // namespace relora
