@@ -21,6 +21,7 @@
 #include "cpu/cpu_parallel.hpp"
 #include "cpu/cpu_row_passes.hpp"
 #include "layers/cpu/amx_support.hpp"
+#include "layers/cpu/cpu_bf16_sibling_kernels.hpp"
 #include "layers/cpu/grown_buffer.hpp"
 
 namespace relora {
@@ -154,26 +155,15 @@ void multiply(const std::uint16_t* A, Index rows, Index rows_padded, Index k_pad
   });
 }
 
-class AmxFrozenBaseKernels final : public FrozenBaseKernels {
+class AmxFrozenBaseKernels final : public CpuBf16SiblingKernels {
  public:
   AmxFrozenBaseKernels(Backend<float>& backend, std::unique_ptr<FrozenBaseKernels> reference)
-      : backend_(backend), reference_(std::move(reference)) {}
-
-  void round(const float* src, Index count, Index first_index, BasePrecision format, HalfRounding mode, RngKey key,
-             std::uint16_t* dst) override {
-    reference_->round(src, count, first_index, format, mode, key, dst);
-  }
-  void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) override {
-    reference_->widen(src, count, format, dst);
-  }
-  double max_abs(const std::uint16_t* src, Index count, BasePrecision format) override {
-    return reference_->max_abs(src, count, format);
-  }
+      : CpuBf16SiblingKernels(backend, std::move(reference)) {}
 
   void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
                        float beta, bool relu, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
-    if (!on_tiles(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, relu, Y);
+    if (!runs_product(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, relu, Y);
     const Index rows_padded = round_up(n, kStep), k_padded = round_up(k, kStep), n_padded = round_up(d, kStep);
     std::uint16_t* A = operand_.get(rows_padded * k_padded);
     std::uint16_t* B = packed_.get(k_padded * n_padded);
@@ -186,7 +176,7 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
                               Tensor<float>& dX) override {
     const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
-    if (!on_tiles(format, n, k, d)) return reference_->input_gradient_product(dY, W, format, beta, dX);
+    if (!runs_product(format, n, k, d)) return reference_->input_gradient_product(dY, W, format, beta, dX);
     const Index rows_padded = round_up(n, kStep), k_padded = round_up(d, kStep), n_padded = round_up(k, kStep);
     std::uint16_t* A = operand_.get(rows_padded * k_padded);
     std::uint16_t* B = packed_.get(k_padded * n_padded);
@@ -196,14 +186,6 @@ class AmxFrozenBaseKernels final : public FrozenBaseKernels {
   }
 
  private:
-  // The tiles multiply bf16 only, and only in tf32 mode (the user's consent to rounding X and dY);
-  // an empty product is the reference's.
-  bool on_tiles(BasePrecision format, Index n, Index k, Index d) const {
-    return format == BasePrecision::bf16 && backend_.math_mode() == MathMode::tf32 && n > 0 && k > 0 && d > 0;
-  }
-
-  Backend<float>& backend_;
-  std::unique_ptr<FrozenBaseKernels> reference_;
   GrownBuffer<std::uint16_t> operand_;  // X or dY rounded to bf16, padded
   GrownBuffer<std::uint16_t> packed_;   // W^T or W in the tiles' layout, padded
 };

@@ -28,6 +28,7 @@
 
 #include "cpu/cpu_parallel.hpp"
 #include "cpu/cpu_row_passes.hpp"
+#include "layers/cpu/cpu_bf16_sibling_kernels.hpp"
 #include "layers/cpu/grown_buffer.hpp"
 
 #define RELORA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -180,26 +181,15 @@ void run_task(const Product& p, Index first_row, Index last_row, Index c0, std::
   }
 }
 
-class Avx512Bf16FrozenBaseKernels final : public FrozenBaseKernels {
+class Avx512Bf16FrozenBaseKernels final : public CpuBf16SiblingKernels {
  public:
   Avx512Bf16FrozenBaseKernels(Backend<float>& backend, std::unique_ptr<FrozenBaseKernels> reference)
-      : backend_(backend), reference_(std::move(reference)), blocks_(std::size_t(team_size())) {}
-
-  void round(const float* src, Index count, Index first_index, BasePrecision format, HalfRounding mode, RngKey key,
-             std::uint16_t* dst) override {
-    reference_->round(src, count, first_index, format, mode, key, dst);
-  }
-  void widen(const std::uint16_t* src, Index count, BasePrecision format, float* dst) override {
-    reference_->widen(src, count, format, dst);
-  }
-  double max_abs(const std::uint16_t* src, Index count, BasePrecision format) override {
-    return reference_->max_abs(src, count, format);
-  }
+      : CpuBf16SiblingKernels(backend, std::move(reference)), blocks_(std::size_t(team_size())) {}
 
   void forward_product(const Tensor<float>& X, const std::uint16_t* W, BasePrecision format, const float* bias,
                        float beta, bool relu, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
-    if (!on_dot_products(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, relu, Y);
+    if (!runs_product(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, relu, Y);
     multiply(X, Product{nullptr, 0, W, d, k, true, n, k, d, beta, Y.data()});
     finish_rows(bias, relu, Y);
   }
@@ -207,17 +197,11 @@ class Avx512Bf16FrozenBaseKernels final : public FrozenBaseKernels {
   void input_gradient_product(const Tensor<float>& dY, const std::uint16_t* W, BasePrecision format, float beta,
                               Tensor<float>& dX) override {
     const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
-    if (!on_dot_products(format, n, k, d)) return reference_->input_gradient_product(dY, W, format, beta, dX);
+    if (!runs_product(format, n, k, d)) return reference_->input_gradient_product(dY, W, format, beta, dX);
     multiply(dY, Product{nullptr, 0, W, d, k, false, n, d, k, beta, dX.data()});
   }
 
  private:
-  // bf16 only, and only in tf32 mode (the user's consent to rounding X and dY); an empty product
-  // is the reference's.
-  bool on_dot_products(BasePrecision format, Index n, Index k, Index d) const {
-    return format == BasePrecision::bf16 && backend_.math_mode() == MathMode::tf32 && n > 0 && k > 0 && d > 0;
-  }
-
   // C = A B + beta C with A = `left` rounded to bf16 (p.A and p.lda are set here).
   void multiply(const Tensor<float>& left, Product p) {
     p.lda = round_up(p.K, 2);
@@ -246,9 +230,9 @@ class Avx512Bf16FrozenBaseKernels final : public FrozenBaseKernels {
     const int parts = int(std::min<Index>(threads, tasks));
     if (blocks_.size() < std::size_t(parts)) blocks_.resize(std::size_t(parts));  // the team grew
     for (int t = 0; t < parts; ++t) blocks_[std::size_t(t)].get(block_values);    // before the threads start
-    parallel_parts(parts, [&](int part, int parts) {
+    parallel_parts(parts, [&](int part, int part_count) {
       std::uint16_t* block = blocks_[std::size_t(part)].get(block_values);
-      for (Index task = tasks * part / parts; task < tasks * (part + 1) / parts; ++task) {
+      for (Index task = tasks * part / part_count; task < tasks * (part + 1) / part_count; ++task) {
         const Index cb = task / row_parts, rp = task % row_parts;
         // Row ranges in multiples of the micro-kernel's rows.
         const Index first = std::min(p.n, row_blocks * rp / row_parts * kRows);
@@ -258,8 +242,6 @@ class Avx512Bf16FrozenBaseKernels final : public FrozenBaseKernels {
     });
   }
 
-  Backend<float>& backend_;
-  std::unique_ptr<FrozenBaseKernels> reference_;
   GrownBuffer<std::uint16_t> operand_;             // X or dY rounded to bf16
   std::vector<GrownBuffer<std::uint16_t>> blocks_;  // each thread's packed block of B
 };
