@@ -1,7 +1,6 @@
 #include "layers/frozen_base_kernels.hpp"
 
-#include "layers/cpu/amx_support.hpp"
-#include "layers/cpu/avx512_bf16_support.hpp"
+#include "layers/cpu/cpu_bf16_support.hpp"
 
 #include "relora/core/errors.hpp"
 

@@ -20,7 +20,7 @@
 
 #include "cpu/cpu_parallel.hpp"
 #include "cpu/cpu_row_passes.hpp"
-#include "layers/cpu/amx_support.hpp"
+#include "layers/cpu/cpu_bf16_support.hpp"
 #include "layers/cpu/cpu_bf16_sibling_kernels.hpp"
 #include "layers/cpu/grown_buffer.hpp"
 

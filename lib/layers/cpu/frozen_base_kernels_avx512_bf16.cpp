@@ -14,7 +14,7 @@
 // The instruction set is a function attribute on the functions that use it, not a flag on the
 // file: the inline functions and templates the file instantiates stay portable, so the linker
 // cannot hand another translation unit an AVX-512 copy of them.
-#include "layers/cpu/avx512_bf16_support.hpp"
+#include "layers/cpu/cpu_bf16_support.hpp"
 
 #if defined(RELORA_WITH_AVX512_BF16)
 
