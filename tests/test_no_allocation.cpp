@@ -12,6 +12,7 @@
 #include <new>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include <dlfcn.h>
 #include <pthread.h>
@@ -314,16 +315,22 @@ TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restart
     return;
   }
   // Without dropout the first layer's backward (no dX) reads Z back from Y and leaves dY unscaled.
-  for (double dropout : {0.1, 0.0}) {
+  // On a bf16 base in tf32 mode the CPU's bf16 kernels run too (W A^T from A's terms where the CPU
+  // has AVX-512 BF16).
+  using Run = std::pair<BasePrecision, double>;  // the base's format, the dropout
+  for (const auto& [base, dropout] : {Run{BasePrecision::fp32, 0.1}, Run{BasePrecision::fp32, 0.0},
+                                      Run{BasePrecision::bf16, 0.1}, Run{BasePrecision::bf16, 0.0}}) {
     CAPTURE(dropout);
-    auto backend = make_backend<float>(Device::cpu);
+    CAPTURE(int(base));
+    auto backend = make_backend<float>(
+        Device::cpu, BackendOptions{.math = base == BasePrecision::bf16 ? MathMode::tf32 : MathMode::strict});
     Model<float> model(backend);
     model.add(std::make_unique<DoraLinear<float>>(
                   *backend, DoraConfig{.lora = {.in_features = 10, .out_features = 12, .rank = 4, .dropout = dropout,
-                                                .bias = BiasMode::trainable}}),
+                                                .bias = BiasMode::trainable, .base_precision = base}}),
               Activation::relu);
     model.add(std::make_unique<DoraLinear<float>>(
-                  *backend, DoraConfig{.lora = {.in_features = 12, .out_features = 5, .rank = 4},
+                  *backend, DoraConfig{.lora = {.in_features = 12, .out_features = 5, .rank = 4, .base_precision = base},
                                        .gradient = DoraGradient::exact}),
               Activation::identity);
     TrainerConfig config{.method = TrainingMethod::relora, .adam = {.lr = 1e-3},
