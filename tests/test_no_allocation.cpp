@@ -315,8 +315,8 @@ TEST_CASE("a steady DoRA training step (dropout, exact gradient), ReLoRA restart
     return;
   }
   // Without dropout the first layer's backward (no dX) reads Z back from Y and leaves dY unscaled.
-  // On a bf16 base in tf32 mode the CPU's bf16 kernels run too (W A^T from A's terms where the CPU
-  // has AVX-512 BF16).
+  // On a bf16 base in tf32 mode the CPU's bf16 kernels run too (AMX or AVX-512 BF16 where the CPU
+  // has them).
   using Run = std::pair<BasePrecision, double>;  // the base's format, the dropout
   for (const auto& [base, dropout] : {Run{BasePrecision::fp32, 0.1}, Run{BasePrecision::fp32, 0.0},
                                       Run{BasePrecision::bf16, 0.1}, Run{BasePrecision::bf16, 0.0}}) {

@@ -1,13 +1,12 @@
 // A bf16 base's products on AVX-512 BF16 dot products (VDPBF16PS), the sibling of the reference
 // CPU kernels (frozen_base_kernels_cpu.cpp) for CPUs with AVX512_BF16 and without AMX. Chosen per
 // product while the backend's math mode is tf32; strict mode and fp16 bases stay on the reference
-// kernels, but for DoRA's W A^T, which rounds nothing and runs in either mode.
+// kernels.
 //
 // C (n x N) = A (n x K) B (K x N), fp32 accumulation: the forward Y = X W^T (A = X, B = W^T,
-// K = k, N = d), the backward dX = dY W + beta dX (A = dY, B = W, K = d, N = k) and W A^T (A = W,
-// B = the transpose of A's three bf16 terms, K = k, N = 3r). X and dY are rounded to bf16 to
-// nearest (as the CUDA backend rounds them before its tensor-core products) into rows of an even
-// length. B is packed a block at a time, 64 columns by up to kDepth values of K,
+// K = k, N = d) and the backward dX = dY W + beta dX (A = dY, B = W, K = d, N = k). A is rounded
+// to bf16 to nearest (as the CUDA backend rounds X and dY before its tensor-core products) into
+// rows of an even length. B is packed a block at a time, 64 columns by up to kDepth values of K,
 // into a thread's own buffer (512 KiB at most, kept in its core's L2): four groups of 16 columns,
 // each group a run of pairs, pair p of a group 32 values, (B[2p][c], B[2p+1][c]) for its 16
 // columns c, the layout one VDPBF16PS multiplies against a broadcast pair of A. A micro-kernel
@@ -50,11 +49,11 @@ Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple *
 
 // The shape of one product, and where its operands are.
 struct Product {
-  const std::uint16_t* A;  // n x lda, bf16, rows of an even length (zero-padded where rounded here)
+  const std::uint16_t* A;  // n x lda, bf16, rows zero-padded to an even length
   Index lda;
-  const std::uint16_t* W;  // d x k, bf16: what B is read from
+  const std::uint16_t* W;  // d x k, bf16
   Index d, k;
-  bool transposed;  // B = W^T (the forward; W A^T with W = A's terms) or B = W (the backward)
+  bool transposed;  // B = W^T (the forward) or B = W (the backward)
   Index n, K, N;
   float beta;
   float* C;  // n x N, row-major
@@ -202,35 +201,6 @@ class Avx512Bf16FrozenBaseKernels final : public CpuBf16SiblingKernels {
     multiply(dY, Product{nullptr, 0, W, d, k, false, n, d, k, beta, dX.data()});
   }
 
-  // P = W A^T (DoRA's norms) from A's three bf16 terms, as the CUDA backend computes it: each
-  // product exact, the sum accumulated in fp32, so nothing is rounded and it runs in either math
-  // mode. W's rows are the left operand as stored, so k must be even (no pair spans two rows);
-  // otherwise FrozenBase widens W as before.
-  bool weight_times_transposed(const std::uint16_t* W, Index d, Index k, BasePrecision format, const Tensor<float>& A,
-                               Tensor<float>& P) override {
-    const Index r = A.rows();
-    if (format != BasePrecision::bf16 || k % 2 != 0 || d == 0 || r == 0 || k == 0) return false;
-    std::uint16_t* terms = terms_.get(3 * r * k);  // [A_hi; A_mid; A_lo], 3r x k
-    const float* a = A.data();
-    for_each_element(r * k, [&](Index i) {
-      float rest = a[i];
-      for (Index t = 0; t < 3; ++t) {
-        const std::uint16_t term = half_bits::bf16_nearest(rest);
-        terms[t * r * k + i] = term;
-        rest -= half_bits::bf16_to_float(term);
-      }
-    });
-    float* products = products_.get(d * 3 * r);  // d x 3r: W times each term
-    run(Product{W, k, terms, 3 * r, k, true, d, k, 3 * r, 0.0f, products});
-    float* out = P.data();
-    for_each_element(d * r, [&](Index e) {
-      const Index i = e / r, j = e - i * r;
-      const float* row = products + i * 3 * r + j;
-      out[e] = (row[2 * r] + row[r]) + row[0];  // the smallest terms first
-    });
-    return true;
-  }
-
  private:
   // C = A B + beta C with A = `left` rounded to bf16 (p.A and p.lda are set here).
   void multiply(const Tensor<float>& left, Product p) {
@@ -245,11 +215,6 @@ class Avx512Bf16FrozenBaseKernels final : public CpuBf16SiblingKernels {
     } else {
       round_rows(src, 0, p.n, p.K, p.lda, A);
     }
-    run(p);
-  }
-
-  // C = A B + beta C, p.A already bf16 (rows of an even length p.lda).
-  void run(const Product& p) {
     // Tasks: every block of 64 columns, split into row ranges when there are fewer blocks than
     // threads; a thread takes a contiguous run of them and packs each block it meets once.
     const Index column_blocks = (p.N + kBlockColumns - 1) / kBlockColumns;
@@ -278,8 +243,6 @@ class Avx512Bf16FrozenBaseKernels final : public CpuBf16SiblingKernels {
   }
 
   GrownBuffer<std::uint16_t> operand_;             // X or dY rounded to bf16
-  GrownBuffer<std::uint16_t> terms_;               // A's bf16 terms (W A^T)
-  GrownBuffer<float> products_;                    // W times each of A's terms
   std::vector<GrownBuffer<std::uint16_t>> blocks_;  // each thread's packed block of B
 };
 
