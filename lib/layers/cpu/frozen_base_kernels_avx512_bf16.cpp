@@ -51,8 +51,8 @@ Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple *
 struct Product {
   const std::uint16_t* A;  // n x lda, bf16, rows zero-padded to an even length
   Index lda;
-  const std::uint16_t* W;  // d x k, bf16
-  Index d, k;
+  const std::uint16_t* W;  // bf16, rows of k values
+  Index k;
   bool transposed;  // B = W^T (the forward) or B = W (the backward)
   Index n, K, N;
   float beta;
@@ -190,7 +190,7 @@ class Avx512Bf16FrozenBaseKernels final : public CpuBf16SiblingKernels {
                        float beta, bool relu, Tensor<float>& Y) override {
     const Index n = X.rows(), k = X.cols(), d = Y.cols();
     if (!runs_product(format, n, k, d)) return reference_->forward_product(X, W, format, bias, beta, relu, Y);
-    multiply(X, Product{nullptr, 0, W, d, k, true, n, k, d, beta, Y.data()});
+    multiply(X, Product{nullptr, 0, W, k, true, n, k, d, beta, Y.data()});
     finish_rows(bias, relu, Y);
   }
 
@@ -198,7 +198,7 @@ class Avx512Bf16FrozenBaseKernels final : public CpuBf16SiblingKernels {
                               Tensor<float>& dX) override {
     const Index n = dY.rows(), d = dY.cols(), k = dX.cols();
     if (!runs_product(format, n, k, d)) return reference_->input_gradient_product(dY, W, format, beta, dX);
-    multiply(dY, Product{nullptr, 0, W, d, k, false, n, d, k, beta, dX.data()});
+    multiply(dY, Product{nullptr, 0, W, k, false, n, d, k, beta, dX.data()});
   }
 
  private:
