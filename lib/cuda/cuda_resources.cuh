@@ -104,12 +104,14 @@ struct BlasHandle {
 // resets it): cuBLAS then allocates nothing itself, not even while a step is captured into a graph.
 // The workspace is zeroed once, for compute-sanitizer's initcheck: a split-K product's partial
 // sums reach it through stores the tool does not see (cuda_sanitizer_marks.cuh), and the reduce
-// kernel's reads of them would be reported as reads of memory never written.
+// kernel's reads of them would be reported as reads of memory never written. The zeroing goes on
+// `stream` itself: a non-blocking stream is not ordered after the legacy default stream, so a
+// cudaMemset there could still be writing while cuBLAS's first product used the workspace.
 inline void create_blas_on_stream(cudaStream_t stream, std::size_t bytes, BlasHandle& blas, DeviceMemory& workspace) {
   RELORA_CUBLAS_CHECK(cublasCreate(&blas.handle));
   RELORA_CUBLAS_CHECK(cublasSetStream(blas.handle, stream));
   RELORA_CUDA_CHECK(cudaMalloc(&workspace.ptr, bytes));
-  RELORA_CUDA_CHECK(cudaMemset(workspace.ptr, 0, bytes));
+  RELORA_CUDA_CHECK(cudaMemsetAsync(workspace.ptr, 0, bytes, stream));
   RELORA_CUBLAS_CHECK(cublasSetWorkspace(blas.handle, workspace.ptr, bytes));
 }
 

@@ -47,7 +47,8 @@ NcclCommunicator<T>::NcclCommunicator(std::shared_ptr<Backend<T>> backend, int r
     RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
     RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&barrier_done_, cudaEventDisableTiming));
     RELORA_CUDA_CHECK(cudaMalloc(&barrier_scratch_, sizeof(T)));
-    RELORA_CUDA_CHECK(cudaMemset(barrier_scratch_, 0, sizeof(T)));
+    // On the stream that uses it: a non-blocking stream is not ordered after the default one.
+    RELORA_CUDA_CHECK(cudaMemsetAsync(barrier_scratch_, 0, sizeof(T), comm_stream_));
   } catch (...) {
     if (barrier_scratch_) (void)cudaFree(barrier_scratch_);
     if (barrier_done_) (void)cudaEventDestroy(barrier_done_);
