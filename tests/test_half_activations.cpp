@@ -39,11 +39,14 @@
 #include <vector>
 
 #include "relora/relora.hpp"
+#include "half_buffers.hpp"
 #include "test_data.hpp"
 #include "test_support.hpp"
 
 using namespace relora;
 using relora::testing::cuda_or_skip;
+using relora::testing::download_half_bits;
+using relora::testing::upload_half_bits;
 using relora::testing::normal_matrix;
 using relora::testing::what_of;
 
@@ -218,32 +221,19 @@ LayerBackward backward_math(const HostLayer& h, const Mat& X, const Mat& dY) {
 
 // The 16-bit tensor `h` widened (its storage read through a float view: 2 values a float).
 Mat download_half(Backend<float>& backend, const HalfTensor& h, BasePrecision format) {
-  REQUIRE(h.size() % 2 == 0);
-  Tensor<float> view(reinterpret_cast<float*>(const_cast<std::uint16_t*>(h.data())), 1, h.size() / 2, h.device(),
-                     [](float*) {});
-  std::vector<float> words(std::size_t(h.size() / 2));
-  backend.download(view, words.data());
-  std::vector<std::uint16_t> bits(std::size_t(h.size()));
-  std::memcpy(bits.data(), words.data(), bits.size() * sizeof(std::uint16_t));
+  const std::vector<std::uint16_t> bits = download_half_bits(backend, h);
   Mat r(h.rows(), h.cols());
   for (Index i = 0; i < r.size(); ++i) r.data()[i] = half_bits::half_to_float(bits[std::size_t(i)], format);
   return r;
 }
 
-// A 16-bit buffer on `backend` holding `values` rounded to nearest in `format` (written through a
-// float view of its storage, 2 values a float).
+// A 16-bit buffer on `backend` holding `values` rounded to nearest in `format`.
 HalfBuffer upload_half(Backend<float>& backend, const Mat& values, BasePrecision format) {
-  HalfBuffer buffer(backend, values.rows(), values.cols());
-  std::vector<std::uint16_t> bits(std::size_t(values.size() + 1) / 2 * 2, 0);
+  std::vector<std::uint16_t> bits(std::size_t(values.size()));
   for (Index i = 0; i < values.size(); ++i) {
     bits[std::size_t(i)] = half_bits::round_float(float(values.data()[i]), format, HalfRounding::nearest, 0.0f);
   }
-  std::vector<float> words(bits.size() / 2);
-  std::memcpy(words.data(), bits.data(), bits.size() * sizeof(std::uint16_t));
-  Tensor<float> view(reinterpret_cast<float*>(buffer.tensor().data()), 1, Index(words.size()), buffer.tensor().device(),
-                     [](float*) {});
-  backend.upload(words.data(), view);
-  return buffer;
+  return upload_half_bits(backend, bits, values.rows(), values.cols());
 }
 
 struct Observed {

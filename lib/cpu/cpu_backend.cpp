@@ -1,6 +1,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cpu/cpu_parallel.hpp"
 #include "cpu/cpu_row_passes.hpp"
+#include "cpu/cpu_squared_errors.hpp"
 #include "cpu/eigen_maps.hpp"
 
 #include <Eigen/Core>
@@ -170,36 +171,6 @@ void CpuBackend<T>::activation_backward(Activation f, const Tensor<T>& Y, const 
   });
 }
 
-namespace {
-
-// dy = grad_scale (y - t) over [begin, end), and the sum of the squared differences. The sum
-// accumulates in double so that the loss of a large float batch keeps its digits, in 32 partial
-// sums: written as one reduction (omp simd included) GCC leaves the float-to-double loop scalar,
-// and 8 partial sums (two AVX registers of doubles) wait on the adds' latency.
-template <typename T>
-double squared_errors(const T* y, const T* t, T grad_scale, T* dy, Index begin, Index end) {
-  constexpr Index kLanes = 32;
-  double partial[kLanes] = {};
-  Index i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (Index c = 0; c < kLanes; ++c) {
-      const T diff = y[i + c] - t[i + c];
-      dy[i + c] = grad_scale * diff;
-      partial[c] += double(diff) * double(diff);
-    }
-  }
-  double sum = 0;
-  for (; i < end; ++i) {
-    const T diff = y[i] - t[i];
-    dy[i] = grad_scale * diff;
-    sum += double(diff) * double(diff);
-  }
-  for (Index c = 0; c < kLanes; ++c) sum += partial[c];
-  return sum;
-}
-
-}  // namespace
-
 template <typename T>
 T CpuBackend<T>::max_abs(const Tensor<T>& x) {
   // The largest |x_i| of [begin, end), +Inf at the first NaN or Inf (NaN fails <=).
@@ -234,22 +205,9 @@ void CpuBackend<T>::mse(const Tensor<T>& Y, const Tensor<T>& target, Tensor<T>& 
   require_same_shape(Y, dY, "mse (prediction vs gradient)");
   require_shape(loss, 1, 1, "mse loss");
   const T* y = Y.data();
-  const T* t = target.data();
   T* dy = dY.data();
-  const Index size = Y.size();
-  const T grad_scale = T(2) / T(size);
-  double sum = 0;
-  if (run_parallel(size)) {
-    constexpr Index kBlock = 4096;
-    const Index blocks = (size + kBlock - 1) / kBlock;
-#pragma omp parallel for reduction(+ : sum) schedule(static)
-    for (Index block = 0; block < blocks; ++block) {
-      sum += squared_errors(y, t, grad_scale, dy, block * kBlock, std::min(size, (block + 1) * kBlock));
-    }
-  } else {
-    sum = squared_errors(y, t, grad_scale, dy, Index(0), size);
-  }
-  loss.data()[0] = T(sum / double(size));
+  loss.data()[0] = mean_squared_error(
+      Y.size(), [y](Index i) { return y[i]; }, target.data(), [dy](Index i, T grad) { dy[i] = grad; });
 }
 
 template <typename T>

@@ -25,6 +25,13 @@ class HalfActivationKernels {
   // a value or zero); dy may alias dz.
   virtual void relu_backward(const std::uint16_t* y, const std::uint16_t* dz, Index count, BasePrecision format,
                              std::uint16_t* dy) = 0;
+  // The MSE of a 16-bit prediction y (count >= 1 values) against an fp32 target, y widened as it
+  // is read: *loss = mean((widen(y) - t)^2) and dy[i] = round(2 (widen(y[i]) - t[i]) / count).
+  // These are the backend's mse on widen(y) and its gradient rounded, without either fp32 copy;
+  // the CPU's loss is that one's to the bit (the same sum in the same order), CUDA's to the order
+  // of its sum. loss is one float in the device's memory.
+  virtual void mse(const std::uint16_t* y, const float* target, Index count, BasePrecision format,
+                   std::uint16_t* dy, float* loss) = 0;
 };
 
 // The kernels for `backend`'s device.

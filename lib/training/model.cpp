@@ -93,7 +93,12 @@ const Tensor<T>& Model<T>::output_of(Stage& stage) {
 template <typename T>
 const Tensor<T>& Model<T>::forward(const Tensor<T>& X) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
-  const Tensor<T>& output = half() ? forward_half_layers(X) : forward_layers(X, layers_.size());
+  if (half()) {
+    forward_half_layers(X);
+    activations_valid_ = true;
+    return widen_half_output();
+  }
+  const Tensor<T>& output = forward_layers(X, layers_.size());
   activations_valid_ = true;
   return output;
 }
@@ -102,7 +107,13 @@ template <typename T>
 void Model<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target) {
   if (layers_.empty()) throw ConfigError("Model forward: no layers");
   Stage& last = layers_.back();
-  if (last.activation != Activation::identity || half()) {
+  if (half()) {
+    const HalfTensor& output = forward_half_layers(X);
+    activations_valid_ = true;
+    if (!loss.compute_half(output, activation_format_, target)) loss.compute(widen_half_output(), target);
+    return;
+  }
+  if (last.activation != Activation::identity) {
     loss.compute(forward(X), target);
     return;
   }
@@ -113,7 +124,8 @@ void Model<T>::forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor
 template <typename T>
 const Tensor<T>& Model<T>::output() {
   if (layers_.empty()) throw ConfigError("Model output: no layers");
-  return half() ? wide_output_ : output_of(layers_.back());
+  if (!half()) return output_of(layers_.back());
+  return wide_output_current_ ? wide_output_ : widen_half_output();
 }
 
 template <typename T>
@@ -136,16 +148,34 @@ const Tensor<T>& Model<T>::forward_layers(const Tensor<T>& X, std::size_t count)
 }
 
 template <typename T>
-void Model<T>::backward(const Tensor<T>& dY, BackwardObserver<T>* observer) {
+void Model<T>::begin_backward(Index rows, Index cols) {
   if (layers_.empty()) throw ConfigError("Model backward: no layers");
   if (!activations_valid_) {
     throw ConfigError("Model backward: no forward since the last backward (backward reuses the activations' buffers)");
   }
-  const Tensor<T>& output = half() ? wide_output_ : output_of(layers_.back());
-  if (!dY.same_shape(output.rows(), output.cols())) {
-    throw ShapeError("Model backward: dY is " + dY.shape() + " but the output is " + output.shape());
+  const Index out_rows = half() ? half_top_output().rows() : output_of(layers_.back()).rows();
+  const Index out_cols = half() ? half_top_output().cols() : output_of(layers_.back()).cols();
+  if (rows != out_rows || cols != out_cols) {
+    throw ShapeError("Model backward: dY is " + shape_string(rows, cols) + " but the output is " +
+                     shape_string(out_rows, out_cols));
   }
   activations_valid_ = false;
+}
+
+template <typename T>
+void Model<T>::backward(const Loss<T>& loss, BackwardObserver<T>* observer) {
+  const HalfTensor* half_gradient = half() ? loss.half_gradient(activation_format_) : nullptr;
+  if (half_gradient == nullptr) {
+    backward(loss.gradient(), observer);
+    return;
+  }
+  begin_backward(half_gradient->rows(), half_gradient->cols());
+  backward_half_layers(leading_view(*half_gradient, half_gradient->rows(), half_gradient->cols()), observer);
+}
+
+template <typename T>
+void Model<T>::backward(const Tensor<T>& dY, BackwardObserver<T>* observer) {
+  begin_backward(dY.rows(), dY.cols());
   if (half()) {
     backward_half(dY, observer);
     return;

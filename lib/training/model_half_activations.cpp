@@ -7,6 +7,8 @@
 //   H_0 = round(X);  H_l = round(f_l(layer_l(widen(H_{l-1}))));  output = widen(H_L)
 //   G_L = round(dLoss/doutput);  dY_l = widen(G_l) .* f_l'(H_l);  G_{l-1} = round(dX_l)
 //
+// A loss that reads H_L itself (Loss::compute_half) computes G_L from it directly, the same bits;
+// output is then widened only when asked for (Model::output).
 // (ReLU's derivative is read from H_l, as from relu(Y) in fp32: both are positive where Y is.)
 // Buffers are sized on the first step and reused, so a steady step allocates nothing.
 #include <type_traits>
@@ -64,7 +66,8 @@ void ensure_shape(Backend<float>& backend, HalfBuffer& buffer, Index rows, Index
 }  // namespace
 
 template <typename T>
-const Tensor<T>& Model<T>::forward_half_layers(const Tensor<T>& X) {
+const HalfTensor& Model<T>::forward_half_layers(const Tensor<T>& X) {
+  wide_output_current_ = false;
   if constexpr (std::is_same<T, float>::value) {
     const BasePrecision format = activation_format_;
     HalfActivationKernels& kernels = *half_kernels_;
@@ -91,8 +94,19 @@ const Tensor<T>& Model<T>::forward_half_layers(const Tensor<T>& X) {
       kernels.round(Y.data(), Y.size(), format, stage.half_output.tensor().data());
       input = &stage.half_output.tensor();
     }
-    ensure_shape(*backend_, wide_output_, input->rows(), input->cols());
-    kernels.widen(input->data(), input->size(), format, wide_output_.data());
+  } else {
+    (void)X;
+  }
+  return half_top_output();
+}
+
+template <typename T>
+const Tensor<T>& Model<T>::widen_half_output() {
+  if constexpr (std::is_same<T, float>::value) {
+    const HalfTensor& output = half_top_output();
+    ensure_shape(*backend_, wide_output_, output.rows(), output.cols());
+    half_kernels_->widen(output.data(), output.size(), activation_format_, wide_output_.data());
+    wide_output_current_ = true;
   }
   return wide_output_;
 }
@@ -100,13 +114,21 @@ const Tensor<T>& Model<T>::forward_half_layers(const Tensor<T>& X) {
 template <typename T>
 void Model<T>::backward_half(const Tensor<T>& dY, BackwardObserver<T>* observer) {
   if constexpr (std::is_same<T, float>::value) {
+    ensure_shape(*backend_, half_top_grad_, dY.rows(), dY.cols());
+    half_kernels_->round(dY.data(), dY.size(), activation_format_, half_top_grad_.tensor().data());
+    backward_half_layers(leading_view(half_top_grad_.tensor(), dY.rows(), dY.cols()), observer);
+  } else {
+    (void)dY, (void)observer;
+  }
+}
+
+template <typename T>
+void Model<T>::backward_half_layers(HalfTensor grad, BackwardObserver<T>* observer) {
+  if constexpr (std::is_same<T, float>::value) {
     const BasePrecision format = activation_format_;
     HalfActivationKernels& kernels = *half_kernels_;
-    ensure_shape(*backend_, half_top_grad_, dY.rows(), dY.cols());
-    kernels.round(dY.data(), dY.size(), format, half_top_grad_.tensor().data());
-    // Every gradient below is in a buffer of the model's (or a dead output), so ReLU's derivative
+    // Every gradient is scratch from here on (the top one too, as in backward): ReLU's derivative
     // runs in place.
-    HalfTensor grad = leading_view(half_top_grad_.tensor(), dY.rows(), dY.cols());
     for (std::size_t i = layers_.size(); i-- > 0;) {
       Stage& stage = layers_[i];
       Layer<T>& layer = *stage.layer;
@@ -149,7 +171,7 @@ void Model<T>::backward_half(const Tensor<T>& dY, BackwardObserver<T>* observer)
       grad = std::move(dX);
     }
   } else {
-    (void)dY, (void)observer;
+    (void)grad, (void)observer;
   }
 }
 
@@ -158,8 +180,10 @@ void Model<T>::backward_half(const Tensor<T>& dY, BackwardObserver<T>* observer)
   template void Model<T>::require_half_activation(Activation, std::size_t) const;                    \
   template void Model<T>::set_activation_format(BasePrecision);                                      \
   template HalfTensor& Model<T>::half_output_of(Stage&);                                             \
-  template const Tensor<T>& Model<T>::forward_half_layers(const Tensor<T>&);                         \
-  template void Model<T>::backward_half(const Tensor<T>&, BackwardObserver<T>*);
+  template const HalfTensor& Model<T>::forward_half_layers(const Tensor<T>&);                        \
+  template const Tensor<T>& Model<T>::widen_half_output();                                           \
+  template void Model<T>::backward_half(const Tensor<T>&, BackwardObserver<T>*);                     \
+  template void Model<T>::backward_half_layers(HalfTensor, BackwardObserver<T>*);
 RELORA_INSTANTIATE(float)
 RELORA_INSTANTIATE(double)
 #undef RELORA_INSTANTIATE

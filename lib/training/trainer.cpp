@@ -79,7 +79,7 @@ template <typename T>
 void Trainer<T>::compute(const Tensor<T>& X, const Tensor<T>& target, double lr_factor) {
   model_->forward_with_loss(X, *loss_, target);
   // Data-parallel: each layer's gradients are summed over the ranks as its backward ends.
-  model_->backward(loss_->gradient(), buckets_.get());
+  model_->backward(*loss_, buckets_.get());
   if (buckets_) buckets_->wait();
   optimizer_->step(lr_factor);
 }

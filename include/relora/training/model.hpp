@@ -59,7 +59,9 @@ class Model {
   const Tensor<T>& forward(const Tensor<T>& X);
   // forward(X), then loss.compute(output, target). Where the last activation is the identity the
   // last layer computes the loss itself (Layer::forward_with_loss), so that a layer that fuses the
-  // two can. The loss's gradient is then what backward takes.
+  // two can. With 16-bit activations the loss reads the 16-bit output where it can
+  // (Loss::compute_half), and output() widens it only when asked. The loss's gradient is then what
+  // backward takes.
   void forward_with_loss(const Tensor<T>& X, Loss<T>& loss, const Tensor<T>& target);
   // The output of the last forward.
   const Tensor<T>& output();
@@ -67,6 +69,10 @@ class Model {
   // (Layer::backward): its contents are unspecified afterwards. `observer`, when given, is told as
   // each layer's backward ends.
   void backward(const Tensor<T>& dY, BackwardObserver<T>* observer = nullptr);
+  // backward(loss.gradient(), observer), except that with 16-bit activations a loss that kept a
+  // 16-bit gradient (Loss::compute_half) hands it over as it is, neither widened nor rounded again
+  // (the same bits backward(dY) would round dY to). The top layer may use it as scratch too.
+  void backward(const Loss<T>& loss, BackwardObserver<T>* observer = nullptr);
 
   // Convenience for host data: upload, forward, download.
   HostMatrix<T> predict(const HostInput<T>& X);
@@ -119,6 +125,8 @@ class Model {
     HalfBuffer half_output;                    // the layer's Y rounded
   };
   const Tensor<T>& output_of(Stage& stage);
+  // The checks that open a backward from a gradient of rows x cols.
+  void begin_backward(Index rows, Index cols);
   // Runs the first `count` layers and their activations; returns the last one's output (X if none).
   const Tensor<T>& forward_layers(const Tensor<T>& X, std::size_t count);
 
@@ -126,8 +134,13 @@ class Model {
   bool half() const { return activation_format_ != BasePrecision::fp32; }
   void require_half_activation(Activation f, std::size_t layer) const;
   HalfTensor& half_output_of(Stage& stage);
-  const Tensor<T>& forward_half_layers(const Tensor<T>& X);
+  // The stack in 16 bits; returns the last layer's 16-bit output, which widen_half_output() widens.
+  const HalfTensor& forward_half_layers(const Tensor<T>& X);
+  const Tensor<T>& widen_half_output();
+  HalfTensor& half_top_output() { return half_output_of(layers_.back()); }
   void backward_half(const Tensor<T>& dY, BackwardObserver<T>* observer);
+  // From the 16-bit gradient of the top output (scratch for the layers from here on).
+  void backward_half_layers(HalfTensor grad, BackwardObserver<T>* observer);
 
   std::shared_ptr<Backend<T>> backend_;
   LayerChoice choice_;
@@ -135,6 +148,7 @@ class Model {
   std::unique_ptr<HalfActivationKernels> half_kernels_;
   HalfBuffer half_input_;      // forward's X rounded
   Tensor<T> wide_output_;      // the last layer's 16-bit output widened: forward's result
+  bool wide_output_current_ = false;  // wide_output_ holds the last forward's output
   HalfBuffer half_top_grad_;   // backward's dY rounded
   std::vector<HalfBuffer> half_scratch_;  // 16-bit dX buffers where no dead output fits
   std::vector<Stage> layers_;

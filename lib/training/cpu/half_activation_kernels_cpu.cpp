@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_parallel.hpp"
+#include "cpu/cpu_squared_errors.hpp"
 #include "relora/core/elementwise_math.hpp"
 #include "training/half_activation_kernels.hpp"
 
@@ -74,6 +75,16 @@ class CpuHalfActivationKernels final : public HalfActivationKernels {
         const float slope = activation_derivative(Activation::relu, widen_one<F>(y[i]));
         dy[i] = round_one<F>(widen_one<F>(dz[i]) * slope);
       });
+    });
+  }
+
+  void mse(const std::uint16_t* y, const float* target, Index count, BasePrecision format, std::uint16_t* dy,
+           float* loss) override {
+    with_format(format, [&](auto format_constant) {
+      constexpr BasePrecision F = decltype(format_constant)::value;
+      *loss = mean_squared_error(
+          count, [y](Index i) { return widen_one<F>(y[i]); }, target,
+          [dy](Index i, float grad) { dy[i] = round_one<F>(grad); });
     });
   }
 };

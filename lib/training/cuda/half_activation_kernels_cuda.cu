@@ -1,9 +1,12 @@
 // The GPU's kernels of 16-bit activations: the conversions of half_convert.cuh, and ReLU and its
-// derivative on 16-bit values eight at a time (16-byte loads and stores) where the buffers allow.
+// derivative on 16-bit values eight at a time (16-byte loads and stores) where the buffers allow,
+// and the MSE of a 16-bit prediction.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "cuda/cuda_block_loss.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
 #include "cuda/cuda_resources.cuh"
@@ -73,6 +76,44 @@ __global__ void relu_backward_kernel(std::int64_t count, const std::uint16_t* y,
   }
 }
 
+// The MSE of a 16-bit prediction in one launch, as the backend's mse_kernel: each thread's squared
+// differences summed in double, the blocks' partials added in block order by the last block
+// (cuda_block_loss.cuh). Eight values a thread per access where y, target and dy are 16-byte
+// aligned; the tail element by element.
+__global__ void mse_kernel(std::int64_t count, bool octets, const std::uint16_t* __restrict__ y,
+                           const float* __restrict__ target, BasePrecision format, std::uint16_t* __restrict__ dy,
+                           float* __restrict__ loss, Scratch* scratch) {
+  const float grad_scale = 2.0f / float(count);
+  double sum = 0;
+  const std::int64_t first = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x;
+  const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
+  std::int64_t done = 0;
+  if (octets) {
+    const std::int64_t packs = count / 8;
+    for (std::int64_t p = first; p < packs; p += stride) {
+      const uint4 yv = reinterpret_cast<const uint4*>(y)[p];
+      const float4 low = __ldg(reinterpret_cast<const float4*>(target) + 2 * p);
+      const float4 high = __ldg(reinterpret_cast<const float4*>(target) + 2 * p + 1);
+      const float t[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
+      uint4 grad;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float diff = half_bits::half_to_float(lane(yv, e), format) - t[e];
+        sum += double(diff) * double(diff);
+        set_lane(grad, e, std::uint16_t(half_convert::nearest(grad_scale * diff, format)));
+      }
+      reinterpret_cast<uint4*>(dy)[p] = grad;
+    }
+    done = 8 * packs;
+  }
+  for (std::int64_t i = done + first; i < count; i += stride) {
+    const float diff = half_bits::half_to_float(y[i], format) - target[i];
+    sum += double(diff) * double(diff);
+    dy[i] = std::uint16_t(half_convert::nearest(grad_scale * diff, format));
+  }
+  finish_mean_loss(sum, count, loss, scratch);
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 class CudaHalfActivationKernels final : public HalfActivationKernels {
@@ -119,6 +160,21 @@ class CudaHalfActivationKernels final : public HalfActivationKernels {
     relu_backward_kernel<<<grid(count - done), kThreads, 0, context_->stream()>>>(count - done, y + done, dz + done,
                                                                                    format, dy + done);
     RELORA_CHECK_LAUNCH("relu_backward_kernel");
+  }
+
+  void mse(const std::uint16_t* y, const float* target, Index count, BasePrecision format, std::uint16_t* dy,
+           float* loss) override {
+    if (count < 1) throw ShapeError("16-bit mse: an empty prediction");
+    context_->activate();
+    // One block up to kOneBlockLoss values (the loss without the last-block hand-over), as the
+    // backend's mse; more blocks beyond.
+    constexpr Index kOneBlockLoss = 8 * kThreads;
+    const bool octets = aligned16(y) && aligned16(target) && aligned16(dy);
+    const Index accesses = octets ? count / 8 : count;
+    const int blocks = count <= kOneBlockLoss ? 1 : std::min(grid(accesses), kMaxReduceBlocks);
+    mse_kernel<<<blocks, kThreads, 0, context_->stream()>>>(count, octets, y, target, format, dy, loss,
+                                                            context_->scratch());
+    RELORA_CHECK_LAUNCH("16-bit mse_kernel");
   }
 
  private:
