@@ -153,8 +153,14 @@ void Model<T>::begin_backward(Index rows, Index cols) {
   if (!activations_valid_) {
     throw ConfigError("Model backward: no forward since the last backward (backward reuses the activations' buffers)");
   }
-  const Index out_rows = half() ? half_top_output().rows() : output_of(layers_.back()).rows();
-  const Index out_cols = half() ? half_top_output().cols() : output_of(layers_.back()).cols();
+  Index out_rows = 0, out_cols = 0;
+  if (half()) {
+    const HalfTensor& output = half_top_output();
+    out_rows = output.rows(), out_cols = output.cols();
+  } else {
+    const Tensor<T>& output = output_of(layers_.back());
+    out_rows = output.rows(), out_cols = output.cols();
+  }
   if (rows != out_rows || cols != out_cols) {
     throw ShapeError("Model backward: dY is " + shape_string(rows, cols) + " but the output is " +
                      shape_string(out_rows, out_cols));
