@@ -6,6 +6,7 @@
 // broadcast_parameters makes the ranks' models equal.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -30,6 +31,7 @@ struct Setup {
   double lora_plus_ratio = 1;
   bool dora = false;
   BasePrecision base = BasePrecision::fp32;
+  BasePrecision activations = BasePrecision::fp32;  // between layers (the middle layer's tanh is then ReLU)
   double dropout = 0;  // on every layer's adapter branch
   bool galore = false;  // GaLore (rank 2, a new subspace every 3 steps) instead of Adam
   int steps = 19;  // ReLoRA: 3 warm-start steps, then restarts after steps 7, 11, 15 and 19
@@ -45,7 +47,8 @@ void build(Model<T>& model, const Setup& s) {
     BiasMode bias;
   };
   const Shape shapes[] = {{kIn, 8, Activation::relu, BiasMode::trainable},
-                          {8, 7, Activation::tanh, BiasMode::frozen},
+                          {8, 7, s.activations == BasePrecision::fp32 ? Activation::tanh : Activation::relu,
+                           BiasMode::frozen},
                           {7, kOut, Activation::identity, BiasMode::none}};
   std::uint64_t seed = 11;
   for (const Shape& shape : shapes) {
@@ -60,6 +63,7 @@ void build(Model<T>& model, const Setup& s) {
       model.add(config, shape.f);
     }
   }
+  model.set_activation_format(s.activations);
 }
 
 TrainerConfig trainer_config(const Setup& s) {
@@ -326,6 +330,32 @@ TEST_CASE("a bf16 base trains data-parallel: the ranks stay identical through th
   const double loss_difference = max_loss_difference(runs[0], whole);
   MESSAGE("bf16 base, 4 ranks: max relative difference of the losses from one process " << loss_difference);
   CHECK(loss_difference <= 1e-3);
+}
+
+TEST_CASE("bf16 activations train data-parallel: the ranks stay identical, one process matched to bf16's rounding") {
+  // Each rank's loss rounds its gradient 2 (y - t) / rows to bf16 from its own rows' count, one
+  // process from the whole batch's: where the ratio of the two is not a power of two the roundings
+  // differ by up to a bf16 unit (2^-8 relative), and so do the updates they make.
+  const Setup s{.method = TrainingMethod::lora, .activations = BasePrecision::bf16, .steps = 12};
+  const std::vector<Batch<float>> batches = make_batches<float>(s.steps);
+  const Run<float> whole = train<float>(s, batches, nullptr);
+  for (const std::vector<Index>& shards : kSplits) {
+    CAPTURE(split_text(shards));
+    const std::vector<Run<float>> runs = train_ranks<float>(s, batches, shards);
+    for (std::size_t r = 1; r < runs.size(); ++r) CHECK(first_bit_difference(runs[r], runs[0]) == "");
+    std::string where;
+    const double difference = max_relative_difference(runs[0], whole, where);
+    const double loss_difference = max_loss_difference(runs[0], whole);
+    MESSAGE("bf16 activations, " << split_text(shards) << ": max relative difference from one process " << difference
+                                 << " (" << where << "), of the losses " << loss_difference);
+    // Shards of 24, 12 or 6 rows scale the gradient by a power of two, which rounds alike: fp32's
+    // tolerance. Otherwise two bf16 units (2^-7) for the state, and the losses within 1e-3.
+    const bool power_of_two = std::all_of(shards.begin(), shards.end(), [](Index rows) {
+      return kRows % rows == 0 && ((kRows / rows) & (kRows / rows - 1)) == 0;
+    });
+    CHECK(difference <= (power_of_two ? tolerance<float>() : 0x1.0p-7));
+    CHECK(loss_difference <= (power_of_two ? tolerance<float>() : 1e-3));
+  }
 }
 
 namespace {
