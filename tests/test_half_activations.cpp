@@ -950,6 +950,10 @@ TEST_CASE("16-bit activations: a CUDA native layer alone: forward_half, dA, dB, 
   // The layer driven through the Layer interface as the model drives it, so that its own dX,
   // which the model passes on without keeping, can be read: every input known exactly, every
   // bound kProduct-sized but for the forward's and dX's roundings (check_bounds).
+  // In strict mode the products against X and dY take three bf16 terms of the fp32 operand, in
+  // tf32 mode two (16 significant bits): both within kProduct. The same layer runs strict, tf32,
+  // then strict again, so that its buffers are laid out anew when the number of terms changes
+  // (db's column of ones moves with it).
   auto gpu = make_backend<float>(Device::cuda);
   struct Shape {
     Index n, k, d, r;
@@ -957,51 +961,56 @@ TEST_CASE("16-bit activations: a CUDA native layer alone: forward_half, dA, dB, 
   for (const Shape shape : {Shape{256, 512, 384, 16}, Shape{37, 20, 36, 8}, Shape{64, 24, 40, 4}}) {
     for (const BasePrecision format : {BasePrecision::bf16}) {  // the native layer's format
       for (const Activation f : {Activation::relu, Activation::identity}) {
-        const std::string what = "n " + std::to_string(shape.n) + ", " + std::to_string(shape.k) + " -> " +
-                                 std::to_string(shape.d) + ", r " + std::to_string(shape.r) + ", " + name_of(format) +
-                                 (f == Activation::relu ? ", relu" : ", identity");
         const LayerSpec spec{.in = shape.k, .out = shape.d, .rank = shape.r, .base = format, .f = f,
                              .bias = BiasMode::trainable};
         const Draw d = draw({spec}, 111);
+        gpu->set_math_mode(MathMode::strict);
         auto layer = make_lora_linear<float>(*gpu, config_of(spec, 0), d.W[0],
                                              HostVector<float>(d.b[0].row(0).transpose()), LayerChoice::fastest);
         layer->set_A(d.A[0]);
         layer->set_B(d.B[0]);
-        INFO(what << ": " << std::string(layer->implementation()));
         CHECK(std::string(layer->implementation()) == "cuda_half");
         const bool relu_taken = f == Activation::relu && layer->take_output_activation(f);
         CHECK(relu_taken == (f == Activation::relu));
         REQUIRE(layer->take_half_activations(format));
-        std::mt19937_64 gen(112);
-        const HostMatrix<float> x = normal_matrix<float>(shape.n, shape.k, gen);
-        const HostMatrix<float> dy = normal_matrix<float>(shape.n, shape.d, gen, 0.05);
-        Observed obs;
-        obs.native = {true};
-        const HalfBuffer X = upload_half(*gpu, rounded(x, format), format);
-        layer->forward_half(X.tensor());
-        obs.H.push_back(download_half(*gpu, layer->mutable_half_output(), format));
-        obs.out = obs.H.back().cast<float>();
-        HostLayer h;
-        h.W = layer->base().weight_host().cast<double>();
-        h.b = wide(to_host(*gpu, layer->b()));
-        h.A = wide(to_host(*gpu, layer->A()));
-        h.B = wide(to_host(*gpu, layer->B()));
-        h.s = double(layer->scale());
-        h.relu = relu_taken;
-        h.bias_trains = true;
-        obs.layers.push_back(h);
-        // The model hands backward_half dY with f' applied.
-        const Mat dY = h.relu ? Mat(rounded(dy, format).cwiseProduct(positive(obs.H[0]))) : rounded(dy, format);
-        const HalfBuffer dY16 = upload_half(*gpu, dY, format);
-        HalfBuffer dX(*gpu, shape.n, shape.k);
-        layer->backward_half(dY16.tensor(), &dX.tensor());
-        obs.dA.push_back(to_host(*gpu, layer->dA()));
-        obs.dB.push_back(to_host(*gpu, layer->dB()));
-        obs.db.push_back(to_host(*gpu, layer->db()));
-        obs.G.push_back(download_half(*gpu, dX.tensor(), format));
-        // dY as given is the top's gradient: check_bounds rounds it again (exactly) and masks it.
-        const HostMatrix<float> dy_rounded = dY.cast<float>();
-        check_bounds(obs, x, &dy_rounded, format, what);
+        for (const MathMode math : {MathMode::strict, MathMode::tf32, MathMode::strict}) {
+          gpu->set_math_mode(math);
+          const std::string what = "n " + std::to_string(shape.n) + ", " + std::to_string(shape.k) + " -> " +
+                                   std::to_string(shape.d) + ", r " + std::to_string(shape.r) + ", " + name_of(format) +
+                                   (f == Activation::relu ? ", relu" : ", identity") +
+                                   (math == MathMode::tf32 ? ", tf32" : ", strict");
+          INFO(what << ": " << std::string(layer->implementation()));
+          std::mt19937_64 gen(112);
+          const HostMatrix<float> x = normal_matrix<float>(shape.n, shape.k, gen);
+          const HostMatrix<float> dy = normal_matrix<float>(shape.n, shape.d, gen, 0.05);
+          Observed obs;
+          obs.native = {true};
+          const HalfBuffer X = upload_half(*gpu, rounded(x, format), format);
+          layer->forward_half(X.tensor());
+          obs.H.push_back(download_half(*gpu, layer->mutable_half_output(), format));
+          obs.out = obs.H.back().cast<float>();
+          HostLayer h;
+          h.W = layer->base().weight_host().cast<double>();
+          h.b = wide(to_host(*gpu, layer->b()));
+          h.A = wide(to_host(*gpu, layer->A()));
+          h.B = wide(to_host(*gpu, layer->B()));
+          h.s = double(layer->scale());
+          h.relu = relu_taken;
+          h.bias_trains = true;
+          obs.layers.push_back(h);
+          // The model hands backward_half dY with f' applied.
+          const Mat dY = h.relu ? Mat(rounded(dy, format).cwiseProduct(positive(obs.H[0]))) : rounded(dy, format);
+          const HalfBuffer dY16 = upload_half(*gpu, dY, format);
+          HalfBuffer dX(*gpu, shape.n, shape.k);
+          layer->backward_half(dY16.tensor(), &dX.tensor());
+          obs.dA.push_back(to_host(*gpu, layer->dA()));
+          obs.dB.push_back(to_host(*gpu, layer->dB()));
+          obs.db.push_back(to_host(*gpu, layer->db()));
+          obs.G.push_back(download_half(*gpu, dX.tensor(), format));
+          // dY as given is the top's gradient: check_bounds rounds it again (exactly) and masks it.
+          const HostMatrix<float> dy_rounded = dY.cast<float>();
+          check_bounds(obs, x, &dy_rounded, format, what);
+        }
       }
     }
   }
@@ -1019,10 +1028,13 @@ TEST_CASE("16-bit activations: a CUDA native layer on exactly representable valu
   // roundings adds an exact zero and the result is the exact value rounded once. Entries that
   // match another formula instead (the definition's one rounding; or a third rounding, X W^T or
   // dY W rounded before the adapter's term is added) are counted, to say which it computes.
+  // In tf32 mode (two bf16 terms for U and dU, whose 16 significant bits they hold exactly) the
+  // same.
   auto gpu = make_backend<float>(Device::cuda);
   const BasePrecision bf16 = BasePrecision::bf16;
   struct Shape {
     Index n, k, d, r;
+    MathMode math = MathMode::strict;
   };
   const auto grid = [](Index rows, Index cols, int range, double step, std::mt19937_64& gen) {
     std::uniform_int_distribution<int> pick(-range, range);
@@ -1031,13 +1043,16 @@ TEST_CASE("16-bit activations: a CUDA native layer on exactly representable valu
     return m;
   };
   const auto round_all = [&](const Mat& m) { return rounded(m, bf16); };
-  for (const Shape shape : {Shape{256, 512, 384, 16}, Shape{37, 20, 36, 8}, Shape{64, 24, 40, 4}}) {
+  for (const Shape shape : {Shape{256, 512, 384, 16}, Shape{37, 20, 36, 8}, Shape{64, 24, 40, 4},
+                            Shape{256, 512, 384, 16, MathMode::tf32}, Shape{37, 20, 36, 8, MathMode::tf32}}) {
+    gpu->set_math_mode(shape.math);
     for (const int variant : {0, 1, 2}) {  // both parts, B = 0 without bias, W = 0
       for (const Activation f : {Activation::identity, Activation::relu}) {
         const char* variant_name[] = {"W, B and b", "B = 0, no bias", "W = 0"};
         const std::string what = "n " + std::to_string(shape.n) + ", " + std::to_string(shape.k) + " -> " +
                                  std::to_string(shape.d) + ", r " + std::to_string(shape.r) + ", " +
-                                 variant_name[variant] + (f == Activation::relu ? ", relu" : ", identity");
+                                 variant_name[variant] + (f == Activation::relu ? ", relu" : ", identity") +
+                                 (shape.math == MathMode::tf32 ? ", tf32" : "");
         std::mt19937_64 gen(141);
         const HostMatrix<float> W = variant == 2 ? HostMatrix<float>(HostMatrix<float>::Zero(shape.d, shape.k))
                                                  : grid(shape.d, shape.k, 4, 1.0 / 64, gen);
@@ -1205,8 +1220,8 @@ TEST_CASE("16-bit activations: CUDA native layers' training step replays from a 
     std::vector<HostMatrix<float>> parameters;
     std::int64_t recorded = 0, replayed = 0;
   };
-  const auto train = [&](bool use_graphs) {
-    auto gpu = make_backend<float>(Device::cuda);
+  const auto train = [&](bool use_graphs, MathMode math) {
+    auto gpu = make_backend<float>(Device::cuda, BackendOptions{.math = math});
     Model<float> model = build(gpu, LayerChoice::fastest, specs, d);
     model.set_activation_format(BasePrecision::bf16);
     TrainerConfig config{.method = TrainingMethod::lora, .adam = {.lr = 3e-3}};
@@ -1223,17 +1238,20 @@ TEST_CASE("16-bit activations: CUDA native layers' training step replays from a 
     run.replayed = trainer.replayed_steps();
     return run;
   };
-  const Run eager = train(false), graph = train(true);
-  MESSAGE("graph: recorded " << graph.recorded << ", replayed " << graph.replayed << "; final loss "
-                             << graph.losses.back() << " (eager " << eager.losses.back() << ")");
-  CHECK(eager.replayed == 0);
-  CHECK(graph.recorded >= 1);
-  CHECK(graph.replayed >= 12 - 3);
-  CHECK(graph.losses == eager.losses);
-  REQUIRE(graph.parameters.size() == eager.parameters.size());
-  for (std::size_t i = 0; i < graph.parameters.size(); ++i) {
-    INFO("parameter " << i);
-    CHECK((graph.parameters[i].array() == eager.parameters[i].array()).all());
+  for (const MathMode math : {MathMode::strict, MathMode::tf32}) {
+    const Run eager = train(false, math), graph = train(true, math);
+    const std::string mode = math == MathMode::tf32 ? "tf32" : "strict";
+    MESSAGE(mode << " graph: recorded " << graph.recorded << ", replayed " << graph.replayed << "; final loss "
+                 << graph.losses.back() << " (eager " << eager.losses.back() << ")");
+    CHECK(eager.replayed == 0);
+    CHECK(graph.recorded >= 1);
+    CHECK(graph.replayed >= 12 - 3);
+    CHECK(graph.losses == eager.losses);
+    REQUIRE(graph.parameters.size() == eager.parameters.size());
+    for (std::size_t i = 0; i < graph.parameters.size(); ++i) {
+      INFO(mode << " parameter " << i);
+      CHECK((graph.parameters[i].array() == eager.parameters[i].array()).all());
+    }
   }
 }
 

@@ -28,7 +28,7 @@ struct TermLayout {
   int slots = 3;
 };
 
-// value(i, j) = scale (sum over `slots`, 1 or 3, of P[t * p_slot + i * p_ld + j]) for i < rows,
+// value(i, j) = scale (sum over `slots`, 1 to 3, of P[t * p_slot + i * p_ld + j]) for i < rows,
 // j < cols, the slots added from the last (smallest) to the first; written to `sum` (row-major, ld cols)
 // when it is not null, and split into bf16 terms laid out as `first` and `second` say. `extra`,
 // when not null, takes the column after the slots unscaled: extra[i] = P[i * p_ld + slots * p_slot].
@@ -55,26 +55,23 @@ __device__ void write_terms(const TermLayout& layout, std::int64_t i, int j, con
   }
 }
 
-// One thread per element (rows x cols is far below 2^31: rank-sized operands and sums).
-__global__ void sum_and_split_kernel(const SumAndSplit a) {
-  const int count = int(a.rows) * a.cols;
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < count; e += gridDim.x * blockDim.x) {
-    const int i = e / a.cols, j = e - i * a.cols;
-    const float* p = a.P + i * a.p_ld + j;
-    float value = 0;
-    if (a.slots == 3) {
-      value = (p[2 * a.p_slot] + p[a.p_slot]) + p[0];  // the smallest terms first
-    } else {
-      value = p[0];
-    }
-    value *= a.scale;
-    if (a.sum) a.sum[e] = value;
-    if (a.extra && j == 0) a.extra[i] = a.P[i * a.p_ld + a.slots * a.p_slot];
-    std::uint16_t terms[3];
-    half_convert::split_bf16(value, terms);
-    write_terms(a.first, i, j, terms);
-    write_terms(a.second, i, j, terms);
+// Element (i, j) of a sum and split, e = i cols + j (rows x cols is far below 2^31: rank-sized
+// operands and sums).
+__device__ void sum_and_split_element(const SumAndSplit& a, int i, int j, int e) {
+  const float* p = a.P + i * a.p_ld + j;
+  float value = p[0];
+  if (a.slots == 3) {
+    value = (p[2 * a.p_slot] + p[a.p_slot]) + p[0];  // the smallest terms first
+  } else if (a.slots == 2) {
+    value = p[a.p_slot] + p[0];
   }
+  value *= a.scale;
+  if (a.sum) a.sum[e] = value;
+  if (a.extra && j == 0) a.extra[i] = a.P[i * a.p_ld + a.slots * a.p_slot];
+  std::uint16_t terms[3];
+  half_convert::split_bf16(value, terms);
+  write_terms(a.first, i, j, terms);
+  write_terms(a.second, i, j, terms);
 }
 
 __global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16_t* __restrict__ dst) {
@@ -84,21 +81,70 @@ __global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16
   }
 }
 
-void sum_and_split(const SumAndSplit& a, CudaContext& context) {
-  if (a.rows == 0 || a.cols == 0) return;
-  if (a.rows * a.cols > std::int64_t(1) << 30) {
-    throw ShapeError("CudaHalfLoraLinear: a rank-sized operand of " + shape_string(a.rows, a.cols) +
-                     ", over 2^30 values");
+// Up to three sums and splits that do not depend on one another, in one launch: a step's small
+// passes cost more in launches than in work.
+struct SumsAndSplits {
+  SumAndSplit job[3];
+  int count = 0;
+  int end[3] = {};  // job j covers the flat elements [end[j - 1], end[j]) (end[-1] = 0)
+
+  void add(const SumAndSplit& a) {
+    if (a.rows == 0 || a.cols == 0) return;
+    const std::int64_t before = count == 0 ? 0 : end[count - 1];
+    if (before + a.rows * a.cols > std::int64_t(1) << 30) {
+      throw ShapeError("CudaHalfLoraLinear: rank-sized operands of " + std::to_string(before + a.rows * a.cols) +
+                       " values in one pass (the last " + shape_string(a.rows, a.cols) + "), over 2^30");
+    }
+    job[count] = a;
+    end[count] = int(before + a.rows * a.cols);
+    ++count;
   }
+};
+
+// Job j's element `local`.
+__device__ void sum_and_split_local(const SumAndSplit& a, int local) {
+  const int i = local / a.cols;
+  sum_and_split_element(a, i, local - i * a.cols, local);
+}
+
+__global__ void sums_and_splits_kernel(const SumsAndSplits jobs) {
+  const int total = jobs.end[jobs.count - 1];
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The job chosen by branches, not by an index: the jobs stay in the parameter space.
+    if (e < jobs.end[0]) {
+      sum_and_split_local(jobs.job[0], e);
+    } else if (e < jobs.end[1]) {
+      sum_and_split_local(jobs.job[1], e - jobs.end[0]);
+    } else {
+      sum_and_split_local(jobs.job[2], e - jobs.end[1]);
+    }
+  }
+}
+
+void run(const SumsAndSplits& jobs, CudaContext& context) {
+  if (jobs.count == 0) return;
   context.activate();
-  sum_and_split_kernel<<<grid_for(a.rows * a.cols, context.sm_count()), kThreads, 0, context.stream()>>>(a);
-  RELORA_CHECK_LAUNCH("sum_and_split_kernel");
+  sums_and_splits_kernel<<<grid_for(jobs.end[jobs.count - 1], context.sm_count()), kThreads, 0, context.stream()>>>(
+      jobs);
+  RELORA_CHECK_LAUNCH("sums_and_splits_kernel");
+}
+
+void sum_and_split(const SumAndSplit& a, CudaContext& context) {
+  SumsAndSplits jobs;
+  jobs.add(a);
+  run(jobs, context);
 }
 
 // The terms of a plain fp32 matrix (rows x cols, row-major), in one layout or two.
-void split(const float* src, std::int64_t rows, int cols, const TermLayout& layout, const TermLayout& second,
-           CudaContext& context) {
-  sum_and_split(SumAndSplit{src, 1, 0, cols, rows, cols, 1.0f, nullptr, nullptr, layout, second}, context);
+SumAndSplit split(const float* src, std::int64_t rows, int cols, const TermLayout& layout,
+                  const TermLayout& second = TermLayout{}) {
+  return SumAndSplit{src, 1, 0, cols, rows, cols, 1.0f, nullptr, nullptr, layout, second};
+}
+
+// A layout with its first `slots` slots only.
+TermLayout first_slots(TermLayout layout, int slots) {
+  layout.slots = slots;
+  return layout;
 }
 
 // The row length of the 16-bit term buffers: 3r terms and two more columns (the bias's, or db's
@@ -124,8 +170,11 @@ using namespace cuda_detail;
 
 bool CudaHalfLoraLinear::suits(const LoraConfig& config) { return config.base_precision == BasePrecision::bf16; }
 
+int CudaHalfLoraLinear::split_terms() const { return this->backend_->math_mode() == MathMode::tf32 ? 2 : 3; }
+
 std::uint32_t CudaHalfLoraLinear::step_signature() const {
-  return CudaAdapterLoraLinear<float>::step_signature() | (format_ != BasePrecision::fp32 ? 16u : 0u);
+  return CudaAdapterLoraLinear<float>::step_signature() | (format_ != BasePrecision::fp32 ? 16u : 0u) |
+         (split_terms() == 2 ? 32u : 0u);
 }
 
 bool CudaHalfLoraLinear::take_half_activations(BasePrecision format) {
@@ -136,15 +185,18 @@ bool CudaHalfLoraLinear::take_half_activations(BasePrecision format) {
   return takes;
 }
 
-void CudaHalfLoraLinear::size_half_batch(Index n) {
-  if (n == half_rows_) return;
+void CudaHalfLoraLinear::size_half_batch(Index n, int terms) {
+  if (n == half_rows_ && terms == half_terms_) return;
   Backend<float>& be = *this->backend_;
   const Index k = this->in_features(), d = this->out_features(), r = this->rank(), ld = terms_ld(r);
-  Y_half_ = HalfBuffer(be, n, d);
-  products_ = be.allocate(1, std::max({n * 3 * r, d * ld, 3 * r * k}));
-  left_terms_ = HalfBuffer(be, n, ld);
-  U_terms_ = HalfBuffer(be, n, ld);
-  dU_terms_ = HalfBuffer(be, n, ld);
+  if (n != half_rows_) {
+    Y_half_ = HalfBuffer(be, n, d);
+    products_ = be.allocate(1, std::max(n * 3 * r, d * ld + 3 * r * k));  // dB's and dA's side by side
+    left_terms_ = HalfBuffer(be, n, ld);
+    U_terms_ = HalfBuffer(be, n, ld);
+    dU_terms_ = HalfBuffer(be, n, ld);
+    wide_X_ = Tensor<float>(), wide_dY_ = Tensor<float>(), wide_dX_ = Tensor<float>();
+  }
   if (A_forward_terms_.empty()) {
     A_forward_terms_ = HalfBuffer(be, 3 * r, k);
     A_backward_terms_ = HalfBuffer(be, 3 * r, k);
@@ -159,8 +211,9 @@ void CudaHalfLoraLinear::size_half_batch(Index n) {
     }
     B_backward_terms_ = HalfBuffer(be, d, ld);
   }
-  // Ones everywhere: the columns after the 3r terms stay ones (the bias's pair in the forward's
-  // left operand, db's column beside U's terms); the terms are rewritten by every step.
+  // Ones everywhere: the columns after the terms stay ones (the bias's pair in the forward's left
+  // operand, db's column beside U's `terms` r terms); the terms are rewritten by every step. Again
+  // when the number of terms changes, which moves db's column.
   CudaContext& context = cuda();
   context.activate();
   for (HalfBuffer* buffer : {&left_terms_, &U_terms_}) {
@@ -169,8 +222,8 @@ void CudaHalfLoraLinear::size_half_batch(Index n) {
         count, half_bits::bf16_nearest(1.0f), buffer->tensor().data());
     RELORA_CHECK_LAUNCH("fill_kernel");
   }
-  wide_X_ = Tensor<float>(), wide_dY_ = Tensor<float>(), wide_dX_ = Tensor<float>();
   half_rows_ = n;
+  half_terms_ = terms;
 }
 
 const HalfTensor& CudaHalfLoraLinear::forward_half(const HalfTensor& X) {
@@ -182,7 +235,8 @@ const HalfTensor& CudaHalfLoraLinear::forward_half(const HalfTensor& X) {
     throw ShapeError("LoraLinear forward (16-bit): X is " + X.shape() + " but the layer takes [n x " +
                      std::to_string(k) + "] with n >= 1");
   }
-  size_half_batch(n);
+  const int terms = split_terms();
+  size_half_batch(n, terms);
   X_half_ = &X;
   CudaContext& context = cuda();
   HalfTensor& Y = Y_half_.tensor();
@@ -199,12 +253,13 @@ const HalfTensor& CudaHalfLoraLinear::forward_half(const HalfTensor& X) {
   std::uint16_t* left = left_terms_.tensor().data();
   std::uint16_t* right = B_forward_terms_.tensor().data();
   const bool bias = this->has_bias();
-  if (bias) {  // b's two terms after B's, against the left operand's two columns of ones
-    split(this->base_.bias().data(), d, 1, TermLayout{right + 3 * r * d, d, 1, 1, {0, 1, 2}, 2}, TermLayout{}, context);
-  }
+  // b's two terms after B's, against the left operand's two columns of ones.
+  const SumAndSplit bias_terms =
+      split(this->base_.bias().data(), d, 1, TermLayout{right + 3 * r * d, d, 1, 1, {0, 1, 2}, 2});
   if (this->merged()) {
     // Y = round(b), then Y = round(f(X W^T + Y)).
     if (bias) {
+      sum_and_split(bias_terms, context);
       gemm_->multiply(Trans::no, Trans::no, n, d, ld - 3 * r, 1.0f, left + 3 * r, ld, right + 3 * r * d, d, 0.0f, Y.data(), d,
                       format_, HalfGemm::Output::half);
     }
@@ -213,17 +268,22 @@ const HalfTensor& CudaHalfLoraLinear::forward_half(const HalfTensor& X) {
   }
   float* P = products_.data();
   // A's and B's terms for this step, forward's and backward's layouts at once (the optimizer
-  // changes them only after the backward).
-  split(this->A_.data(), r, int(k), stacked(A_forward_terms_.tensor().data(), r, int(k), 0, 1, 2),
-        stacked(A_backward_terms_.tensor().data(), r, int(k), 0, 1, 0), context);
-  split(this->B_.data(), d, rank, stacked_transposed(right, d, rank, 0, 1, 0),
-        side_by_side(B_backward_terms_.tensor().data(), rank, ld, 0, 1, 2), context);
-  // U = X A^T from A's three terms; s U's terms for the adapter's term of Y and (with db's ones
-  // after them) for dB.
-  gemm_->multiply(Trans::no, Trans::yes, n, 3 * r, k, 1.0f, X.data(), k, A_forward_terms_.tensor().data(), k, 0.0f, P,
-                  3 * r, format_, HalfGemm::Output::fp32);
-  sum_and_split(SumAndSplit{P, 3, r, 3 * r, n, rank, this->scale_, nullptr, nullptr, side_by_side(left, rank, ld, 0, 0, 1),
-                            side_by_side(U_terms_.tensor().data(), rank, ld, 0, 1, 2)},
+  // changes them only after the backward), and b's, in one pass. The products against X and dY
+  // (bf16 already) take `terms` terms of A and B; the adapter's terms of Y and dX three.
+  SumsAndSplits parameters;
+  parameters.add(split(this->A_.data(), r, int(k), first_slots(stacked(A_forward_terms_.tensor().data(), r, int(k), 0, 1, 2), terms),
+                       stacked(A_backward_terms_.tensor().data(), r, int(k), 0, 1, 0)));
+  parameters.add(split(this->B_.data(), d, rank, stacked_transposed(right, d, rank, 0, 1, 0),
+                       first_slots(side_by_side(B_backward_terms_.tensor().data(), rank, ld, 0, 1, 2), terms)));
+  if (bias) parameters.add(bias_terms);
+  run(parameters, context);
+  // U = X A^T from A's terms; s U's terms for the adapter's term of Y and (with db's ones after
+  // them) for dB.
+  const Index tr = terms * r;
+  gemm_->multiply(Trans::no, Trans::yes, n, tr, k, 1.0f, X.data(), k, A_forward_terms_.tensor().data(), k, 0.0f, P,
+                  tr, format_, HalfGemm::Output::fp32);
+  sum_and_split(SumAndSplit{P, terms, r, tr, n, rank, this->scale_, nullptr, nullptr, side_by_side(left, rank, ld, 0, 0, 1),
+                            first_slots(side_by_side(U_terms_.tensor().data(), rank, ld, 0, 1, 2), terms)},
                 context);
   // Y = round(s U B^T + b), then Y = round(f(X W^T + Y)).
   gemm_->multiply(Trans::no, Trans::no, n, d, bias ? ld : 3 * r, 1.0f, left, ld, right, d, 0.0f, Y.data(), d,
@@ -255,31 +315,36 @@ void CudaHalfLoraLinear::backward_half(const HalfTensor& dY, HalfTensor* dX) {
     }
     return;
   }
+  if (split_terms() != half_terms_) {
+    throw ConfigError("LoraLinear backward (16-bit): the math mode changed between the forward and the backward");
+  }
   const HalfTensor& X = *X_half_;
-  const Index ld = terms_ld(r);
+  const int terms = half_terms_;
+  const Index ld = terms_ld(r), tr = terms * r;
   const int rank = int(r);
   float* P = products_.data();
   std::uint16_t* dU_terms = dU_terms_.tensor().data();
   std::uint16_t* left = left_terms_.tensor().data();
-  // dU = s dY B from B's three terms; dU's terms for dA and for dX.
-  gemm_->multiply(Trans::no, Trans::no, n, 3 * r, d, 1.0f, dY.data(), d, B_backward_terms_.tensor().data(), ld, 0.0f, P,
-                  3 * r, format_, HalfGemm::Output::fp32);
-  sum_and_split(SumAndSplit{P, 3, r, 3 * r, n, rank, this->scale_, nullptr, nullptr,
-                            side_by_side(dU_terms, rank, ld, 0, 1, 2),
+  // dU = s dY B from B's terms; dU's terms for dA and (three) for dX.
+  gemm_->multiply(Trans::no, Trans::no, n, tr, d, 1.0f, dY.data(), d, B_backward_terms_.tensor().data(), ld, 0.0f, P,
+                  tr, format_, HalfGemm::Output::fp32);
+  sum_and_split(SumAndSplit{P, terms, r, tr, n, rank, this->scale_, nullptr, nullptr,
+                            first_slots(side_by_side(dU_terms, rank, ld, 0, 1, 2), terms),
                             dX ? side_by_side(left, rank, ld, 0, 0, 1) : TermLayout{}},
                 context);
-  // dB = dY^T (s U) and db = dY^T 1 in one product.
+  // dB = dY^T (s U) and db = dY^T 1 in one product, and dA = dU^T X, both summed in one pass.
   const bool db = this->bias_trains();
-  gemm_->multiply(Trans::yes, Trans::no, d, db ? ld : 3 * r, n, 1.0f, dY.data(), d, U_terms_.tensor().data(), ld,
-                  0.0f, P, ld, format_, HalfGemm::Output::fp32);
-  sum_and_split(SumAndSplit{P, 3, r, ld, d, rank, 1.0f, this->dB_.data(), db ? this->db_.data() : nullptr, TermLayout{},
-                            TermLayout{}},
-                context);
-  // dA = dU^T X.
-  gemm_->multiply(Trans::yes, Trans::no, 3 * r, k, n, 1.0f, dU_terms, ld, X.data(), k, 0.0f, P, k, format_,
+  float* P_dB = P;
+  float* P_dA = P + d * ld;
+  gemm_->multiply(Trans::yes, Trans::no, d, db ? ld : tr, n, 1.0f, dY.data(), d, U_terms_.tensor().data(), ld,
+                  0.0f, P_dB, ld, format_, HalfGemm::Output::fp32);
+  gemm_->multiply(Trans::yes, Trans::no, tr, k, n, 1.0f, dU_terms, ld, X.data(), k, 0.0f, P_dA, k, format_,
                   HalfGemm::Output::fp32);
-  sum_and_split(SumAndSplit{P, 3, r * k, k, r, int(k), 1.0f, this->dA_.data(), nullptr, TermLayout{}, TermLayout{}},
-                context);
+  SumsAndSplits gradients;
+  gradients.add(SumAndSplit{P_dB, terms, r, ld, d, rank, 1.0f, this->dB_.data(), db ? this->db_.data() : nullptr,
+                            TermLayout{}, TermLayout{}});
+  gradients.add(SumAndSplit{P_dA, terms, r * k, k, r, int(k), 1.0f, this->dA_.data(), nullptr, TermLayout{}, TermLayout{}});
+  run(gradients, context);
   if (dX) {
     // dX = round(dU A), then dX = round(dY W + dX).
     gemm_->multiply(Trans::no, Trans::no, n, k, 3 * r, 1.0f, left, ld, A_backward_terms_.tensor().data(), k, 0.0f,

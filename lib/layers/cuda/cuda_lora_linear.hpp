@@ -100,7 +100,11 @@ class CudaTinyLoraLinear final : public CudaAdapterLoraLinear<T> {
 //              P = [dU_hi dU_mid dU_lo]^T X              dA = P_1 + P_2 + P_3
 //              dX = round([dU_hi dU_hi dU_mid] [A_hi; A_mid; A_hi]), dX = round(dY W + dX)
 //
-// U, dU, dA, dB and db are as accurate as fp32 products of the same operands; the adapter's term of
+// In tf32 mode the four products against X or dY take two terms (hi + mid) instead of three: the
+// split operand then keeps 16 significant bits, more than TF32's 11, for two thirds of the work.
+// A's, B's and b's splits are one launch, and so are the sums of dB and dA.
+//
+// In strict mode U, dU, dA, dB and db are as accurate as fp32 products of the same operands; the adapter's term of
 // Y with the bias, and of dX (operands split in two, three cross terms kept: 16 significant bits),
 // are rounded to bf16 before the base's product adds them, a second rounding beside the model's
 // definition (Layer::take_half_activations), and some of cuBLAS's kernels round X W^T (dY W) to
@@ -126,7 +130,10 @@ class CudaHalfLoraLinear final : public CudaAdapterLoraLinear<float> {
   HalfTensor& mutable_half_output() override { return Y_half_.tensor(); }
 
  private:
-  void size_half_batch(Index n);
+  void size_half_batch(Index n, int terms);
+  // The bf16 terms of A, B, s U and dU in the products against X and dY (bf16 already): three
+  // (as accurate as fp32) in strict mode, two (16 significant bits, more than TF32's 11) in tf32.
+  int split_terms() const;
   // The fp32 step, for what the tensor-core path does not cover (dropout, W training).
   bool through_fp32() const { return this->dropout_in_use() || this->train_target() == TrainTarget::base; }
 
@@ -135,6 +142,7 @@ class CudaHalfLoraLinear final : public CudaAdapterLoraLinear<float> {
   const HalfTensor* X_half_ = nullptr;  // the forward's input
   bool last_forward_fp32_ = false;      // the last forward_half went through the fp32 step
   Index half_rows_ = -1;
+  int half_terms_ = 0;  // split_terms() when the buffers were last laid out
   HalfBuffer Y_half_;
   Tensor<float> products_;     // the split products' fp32 results (P above)
   // Rows of 3r terms and two more columns, padded to 8 values (terms_ld):
