@@ -27,7 +27,9 @@
 #       mkdir -p .base && git archive 6ad3727 | tar -x -C .base   (here, before the call;
 #       .base ignored through .git/info/exclude and named in the device tool's carry)
 #   env: BASE (none: no old column)  ROUNDS (5)  THREADS (16: the CPU cases' threads)
-#        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k)
+#        GPU_CASES (seed_demo,layer1k,mlp4x4k)  CPU_CASES (seed_demo,mlp4x2k; empty: none)
+#        GPU_ARGS (more relora_bench arguments for both sides' GPU runs, e.g. a bf16 base and
+#          bf16 activations: "--precision bf16 --activations bf16")
 #        TESTS (1)  SANITIZE (none)  BENCH (1)  SIDE (0)  PEFT (1: PEFT's CPU seed_demo per round)
 #        DORA (0)  DORA_CASES (layer1k,layer4k,mlp4x2k,mlp4x4k,llm_mlp)  SWEEP (0)
 #        HALF (0)  HALF_CASES (layer4k,mlp4x2k,mlp4x4k,llm_mlp)  GALORE (0)
@@ -52,7 +54,8 @@ BASE=${BASE:-}
 ROUNDS=${ROUNDS:-5}
 THREADS=${THREADS:-16}
 GPU_CASES=${GPU_CASES:-seed_demo,layer1k,mlp4x4k}
-CPU_CASES=${CPU_CASES:-seed_demo,mlp4x2k}
+GPU_ARGS=${GPU_ARGS:-}
+CPU_CASES=${CPU_CASES-seed_demo,mlp4x2k}  # set and empty: no CPU cases
 TESTS=${TESTS:-1}
 SANITIZE=${SANITIZE:-}
 BENCH=${BENCH:-1}
@@ -197,11 +200,13 @@ bench_runs() {  # bench_runs SIDE BINARY ROUND: this side's runs of one round, a
   local side=$1 bin=$2 round=$3
   if [ "$gpu" = 1 ] && [ "$side" != portable ]; then
     for math in strict tf32; do
-      "$bin" --backend cuda --math $math --cases "$GPU_CASES" --no-memory --no-floor --repeats 9 \
+      # shellcheck disable=SC2086  # GPU_ARGS: words on purpose
+      "$bin" --backend cuda --math $math --cases "$GPU_CASES" $GPU_ARGS --no-memory --no-floor --repeats 9 \
         --json "$WORK/${side}_cuda_${math}_$round.json" >>"$WORK/${side}_bench.log" 2>&1 ||
         echo "$side cuda $math round $round: rc $?" >>"$WORK/failures.txt"
     done
   fi
+  [ -n "$CPU_CASES" ] || return 0
   "$bin" --backend cpu --threads "$THREADS" --cases "$CPU_CASES" --no-memory --no-floor --repeats 9 \
     --max-seconds 5 --json "$WORK/${side}_cpu_$round.json" >>"$WORK/${side}_bench.log" 2>&1 ||
     echo "$side cpu round $round: rc $?" >>"$WORK/failures.txt"
