@@ -233,7 +233,7 @@ int run_galore_cases(int argc, char** argv) {
         adam_step = time_steps(adam, *backend, o.repeats, o.batch);
         std::printf("%-8s %-11s %5s %10.3f %12s %12s %11s %10s %10.1f %10s\n", c.name, "adam", "-", adam_step, "-", "-",
                     "-", "-", mib(adam_state), "-");
-        rows.push_back(ResultRow{.case_name = c.name, .optimizer = "adam", .power_iterations = o.power_iterations,
+        rows.push_back(ResultRow{.case_name = c.name, .optimizer = "adam", .power_iterations = double(o.power_iterations),
                                  .step_ms = adam_step, .amortised_ms = adam_step, .state_mib = mib(adam_state),
                                  .adam_mib = mib(adam_state), .amortised_over_adam = 1.0}
                            .json());
@@ -292,7 +292,7 @@ int run_galore_cases(int argc, char** argv) {
                                                                 : method == relora::SubspaceMethod::gram ? "gram"
                                                                                                          : "rsvd");
         rows.push_back(ResultRow{.case_name = c.name, .optimizer = optimizer, .rank = double(c.rank),
-                                 .power_iterations = o.power_iterations, .step_ms = step, .svd_step_ms = svd_step,
+                                 .power_iterations = double(o.power_iterations), .step_ms = step, .svd_step_ms = svd_step,
                                  .amortised_ms = amortised, .refresh_ms = refresh_ms,
                                  .state_mib = mib(double(galore.state_bytes())), .adam_mib = mib(adam_state),
                                  .work_mib = mib(double(galore.workspace_bytes())),
