@@ -3,7 +3,11 @@
 // the same product computed transposed (the operands swapped), and dB's and the short-depth
 // products at the widths and depths in question. Median µs a call over 15 rounds of 10 calls.
 //   nvcc -std=c++17 -O2 -arch=sm_90 scripts/half_adapter_products_probe.cu -lcublas -o probe && ./probe
-// What it is for: which layout each rank-sized product should take (docs/PERFORMANCE.md).
+// What it is for: which layout each rank-sized product should take (docs/PERFORMANCE.md), and
+// whether the rank-sized products go faster with their depth cut into chunks (one strided-batched
+// call, a chunk a batch entry, each writing its own fp32 partial) and the partials added by the
+// pass that sums and splits them anyway: printed per chunk count as the product alone and the
+// product plus a pass that adds the partials (what the sums-and-splits pass would read more).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -18,6 +22,25 @@ void mul(bool ta, bool tb, int m, int n, int k, const void* A, int lda, const vo
   float one = 1, zero = 0;
   CK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &one, B, CUDA_R_16BF, ldb, A,
                   CUDA_R_16BF, lda, &zero, C, half_out ? CUDA_R_16BF : CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// The same product with the depth cut into `chunks` equal chunks: entry c of one strided-batched call
+// multiplies the operands' c-th depth slice into C + c * c_stride.
+void mul_chunks(bool ta, bool tb, int m, int n, int k, const void* A, int lda, const void* B, int ldb, float* C, int ldc,
+                int chunks, long long c_stride) {
+  float one = 1, zero = 0;
+  const int kc = k / chunks;
+  const long long a_stride = ta ? (long long)kc * lda : kc, b_stride = tb ? kc : (long long)kc * ldb;
+  CK(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, kc, &one, B,
+                                CUDA_R_16BF, ldb, b_stride, A, CUDA_R_16BF, lda, a_stride, &zero, C, CUDA_R_32F, ldc,
+                                c_stride, chunks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// out[e] = sum over c of P[c * stride + e]: the extra reads a sums-and-splits pass would make.
+__global__ void add_partials(const float* P, long long count, long long stride, int chunks, float* out) {
+  for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < count; e += (long long)gridDim.x * blockDim.x) {
+    float v = P[e];
+    for (int c = 1; c < chunks; ++c) v += P[c * stride + e];
+    out[e] = v;
+  }
 }
 template <class F> float med(F f) {
   cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
@@ -53,5 +76,26 @@ int main() {
            med([&] { mul(false, true, n, d, depth, L, ld, Rt, ld, Y, d, true); }));
   printf("dX L A   depth 192 %.1f | depth 128 %.1f\n", med([&] { mul(false, false, n, k, 192, L, ld, A, k, Y, k, true); }),
          med([&] { mul(false, false, n, k, 128, L, ld, A, k, Y, k, true); }));
+  // Split depth: U, dU, dB (136 columns) and dA, whole depth (1) and 2, 4, 8 chunks.
+  float* Q; CK(cudaMalloc(&Q, size_t(8) << 20 << 2));
+  struct Product { const char* name; bool ta, tb; int m, n, k; const void* A; int lda; const void* B; int ldb; int ldc; };
+  const Product products[] = {{"U  X A^T ", false, true, n, tr, k, X, k, A, k, tr},
+                              {"dU dY Bb ", false, false, n, tr, d, dY, d, Bb, ld, tr},
+                              {"dB dY^T U", true, false, d, 136, n, dY, d, U, ld, ld},
+                              {"dA dU^T X", true, false, tr, k, n, L, ld, X, k, k}};
+  for (const Product& p : products) {
+    const long long count = (long long)p.m * p.ldc;
+    printf("%s chunks:", p.name);
+    for (int chunks : {1, 2, 4, 8}) {
+      const float product = med([&] { mul_chunks(p.ta, p.tb, p.m, p.n, p.k, p.A, p.lda, p.B, p.ldb, P, p.ldc, chunks, count); });
+      const float with_sum = med([&] {
+        mul_chunks(p.ta, p.tb, p.m, p.n, p.k, p.A, p.lda, p.B, p.ldb, P, p.ldc, chunks, count);
+        add_partials<<<264, 256>>>(P, count, count, chunks, Q);
+      });
+      printf("  %d: %.1f (+sum %.1f)", chunks, product, with_sum);
+    }
+    printf("\n");
+  }
+  CK(cudaDeviceSynchronize());
   return 0;
 }
