@@ -37,6 +37,8 @@
 #        DDP (0)  DDP_CASES (mlp4x4k,llm_mlp)  DDP_PRECISIONS (fp32,bf16)  DDP_ROUNDS (3)
 #        TEST_FILTER (doctest -tc filter of the test cases; default every case)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
+#        MID (none: a second baseline tree, e.g. .mid with part of a change applied, built and timed
+#          as a third side between old and new; its column and mid/old in the table)
 #        SCALING (0; with SIDE=1, 1 adds relora_bench --scaling on each backend)
 #        ARCH (90)  JOBS (nproc)  TEST_TIMEOUT (300 s)  DEADLINE (540 s: no round starts that
 #        would end past it, so the table is printed inside the device tool's 10 minutes)
@@ -73,6 +75,7 @@ DDP_CASES=${DDP_CASES:-mlp4x4k,llm_mlp}
 DDP_PRECISIONS=${DDP_PRECISIONS:-fp32,bf16}
 DDP_ROUNDS=${DDP_ROUNDS:-3}
 PORTABLE=${PORTABLE:-0}
+MID=${MID:-}
 ARCH=${ARCH:-90}
 JOBS=${JOBS:-$(nproc)}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
@@ -80,6 +83,7 @@ DEADLINE=${DEADLINE:-540}
 BUILD=$ROOT/build-device
 BASE_BUILD=$ROOT/build-device-base
 PORTABLE_BUILD=$ROOT/build-device-portable
+MID_BUILD=$ROOT/build-device-mid
 WORK=$OUT/results
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
@@ -113,21 +117,36 @@ note "== $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/d
 cuda_flag=-DRELORA_CUDA=ON
 [ "$gpu" = 1 ] || cuda_flag=-DRELORA_CUDA=AUTO
 [ "${CUDA:-}" = 0 ] && cuda_flag=-DRELORA_CUDA=OFF  # a dry run of the script on a machine without a GPU
+# build_bench_of TREE BUILD_DIR LOG: a baseline tree's relora_bench, in the background ($! its pid).
+build_bench_of() {
+  local tree=$1 build=$2 log=$3
+  # A build folder left by another baseline would be refused by CMake, or worse, kept.
+  if [ -f "$build/CMakeCache.txt" ] &&
+     ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$(cd "$tree" && pwd)" "$build/CMakeCache.txt"; then
+    rm -rf "$build"
+  fi
+  ( cmake -S "$tree" -B "$build" -DCMAKE_BUILD_TYPE=Release $cuda_flag -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+      -DRELORA_NATIVE=ON -DRELORA_BUILD_TESTS=OFF &&
+    cmake --build "$build" -j"$JOBS" --target relora_bench ) >"$log" 2>&1 &
+}
 base_pid=
 base_ok=0
 if [ "$BENCH" = 1 ] && [ -n "$BASE" ]; then
   if [ -f "$BASE/CMakeLists.txt" ]; then
-    # A build folder left by another baseline would be refused by CMake, or worse, kept.
-    if [ -f "$BASE_BUILD/CMakeCache.txt" ] &&
-       ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$(cd "$BASE" && pwd)" "$BASE_BUILD/CMakeCache.txt"; then
-      rm -rf "$BASE_BUILD"
-    fi
-    ( cmake -S "$BASE" -B "$BASE_BUILD" -DCMAKE_BUILD_TYPE=Release $cuda_flag -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-        -DRELORA_NATIVE=ON -DRELORA_BUILD_TESTS=OFF &&
-      cmake --build "$BASE_BUILD" -j"$JOBS" --target relora_bench ) >"$WORK/build_base.log" 2>&1 &
+    build_bench_of "$BASE" "$BASE_BUILD" "$WORK/build_base.log"
     base_pid=$!
   else
     note "== BASE=$BASE holds no CMakeLists.txt: no old column"
+  fi
+fi
+mid_pid=
+mid_ok=0
+if [ "$BENCH" = 1 ] && [ -n "$MID" ]; then
+  if [ -f "$MID/CMakeLists.txt" ]; then
+    build_bench_of "$MID" "$MID_BUILD" "$WORK/build_mid.log"
+    mid_pid=$!
+  else
+    note "== MID=$MID holds no CMakeLists.txt: no mid column"
   fi
 fi
 portable_pid=
@@ -217,12 +236,17 @@ if [ "$BENCH" = 1 ]; then
     if wait "$base_pid"; then note "== baseline build: ok ($(elapsed) s)"; base_ok=1
     else note "== baseline build FAILED: $(grep -m3 -E 'error|Error' "$WORK/build_base.log" | tr '\n' ' ' | head -c 400)"; fi
   fi
+  if [ -n "$mid_pid" ]; then
+    if wait "$mid_pid"; then note "== mid build: ok ($(elapsed) s)"; mid_ok=1
+    else note "== mid build FAILED: $(grep -m3 -E 'error|Error' "$WORK/build_mid.log" | tr '\n' ' ' | head -c 400)"; fi
+  fi
   if [ -n "$portable_pid" ]; then
     wait "$portable_pid" || note "== portable build FAILED (see build_portable.log)"
   fi
   sides=()
   bins=()
   if [ "$base_ok" = 1 ] && [ -x "$BASE_BUILD/apps/bench/relora_bench" ]; then sides+=(old); bins+=("$BASE_BUILD/apps/bench/relora_bench"); fi
+  if [ "$mid_ok" = 1 ] && [ -x "$MID_BUILD/apps/bench/relora_bench" ]; then sides+=(mid); bins+=("$MID_BUILD/apps/bench/relora_bench"); fi
   if [ -x "$BUILD/apps/bench/relora_bench" ]; then sides+=(new); bins+=("$BUILD/apps/bench/relora_bench"); fi
   if [ "$PORTABLE" = 1 ] && [ -x "$PORTABLE_BUILD/apps/bench/relora_bench" ]; then
     sides+=(portable); bins+=("$PORTABLE_BUILD/apps/bench/relora_bench")
@@ -256,7 +280,7 @@ import glob, json, os, re, statistics, sys
 work, md = sys.argv[1], sys.argv[2]
 times = {}  # (side, backend, math, case) -> [step_ms per round]
 for path in sorted(glob.glob(os.path.join(work, "*.json"))):
-    m = re.match(r"(old|new|portable|peft)_.*_(\d+)\.json$", os.path.basename(path))
+    m = re.match(r"(old|mid|new|portable|peft)_.*_(\d+)\.json$", os.path.basename(path))
     if not m:
         continue
     try:
@@ -277,7 +301,9 @@ rows = [(b, m, c) for b, m in (("cuda", "strict"), ("cuda", "tf32"), ("cpu", "st
 def f(x):
     return "-" if x is None else (f"{x * 1e3:.2f} us" if x < 1 else f"{x:.4g} ms")
 portable = any(k[0] == "portable" for k in times)
-head = "| case | old median | new median | new/old | limit |" + (" portable (no -march=native) |" if portable else "") + \
+mid = any(k[0] == "mid" for k in times)
+head = "| case | old median |" + (" mid median | mid/old |" if mid else "") + " new median | new/old | limit |" + \
+       (" portable (no -march=native) |" if portable else "") + \
        " PEFT median | PEFT/new |"
 lines = [head, "|" + "---|" * (head.count("|") - 1)]
 for backend, math, case in rows:
@@ -289,7 +315,11 @@ for backend, math, case in rows:
     ratio = n / o if o and n else None
     verdict = "-" if ratio is None else (f"{ratio:.3f}" + ("" if ratio <= limit else " OVER"))
     name = f"{backend} {case}" + ("" if backend == "cpu" else f" {math}")
-    line = f"| {name} | {f(o)} | {f(n)} | {verdict} | {limit:.2f} |"
+    line = f"| {name} | {f(o)} |"
+    if mid:
+        mm = med.get(("mid", backend, math, case))
+        line += f" {f(mm)} | {'-' if not (mm and o) else f'{mm / o:.3f}'} |"
+    line += f" {f(n)} | {verdict} | {limit:.2f} |"
     if portable:
         line += f" {f(med.get(('portable', backend, math, case)))} |"
     line += f" {f(p)} | {'-' if not (p and n) else f'{p / n:.0f}x'} |"
