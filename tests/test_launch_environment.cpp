@@ -98,6 +98,61 @@ TEST_CASE("launch environment: Open MPI and Slurm variables when torchrun's are 
   CHECK(both.world_size == 1);
 }
 
+TEST_CASE("launch environment: MPICH's and Intel MPI's variables") {
+  const LaunchEnvironment env = parse_launch_environment({{"PMI_RANK", "3"},
+                                                          {"PMI_SIZE", "4"},
+                                                          {"MPI_LOCALRANKID", "1"},
+                                                          {"MPI_LOCALNRANKS", "2"},
+                                                          {"MASTER_ADDR", "node0"},
+                                                          {"MASTER_PORT", "29500"}});
+  CHECK(env.launcher == "mpich");
+  CHECK(env.rank == 3);
+  CHECK(env.world_size == 4);
+  CHECK(env.local_rank == 1);
+  CHECK(env.local_world_size == 2);
+  // Slurm's own variables win where srun's PMI sets both.
+  const LaunchEnvironment slurm = parse_launch_environment(
+      {{"SLURM_PROCID", "2"}, {"SLURM_NTASKS", "4"}, {"PMI_RANK", "2"}, {"PMI_SIZE", "4"},
+       {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "29500"}});
+  CHECK(slurm.launcher == "slurm");
+  CHECK(error_of({{"PMI_RANK", "0"}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", "2"}, {"MPI_LOCALNRANKS", "2"},
+                  {"MASTER_ADDR", "a"}, {"MASTER_PORT", "1"}}) ==
+        "launch environment: MPI_LOCALRANKID='2' must be below MPI_LOCALNRANKS=2");
+}
+
+TEST_CASE("launch environment: torchrun's agent store on MASTER_PORT, and RELORA_RENDEZVOUS_PORT") {
+  const EnvironmentVariables torchrun{{"RANK", "1"},
+                                      {"WORLD_SIZE", "2"},
+                                      {"MASTER_ADDR", "127.0.0.1"},
+                                      {"MASTER_PORT", "29500"},
+                                      {"TORCHELASTIC_RUN_ID", "run"},
+                                      {"TORCHELASTIC_USE_AGENT_STORE", "True"}};
+  // The agent listens on MASTER_PORT already: refused, naming both ways out.
+  CHECK(error_of(torchrun) ==
+        "launch environment: MASTER_PORT=29500 is torchrun's own store (TORCHELASTIC_USE_AGENT_STORE=True), where "
+        "relora's rank 0 cannot listen: set RELORA_RENDEZVOUS_PORT to a free port on MASTER_ADDR=127.0.0.1, or "
+        "RELORA_RENDEZVOUS_FILE to a path every rank sees");
+  EnvironmentVariables own = torchrun;
+  own["RELORA_RENDEZVOUS_PORT"] = "29611";
+  const LaunchEnvironment env = parse_launch_environment(own);
+  CHECK(env.rendezvous == RendezvousKind::tcp);
+  CHECK(env.master_addr == "127.0.0.1");
+  CHECK(env.master_port == 29611);
+  EnvironmentVariables file = torchrun;
+  file["RELORA_RENDEZVOUS_FILE"] = "/tmp/id";
+  CHECK(parse_launch_environment(file).rendezvous == RendezvousKind::file);
+  // Without the agent's store (an older torchrun, or the store not shared) MASTER_PORT is free to take.
+  EnvironmentVariables legacy = torchrun;
+  legacy["TORCHELASTIC_USE_AGENT_STORE"] = "False";
+  CHECK(parse_launch_environment(legacy).master_port == 29500);
+  legacy.erase("TORCHELASTIC_USE_AGENT_STORE");
+  CHECK(parse_launch_environment(legacy).master_port == 29500);
+  // RELORA_RENDEZVOUS_PORT needs no MASTER_PORT.
+  const LaunchEnvironment alone =
+      parse_launch_environment({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "node0"}, {"RELORA_RENDEZVOUS_PORT", "4000"}});
+  CHECK(alone.master_port == 4000);
+}
+
 TEST_CASE("launch environment: the file rendezvous wins over MASTER_ADDR, and its key") {
   const LaunchEnvironment env = parse_launch_environment({{"RANK", "1"},
                                                           {"WORLD_SIZE", "2"},
@@ -146,8 +201,12 @@ TEST_CASE("launch environment: bad values name the variable and the value") {
   CHECK(error_of({{"RELORA_RENDEZVOUS_TIMEOUT", "soon"}}) ==
         "launch environment: RELORA_RENDEZVOUS_TIMEOUT='soon' must be a positive number of seconds");
   CHECK(error_of({{"RANK", "1"}, {"WORLD_SIZE", "2"}}) ==
-        "launch environment: world size 2 (torchrun) but no rendezvous: set MASTER_ADDR and MASTER_PORT, or "
-        "RELORA_RENDEZVOUS_FILE");
+        "launch environment: world size 2 (torchrun) but no rendezvous: set MASTER_ADDR and MASTER_PORT (or "
+        "RELORA_RENDEZVOUS_PORT), or RELORA_RENDEZVOUS_FILE");
+  CHECK(error_of({{"RELORA_RENDEZVOUS_PORT", "29600"}}) ==
+        "launch environment: RELORA_RENDEZVOUS_PORT='29600' is set but MASTER_ADDR is not");
+  CHECK(error_of({{"MASTER_ADDR", "node0"}, {"RELORA_RENDEZVOUS_PORT", "0"}}) ==
+        "launch environment: RELORA_RENDEZVOUS_PORT='0' must be in [1, 65535]");
   CHECK(doctest::String(error_of({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"RELORA_RENDEZVOUS_FILE", "/tmp/id"}}).c_str()) ==
         doctest::Contains("RELORA_RENDEZVOUS_FILE='/tmp/id' of 2 ranks needs a job key"));
   // One rank needs neither a rendezvous nor a key.

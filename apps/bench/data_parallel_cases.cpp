@@ -162,9 +162,10 @@ RankResult run_rank(const CaseSpec& c, const DataParallelOptions& o, const std::
 // Runs fn(rank) on one thread per rank and joins them. A rank that throws aborts the group, so
 // that no rank waits for it in a collective; the first exception thrown (the cause; the others'
 // CommunicatorErrors follow from it) is rethrown here once every thread has ended. Each thread
-// then lets its rank's communicator go (comms[rank] is null afterwards): the ranks' communicators
-// are destroyed together, one per thread, since NCCL's clean destroy of one rank waits for its
-// peers' (one thread destroying them in turn would wait for ever).
+// then lets its rank's communicator go (comms[rank] is null afterwards), on the thread that drove
+// the rank's backend: destroying it drops the backend's recorded step, which holds its
+// collectives (NCCL finishes a group's communicators, at the last one's destroy, only once every
+// graph holding their collectives is gone).
 void run_on_rank_threads(Communicators& comms, const std::function<void(int)>& fn) {
   std::mutex mutex;
   std::exception_ptr first;

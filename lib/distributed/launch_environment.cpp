@@ -28,6 +28,7 @@ constexpr LauncherVariables kLaunchers[] = {
     {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"},
     {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", ""},
+    {"mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"},  // MPICH's Hydra, Intel MPI
 };
 
 // Every variable this file reads, for launch_environment_from_process.
@@ -35,6 +36,7 @@ constexpr const char* kOtherVariables[] = {
     "RELORA_RENDEZVOUS_FILE", "MASTER_ADDR",    "MASTER_PORT",   "RELORA_RENDEZVOUS_KEY",
     "TORCHELASTIC_RUN_ID",    "TORCHELASTIC_RESTART_COUNT",     "SLURM_JOB_ID",
     "SLURM_STEP_ID",          "PMIX_NAMESPACE", "RELORA_RENDEZVOUS_TIMEOUT",
+    "RELORA_RENDEZVOUS_PORT", "TORCHELASTIC_USE_AGENT_STORE",
 };
 
 std::optional<std::string> lookup(const EnvironmentVariables& variables, const char* name) {
@@ -141,18 +143,37 @@ void read_rendezvous(const EnvironmentVariables& variables, LaunchEnvironment& e
     }
     return;
   }
+  const std::optional<std::string> own_port = lookup(variables, "RELORA_RENDEZVOUS_PORT");
+  if (own_port && !addr) {
+    throw ConfigError("launch environment: RELORA_RENDEZVOUS_PORT='" + *own_port + "' is set but MASTER_ADDR is not");
+  }
   if (addr || port) {
+    if (!port && !own_port) {
+      throw ConfigError("launch environment: MASTER_ADDR='" + *addr + "' is set but MASTER_PORT is not");
+    }
     if (!addr) throw ConfigError("launch environment: MASTER_PORT='" + *port + "' is set but MASTER_ADDR is not");
-    if (!port) throw ConfigError("launch environment: MASTER_ADDR='" + *addr + "' is set but MASTER_PORT is not");
     if (addr->empty()) throw_bad("MASTER_ADDR", *addr, "is empty");
     env.rendezvous = RendezvousKind::tcp;
     env.master_addr = *addr;
+    if (own_port) {
+      env.master_port = parse_integer("RELORA_RENDEZVOUS_PORT", *own_port, 1, 65535);
+      return;
+    }
+    // torchrun (PyTorch 2.4 on) serves its own store on MASTER_PORT from the agent and says so:
+    // rank 0 could not listen there.
+    if (lookup(variables, "TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True") {
+      throw ConfigError("launch environment: MASTER_PORT=" + *port +
+                        " is torchrun's own store (TORCHELASTIC_USE_AGENT_STORE=True), where relora's rank 0 cannot "
+                        "listen: set RELORA_RENDEZVOUS_PORT to a free port on MASTER_ADDR=" + *addr +
+                        ", or RELORA_RENDEZVOUS_FILE to a path every rank sees");
+    }
     env.master_port = parse_integer("MASTER_PORT", *port, 1, 65535);
     return;
   }
   if (env.world_size > 1) {
     throw ConfigError("launch environment: world size " + std::to_string(env.world_size) + " (" + env.launcher +
-                      ") but no rendezvous: set MASTER_ADDR and MASTER_PORT, or RELORA_RENDEZVOUS_FILE");
+                      ") but no rendezvous: set MASTER_ADDR and MASTER_PORT (or RELORA_RENDEZVOUS_PORT), or "
+                      "RELORA_RENDEZVOUS_FILE");
   }
 }
 

@@ -7,6 +7,7 @@
 //   mpirun     OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK,
 //              OMPI_COMM_WORLD_LOCAL_SIZE (Open MPI)
 //   srun       SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
+//   mpiexec    PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS (MPICH's Hydra, Intel MPI)
 //   (none)     one process: rank 0 of 1
 //
 // How the ranks meet (needed when the world has more than one rank):
@@ -14,6 +15,10 @@
 //                            Taken before MASTER_ADDR when both are set.
 //   MASTER_ADDR, MASTER_PORT rank 0 serves the blob over TCP on MASTER_PORT; the others connect to
 //                            MASTER_ADDR (an IPv4 address or a host name).
+//   RELORA_RENDEZVOUS_PORT   the port to take instead of MASTER_PORT (with MASTER_ADDR). Needed under
+//                            torchrun from PyTorch 2.4 on, whose agent serves its own store on
+//                            MASTER_PORT and says so (TORCHELASTIC_USE_AGENT_STORE=True): that is
+//                            refused with a message naming both ways out.
 // The job key (RELORA_RENDEZVOUS_KEY, else one the launcher gives: TORCHELASTIC_RUN_ID with
 // TORCHELASTIC_RESTART_COUNT, SLURM_JOB_ID with SLURM_STEP_ID, PMIX_NAMESPACE) tells this job's
 // blob from an earlier job's: a rendezvous file written under another key is not taken, and a TCP
@@ -37,7 +42,7 @@ struct LaunchEnvironment {
   int world_size = 1;
   int local_rank = 0;        // the rank's index on its node: the GPU it usually takes
   int local_world_size = 0;  // ranks on this node; 0 when the launcher does not say
-  std::string launcher = "none";  // whose variables were read: "torchrun", "openmpi", "slurm" or "none"
+  std::string launcher = "none";  // whose variables were read: "torchrun", "openmpi", "slurm", "mpich" or "none"
 
   RendezvousKind rendezvous = RendezvousKind::none;
   std::string rendezvous_file;  // RendezvousKind::file
@@ -56,7 +61,8 @@ using EnvironmentVariables = std::map<std::string, std::string>;
 
 // Throws ConfigError naming the variable and its value: not an integer, negative, a rank not below
 // its world size, a port outside [1, 65535], a world size above 1 with no rendezvous, a file
-// rendezvous of more than one rank with no job key, or one of a pair of variables without the other.
+// rendezvous of more than one rank with no job key, one of a pair of variables without the other,
+// or MASTER_PORT when torchrun's agent serves its store there (RELORA_RENDEZVOUS_PORT not set).
 LaunchEnvironment parse_launch_environment(const EnvironmentVariables& variables);
 
 // parse_launch_environment over the variables above, read from this process's environment.

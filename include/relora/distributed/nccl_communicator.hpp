@@ -19,13 +19,18 @@
 //     before it starts, and before each replay: the graph runs after the backend's stream, not
 //     after the communication stream. A recorded collective that follows unwaited ones throws
 //     ConfigError.
-//   - all_reduce_sum with scale 1 is ncclSum; with another scale, NCCL's pre-multiplied sum with
-//     the scale as a host immediate. The operators are made once per distinct scale and kept (a
-//     few); a recorded all-reduce replays with the scale it was recorded with.
+//   - all_reduce_sum is NCCL's pre-multiplied sum with the scale as a host immediate, on every rank
+//     whatever its scale (ranks with other shards have other scales, and the ranks of one
+//     collective must use one kind of operator: NCCL may choose another algorithm for a plain sum);
+//     a group of one with scale 1 is ncclSum. The operators are made once per distinct scale and
+//     kept (a few); a recorded all-reduce replays with the scale it was recorded with.
 //   - barrier() is an all-reduce of one element that the host waits for, polling NCCL's
 //     asynchronous error and the abort flag, for at most NcclOptions::barrier_timeout.
 //   - abort(reason) aborts the rank's NCCL communicator (ncclCommAbort): its queued collectives
-//     end, and every later call throws CommunicatorError naming the rank and the reason. Ranks
+//     end, and every later call throws CommunicatorError naming the rank and the reason. It is the
+//     rank's own call, from the thread that drives its backend: NCCL finishes a communicator only
+//     once every CUDA graph holding its collectives is gone, so aborting (and destroying) first
+//     drops the backend's recorded step when it holds one (the trainer records it again). Ranks
 //     made together by make_nccl_communicators share the flag: each of them throws at its next
 //     call and aborts its own NCCL communicator then. Ranks in other processes learn of it only
 //     through NCCL (a remote error, where the transport reports one) or their barrier's timeout.

@@ -70,6 +70,7 @@ NcclCommunicator<T>::~NcclCommunicator() {
     // waits for its peers there, which an aborted peer never joins. So a rank that must abort here
     // raises the group's flag, and the ranks destroyed after it abort too.
     const bool idle = cudaStreamQuery(comm_stream_) == cudaSuccess;
+    release_recording();
     if (idle && !abort_flag_->raised()) {
       scale_ops_.release(comm_);
       (void)ncclCommDestroy(comm_);
@@ -100,9 +101,20 @@ void NcclCommunicator<T>::check_buffer(const char* what, const T* data, Index co
 }
 
 template <typename T>
+void NcclCommunicator<T>::release_recording() noexcept {
+  if (!recorded_) return;
+  try {
+    backend_->drop_recording();
+  } catch (...) {
+  }
+  recorded_ = false;
+}
+
+template <typename T>
 void NcclCommunicator<T>::abort_comm() noexcept {
   if (comm_ == nullptr || comm_aborted_) return;
   (void)cudaSetDevice(cuda_device_);
+  release_recording();
   (void)ncclCommAbort(comm_);  // frees the operators too
   scale_ops_.forget();
   comm_aborted_ = true;
@@ -162,9 +174,13 @@ void NcclCommunicator<T>::all_reduce_sum(T* data, Index count, T scale) {
   const bool recording = capturing(context_->stream());
   if (recording && !capturing(comm_stream_)) check_recording_start("all_reduce_sum");
   follow_backend();
-  const ncclRedOp_t op = scale == T(1) ? ncclSum : scale_ops_.op_for(scale, comm_);
+  // One operator kind on every rank: the ranks' scales differ when their shards do, and NCCL may
+  // choose another algorithm for a plain sum than for a pre-multiplied one (NVLink SHARP takes
+  // plain sums only), which ranks of one collective must not. A group of one sums alone.
+  const ncclRedOp_t op = size_ == 1 && scale == T(1) ? ncclSum : scale_ops_.op_for(scale, comm_);
   RELORA_NCCL_CHECK(ncclAllReduce(data, data, static_cast<std::size_t>(count), nccl_type<T>(), op, comm_, comm_stream_),
                     comm_);
+  if (recording) recorded_ = true;
   if (!recording) unwaited_eager_ = true;
 }
 
@@ -184,6 +200,7 @@ void NcclCommunicator<T>::broadcast(T* data, Index count, int root) {
   follow_backend();
   RELORA_NCCL_CHECK(ncclBroadcast(data, data, static_cast<std::size_t>(count), nccl_type<T>(), root, comm_, comm_stream_),
                     comm_);
+  if (recording) recorded_ = true;
   if (!recording) unwaited_eager_ = true;
 }
 

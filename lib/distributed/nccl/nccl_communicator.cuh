@@ -56,8 +56,14 @@ class NcclCommunicator final : public Communicator<T> {
   // Throws CommunicatorError when this rank's group was aborted (aborting this rank's NCCL
   // communicator first, if it is not yet) or NCCL reports an asynchronous error. Holds mutex_.
   void throw_if_unusable(const char* what);
-  // Aborts this rank's NCCL communicator if it is not yet. Holds mutex_.
+  // Aborts this rank's NCCL communicator if it is not yet, the backend's recorded step dropped
+  // first (release_recording). Holds mutex_.
   void abort_comm() noexcept;
+  // Drops the backend's recorded step when it holds a collective of this communicator: NCCL
+  // finishes a communicator (destroy or abort; in one process, the group's last one finishes them
+  // all) only once every CUDA graph holding its collectives is gone, and the recording would keep
+  // one for as long as the backend lives. The trainer records the step again if it goes on.
+  void release_recording() noexcept;
   // comm_stream_ waits for the work queued on the backend's stream so far. Holds mutex_.
   void follow_backend();
   // Whether `stream` is being captured into a CUDA graph.
@@ -80,6 +86,7 @@ class NcclCommunicator final : public Communicator<T> {
   ncclComm_t comm_ = nullptr;
   bool comm_aborted_ = false;
   bool unwaited_eager_ = false;  // a collective was queued outside a recording since the last wait()
+  bool recorded_ = false;        // a collective was queued into a recording of the backend's stream
   ScaleOps<T> scale_ops_;
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t backend_ready_ = nullptr;  // recorded on the backend's stream, waited for by comm_stream_
