@@ -35,6 +35,8 @@
 #        HALF (0)  HALF_CASES (layer4k,mlp4x2k,mlp4x4k,llm_mlp)  GALORE (0)
 #        GALORE_CASES (mlp4x2k,mlp4x4k,llm_mlp)
 #        DDP (0)  DDP_CASES (mlp4x4k,llm_mlp)  DDP_PRECISIONS (fp32,bf16)  DDP_ROUNDS (3)
+#        DDP_TIMEOUT (150 s: each relora_bench --ranks or torchrun run; a hung rank ends there, and
+#          NCCL_DEBUG=WARN puts NCCL's reasons in ddp.log)
 #        TEST_FILTER (doctest -tc filter of the test cases; default every case)
 #        PORTABLE (0; 1 adds a third column: this tree built without RELORA_NATIVE, CPU cases)
 #        MID (none: a second baseline tree, e.g. .mid with part of a change applied, built and timed
@@ -74,6 +76,7 @@ DDP=${DDP:-0}
 DDP_CASES=${DDP_CASES:-mlp4x4k,llm_mlp}
 DDP_PRECISIONS=${DDP_PRECISIONS:-fp32,bf16}
 DDP_ROUNDS=${DDP_ROUNDS:-3}
+DDP_TIMEOUT=${DDP_TIMEOUT:-150}
 PORTABLE=${PORTABLE:-0}
 MID=${MID:-}
 ARCH=${ARCH:-90}
@@ -444,7 +447,7 @@ if [ "$DDP" = 1 ]; then
     grep -m1 -E 'relora: NCCL communicator' "$WORK/build.log" | sed 's/^-- /== /' | tee -a "$OUT/summary.txt"
     ddp_relora() {  # ddp_relora PRECISION ROUND
       local json="$WORK/ddp_relora_$1_$2.json"
-      timeout 300 "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision "$1" --ranks 1,2 \
+      NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout "$DDP_TIMEOUT" "$BUILD/apps/bench/relora_bench" --backend cuda --math strict --precision "$1" --ranks 1,2 \
         --cases "$DDP_CASES" --warmup 5 --batch 10 --repeats 9 --json "$json" >>"$WORK/ddp.log" 2>&1 ||
         echo "relora $1 round $2: rc $?" >>"$WORK/ddp_failures.txt"
       [ -f "$json" ] && rel+=("$json")
@@ -453,7 +456,7 @@ if [ "$DDP" = 1 ]; then
       local n json
       for n in 1 2; do
         json="$WORK/ddp_torch_$1_${n}_$2.json"
-        timeout 300 python3 -m torch.distributed.run --standalone --nproc_per_node "$n" apps/bench/ddp_reference.py \
+        timeout "$DDP_TIMEOUT" python3 -m torch.distributed.run --standalone --nproc_per_node "$n" apps/bench/ddp_reference.py \
           --cases "$DDP_CASES" --precision "$1" --math strict --json "$json" >>"$WORK/ddp.log" 2>&1 ||
           echo "torchrun $1 $n processes round $2: rc $?" >>"$WORK/ddp_failures.txt"
         [ -f "$json" ] && pyt+=("$json")
