@@ -24,7 +24,8 @@
 //     collective must use one kind of operator: NCCL may choose another algorithm for a plain sum);
 //     a group of one with scale 1 is ncclSum. The operators are made once per distinct scale and
 //     kept (a few); a recorded all-reduce replays with the scale it was recorded with.
-//   - barrier() is an all-reduce of one element that the host waits for, polling NCCL's
+//   - barrier() is an all-reduce of one element, after the work queued on the backend's stream
+//     (replayed steps and their collectives too), that the host waits for, polling NCCL's
 //     asynchronous error and the abort flag, for at most NcclOptions::barrier_timeout.
 //   - abort(reason) aborts the rank's NCCL communicator (ncclCommAbort): its queued collectives
 //     end, and every later call throws CommunicatorError naming the rank and the reason. It is the

@@ -231,6 +231,10 @@ void NcclCommunicator<T>::barrier() {
       throw ConfigError("nccl barrier of rank " + std::to_string(rank_) +
                         " inside a CUDA graph recording: a barrier waits on the host, which a recording cannot hold");
     }
+    // After the backend's queued work, replayed steps and their collectives included: the barrier
+    // then also says that every rank's earlier collectives are done, and it keeps the order of the
+    // collectives the same on every rank.
+    follow_backend();
     RELORA_NCCL_CHECK(ncclAllReduce(barrier_scratch_, barrier_scratch_, 1, nccl_type<T>(), ncclSum, comm_, comm_stream_),
                       comm_);
     RELORA_CUDA_CHECK(cudaEventRecord(barrier_done_, comm_stream_));
