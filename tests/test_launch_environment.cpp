@@ -110,11 +110,13 @@ TEST_CASE("launch environment: MPICH's and Intel MPI's variables") {
   CHECK(env.world_size == 4);
   CHECK(env.local_rank == 1);
   CHECK(env.local_world_size == 2);
-  // Slurm's own variables win where srun's PMI sets both.
-  const LaunchEnvironment slurm = parse_launch_environment(
-      {{"SLURM_PROCID", "2"}, {"SLURM_NTASKS", "4"}, {"PMI_RANK", "2"}, {"PMI_SIZE", "4"},
+  // mpiexec inside a Slurm allocation: every process sees its proxy's SLURM_PROCID, and PMI_RANK is
+  // the rank (under srun's own PMI the two agree).
+  const LaunchEnvironment in_slurm = parse_launch_environment(
+      {{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "8"}, {"PMI_RANK", "5"}, {"PMI_SIZE", "8"},
        {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "29500"}});
-  CHECK(slurm.launcher == "slurm");
+  CHECK(in_slurm.launcher == "mpich");
+  CHECK(in_slurm.rank == 5);
   CHECK(error_of({{"PMI_RANK", "0"}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", "2"}, {"MPI_LOCALNRANKS", "2"},
                   {"MASTER_ADDR", "a"}, {"MASTER_PORT", "1"}}) ==
         "launch environment: MPI_LOCALRANKID='2' must be below MPI_LOCALNRANKS=2");
@@ -147,6 +149,11 @@ TEST_CASE("launch environment: torchrun's agent store on MASTER_PORT, and RELORA
   CHECK(parse_launch_environment(legacy).master_port == 29500);
   legacy.erase("TORCHELASTIC_USE_AGENT_STORE");
   CHECK(parse_launch_environment(legacy).master_port == 29500);
+  // One rank does not listen: torchrun's variables are taken as they are.
+  EnvironmentVariables one = torchrun;
+  one["RANK"] = "0";
+  one["WORLD_SIZE"] = "1";
+  CHECK(parse_launch_environment(one).master_port == 29500);
   // RELORA_RENDEZVOUS_PORT needs no MASTER_PORT.
   const LaunchEnvironment alone =
       parse_launch_environment({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "node0"}, {"RELORA_RENDEZVOUS_PORT", "4000"}});

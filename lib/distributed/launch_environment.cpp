@@ -27,8 +27,10 @@ constexpr LauncherVariables kLaunchers[] = {
     {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"},
     {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"},
-    {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", ""},
+    // Before Slurm's: mpiexec inside an allocation starts its proxies through srun, so every
+    // process sees a proxy's SLURM_PROCID; under srun's own PMI both agree.
     {"mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"},  // MPICH's Hydra, Intel MPI
+    {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", ""},
 };
 
 // Every variable this file reads, for launch_environment_from_process.
@@ -159,9 +161,9 @@ void read_rendezvous(const EnvironmentVariables& variables, LaunchEnvironment& e
       env.master_port = parse_integer("RELORA_RENDEZVOUS_PORT", *own_port, 1, 65535);
       return;
     }
-    // torchrun (PyTorch 2.4 on) serves its own store on MASTER_PORT from the agent and says so:
-    // rank 0 could not listen there.
-    if (lookup(variables, "TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True") {
+    // torchrun's agent may serve its own store on MASTER_PORT, and says so: rank 0 of several
+    // could not listen there (one rank does not listen).
+    if (env.world_size > 1 && lookup(variables, "TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True") {
       throw ConfigError("launch environment: MASTER_PORT=" + *port +
                         " is torchrun's own store (TORCHELASTIC_USE_AGENT_STORE=True), where relora's rank 0 cannot "
                         "listen: set RELORA_RENDEZVOUS_PORT to a free port on MASTER_ADDR=" + *addr +

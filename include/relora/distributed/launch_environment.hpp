@@ -6,8 +6,8 @@
 //   torchrun   RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
 //   mpirun     OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK,
 //              OMPI_COMM_WORLD_LOCAL_SIZE (Open MPI)
-//   srun       SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
 //   mpiexec    PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS (MPICH's Hydra, Intel MPI)
+//   srun       SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
 //   (none)     one process: rank 0 of 1
 //
 // How the ranks meet (needed when the world has more than one rank):
@@ -16,9 +16,10 @@
 //   MASTER_ADDR, MASTER_PORT rank 0 serves the blob over TCP on MASTER_PORT; the others connect to
 //                            MASTER_ADDR (an IPv4 address or a host name).
 //   RELORA_RENDEZVOUS_PORT   the port to take instead of MASTER_PORT (with MASTER_ADDR). Needed under
-//                            torchrun from PyTorch 2.4 on, whose agent serves its own store on
-//                            MASTER_PORT and says so (TORCHELASTIC_USE_AGENT_STORE=True): that is
-//                            refused with a message naming both ways out.
+//                            torchrun where its agent serves its own store on MASTER_PORT and
+//                            says so (TORCHELASTIC_USE_AGENT_STORE=True, the default of recent
+//                            PyTorch): a world of more than one rank is then refused with a
+//                            message naming both ways out.
 // The job key (RELORA_RENDEZVOUS_KEY, else one the launcher gives: TORCHELASTIC_RUN_ID with
 // TORCHELASTIC_RESTART_COUNT, SLURM_JOB_ID with SLURM_STEP_ID, PMIX_NAMESPACE) tells this job's
 // blob from an earlier job's: a rendezvous file written under another key is not taken, and a TCP

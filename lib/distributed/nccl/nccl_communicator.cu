@@ -69,7 +69,9 @@ NcclCommunicator<T>::~NcclCommunicator() {
     // of one group end alike: NCCL finishes a group's communicators together, and a clean one
     // waits for its peers there, which an aborted peer never joins. So a rank that must abort here
     // raises the group's flag, and the ranks destroyed after it abort too.
-    const bool idle = cudaStreamQuery(comm_stream_) == cudaSuccess;
+    // Idle: nothing queued on the communication stream, nor on the backend's, where a replayed
+    // step's collectives run (barrier() leaves both idle).
+    const bool idle = cudaStreamQuery(comm_stream_) == cudaSuccess && cudaStreamQuery(context_->stream()) == cudaSuccess;
     release_recording();
     if (idle && !abort_flag_->raised()) {
       scale_ops_.release(comm_);
