@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The device call the pending bf16 work waits for (docs/PERFORMANCE.md, "Where mlp4x4k's bf16 step
+# goes now"), in one command on the GPU machine, from the repository root of main:
+#   1. the two probes (PROBES=1): the adapter's bf16 products whole and in depth chunks, and the
+#      fp32 strict rank-sized products (issue 14);
+#   2. three trees side by side: old = main as it is, mid = main with MID_PATCHES, new = this tree
+#      with NEW_PATCHES applied; apps/bench/device_run.sh builds all three, runs the test cases
+#      TEST_FILTER picks on new, and times old, mid and new alternating on GPU_CASES.
+# Results under $OUT: the probes' output and device_run.sh's summary.txt and compare.md.
+#   env: PROBES (1)  MID_PATCHES (split tiles, depth chunks)  NEW_PATCHES (the four in order)
+#        and device_run.sh's (GPU_CASES, GPU_ARGS, ROUNDS, TEST_FILTER, ...), set below unless given.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/build-device/out}
+export OUT
+mkdir -p "$OUT"
+P=docs/pending
+MID_PATCHES=${MID_PATCHES:-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch"}
+NEW_PATCHES=${NEW_PATCHES:-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch $P/cuda_half_side_gradients.patch $P/cuda_half_frozen_bias_epilogue.patch"}
+
+if [ "${PROBES:-1}" = 1 ]; then
+  for probe in half_adapter_products fp32_rank_products; do
+    if nvcc -std=c++17 -O2 -arch=sm_90 "scripts/${probe}_probe.cu" -lcublas -o "/tmp/${probe}_probe" \
+        >"$OUT/${probe}_probe_build.txt" 2>&1; then
+      timeout 120 "/tmp/${probe}_probe" 2>&1 | tee "$OUT/${probe}_probe.txt"
+    else
+      echo "== ${probe}_probe did not build: $(head -c 400 "$OUT/${probe}_probe_build.txt")"
+    fi
+  done
+fi
+
+# The trees, copied before anything is applied here. git apply --directory works from the root
+# whether or not the copy is a git checkout.
+rm -rf .base .mid
+mkdir -p .base .mid
+tar --exclude='./build*' --exclude=./.base --exclude=./.mid --exclude=./.git --exclude=./.device -cf - . |
+  tar -xf - -C .base
+cp -a .base/. .mid/
+# shellcheck disable=SC2086  # lists of patches: words on purpose
+git apply --directory=.mid $MID_PATCHES || { echo "== MID_PATCHES do not apply"; exit 1; }
+# shellcheck disable=SC2086
+git apply $NEW_PATCHES || { echo "== NEW_PATCHES do not apply"; exit 1; }
+
+BASE=.base MID=.mid GPU_CASES=${GPU_CASES:-mlp4x4k,llm_mlp} GPU_ARGS=${GPU_ARGS:-"--precision bf16 --activations bf16"} \
+  CPU_CASES=${CPU_CASES-} PEFT=${PEFT:-0} TEST_FILTER=${TEST_FILTER:-'*16-bit*'} ROUNDS=${ROUNDS:-3} \
+  bash apps/bench/device_run.sh
