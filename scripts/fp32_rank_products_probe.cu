@@ -7,68 +7,18 @@
 // What it is for: issue 14's strict-fp32 DoRA target needs the adapter's products (U, dU, dB, dA
 // and DoRA's W A^T, whose outputs fill 32-64 of cuBLAS's tiles for 132 SMs) near the large
 // products' 50 TFLOP/s (docs/PERFORMANCE.md, "DoRA (issue 14)").
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
+#include "probe_common.cuh"
 
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-#define CK(x)                                                  \
-  do {                                                         \
-    auto err_ = (x);                                           \
-    if (err_ != 0) {                                           \
-      printf("error %d at line %d\n", int(err_), __LINE__);    \
-      exit(1);                                                 \
-    }                                                          \
-  } while (0)
-
-cublasHandle_t h;
-
-// Row-major C (m x n) = op(A) op(B) over `chunks` equal chunks of the depth k, chunk c into
-// C + c * c_stride (chunks 1: the plain product).
+// Row-major C (m x n) = op(A) op(B) in strict fp32 over `chunks` chunks of the depth (1: whole).
 void mul(bool ta, bool tb, int m, int n, int k, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
          int chunks, long long c_stride) {
-  const float one = 1, zero = 0;
-  const int kc = k / chunks;
-  const long long a_stride = ta ? (long long)kc * lda : kc, b_stride = tb ? kc : (long long)kc * ldb;
-  CK(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, kc, &one, B,
-                                CUDA_R_32F, ldb, b_stride, A, CUDA_R_32F, lda, a_stride, &zero, C, CUDA_R_32F, ldc,
-                                c_stride, chunks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-
-__global__ void add_partials(const float* P, long long count, long long stride, int chunks, float* out) {
-  for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < count; e += (long long)gridDim.x * blockDim.x) {
-    float v = P[e];
-    for (int c = 1; c < chunks; ++c) v += P[c * stride + e];
-    out[e] = v;
-  }
+  mul_chunks(CUDA_R_32F, ta, tb, m, n, k, A, lda, B, ldb, C, ldc, chunks, c_stride);
 }
 
 __global__ void fill(float* p, size_t n) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     p[i] = float(int((i * 2654435761u >> 20) % 256) - 128) / 128.0f;
   }
-}
-
-template <class F>
-float med(F f) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < 5; ++i) f();
-  std::vector<float> t;
-  for (int r = 0; r < 15; ++r) {
-    cudaEventRecord(a);
-    for (int i = 0; i < 10; ++i) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms * 100);  // µs a call
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
 }
 
 int main() {

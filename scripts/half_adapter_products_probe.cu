@@ -8,49 +8,19 @@
 // call, a chunk a batch entry, each writing its own fp32 partial) and the partials added by the
 // pass that sums and splits them anyway: printed per chunk count as the product alone and the
 // product plus a pass that adds the partials (what the sums-and-splits pass would read more).
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
 #include <cuda_bf16.h>
-#include <algorithm>
-#include <cstdlib>
-#include <cstdio>
-#include <vector>
-#define CK(x) do { auto err_ = (x); if (err_ != 0) { printf("error %d at %d\n", int(err_), __LINE__); exit(1); } } while (0)
-cublasHandle_t h;
+
+#include "probe_common.cuh"
+
 // Row-major C (m x n) = op(A) op(B), as HalfGemm::multiply.
 void mul(bool ta, bool tb, int m, int n, int k, const void* A, int lda, const void* B, int ldb, void* C, int ldc, bool half_out) {
   float one = 1, zero = 0;
   CK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &one, B, CUDA_R_16BF, ldb, A,
                   CUDA_R_16BF, lda, &zero, C, half_out ? CUDA_R_16BF : CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
-// The same product with the depth cut into `chunks` equal chunks: entry c of one strided-batched call
-// multiplies the operands' c-th depth slice into C + c * c_stride.
 void mul_chunks(bool ta, bool tb, int m, int n, int k, const void* A, int lda, const void* B, int ldb, float* C, int ldc,
                 int chunks, long long c_stride) {
-  float one = 1, zero = 0;
-  const int kc = k / chunks;
-  const long long a_stride = ta ? (long long)kc * lda : kc, b_stride = tb ? kc : (long long)kc * ldb;
-  CK(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, kc, &one, B,
-                                CUDA_R_16BF, ldb, b_stride, A, CUDA_R_16BF, lda, a_stride, &zero, C, CUDA_R_32F, ldc,
-                                c_stride, chunks, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-// out[e] = sum over c of P[c * stride + e]: the extra reads a sums-and-splits pass would make.
-__global__ void add_partials(const float* P, long long count, long long stride, int chunks, float* out) {
-  for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < count; e += (long long)gridDim.x * blockDim.x) {
-    float v = P[e];
-    for (int c = 1; c < chunks; ++c) v += P[c * stride + e];
-    out[e] = v;
-  }
-}
-template <class F> float med(F f) {
-  cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
-  for (int i = 0; i < 5; ++i) f();
-  std::vector<float> t;
-  for (int r = 0; r < 15; ++r) {
-    cudaEventRecord(a); for (int i = 0; i < 10; ++i) f(); cudaEventRecord(b); cudaEventSynchronize(b);
-    float ms; cudaEventElapsedTime(&ms, a, b); t.push_back(ms * 100);  // us per call
-  }
-  std::sort(t.begin(), t.end()); return t[t.size() / 2];
+  mul_chunks(CUDA_R_16BF, ta, tb, m, n, k, A, lda, B, ldb, C, ldc, chunks, c_stride);
 }
 __global__ void fill(unsigned short* p, size_t n) { for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = 0x3c00 + (i * 2654435761u >> 20) % 256; }
 int main() {
