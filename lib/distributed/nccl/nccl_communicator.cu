@@ -66,11 +66,11 @@ NcclCommunicator<T>::~NcclCommunicator() {
   if (comm_ != nullptr && !comm_aborted_) {
     // A clean end (every collective done, nobody aborted) destroys the communicator; otherwise a
     // peer may be gone, and destroying would wait for collectives that never complete. The ranks
-    // of one group end alike: NCCL finishes a group's communicators together, and a clean one
-    // waits for its peers there, which an aborted peer never joins. So a rank that must abort here
-    // raises the group's flag, and the ranks destroyed after it abort too.
-    // Idle: nothing queued on the communication stream, nor on the backend's, where a replayed
-    // step's collectives run (barrier() leaves both idle).
+    // of one group end alike: in one process NCCL finishes a group's communicators at the last
+    // destroy or abort, waiting there for the work of every one of them, which an aborted peer's
+    // may never complete. So a rank that must abort here raises the group's flag, and the ranks
+    // destroyed after it abort too. Idle: nothing queued on the communication stream, nor on the
+    // backend's, where a replayed step's collectives run (barrier() leaves both idle).
     const bool idle = cudaStreamQuery(comm_stream_) == cudaSuccess && cudaStreamQuery(context_->stream()) == cudaSuccess;
     release_recording();
     if (idle && !abort_flag_->raised()) {
