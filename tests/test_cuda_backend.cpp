@@ -13,6 +13,7 @@
 #include <memory>
 #include <random>
 #include <regex>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -516,4 +517,59 @@ TEST_CASE("cuda: no leak over 1000 allocate/free cycles") {
   // compute-sanitizer keeps device memory of its own per allocation: the figure moves under it,
   // which only checks the cycles for memory errors.
   if (!relora::testing::under_sanitizer()) CHECK(before - after <= 2);
+}
+
+TEST_CASE("cuda: the host-wait check runs while the host waits, and what it throws ends the wait") {
+  SKIP_WITHOUT_CUDA();
+  // The check a communicator of several GPU ranks installs (Backend::set_host_wait_check): called at
+  // least once a wait, then between polls; what it throws comes out of the wait once the queued
+  // work has drained. A product of a few tens of ms keeps the stream busy while the host waits.
+  auto gpu = make_backend<float>(Device::cuda);
+  const Index n = 4096;
+  Tensor<float> A = gpu->allocate(n, n), B = gpu->allocate(n, n), C = gpu->allocate(n, n);
+  gpu->fill(A, 1.0f);
+  gpu->fill(B, 0.5f);
+  gpu->synchronize();
+
+  int calls = 0;
+  gpu->set_host_wait_check([&calls] { ++calls; });
+  for (int i = 0; i < 4; ++i) gpu->gemm(Trans::no, Trans::no, 1.0f, A, B, 0.0f, C);
+  gpu->synchronize();
+  CHECK(calls >= 1);
+  std::vector<float> corner(1);
+  const int before = calls;
+  Tensor<float> one = gpu->allocate(1, 1);
+  gpu->copy(Tensor<float>(C.data(), 1, 1, Device::cuda, [](float*) {}), one);
+  gpu->download(one, corner.data());
+  CHECK(calls > before);
+  CHECK(corner[0] == 0.5f * float(n));  // the product came through the polled waits whole
+
+  struct Stop {};
+  gpu->set_host_wait_check([&calls] {
+    ++calls;
+    throw Stop{};
+  });
+  for (int i = 0; i < 4; ++i) gpu->gemm(Trans::no, Trans::no, 1.0f, A, B, 0.0f, C);
+  CHECK_THROWS_AS(gpu->synchronize(), Stop);
+  CHECK_THROWS_AS(gpu->download(one, corner.data()), Stop);
+  // Without the check the waits block in the driver again, and the work is all there.
+  gpu->set_host_wait_check({});
+  gpu->download(one, corner.data());
+  CHECK(corner[0] == 0.5f * float(n));
+}
+
+TEST_CASE("cpu: a host-wait check is ignored (nothing waits on a device)") {
+  auto cpu = make_backend<float>(Device::cpu);
+  bool called = false;
+  cpu->set_host_wait_check([&called] {
+    called = true;
+    throw std::runtime_error("a CPU backend has no device to wait for");
+  });
+  Tensor<float> x = cpu->allocate(2, 2);
+  cpu->fill(x, 3.0f);
+  std::vector<float> host(4);
+  cpu->download(x, host.data());
+  cpu->synchronize();
+  CHECK_FALSE(called);
+  CHECK(host[3] == 3.0f);
 }

@@ -1,7 +1,9 @@
 // Lifecycle, memory, GEMM and error reporting of the CUDA backend; the factory functions.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <limits>
+#include <thread>
 #include <type_traits>
 
 #include "cuda/cuda_backend.hpp"
@@ -72,6 +74,7 @@ CudaBackend<T>::CudaBackend(const BackendOptions& options)
   RELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_.stream, cudaStreamNonBlocking));
   RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_event_.event, cudaEventDisableTiming));
   RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&join_event_.event, cudaEventDisableTiming));
+  RELORA_CUDA_CHECK(cudaEventCreateWithFlags(&wait_event_.event, cudaEventDisableTiming));
   // cuBLAS's recommended workspace: 32 MiB on Hopper and newer, 4 MiB before.
   create_blas_on_stream(stream_.stream, std::size_t(cc_major_ >= 9 ? 32 : 4) << 20, blas_, blas_workspace_);
   if constexpr (std::is_same<T, float>::value) {
@@ -160,7 +163,7 @@ void CudaBackend<T>::upload(const T* host, Tensor<T>& dst) {
   activate();
   RELORA_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, sizeof(T) * dst.size(), cudaMemcpyHostToDevice, stream_.stream));
   // The caller may reuse `host` at once (it may be pinned, where the copy is truly asynchronous).
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  wait_for_stream();
 }
 
 template <typename T>
@@ -170,7 +173,7 @@ void CudaBackend<T>::download(const Tensor<T>& src, T* host) {
     RELORA_CUDA_CHECK(
         cudaMemcpyAsync(host, src.data(), sizeof(T) * src.size(), cudaMemcpyDeviceToHost, stream_.stream));
   }
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  wait_for_stream();
   raise_device_errors();
 }
 
@@ -201,8 +204,42 @@ void CudaBackend<T>::join_side() {
 template <typename T>
 void CudaBackend<T>::synchronize() {
   activate();
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  wait_for_stream();
   raise_device_errors();
+}
+
+template <typename T>
+void CudaBackend<T>::wait_for_stream() {
+  if (!host_wait_check_) {
+    RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+    return;
+  }
+  RELORA_CUDA_CHECK(cudaEventRecord(wait_event_.event, stream_.stream));
+  try {
+    // Spinning (with yields) for the first 2 ms, so that a short wait ends as soon as the work
+    // does; then pauses growing to 1 ms.
+    const auto start = std::chrono::steady_clock::now();
+    auto pause = std::chrono::microseconds(20);
+    for (;;) {
+      host_wait_check_();
+      const cudaError_t status = cudaEventQuery(wait_event_.event);
+      if (status == cudaSuccess) return;
+      if (status != cudaErrorNotReady) RELORA_CUDA_CHECK(status);
+      if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(pause);
+        pause = std::min(pause * 2, std::chrono::microseconds(1000));
+      }
+    }
+  } catch (...) {
+    // The check ended the wait (having ended what blocked it, say an aborted collective): the
+    // queued work drains before the exception goes on, so that no copy lands in host memory the
+    // caller has let go.
+    (void)cudaStreamSynchronize(stream_.stream);
+    (void)cudaGetLastError();
+    throw;
+  }
 }
 
 template <typename T>

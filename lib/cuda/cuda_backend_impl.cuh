@@ -80,6 +80,7 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   std::uint64_t end_recording() override;
   bool replay(std::uint64_t id, const std::function<void()>& refresh) override;
   void drop_recording() override;
+  void set_host_wait_check(std::function<void()> check) override { host_wait_check_ = std::move(check); }
 
   // What components' kernels use (cuda_context.cuh).
   void activate() const override;
@@ -94,6 +95,9 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   void join_side() override;
 
  private:
+  // Waits on the host for the work queued on the stream so far: in the driver, or polling with
+  // the host-wait check between polls when one is installed (Backend::set_host_wait_check).
+  void wait_for_stream();
   // After the stream has drained: throws NonFiniteError if a kernel reported NaN or Inf, and
   // clears the flag so that training can go on once the caller has dealt with it.
   void raise_device_errors();
@@ -116,6 +120,8 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   cuda_detail::Stream side_stream_;
   cuda_detail::Event fork_event_;
   cuda_detail::Event join_event_;
+  cuda_detail::Event wait_event_;  // recorded on stream_ for a polled wait
+  std::function<void()> host_wait_check_;
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
   cuda_detail::DeviceMemory lt_workspace_;     // cuBLASLt's, apart from cuBLAS's own

@@ -290,7 +290,7 @@ T CudaBackend<T>::max_abs(const Tensor<T>& x) {
   double largest = 0;
   RELORA_CUDA_CHECK(cudaMemcpyAsync(&largest, &scratch()->partials[0], sizeof(double), cudaMemcpyDeviceToHost,
                                     stream_.stream));
-  RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
+  wait_for_stream();
   return T(largest);
 }
 

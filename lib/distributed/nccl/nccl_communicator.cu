@@ -60,7 +60,21 @@ NcclCommunicator<T>::NcclCommunicator(std::shared_ptr<Backend<T>> backend, int r
 }
 
 template <typename T>
+void NcclCommunicator<T>::adopt(ncclComm_t comm) {
+  comm_ = comm;
+  if (size_ > 1) backend_->underlying().set_host_wait_check([this] { check_while_device_waits(); });
+}
+
+template <typename T>
+void NcclCommunicator<T>::check_while_device_waits() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr || comm_aborted_) return;
+  throw_if_unusable("wait on the device");
+}
+
+template <typename T>
 NcclCommunicator<T>::~NcclCommunicator() {
+  if (comm_ != nullptr && size_ > 1) backend_->underlying().set_host_wait_check({});
   std::lock_guard<std::mutex> lock(mutex_);
   (void)cudaSetDevice(cuda_device_);
   if (comm_ != nullptr && !comm_aborted_) {
@@ -106,7 +120,7 @@ template <typename T>
 void NcclCommunicator<T>::release_recording() noexcept {
   if (!recorded_) return;
   try {
-    backend_->drop_recording();
+    backend_->underlying().drop_recording();
   } catch (...) {
   }
   recorded_ = false;

@@ -36,8 +36,9 @@ class NcclCommunicator final : public Communicator<T> {
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
-  // Takes ownership of an initialised NCCL communicator of this rank.
-  void adopt(ncclComm_t comm) { comm_ = comm; }
+  // Takes ownership of an initialised NCCL communicator of this rank; with more than one rank,
+  // installs check_while_device_waits as the backend's host-wait check.
+  void adopt(ncclComm_t comm);
   // The CUDA device ordinal of the backend.
   int cuda_device() const { return cuda_device_; }
 
@@ -56,6 +57,12 @@ class NcclCommunicator final : public Communicator<T> {
   // Throws CommunicatorError when this rank's group was aborted (aborting this rank's NCCL
   // communicator first, if it is not yet) or NCCL reports an asynchronous error. Holds mutex_.
   void throw_if_unusable(const char* what);
+  // The backend's host-wait check (Backend::set_host_wait_check): a wait on this rank's device
+  // (a download, synchronize()) may sit behind a collective whose peer has failed and will never
+  // come. When the group was aborted or NCCL reports an asynchronous error, this aborts the rank's
+  // own NCCL communicator (its kernels then end, and the wait with them) and throws
+  // CommunicatorError, once: after that the device's work drains as usual.
+  void check_while_device_waits();
   // Aborts this rank's NCCL communicator if it is not yet, the backend's recorded step dropped
   // first (release_recording). Holds mutex_.
   void abort_comm() noexcept;
