@@ -42,5 +42,5 @@ git apply --directory=.mid $MID_PATCHES || { echo "== MID_PATCHES do not apply";
 git apply $NEW_PATCHES || { echo "== NEW_PATCHES do not apply"; exit 1; }
 
 BASE=.base MID=.mid GPU_CASES=${GPU_CASES:-mlp4x4k,llm_mlp} GPU_ARGS=${GPU_ARGS:-"--precision bf16 --activations bf16"} \
-  CPU_CASES=${CPU_CASES-} PEFT=${PEFT:-0} TEST_FILTER=${TEST_FILTER:-'*16-bit*'} ROUNDS=${ROUNDS:-3} \
+  CPU_CASES=${CPU_CASES-} PEFT=${PEFT:-0} TEST_FILTER=${TEST_FILTER:-'*16-bit*,*host-wait*'} ROUNDS=${ROUNDS:-3} \
   bash apps/bench/device_run.sh
