@@ -521,47 +521,73 @@ TEST_CASE("cuda: no leak over 1000 allocate/free cycles") {
 
 TEST_CASE("cuda: the host-wait check runs while the host waits, and what it throws ends the wait") {
   SKIP_WITHOUT_CUDA();
-  // The check a communicator of several GPU ranks installs (Backend::set_host_wait_check): called at
-  // least once a wait, then between polls; what it throws comes out of the wait once the queued
-  // work has drained. A product of a few tens of ms keeps the stream busy while the host waits.
+  // The check a communicator of several GPU ranks installs (Backend::set_host_wait_check): called
+  // once before a wait's first poll and then between polls; what it throws comes out of the wait
+  // only once the queued work has drained (a download waits for the stream before its copy, which
+  // from pageable memory would wait inside the driver). Products of a few ms each keep the stream
+  // busy.
   auto gpu = make_backend<float>(Device::cuda);
   const Index n = 4096;
   Tensor<float> A = gpu->allocate(n, n), B = gpu->allocate(n, n), C = gpu->allocate(n, n);
+  Tensor<float> corner = gpu->allocate(1, 1);
+  const Tensor<float> C_corner(C.data(), 1, 1, Device::cuda, [](float*) {});  // a view of C's first value
   gpu->fill(A, 1.0f);
   gpu->fill(B, 0.5f);
   gpu->synchronize();
+  const int owner = 0, other = 0;  // their addresses tell the owners apart
 
+  // A check that lets the waits go on: called many times while several products run.
   int calls = 0;
-  gpu->set_host_wait_check([&calls] { ++calls; });
-  for (int i = 0; i < 4; ++i) gpu->gemm(Trans::no, Trans::no, 1.0f, A, B, 0.0f, C);
+  gpu->set_host_wait_check(&owner, [&calls] { ++calls; });
+  for (int i = 0; i < 8; ++i) gpu->gemm(Trans::no, Trans::no, 1.0f, A, B, 0.0f, C);
   gpu->synchronize();
-  CHECK(calls >= 1);
-  std::vector<float> corner(1);
-  const int before = calls;
-  Tensor<float> one = gpu->allocate(1, 1);
-  gpu->copy(Tensor<float>(C.data(), 1, 1, Device::cuda, [](float*) {}), one);
-  gpu->download(one, corner.data());
-  CHECK(calls > before);
-  CHECK(corner[0] == 0.5f * float(n));  // the product came through the polled waits whole
+  CHECK(calls > 1);
+  // On an idle stream: the one call before the first poll.
+  calls = 0;
+  gpu->synchronize();
+  CHECK(calls == 1);
 
+  // A throwing check ends the wait, but only once the queued work has drained: a counting check
+  // installed right after finds the stream idle (one call).
   struct Stop {};
-  gpu->set_host_wait_check([&calls] {
+  const auto stop = [&calls] {
     ++calls;
     throw Stop{};
-  });
-  for (int i = 0; i < 4; ++i) gpu->gemm(Trans::no, Trans::no, 1.0f, A, B, 0.0f, C);
+  };
+  const auto count = [&calls] { ++calls; };
+  gpu->fill(B, 0.25f);
+  for (int pass = 0; pass < 2; ++pass) {
+    gpu->set_host_wait_check(&owner, stop);
+    for (int i = 0; i < 8; ++i) gpu->gemm(Trans::no, Trans::no, 1.0f, A, B, 0.0f, C);
+    gpu->copy(C_corner, corner);
+    float value = 0.0f;
+    if (pass == 0) {
+      CHECK_THROWS_AS(gpu->synchronize(), Stop);
+    } else {
+      CHECK_THROWS_AS(gpu->download(corner, &value), Stop);
+    }
+    gpu->set_host_wait_check(&owner, count);
+    calls = 0;
+    gpu->synchronize();
+    CHECK(calls == 1);
+  }
+  gpu->set_host_wait_check(&owner, stop);
+  float value = 0.0f;
+  // Only the owner's empty check removes it; then the waits block in the driver again.
+  gpu->set_host_wait_check(&other, {});
   CHECK_THROWS_AS(gpu->synchronize(), Stop);
-  CHECK_THROWS_AS(gpu->download(one, corner.data()), Stop);
-  // Without the check the waits block in the driver again, and the work is all there.
-  gpu->set_host_wait_check({});
-  gpu->download(one, corner.data());
-  CHECK(corner[0] == 0.5f * float(n));
+  gpu->set_host_wait_check(&owner, {});
+  calls = 0;
+  gpu->synchronize();
+  gpu->download(corner, &value);
+  CHECK(calls == 0);
+  CHECK(value == 0.25f * float(n));  // each entry of A B: n times 1 x 0.25, exact
 }
 
 TEST_CASE("cpu: a host-wait check is ignored (nothing waits on a device)") {
   auto cpu = make_backend<float>(Device::cpu);
   bool called = false;
-  cpu->set_host_wait_check([&called] {
+  cpu->set_host_wait_check(&called, [&called] {
     called = true;
     throw std::runtime_error("a CPU backend has no device to wait for");
   });

@@ -611,7 +611,9 @@ class CountingBackend final : public Backend<float> {
   std::uint64_t end_recording() override { return inner_->end_recording(); }
   bool replay(std::uint64_t id, const std::function<void()>& refresh) override { return inner_->replay(id, refresh); }
   void drop_recording() override { inner_->drop_recording(); }
-  void set_host_wait_check(std::function<void()> check) override { inner_->set_host_wait_check(std::move(check)); }
+  void set_host_wait_check(const void* owner, std::function<void()> check) override {
+    inner_->set_host_wait_check(owner, std::move(check));
+  }
 
  private:
   std::shared_ptr<Backend<float>> inner_;

@@ -309,7 +309,9 @@ class CountingBackend final : public relora::Backend<T> {
   void copy(const relora::Tensor<T>& src, relora::Tensor<T>& dst) override { in_->copy(src, dst); }
   void fill(relora::Tensor<T>& x, T value) override { in_->fill(x, value); }
   void synchronize() override { in_->synchronize(); }
-  void set_host_wait_check(std::function<void()> check) override { in_->set_host_wait_check(std::move(check)); }
+  void set_host_wait_check(const void* owner, std::function<void()> check) override {
+    in_->set_host_wait_check(owner, std::move(check));
+  }
   void gemm(relora::Trans ta, relora::Trans tb, T alpha, const relora::Tensor<T>& A, const relora::Tensor<T>& B,
             T beta, relora::Tensor<T>& C) override {
     in_->gemm(ta, tb, alpha, A, B, beta, C);

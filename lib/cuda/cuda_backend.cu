@@ -161,6 +161,9 @@ template <typename T>
 void CudaBackend<T>::upload(const T* host, Tensor<T>& dst) {
   if (dst.size() == 0) return;
   activate();
+  // A copy from pageable memory waits for the stream inside the driver's call: with a host-wait
+  // check, the stream's work is waited for first, where the check can end the wait.
+  if (host_wait_check_) wait_for_stream();
   RELORA_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, sizeof(T) * dst.size(), cudaMemcpyHostToDevice, stream_.stream));
   // The caller may reuse `host` at once (it may be pinned, where the copy is truly asynchronous).
   wait_for_stream();
@@ -169,6 +172,7 @@ void CudaBackend<T>::upload(const T* host, Tensor<T>& dst) {
 template <typename T>
 void CudaBackend<T>::download(const Tensor<T>& src, T* host) {
   activate();
+  if (host_wait_check_) wait_for_stream();  // as upload's: a copy to pageable memory waits in the driver
   if (src.size() > 0) {
     RELORA_CUDA_CHECK(
         cudaMemcpyAsync(host, src.data(), sizeof(T) * src.size(), cudaMemcpyDeviceToHost, stream_.stream));
@@ -209,6 +213,18 @@ void CudaBackend<T>::synchronize() {
 }
 
 template <typename T>
+void CudaBackend<T>::set_host_wait_check(const void* owner, std::function<void()> check) {
+  if (!check) {
+    if (owner != host_wait_check_owner_) return;  // another's check stays
+    host_wait_check_ = nullptr;
+    host_wait_check_owner_ = nullptr;
+    return;
+  }
+  host_wait_check_ = std::move(check);
+  host_wait_check_owner_ = owner;
+}
+
+template <typename T>
 void CudaBackend<T>::wait_for_stream() {
   if (!host_wait_check_) {
     RELORA_CUDA_CHECK(cudaStreamSynchronize(stream_.stream));
@@ -216,20 +232,18 @@ void CudaBackend<T>::wait_for_stream() {
   }
   RELORA_CUDA_CHECK(cudaEventRecord(wait_event_.event, stream_.stream));
   try {
-    // Spinning (with yields) for the first 2 ms, so that a short wait ends as soon as the work
-    // does; then pauses growing to 1 ms.
+    // Polling with yields for the first 50 ms, so that a wait ends as soon as the work does (a
+    // timed step's end included); past that, pauses of 100 µs.
     const auto start = std::chrono::steady_clock::now();
-    auto pause = std::chrono::microseconds(20);
     for (;;) {
       host_wait_check_();
       const cudaError_t status = cudaEventQuery(wait_event_.event);
       if (status == cudaSuccess) return;
       if (status != cudaErrorNotReady) RELORA_CUDA_CHECK(status);
-      if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(2)) {
+      if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(50)) {
         std::this_thread::yield();
       } else {
-        std::this_thread::sleep_for(pause);
-        pause = std::min(pause * 2, std::chrono::microseconds(1000));
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
     }
   } catch (...) {

@@ -80,7 +80,7 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   std::uint64_t end_recording() override;
   bool replay(std::uint64_t id, const std::function<void()>& refresh) override;
   void drop_recording() override;
-  void set_host_wait_check(std::function<void()> check) override { host_wait_check_ = std::move(check); }
+  void set_host_wait_check(const void* owner, std::function<void()> check) override;
 
   // What components' kernels use (cuda_context.cuh).
   void activate() const override;
@@ -122,6 +122,7 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   cuda_detail::Event join_event_;
   cuda_detail::Event wait_event_;  // recorded on stream_ for a polled wait
   std::function<void()> host_wait_check_;
+  const void* host_wait_check_owner_ = nullptr;
   cuda_detail::BlasHandle blas_;
   cuda_detail::DeviceMemory blas_workspace_;  // cuBLAS's workspace, ours so that a capture allocates none
   cuda_detail::DeviceMemory lt_workspace_;     // cuBLASLt's, apart from cuBLAS's own

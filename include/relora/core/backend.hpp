@@ -135,10 +135,15 @@ class Backend {
   // ---- waits: a function the backend calls while the host waits for its device (download,
   // upload, synchronize, max_abs), at least once a wait and then between polls until the work is
   // done, so that a wait which cannot end (behind a collective whose peer has failed) can: what it
-  // throws ends the wait, once the queued work has drained. Empty (the default): the waits block
-  // in the driver. A communicator of several GPU ranks installs one; the CPU backend has no such
-  // waits and ignores it.
-  virtual void set_host_wait_check(std::function<void()> check) { (void)check; }
+  // throws ends the wait, once the queued work has drained, so a check must end what blocks the
+  // work (abort the collective) before it throws. One check at a time, installed for `owner`; an
+  // empty check removes it only when `owner` installed it. None (the default): the waits block in
+  // the driver. A communicator of several GPU ranks installs one; the CPU backend has no such waits
+  // and ignores it.
+  virtual void set_host_wait_check(const void* owner, std::function<void()> check) {
+    (void)owner;
+    (void)check;
+  }
 };
 
 // A backend for `device`. CUDA throws DeviceError naming why when relora was built without CUDA

@@ -62,7 +62,7 @@ NcclCommunicator<T>::NcclCommunicator(std::shared_ptr<Backend<T>> backend, int r
 template <typename T>
 void NcclCommunicator<T>::adopt(ncclComm_t comm) {
   comm_ = comm;
-  if (size_ > 1) backend_->underlying().set_host_wait_check([this] { check_while_device_waits(); });
+  if (size_ > 1) backend_->underlying().set_host_wait_check(this, [this] { check_while_device_waits(); });
 }
 
 template <typename T>
@@ -74,7 +74,7 @@ void NcclCommunicator<T>::check_while_device_waits() {
 
 template <typename T>
 NcclCommunicator<T>::~NcclCommunicator() {
-  if (comm_ != nullptr && size_ > 1) backend_->underlying().set_host_wait_check({});
+  if (comm_ != nullptr && size_ > 1) backend_->underlying().set_host_wait_check(this, {});
   std::lock_guard<std::mutex> lock(mutex_);
   (void)cudaSetDevice(cuda_device_);
   if (comm_ != nullptr && !comm_aborted_) {
