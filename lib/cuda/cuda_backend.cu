@@ -161,9 +161,7 @@ template <typename T>
 void CudaBackend<T>::upload(const T* host, Tensor<T>& dst) {
   if (dst.size() == 0) return;
   activate();
-  // A copy from pageable memory waits for the stream inside the driver's call: with a host-wait
-  // check, the stream's work is waited for first, where the check can end the wait.
-  if (host_wait_check_) wait_for_stream();
+  wait_before_pageable_copy();
   RELORA_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, sizeof(T) * dst.size(), cudaMemcpyHostToDevice, stream_.stream));
   // The caller may reuse `host` at once (it may be pinned, where the copy is truly asynchronous).
   wait_for_stream();
@@ -172,7 +170,7 @@ void CudaBackend<T>::upload(const T* host, Tensor<T>& dst) {
 template <typename T>
 void CudaBackend<T>::download(const Tensor<T>& src, T* host) {
   activate();
-  if (host_wait_check_) wait_for_stream();  // as upload's: a copy to pageable memory waits in the driver
+  wait_before_pageable_copy();
   if (src.size() > 0) {
     RELORA_CUDA_CHECK(
         cudaMemcpyAsync(host, src.data(), sizeof(T) * src.size(), cudaMemcpyDeviceToHost, stream_.stream));
@@ -232,18 +230,16 @@ void CudaBackend<T>::wait_for_stream() {
   }
   RELORA_CUDA_CHECK(cudaEventRecord(wait_event_.event, stream_.stream));
   try {
-    // Polling with yields for the first 50 ms, so that a wait ends as soon as the work does (a
-    // timed step's end included); past that, pauses of 100 µs.
     const auto start = std::chrono::steady_clock::now();
     for (;;) {
       host_wait_check_();
       const cudaError_t status = cudaEventQuery(wait_event_.event);
       if (status == cudaSuccess) return;
       if (status != cudaErrorNotReady) RELORA_CUDA_CHECK(status);
-      if (std::chrono::steady_clock::now() - start < std::chrono::milliseconds(50)) {
+      if (std::chrono::steady_clock::now() - start < kPolledWaitSpin) {
         std::this_thread::yield();
       } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(100));
+        std::this_thread::sleep_for(kPolledWaitPause);
       }
     }
   } catch (...) {

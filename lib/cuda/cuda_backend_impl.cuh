@@ -14,6 +14,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -98,6 +99,16 @@ class CudaBackend final : public Backend<T>, public cuda_detail::CudaContext {
   // Waits on the host for the work queued on the stream so far: in the driver, or polling with
   // the host-wait check between polls when one is installed (Backend::set_host_wait_check).
   void wait_for_stream();
+  // Before a copy between the device and pageable host memory, which waits for the stream inside
+  // the driver's call: with a host-wait check installed, the stream's work is waited for first,
+  // where the check can end the wait. Nothing without one (the copy's own wait does).
+  void wait_before_pageable_copy() {
+    if (host_wait_check_) wait_for_stream();
+  }
+  // A polled wait yields for its first kPolledWaitSpin, so that it ends as soon as the work does
+  // (the end of a timed step included), then sleeps kPolledWaitPause between polls.
+  static constexpr std::chrono::milliseconds kPolledWaitSpin{50};
+  static constexpr std::chrono::microseconds kPolledWaitPause{100};
   // After the stream has drained: throws NonFiniteError if a kernel reported NaN or Inf, and
   // clears the flag so that training can go on once the caller has dealt with it.
   void raise_device_errors();

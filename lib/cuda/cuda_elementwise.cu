@@ -288,7 +288,7 @@ T CudaBackend<T>::max_abs(const Tensor<T>& x) {
   max_abs_combine_kernel<<<1, kThreads, 0, stream_.stream>>>(blocks, scratch());
   RELORA_CUDA_CHECK(cudaGetLastError());
   double largest = 0;
-  if (host_wait_check_) wait_for_stream();  // the copy to pageable memory below waits in the driver
+  wait_before_pageable_copy();
   RELORA_CUDA_CHECK(cudaMemcpyAsync(&largest, &scratch()->partials[0], sizeof(double), cudaMemcpyDeviceToHost,
                                     stream_.stream));
   wait_for_stream();

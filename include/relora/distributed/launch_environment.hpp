@@ -17,8 +17,8 @@
 //                            MASTER_ADDR (an IPv4 address or a host name).
 //   RELORA_RENDEZVOUS_PORT   the port to take instead of MASTER_PORT (with MASTER_ADDR). Needed under
 //                            torchrun where its agent serves its own store on MASTER_PORT and
-//                            says so (TORCHELASTIC_USE_AGENT_STORE=True, the default of recent
-//                            PyTorch): a world of more than one rank is then refused with a
+//                            says so (TORCHELASTIC_USE_AGENT_STORE=True), where rank 0 could not
+//                            listen: a world of more than one rank is then refused with a
 //                            message naming both ways out.
 // The job key (RELORA_RENDEZVOUS_KEY, else one the launcher gives: TORCHELASTIC_RUN_ID with
 // TORCHELASTIC_RESTART_COUNT, SLURM_JOB_ID with SLURM_STEP_ID, PMIX_NAMESPACE) tells this job's

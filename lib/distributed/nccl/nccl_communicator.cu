@@ -196,8 +196,7 @@ void NcclCommunicator<T>::all_reduce_sum(T* data, Index count, T scale) {
   const ncclRedOp_t op = size_ == 1 && scale == T(1) ? ncclSum : scale_ops_.op_for(scale, comm_);
   RELORA_NCCL_CHECK(ncclAllReduce(data, data, static_cast<std::size_t>(count), nccl_type<T>(), op, comm_, comm_stream_),
                     comm_);
-  if (recording) recorded_ = true;
-  if (!recording) unwaited_eager_ = true;
+  note_issued(recording);
 }
 
 template <typename T>
@@ -216,8 +215,16 @@ void NcclCommunicator<T>::broadcast(T* data, Index count, int root) {
   follow_backend();
   RELORA_NCCL_CHECK(ncclBroadcast(data, data, static_cast<std::size_t>(count), nccl_type<T>(), root, comm_, comm_stream_),
                     comm_);
-  if (recording) recorded_ = true;
-  if (!recording) unwaited_eager_ = true;
+  note_issued(recording);
+}
+
+template <typename T>
+void NcclCommunicator<T>::note_issued(bool recording) {
+  if (recording) {
+    recorded_ = true;
+  } else {
+    unwaited_eager_ = true;
+  }
 }
 
 template <typename T>

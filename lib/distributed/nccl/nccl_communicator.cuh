@@ -71,6 +71,9 @@ class NcclCommunicator final : public Communicator<T> {
   // all) only once every CUDA graph holding its collectives is gone, and the recording would keep
   // one for as long as the backend lives. The trainer records the step again if it goes on.
   void release_recording() noexcept;
+  // After a collective was queued: into a recording of the backend's stream (recorded_), or
+  // eagerly (unwaited_eager_). Holds mutex_.
+  void note_issued(bool recording);
   // comm_stream_ waits for the work queued on the backend's stream so far. Holds mutex_.
   void follow_backend();
   // Whether `stream` is being captured into a CUDA graph.
