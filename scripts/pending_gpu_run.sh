@@ -15,7 +15,7 @@ OUT=${OUT:-$PWD/build-device/out}
 export OUT
 mkdir -p "$OUT"
 P=docs/pending
-MID_PATCHES=${MID_PATCHES:-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch"}
+MID_PATCHES=${MID_PATCHES-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch"}  # set and empty: no mid
 NEW_PATCHES=${NEW_PATCHES:-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch $P/cuda_half_side_gradients.patch"}
 
 if [ "${PROBES:-1}" = 1 ]; then
@@ -35,12 +35,16 @@ rm -rf .base .mid
 mkdir -p .base .mid
 tar --exclude='./build*' --exclude=./.base --exclude=./.mid --exclude=./.git --exclude=./.device -cf - . |
   tar -xf - -C .base
-cp -a .base/. .mid/
-# shellcheck disable=SC2086  # lists of patches: words on purpose
-git apply --directory=.mid $MID_PATCHES || { echo "== MID_PATCHES do not apply"; exit 1; }
+mid=
+if [ -n "$MID_PATCHES" ]; then
+  cp -a .base/. .mid/
+  # shellcheck disable=SC2086  # lists of patches: words on purpose
+  git apply --directory=.mid $MID_PATCHES || { echo "== MID_PATCHES do not apply"; exit 1; }
+  mid=.mid
+fi
 # shellcheck disable=SC2086
 git apply $NEW_PATCHES || { echo "== NEW_PATCHES do not apply"; exit 1; }
 
-BASE=.base MID=.mid GPU_CASES=${GPU_CASES:-mlp4x4k,llm_mlp} GPU_ARGS=${GPU_ARGS:-"--precision bf16 --activations bf16"} \
+BASE=.base MID=$mid GPU_CASES=${GPU_CASES:-mlp4x4k,llm_mlp} GPU_ARGS=${GPU_ARGS:-"--precision bf16 --activations bf16"} \
   CPU_CASES=${CPU_CASES-} PEFT=${PEFT:-0} TEST_FILTER=${TEST_FILTER:-'*16-bit*,*host-wait*'} ROUNDS=${ROUNDS:-3} \
   bash apps/bench/device_run.sh
