@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <stdexcept>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
@@ -44,6 +45,9 @@ struct SumAndSplit {
   TermLayout first, second;
 };
 
+// A layout whose consecutive columns are not adjacent in memory (a transposed one).
+__host__ __device__ bool transposed(const TermLayout& layout) { return layout.ptr != nullptr && layout.col_stride != 1; }
+
 __device__ void write_terms(const TermLayout& layout, std::int64_t i, int j, const std::uint16_t (&terms)[3]) {
   if (layout.ptr == nullptr) return;
   std::uint16_t* at = layout.ptr + i * layout.row_stride + j * layout.col_stride;
@@ -55,9 +59,9 @@ __device__ void write_terms(const TermLayout& layout, std::int64_t i, int j, con
   }
 }
 
-// Element (i, j) of a sum and split, e = i cols + j (rows x cols is far below 2^31: rank-sized
-// operands and sums).
-__device__ void sum_and_split_element(const SumAndSplit& a, int i, int j, int e) {
+// The value of element (i, j) of a sum and split, e = i cols + j (rows x cols is far below 2^31:
+// rank-sized operands and sums), its sum and extra written, and its bf16 terms.
+__device__ void sum_element(const SumAndSplit& a, int i, int j, int e, std::uint16_t (&terms)[3]) {
   const float* p = a.P + i * a.p_ld + j;
   float value = p[0];
   if (a.slots == 3) {
@@ -68,10 +72,48 @@ __device__ void sum_and_split_element(const SumAndSplit& a, int i, int j, int e)
   value *= a.scale;
   if (a.sum) a.sum[e] = value;
   if (a.extra && j == 0) a.extra[i] = a.P[i * a.p_ld + a.slots * a.p_slot];
-  std::uint16_t terms[3];
   half_convert::split_bf16(value, terms);
+}
+
+__device__ void sum_and_split_element(const SumAndSplit& a, int i, int j, int e) {
+  std::uint16_t terms[3];
+  sum_element(a, i, j, e, terms);
   write_terms(a.first, i, j, terms);
   write_terms(a.second, i, j, terms);
+}
+
+// A sum and split with a transposed layout, one 32 x 32 tile a block (kThreads = 256 threads): the
+// tile's terms are staged in shared memory and written down its columns, so that the writes of
+// both layouts are coalesced (written element by element, the transposed layout's stores land 2
+// bytes each on as many rows as a warp has threads).
+constexpr int kTile = 32;
+constexpr int kTileRowsAtOnce = kThreads / kTile;
+static_assert(kThreads % kTile == 0, "a tile's rows are shared evenly by the block's warps");
+
+__device__ void sum_and_split_tile(const SumAndSplit& a, int tile) {
+  // staged[t][column][row]; rows of 34 values (17 words, odd) put a warp's 32 columns on 32 banks.
+  __shared__ std::uint16_t staged[3][kTile][kTile + 2];
+  const int tiles_across = (a.cols + kTile - 1) / kTile;
+  const int i0 = tile / tiles_across * kTile, j0 = tile % tiles_across * kTile;
+  const int lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
+  for (int y = row; y < kTile; y += kTileRowsAtOnce) {
+    const int i = i0 + y, j = j0 + lane;
+    if (i >= a.rows || j >= a.cols) continue;
+    std::uint16_t terms[3];
+    sum_element(a, i, j, i * a.cols + j, terms);
+    if (!transposed(a.first)) write_terms(a.first, i, j, terms);
+    if (!transposed(a.second)) write_terms(a.second, i, j, terms);
+#pragma unroll
+    for (int t = 0; t < 3; ++t) staged[t][lane][y] = terms[t];
+  }
+  __syncthreads();
+  for (int x = row; x < kTile; x += kTileRowsAtOnce) {
+    const int i = i0 + lane, j = j0 + x;
+    if (i >= a.rows || j >= a.cols) continue;
+    const std::uint16_t terms[3] = {staged[0][x][lane], staged[1][x][lane], staged[2][x][lane]};
+    if (transposed(a.first)) write_terms(a.first, i, j, terms);
+    if (transposed(a.second)) write_terms(a.second, i, j, terms);
+  }
 }
 
 __global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16_t* __restrict__ dst) {
@@ -81,16 +123,25 @@ __global__ void fill_kernel(std::int64_t count, std::uint16_t value, std::uint16
   }
 }
 
-// Up to three sums and splits that do not depend on one another, in one launch: a step's small
-// passes cost more in launches than in work.
+// Up to three sums and splits that do not depend on one another, and one more with a transposed
+// layout, in one launch: a step's small passes cost more in launches than in work. The tiled job
+// takes the first blocks, a tile each; the others share the rest of the grid element by element.
 struct SumsAndSplits {
   SumAndSplit job[3];
   int count = 0;
   int end[3] = {};  // job j covers the flat elements [end[j - 1], end[j]) (end[-1] = 0)
+  SumAndSplit tiled{};
+  int tiles = 0;
 
   void add(const SumAndSplit& a) {
     if (a.rows == 0 || a.cols == 0) return;
-    const std::int64_t before = count == 0 ? 0 : end[count - 1];
+    if (transposed(a.first) || transposed(a.second)) {
+      if (tiles > 0) throw std::logic_error("SumsAndSplits: two jobs with transposed layouts in one launch");
+      tiled = a;
+      tiles = int(((a.rows + kTile - 1) / kTile) * ((a.cols + kTile - 1) / kTile));
+      return;
+    }
+    const std::int64_t before = elements();
     if (before + a.rows * a.cols > std::int64_t(1) << 30) {
       throw ShapeError("CudaHalfLoraLinear: rank-sized operands of " + std::to_string(before + a.rows * a.cols) +
                        " values in one pass (the last " + shape_string(a.rows, a.cols) + "), over 2^30");
@@ -99,6 +150,7 @@ struct SumsAndSplits {
     end[count] = int(before + a.rows * a.cols);
     ++count;
   }
+  __host__ __device__ int elements() const { return count == 0 ? 0 : end[count - 1]; }
 };
 
 // Job j's element `local`.
@@ -108,8 +160,13 @@ __device__ void sum_and_split_local(const SumAndSplit& a, int local) {
 }
 
 __global__ void sums_and_splits_kernel(const SumsAndSplits jobs) {
-  const int total = jobs.end[jobs.count - 1];
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+  if (int(blockIdx.x) < jobs.tiles) {  // the same for the whole block: its barrier is safe
+    sum_and_split_tile(jobs.tiled, blockIdx.x);
+    return;
+  }
+  const int total = jobs.elements();
+  const int blocks = gridDim.x - jobs.tiles;
+  for (int e = (blockIdx.x - jobs.tiles) * blockDim.x + threadIdx.x; e < total; e += blocks * blockDim.x) {
     // The job chosen by branches, not by an index: the jobs stay in the parameter space.
     if (e < jobs.end[0]) {
       sum_and_split_local(jobs.job[0], e);
@@ -122,10 +179,10 @@ __global__ void sums_and_splits_kernel(const SumsAndSplits jobs) {
 }
 
 void run(const SumsAndSplits& jobs, CudaContext& context) {
-  if (jobs.count == 0) return;
+  if (jobs.count == 0 && jobs.tiles == 0) return;
   context.activate();
-  sums_and_splits_kernel<<<grid_for(jobs.end[jobs.count - 1], context.sm_count()), kThreads, 0, context.stream()>>>(
-      jobs);
+  const int flat_blocks = jobs.count == 0 ? 0 : grid_for(jobs.elements(), context.sm_count());
+  sums_and_splits_kernel<<<jobs.tiles + flat_blocks, kThreads, 0, context.stream()>>>(jobs);
   RELORA_CHECK_LAUNCH("sums_and_splits_kernel");
 }
 
