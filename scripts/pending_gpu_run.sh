@@ -7,7 +7,7 @@
 #      with NEW_PATCHES applied; apps/bench/device_run.sh builds all three, runs the test cases
 #      TEST_FILTER picks on new, and times old, mid and new alternating on GPU_CASES.
 # Results under $OUT: the probes' output and device_run.sh's summary.txt and compare.md.
-#   env: PROBES (1)  MID_PATCHES (split tiles, depth chunks)  NEW_PATCHES (the three in order)
+#   env: PROBES (1)  MID_PATCHES (depth chunks)  NEW_PATCHES (chunks, then side gradients)
 #        and device_run.sh's (GPU_CASES, GPU_ARGS, ROUNDS, TEST_FILTER, ...), set below unless given.
 set -u
 cd "$(dirname "$0")/.."
@@ -15,8 +15,8 @@ OUT=${OUT:-$PWD/build-device/out}
 export OUT
 mkdir -p "$OUT"
 P=docs/pending
-MID_PATCHES=${MID_PATCHES-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch"}  # set and empty: no mid
-NEW_PATCHES=${NEW_PATCHES:-"$P/cuda_half_split_tiles.patch $P/cuda_half_depth_chunks.patch $P/cuda_half_side_gradients.patch"}
+MID_PATCHES=${MID_PATCHES-"$P/cuda_half_depth_chunks.patch"}  # set and empty: no mid
+NEW_PATCHES=${NEW_PATCHES:-"$P/cuda_half_depth_chunks.patch $P/cuda_half_side_gradients.patch"}
 
 if [ "${PROBES:-1}" = 1 ]; then
   for probe in half_adapter_products fp32_rank_products; do
