@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
-#include <stdexcept>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_context.cuh"
@@ -136,7 +135,10 @@ struct SumsAndSplits {
   void add(const SumAndSplit& a) {
     if (a.rows == 0 || a.cols == 0) return;
     if (transposed(a.first) || transposed(a.second)) {
-      if (tiles > 0) throw std::logic_error("SumsAndSplits: two jobs with transposed layouts in one launch");
+      if (tiles > 0) {
+        throw ConfigError("CudaHalfLoraLinear: two sums and splits with transposed layouts in one launch (the second " +
+                          shape_string(a.rows, a.cols) + "); a launch tiles one");
+      }
       tiled = a;
       tiles = int(((a.rows + kTile - 1) / kTile) * ((a.cols + kTile - 1) / kTile));
       return;
