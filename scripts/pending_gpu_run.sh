@@ -45,6 +45,22 @@ fi
 # shellcheck disable=SC2086
 git apply $NEW_PATCHES || { echo "== NEW_PATCHES do not apply"; exit 1; }
 
+# A build folder that a warm machine kept from a call with other patches holds objects newer than
+# the sources sent since (the tree travels with its own file times), so make would keep objects of
+# the old patches and the link fails: a build whose patch set changed starts afresh.
+fresh_build_for() {  # fresh_build_for BUILD_DIR [PATCH ...]
+  local dir=$1 stamp
+  shift
+  stamp=$(printf '%s\n' "$@" | cat - "$@" | sha256sum | cut -c1-16)
+  [ "$(cat "$dir/patch_set" 2>/dev/null)" = "$stamp" ] || rm -rf "$dir"
+  mkdir -p "$dir" && echo "$stamp" >"$dir/patch_set"
+}
+# shellcheck disable=SC2086
+fresh_build_for build-device $NEW_PATCHES
+# shellcheck disable=SC2086
+fresh_build_for build-device-mid $MID_PATCHES
+fresh_build_for build-device-base
+
 BASE=.base MID=$mid GPU_CASES=${GPU_CASES:-mlp4x4k,llm_mlp} GPU_ARGS=${GPU_ARGS:-"--precision bf16 --activations bf16"} \
   CPU_CASES=${CPU_CASES-} PEFT=${PEFT:-0} TEST_FILTER=${TEST_FILTER:-'*16-bit*,*host-wait*'} ROUNDS=${ROUNDS:-3} \
   bash apps/bench/device_run.sh
