@@ -132,26 +132,36 @@ build_bench_of() {
       -DRELORA_NATIVE=ON -DRELORA_BUILD_TESTS=OFF &&
     cmake --build "$build" -j"$JOBS" --target relora_bench ) >"$log" 2>&1 &
 }
-base_pid=
-base_ok=0
-if [ "$BENCH" = 1 ] && [ -n "$BASE" ]; then
-  if [ -f "$BASE/CMakeLists.txt" ]; then
-    build_bench_of "$BASE" "$BASE_BUILD" "$WORK/build_base.log"
-    base_pid=$!
+# start_side_build SIDE VARIABLE TREE BUILD_DIR: the bench of a baseline tree (BASE's: side old,
+# MID's: side mid) built in the background when the benchmark runs and the tree is given; its pid
+# goes to side_pid (empty: none).
+start_side_build() {
+  local side=$1 variable=$2 tree=$3 build=$4
+  side_pid=
+  [ "$BENCH" = 1 ] && [ -n "$tree" ] || return 0
+  if [ -f "$tree/CMakeLists.txt" ]; then
+    build_bench_of "$tree" "$build" "$WORK/build_$side.log"
+    side_pid=$!
   else
-    note "== BASE=$BASE holds no CMakeLists.txt: no old column"
+    note "== $variable=$tree holds no CMakeLists.txt: no $side column"
   fi
-fi
-mid_pid=
-mid_ok=0
-if [ "$BENCH" = 1 ] && [ -n "$MID" ]; then
-  if [ -f "$MID/CMakeLists.txt" ]; then
-    build_bench_of "$MID" "$MID_BUILD" "$WORK/build_mid.log"
-    mid_pid=$!
+}
+start_side_build old BASE "$BASE" "$BASE_BUILD"
+base_pid=$side_pid
+start_side_build mid MID "$MID" "$MID_BUILD"
+mid_pid=$side_pid
+# add_side_when_built SIDE PID BUILD_DIR: waits for start_side_build's build and adds its bench to
+# the rounds' sides once it built.
+add_side_when_built() {
+  local side=$1 pid=$2 build=$3
+  [ -n "$pid" ] || return 0
+  if wait "$pid"; then
+    note "== $side build: ok ($(elapsed) s)"
+    if [ -x "$build/apps/bench/relora_bench" ]; then sides+=("$side"); bins+=("$build/apps/bench/relora_bench"); fi
   else
-    note "== MID=$MID holds no CMakeLists.txt: no mid column"
+    note "== $side build FAILED: $(grep -m3 -E 'error|Error' "$WORK/build_$side.log" | tr '\n' ' ' | head -c 400)"
   fi
-fi
+}
 portable_pid=
 if [ "$BENCH" = 1 ] && [ "$PORTABLE" = 1 ]; then
   ( cmake -S . -B "$PORTABLE_BUILD" -DCMAKE_BUILD_TYPE=Release -DRELORA_CUDA=OFF -DRELORA_NATIVE=OFF \
@@ -235,21 +245,13 @@ bench_runs() {  # bench_runs SIDE BINARY ROUND: this side's runs of one round, a
 }
 if [ "$BENCH" = 1 ]; then
   # No build may run while the rounds are timed.
-  if [ -n "$base_pid" ]; then
-    if wait "$base_pid"; then note "== baseline build: ok ($(elapsed) s)"; base_ok=1
-    else note "== baseline build FAILED: $(grep -m3 -E 'error|Error' "$WORK/build_base.log" | tr '\n' ' ' | head -c 400)"; fi
-  fi
-  if [ -n "$mid_pid" ]; then
-    if wait "$mid_pid"; then note "== mid build: ok ($(elapsed) s)"; mid_ok=1
-    else note "== mid build FAILED: $(grep -m3 -E 'error|Error' "$WORK/build_mid.log" | tr '\n' ' ' | head -c 400)"; fi
-  fi
+  sides=()
+  bins=()
+  add_side_when_built old "$base_pid" "$BASE_BUILD"
+  add_side_when_built mid "$mid_pid" "$MID_BUILD"
   if [ -n "$portable_pid" ]; then
     wait "$portable_pid" || note "== portable build FAILED (see build_portable.log)"
   fi
-  sides=()
-  bins=()
-  if [ "$base_ok" = 1 ] && [ -x "$BASE_BUILD/apps/bench/relora_bench" ]; then sides+=(old); bins+=("$BASE_BUILD/apps/bench/relora_bench"); fi
-  if [ "$mid_ok" = 1 ] && [ -x "$MID_BUILD/apps/bench/relora_bench" ]; then sides+=(mid); bins+=("$MID_BUILD/apps/bench/relora_bench"); fi
   if [ -x "$BUILD/apps/bench/relora_bench" ]; then sides+=(new); bins+=("$BUILD/apps/bench/relora_bench"); fi
   if [ "$PORTABLE" = 1 ] && [ -x "$PORTABLE_BUILD/apps/bench/relora_bench" ]; then
     sides+=(portable); bins+=("$PORTABLE_BUILD/apps/bench/relora_bench")
